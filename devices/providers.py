@@ -1,0 +1,250 @@
+"""Execution providers: which onnxruntime provider runs a model, and why.
+
+`resolve` is a pure function of what onnxruntime reports and what the model
+needs, so it is tested with fake availability lists. An explicit device that
+cannot be met fails loudly with what is available; `auto` walks a fixed order
+(GPUs, then NPUs, CPU last) and records one line per provider it considered.
+
+What each provider can run (as of onnxruntime 1.32):
+  * contrib ops (`com.microsoft.MatMulNBits`, `GroupQueryAttention`) run on CPU
+    and CUDA; DirectML runs MatMulNBits for 4-bit weights only, and only in
+    some onnxruntime-directml builds;
+  * NPUs (QNN, CoreML, OpenVINO) run standard ONNX ops only, so a model that
+    needs contrib ops would run almost entirely on the CPU fallback: `auto`
+    skips them and an explicit request is refused;
+  * fp16 graphs need a GPU or NPU: the CPU provider lacks fp16 kernels for
+    most ops.
+
+onnxruntime is imported only inside the functions that talk to it, so importing
+this module (e.g. for `edge-infer --help`) stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edge_infer.runtime.errors import UserError
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One execution provider edge-infer knows."""
+
+    name: str  # short name users type: "cuda"
+    ort_name: str  # onnxruntime's name: "CUDAExecutionProvider"
+    kind: str  # "gpu" | "npu" | "cpu"
+    contrib_ops: str  # "all": MatMulNBits + GroupQueryAttention; "int4": MatMulNBits only at 4 bits; "none"
+    fp16: bool  # runs fp16 graphs with native kernels
+    install: str  # how to get a build that has it
+    note: str  # one line for `edge-infer devices`
+    options: Mapping[str, str] = field(default_factory=dict)  # onnxruntime provider options
+
+
+# The order is also the order `auto` tries them in: GPUs, then NPUs, CPU last.
+PROVIDERS: tuple[Provider, ...] = (
+    Provider("cuda", "CUDAExecutionProvider", "gpu", "all", True, "install onnxruntime-gpu",
+             "NVIDIA GPU; runs int4/int8 and fp16 models"),
+    Provider("dml", "DmlExecutionProvider", "gpu", "int4", True, "install onnxruntime-directml, Windows only",
+             "DirectX 12 GPU; fp16 models, int4 MatMulNBits in some builds"),
+    Provider("coreml", "CoreMLExecutionProvider", "npu", "none", True, "use the macOS onnxruntime wheel",
+             "Apple Neural Engine / GPU; standard ONNX ops only", {"ModelFormat": "MLProgram"}),
+    Provider("openvino", "OpenVINOExecutionProvider", "npu", "none", True, "install onnxruntime-openvino",
+             "Intel NPU / GPU; standard ONNX ops only", {"device_type": "AUTO:NPU,GPU,CPU"}),
+    Provider("qnn", "QNNExecutionProvider", "npu", "none", True, "install onnxruntime-qnn, Snapdragon only",
+             "Qualcomm Hexagon NPU; standard ONNX ops only", {"backend_type": "htp"}),
+    Provider("cpu", CPU, "cpu", "all", False, "every onnxruntime build has it",
+             "any CPU; int4/int8 (MatMulNBits) and fp32 models"),
+)  # fmt: skip
+BY_NAME: Mapping[str, Provider] = {p.name: p for p in PROVIDERS}
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What a model needs from a provider (read from its manifest, never probed)."""
+
+    dtype: str = "fp32"  # activations: "fp32" | "fp16"
+    contrib_ops: bool = True  # uses com.microsoft ops (MatMulNBits, GroupQueryAttention)
+    quant_bits: int | None = None  # MatMulNBits weight bits (4 or 8); None for float weights
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("fp32", "fp16"):
+            raise UserError(f"model dtype {self.dtype!r} is not supported: expected fp32 or fp16")
+        if self.quant_bits not in (None, 4, 8):
+            raise UserError(f"model quantization bits {self.quant_bits!r} is not supported: expected 4, 8 or none")
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The providers to open a session with, in priority order, and why."""
+
+    device: str  # short name of the provider that runs the model
+    providers: tuple[str, ...]  # onnxruntime names, CPU last as fallback for nodes the device lacks
+    provider_options: tuple[Mapping[str, str], ...]  # one per provider
+    reasons: tuple[str, ...]  # one line per provider considered
+
+    def session_providers(self) -> list[tuple[str, dict[str, str]]]:
+        """The `providers=` argument for onnxruntime.InferenceSession."""
+        return [(name, dict(opts)) for name, opts in zip(self.providers, self.provider_options)]
+
+
+def unsuitable(provider: Provider, model: ModelTraits) -> str | None:
+    """Why `provider` cannot run `model`, or None if it can."""
+    if model.dtype == "fp16" and not provider.fp16:
+        return (
+            "fp16 models need a GPU or NPU (the CPU provider has no fp16 kernels for most ops); "
+            "use an fp32, int8 or int4 export on CPU"
+        )
+    if model.contrib_ops and provider.contrib_ops == "none":
+        return (
+            f"{provider.ort_name} runs standard ONNX ops only and this model uses contrib ops "
+            "(MatMulNBits, GroupQueryAttention); export the model without contrib ops for this device"
+        )
+    if model.contrib_ops and provider.contrib_ops == "int4" and model.quant_bits == 8:
+        return (
+            f"{provider.ort_name} runs MatMulNBits for 4-bit weights only and this model is int8; "
+            "use an int4 or fp16 export"
+        )
+    return None
+
+
+def resolve(requested: str, available: Sequence[str], model: ModelTraits) -> DevicePlan:
+    """Pick the provider for `model` given `available` (onnxruntime.get_available_providers()).
+
+    requested: "auto" or a short name from PROVIDERS. Raises UserError when an
+    explicit device is missing or unsuitable, for an unknown name, and when no
+    available provider can run the model.
+    """
+    name = requested.strip().lower()
+    have = set(available)
+    if name == "auto":
+        return _auto(have, model)
+    provider = BY_NAME.get(name)
+    if provider is None:
+        raise UserError(f"unknown device {requested!r}: use auto or one of {', '.join(BY_NAME)}")
+    if provider.ort_name not in have:
+        raise UserError(
+            f"device {name!r} is not available: {provider.ort_name} is not in this onnxruntime build "
+            f"({provider.install}); available here: {_names(have)}"
+        )
+    why = unsuitable(provider, model)
+    if why is not None:
+        can = [p.name for p in PROVIDERS if p.ort_name in have and unsuitable(p, model) is None]
+        raise UserError(
+            f"device {name!r} cannot run this model: {why}; devices here that can: {', '.join(can) or 'none'}"
+        )
+    return _plan(provider, have, [f"{name}: requested"])
+
+
+def _auto(have: set[str], model: ModelTraits) -> DevicePlan:
+    reasons = []
+    for provider in PROVIDERS:
+        if provider.ort_name not in have:
+            missing = f"{provider.ort_name} is not in this onnxruntime build ({provider.install})"
+            reasons.append(f"{provider.name}: skipped, {missing}")
+            continue
+        why = unsuitable(provider, model)
+        if why is not None:
+            reasons.append(f"{provider.name}: skipped, {why}")
+            continue
+        reasons.append(f"{provider.name}: chosen, the first available provider in the order {', '.join(BY_NAME)}")
+        return _plan(provider, have, reasons)
+    raise UserError("no device here can run this model: " + "; ".join(reasons))
+
+
+def _plan(provider: Provider, have: set[str], reasons: list[str]) -> DevicePlan:
+    names, options = [provider.ort_name], [dict(provider.options)]
+    if provider.ort_name != CPU and CPU in have:
+        # onnxruntime places shape arithmetic and any node the device has no kernel for here.
+        names.append(CPU)
+        options.append({})
+        reasons.append(f"cpu: fallback only, for nodes {provider.name} has no kernel for")
+    if provider.kind == "gpu" and provider.contrib_ops == "int4":
+        reasons.append(
+            f"{provider.name}: MatMulNBits support depends on the onnxruntime build; check the session's node placement"
+        )
+    return DevicePlan(provider.name, tuple(names), tuple(options), tuple(reasons))
+
+
+def _names(have: set[str]) -> str:
+    known = [p.name for p in PROVIDERS if p.ort_name in have]
+    other = sorted(have - {p.ort_name for p in PROVIDERS})
+    return ", ".join(known + other) or "none"
+
+
+def available_providers() -> list[str]:
+    """The providers this onnxruntime build has, in its own order."""
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings counted once); os.cpu_count() when unknown."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus) or os.cpu_count() or 1
+    return len(cores) or 1
+
+
+def cpu_session_options(threads: int | None = None, *, allow_spinning: bool = True) -> onnxruntime.SessionOptions:
+    """Session options for decoding on the CPU.
+
+    intra-op threads = physical cores by default (one thread per core beats SMT
+    siblings for these memory-bound MatMuls), one inter-op thread and sequential
+    execution (a decoder graph is a chain), every graph optimization.
+    allow_spinning=False trades a little latency for idle CPU between steps
+    (a server waiting for requests).
+    """
+    import onnxruntime
+
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UserError(
+            f"threads={threads!r} is not valid: use a positive number, or leave it unset for the "
+            f"physical core count ({physical_cores()} here)"
+        )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or physical_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    return options
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """One row of the `edge-infer devices` table."""
+
+    name: str
+    provider: str
+    kind: str
+    available: str  # "yes" | "no"
+    note: str
+
+
+def describe(available: Sequence[str] | None = None) -> list[DeviceRow]:
+    """Every known provider, whether this build has it, and what it is for."""
+    have = set(available_providers() if available is None else available)
+    return [
+        DeviceRow(p.name, p.ort_name, p.kind, "yes" if p.ort_name in have else "no",
+                  p.note if p.ort_name in have else f"{p.note} ({p.install})")
+        for p in PROVIDERS
+    ]  # fmt: skip

@@ -1,0 +1,259 @@
+"""The `edge-infer` command line. Heavy modules are imported inside each command."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+class Group(click.Group):
+    """Turns a UserError into one line on stderr and exit code 2; never a traceback for a user mistake."""
+
+    def invoke(self, ctx):
+        from edge_infer.runtime.errors import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except Exception as e:
+            if os.environ.get("EDGE_INFER_DEBUG"):
+                raise
+            click.echo(f"internal error: {type(e).__name__}: {e} (set EDGE_INFER_DEBUG=1 for a traceback)", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edge-infer")
+def main():
+    """On-device LLM inference: export, quantize and run models offline on onnxruntime."""
+
+
+def sampling_options(f):
+    """Options shared by `run` and `chat`."""
+    opts = [
+        click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+                     help="Most tokens to generate [default: 256, or what is left of the context]."),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 is off."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--min-p", type=float, default=0.0, show_default=True),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
+        click.option("--seed", type=int, default=None, help="Makes sampling reproducible."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu, cuda, dml, qnn, openvino or coreml (see `edge-infer devices`)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: cores]."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _sampling(kw: dict):
+    from edge_infer.runtime.sampling import SamplingParams
+
+    keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty", "seed")
+    params = SamplingParams(**{k: kw.pop(k) for k in keys})
+    params.validate()
+    return params
+
+
+def _load(path: str, device: str, threads: int | None, quiet: bool = False):
+    import edge_infer
+
+    model = edge_infer.load(path, device=device, threads=threads)
+    if not quiet:
+        click.echo(f"[{model.manifest.geometry.architecture} {model.manifest.quant_scheme}, "
+                   f"device {model.describe_device()}]", err=True)
+        for reason in model.plan.reasons:
+            click.echo(f"  {reason}", err=True)
+    return model
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Model folder to create.")
+@click.option("--quant", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="int4", show_default=True)
+@click.option("--max-length", type=int, default=None, help="KV-cache length [default: min(4096, model context)].")
+@click.option("--block-size", type=int, default=32, show_default=True, help="Quantization block size.")
+@click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Weight zero point.")
+@click.option("--embeddings", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True,
+              help="Token embedding precision (shared with a tied lm_head).")
+@click.option("--lm-head", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True)
+@click.option("--no-validate", is_flag=True, help="Skip the comparison against the source / fp32.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_head, no_validate, force, quiet):
+    """Export a Hugging Face folder or a .gguf file to an ONNX model folder."""
+    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.progress import Progress
+
+    options = ExportOptions(quant=quant, max_length=max_length, block_size=block_size, symmetric=symmetric,
+                            embeddings=embeddings, lm_head=lm_head, validate=not no_validate, force=force)
+    export_model(src, out, options, Progress(quiet=quiet))
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Model folder to create.")
+@click.option("--quant", type=click.Choice(["int8", "int4"]), default="int4", show_default=True)
+@click.option("--block-size", type=int, default=32, show_default=True)
+@click.option("--symmetric/--asymmetric", default=False, show_default=True)
+@click.option("--embeddings", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True)
+@click.option("--lm-head", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True)
+@click.option("--force", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True)
+def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, force, quiet):
+    """Quantize an exported fp32/fp16 model folder to int8 or int4 (MatMulNBits)."""
+    from edge_infer.export.progress import Progress
+    from edge_infer.quantize.folder import quantize_folder
+    from edge_infer.quantize.rewrite import QuantConfig
+
+    config = QuantConfig(bits=4 if quant == "int4" else 8, block_size=block_size, symmetric=symmetric,
+                         embeddings=embeddings, lm_head=lm_head)
+    quantize_folder(model, out, config, force=force, progress=Progress(quiet=quiet))
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("prompt")
+@click.option("--raw", is_flag=True, help="Send PROMPT as plain text, not as a chat message.")
+@click.option("--system", default=None, help="System message (chat models).")
+@click.option("--stats/--no-stats", default=True, show_default=True, help="Timings on stderr.")
+@sampling_options
+def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, **kw):
+    """Generate from PROMPT ('-' reads stdin) and stream the text to stdout."""
+    from edge_infer.runtime.generate import stream_generate
+
+    sampling = _sampling(kw)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    m = _load(model, device, threads, quiet=not stats)
+    messages = None
+    if not raw and m.chat_template is not None:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    last = None
+    for chunk in stream_generate(m, messages or prompt, max_tokens=max_tokens, sampling=sampling, stop=stop):
+        if chunk.text:
+            click.echo(chunk.text, nl=False)
+        last = chunk
+    click.echo()
+    if stats and last and last.timings:
+        _print_timings(last)
+
+
+def _print_timings(chunk) -> None:
+    t = chunk.timings
+    click.echo(f"[{t.prompt_tokens} prompt tokens ({t.cached_tokens} cached), {t.generation_tokens} generated, "
+               f"finish {chunk.finish_reason.value}; first token {t.time_to_first_token * 1000:.0f} ms, "
+               f"prefill {t.prefill_tokens_per_s:.0f} tok/s, decode {t.decode_tokens_per_s:.1f} tok/s]", err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--system", default=None, help="System message.")
+@click.option("--stats/--no-stats", default=False, show_default=True)
+@sampling_options
+def chat(model, system, stats, max_tokens, stop, device, threads, **kw):
+    """Interactive multi-turn chat using the model's chat template (/exit or Ctrl-D ends)."""
+    from edge_infer.runtime.chat import ChatSession
+
+    sampling = _sampling(kw)
+    m = _load(model, device, threads)
+    session = ChatSession(m, system=system, max_tokens=max_tokens, sampling=sampling, stop=stop)
+    click.echo("Type a message; /reset clears the history, /exit or Ctrl-D quits.", err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            session.reset()
+            continue
+        if not line.strip():
+            continue
+        last = None
+        for chunk in session.send(line):
+            click.echo(chunk.text, nl=False)
+            last = chunk
+        click.echo()
+        if session.dropped:
+            click.echo(f"[{session.dropped} oldest messages dropped to fit the context]", err=True)
+        if stats and last and last.timings:
+            _print_timings(last)
+
+
+@main.command()
+@click.option("--device", default="auto", show_default=True, help="Show the plan for this request.")
+def devices(device):
+    """List execution providers and what `--device auto` would choose, with reasons."""
+    from edge_infer.devices import ModelTraits, available_providers, describe, resolve
+
+    rows = describe()
+    click.echo(f"{'device':<10}{'provider':<28}{'available':<11}note")
+    for r in rows:
+        click.echo(f"{r.name:<10}{r.provider:<28}{r.available:<11}{r.note}")
+    for dtype in ("fp32", "fp16"):
+        try:
+            plan = resolve(device, available_providers(), ModelTraits(dtype=dtype, contrib_ops=True))
+        except Exception as e:
+            click.echo(f"\n--device {device} for a {dtype} model: {e}")
+            continue
+        click.echo(f"\n--device {device} for a {dtype} model: {plan.device} ({', '.join(plan.providers)})")
+        for reason in plan.reasons:
+            click.echo(f"  {reason}")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest.")
+def inspect(model, no_verify, as_json):
+    """Summarize a model folder's manifest and verify every file's hash."""
+    import json
+
+    from edge_infer.runtime.manifest import load_manifest
+
+    m = load_manifest(model, verify=not no_verify)
+    if as_json:
+        click.echo(json.dumps(m.raw, indent=2))
+        return
+    g = m.geometry
+    click.echo(f"model       {m.folder}")
+    click.echo(f"source      {m.source.get('description', '?')}")
+    click.echo(f"arch        {g.architecture}: {g.num_layers} layers, hidden {g.hidden_size}, "
+               f"{g.num_heads} heads / {g.num_kv_heads} kv heads, head_dim {g.head_dim}, vocab {g.vocab_size}")
+    click.echo(f"context     max_length {g.max_length} (model context {g.context_length}); "
+               f"KV cache {m.kv_bytes() / 2**20:.0f} MiB per sequence")
+    q = m.quantization
+    detail = f" (block {q.get('block_size')}, {'sym' if q.get('symmetric') else 'asym'}, " \
+             f"embeddings {q.get('embeddings')}, lm_head {q.get('lm_head')})" if "bits" in q else ""
+    click.echo(f"weights     {m.quant_scheme}{detail}")
+    size = sum(f["size"] for f in m.files.values())
+    click.echo(f"files       {len(m.files)} files, {size / 2**20:.1f} MiB"
+               + ("" if no_verify else ", all sha256 verified"))
+    if m.validation:
+        click.echo(f"validation  {json.dumps(m.validation)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Read a local Hugging Face checkpoint folder: config.json and safetensors, no torch.
+
+Only safetensors are read. A folder holding pickle weights only is refused:
+unpickling runs arbitrary code (CVE-2025-32434), so we never do it.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edge_infer.export.arch._common import Take
+from edge_infer.runtime.errors import ModelFileError
+
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "tf_model.h5")
+MAX_HEADER = 100 * 1024 * 1024
+_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class WeightSource(Protocol):
+    def names(self) -> set[str]: ...
+
+    def get(self, name: str) -> np.ndarray: ...  # float32
+
+    def blocks(self, name: str): ...  # quantized blocks (GGUF) or None
+
+
+class SafetensorsFile:
+    """One .safetensors file, memory-mapped; every offset checked against the file size."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelFileError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise ModelFileError(f"{path}: corrupt safetensors header (header size {n}, file size {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ModelFileError(f"{path}: corrupt safetensors header ({e})") from None
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ModelFileError(f"{path}: corrupt safetensors entry for '{name}'") from None
+            if dtype not in _DTYPES:
+                raise ModelFileError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+            itemsize = 2 if dtype == "BF16" else np.dtype(_DTYPES[dtype]).itemsize
+            count = int(np.prod(shape)) if shape else 1
+            if begin < 0 or end < begin or end - begin != count * itemsize or self.data_start + end > size:
+                raise ModelFileError(f"{path}: tensor '{name}' lies outside the file or has the wrong size "
+                                     "(truncated download?)")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def get(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self.entries[name]
+        raw = np.frombuffer(self._map, dtype=_DTYPES[dtype], count=(end - begin) // np.dtype(_DTYPES[dtype]).itemsize,
+                            offset=self.data_start + begin).reshape(shape)
+        if dtype == "BF16":  # bfloat16 is the top half of a float32
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32)
+
+
+class SafetensorsSource:
+    def __init__(self, files: list[SafetensorsFile]):
+        self._where = {name: f for f in files for name in f.entries}
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._where[name].get(name)
+
+    def blocks(self, name: str):
+        return None
+
+
+def open_hf_folder(folder: Path) -> tuple[dict, SafetensorsSource]:
+    """config.json and the safetensors weights of a checkpoint folder."""
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder}: not a folder (expected a Hugging Face checkpoint folder or a .gguf file)")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelFileError(f"{folder}: no config.json; is this a Hugging Face checkpoint folder?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{config_path}: expected a JSON object")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [n for n in PICKLE_NAMES if (folder / n).exists()] + [p.name for p in folder.glob("pytorch_model-*.bin")]
+        if pickles:
+            raise ModelFileError(
+                f"{folder}: holds only pickle weights ({', '.join(sorted(pickles))}); edge-infer reads safetensors "
+                "only because unpickling can run arbitrary code. Convert it once in a trusted environment, e.g. "
+                "`python -c \"from transformers import AutoModelForCausalLM as M; "
+                "M.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\"`, then export OUT."
+            )
+        raise ModelFileError(f"{folder}: no *.safetensors weight files found")
+    return config, SafetensorsSource([SafetensorsFile(p) for p in files])
+
+
+def materialize(recipe: dict[str, Take], source: WeightSource) -> tuple[dict[str, np.ndarray], dict]:
+    """Canonical float32 weights, plus quantized source blocks for weights that kept them.
+
+    The second dict maps a canonical name to its concatenated source blocks, so a
+    GGUF's Q4_0/Q4_1/Q8_0 weights can reach MatMulNBits without a second rounding.
+    """
+    have = source.names()
+    missing = sorted({s for t in recipe.values() for s in t.sources} - have)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelFileError(f"checkpoint is missing weights the architecture needs: {shown}")
+    weights, blocks = {}, {}
+    for name, t in recipe.items():
+        parts = [source.get(s) for s in t.sources]
+        w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        weights[name] = t.transform(w) if t.transform else w
+        if t.transform is None:
+            qb = [source.blocks(s) for s in t.sources]
+            if all(q is not None for q in qb):
+                blocks[name] = qb[0] if len(qb) == 1 else concat_blocks(qb)
+    return weights, blocks
+
+
+def concat_blocks(parts: list):
+    """Stack quantized blocks of several weights along their rows (out features)."""
+    first = parts[0]
+    if any(p.bits != first.bits or p.block_size != first.block_size for p in parts):
+        return None
+    return type(first)(bits=first.bits, block_size=first.block_size,
+                       q=np.concatenate([p.q for p in parts]), scales=np.concatenate([p.scales for p in parts]),
+                       zero_points=np.concatenate([p.zero_points for p in parts]))

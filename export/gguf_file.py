@@ -1,0 +1,433 @@
+"""A safe, validating GGUF reader, and the map from GGUF names to Hugging Face names.
+
+GGUF files come from outside: every size, count and offset in the header is
+checked against the file size before it is used, so a truncated or hostile file
+gives a `ModelFileError` naming the file and the problem, never a crash or a
+huge allocation. The file is memory-mapped; tensors are zero-copy views of it.
+
+Layout (little-endian; https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
+    magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv
+    n_kv x (string key, u32 value type, value)
+    n_tensors x (string name, u32 n_dims, u64 dims[n_dims], u32 ggml type, u64 offset)
+    padding to `general.alignment` (default 32) | tensor data (offsets relative to here)
+A string is a u64 byte length then UTF-8 bytes; an array is a u32 item type,
+a u64 count, then the items.
+
+`gguf.constants` gives the type enums and block sizes and `gguf.quants` the
+dequantization; the parsing is ours (`gguf.GGUFReader` trusts its input).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, replace
+from math import prod
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from edge_infer.runtime.errors import ModelFileError
+
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_NESTING = 4  # arrays of arrays deeper than this are refused (recursion bound)
+_REDOWNLOAD = "the file is damaged or not a GGUF model: download or convert it again"
+
+# GGUF metadata value types: id -> (name, struct format, numpy dtype); 8 is STRING, 9 ARRAY.
+_SCALARS = {
+    0: ("UINT8", "<B", "<u1"), 1: ("INT8", "<b", "<i1"), 2: ("UINT16", "<H", "<u2"),
+    3: ("INT16", "<h", "<i2"), 4: ("UINT32", "<I", "<u4"), 5: ("INT32", "<i", "<i4"),
+    6: ("FLOAT32", "<f", "<f4"), 7: ("BOOL", "<B", "<u1"), 10: ("UINT64", "<Q", "<u8"),
+    11: ("INT64", "<q", "<i8"), 12: ("FLOAT64", "<d", "<f8"),
+}
+_STRING, _ARRAY = 8, 9
+# Plain (non-block) tensor types gguf.quants does not convert; we cast them.
+_PLAIN = {"I8": "<i1", "I16": "<i2", "I32": "<i4", "I64": "<i8", "F64": "<f8"}
+
+
+def _fail(path: str, problem: str, advice: str = _REDOWNLOAD) -> ModelFileError:
+    return ModelFileError(f"GGUF file {path}: {problem}; {advice}")
+
+
+@dataclass(frozen=True, eq=False)
+class QuantBlocks:
+    """Blockwise affine quantization of a 2-D weight, in numpy order (out_features, in_features).
+
+    Element (n, k) is `(q[n, k] - zero_points[n, k // block_size]) * scales[n, k // block_size]`.
+    """
+
+    bits: int
+    block_size: int
+    q: np.ndarray  # (N, K) uint8, values in [0, 2**bits)
+    scales: np.ndarray  # (N, K // block_size) float32
+    zero_points: np.ndarray  # (N, K // block_size) float32
+
+    def dequantize(self) -> np.ndarray:
+        n, k = self.q.shape
+        q = self.q.reshape(n, k // self.block_size, self.block_size).astype(np.float32)
+        out = (q - self.zero_points[..., None]) * self.scales[..., None]  # (N, K/block, block)
+        return out.reshape(n, k)
+
+    def take_rows(self, order: np.ndarray) -> QuantBlocks:
+        """Reorder output features (rows); blocks run along in_features, so they stay exact."""
+        return replace(self, q=self.q[order], scales=self.scales[order], zero_points=self.zero_points[order])
+
+
+@dataclass(frozen=True, eq=False)
+class GGUFTensor:
+    """One tensor of a GGUF file. `shape` is numpy order (ggml dims reversed).
+
+    `raw` is a zero-copy, read-only view of the tensor's bytes in the file. When
+    `row_order` is set, `dequantize()` and `blocks()` return axis-0 entries in that
+    order (`out[i] = file[row_order[i]]`); `raw` always stays the file's bytes.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: str
+    raw: np.ndarray  # (nbytes,) uint8
+    path: str = ""
+    row_order: np.ndarray | None = None
+
+    def with_row_order(self, order: np.ndarray) -> GGUFTensor:
+        order = np.asarray(order)
+        if sorted(order.tolist()) != list(range(self.shape[0])):
+            raise ValueError(f"row order for '{self.name}' is not a permutation of its {self.shape[0]} rows")
+        return replace(self, row_order=order)
+
+    def dequantize(self) -> np.ndarray:
+        qtype = GGMLQuantizationType[self.ggml_type]
+        if self.ggml_type in _PLAIN:
+            out = self.raw.view(_PLAIN[self.ggml_type]).astype(np.float32)
+        else:
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            rows = self.raw.reshape(-1, self.shape[-1] // block * type_size)  # (rows, bytes per row)
+            try:
+                out = np.array(gguf_dequantize(rows, qtype), dtype=np.float32)  # copy: never a file view
+            except NotImplementedError:
+                raise _fail(self.path, f"tensor '{self.name}' has type {self.ggml_type}, which this reader "
+                            "cannot dequantize", "convert the model to Q4_0, Q4_1, Q8_0, F16 or F32") from None
+        out = out.reshape(self.shape)
+        return out if self.row_order is None else out[self.row_order]
+
+    def blocks(self) -> QuantBlocks | None:
+        """The exact blockwise form of a 2-D Q4_0, Q4_1 or Q8_0 tensor; None for other tensors."""
+        if len(self.shape) != 2 or self.ggml_type not in ("Q4_0", "Q4_1", "Q8_0"):
+            return None
+        n, k = self.shape
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[self.ggml_type]]
+        b = self.raw.reshape(n, k // block, type_size)  # (N, blocks, bytes per block)
+
+        def half(lo: int) -> np.ndarray:  # an f16 field of every block -> (N, blocks) float32
+            return np.ascontiguousarray(b[..., lo:lo + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+        def nibbles(qs: np.ndarray) -> np.ndarray:  # (N, blocks, 16) -> (N, K): low nibbles first
+            return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)
+
+        d = half(0)
+        if self.ggml_type == "Q4_0":  # x = d * (q - 8)
+            out = QuantBlocks(4, block, nibbles(b[..., 2:]), d, np.full_like(d, 8.0))
+        elif self.ggml_type == "Q8_0":  # x = d * int8; q = int8 + 128 (flip the sign bit)
+            out = QuantBlocks(8, block, (b[..., 2:] ^ 0x80).reshape(n, k), d, np.full_like(d, 128.0))
+        else:  # Q4_1: x = d * q + m = d * (q - (-m / d))
+            m = half(2)
+            q = nibbles(b[..., 4:])
+            flat = d == 0  # every value of such a block is m: encode it as q = 1, zp = 0, scale = m
+            with np.errstate(divide="ignore", invalid="ignore"):
+                zp = np.where(flat, 0.0, -m / np.where(flat, 1.0, d)).astype(np.float32)
+            if flat.any():
+                q = q.reshape(n, k // block, block)
+                q[flat] = 1
+                q = q.reshape(n, k)
+            out = QuantBlocks(4, block, q, np.where(flat, m, d).astype(np.float32), zp)
+        return out if self.row_order is None else out.take_rows(self.row_order)
+
+
+@dataclass(frozen=True, eq=False)
+class GGUFFile:
+    path: str
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensor]
+    alignment: int = DEFAULT_ALIGNMENT
+
+
+class _Cursor:
+    """Reads header fields, checking each against the end of the file first."""
+
+    def __init__(self, path: str, buf: memoryview):
+        self.path, self.buf, self.size, self.pos = path, buf, len(buf), 0
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise _fail(self.path, f"truncated: {what} needs {n} bytes at offset {self.pos}, "
+                        f"but the file ends at {self.size}")
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", f"the length of {what}")
+        self.need(n, f"{what} ({n} bytes)")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _fail(self.path, f"{what} at offset {self.pos - n} is not valid UTF-8") from None
+
+    def count(self, what: str, min_item_size: int) -> int:
+        """A u64 count of items that must fit in the bytes left (no huge allocations)."""
+        n = self.unpack("<Q", f"the count of {what}")
+        left = self.size - self.pos
+        if n * min_item_size > left:
+            raise _fail(self.path, f"{what}: count {n} cannot fit in the {left} bytes left "
+                        f"(each item takes at least {min_item_size} bytes)")
+        return n
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _SCALARS:
+            v = self.unpack(_SCALARS[vtype][1], what)
+            return bool(v) if vtype == 7 else v
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype != _ARRAY:
+            raise _fail(self.path, f"{what} has unknown value type {vtype}")
+        if depth >= MAX_NESTING:
+            raise _fail(self.path, f"{what}: arrays nested deeper than {MAX_NESTING} levels")
+        itype = self.unpack("<I", f"the item type of {what}")
+        if itype in _SCALARS:
+            dtype = np.dtype(_SCALARS[itype][2])
+            n = self.count(f"{what} ({_SCALARS[itype][0]} array)", dtype.itemsize)
+            arr = np.frombuffer(self.buf, dtype, count=n, offset=self.pos)
+            self.pos += n * dtype.itemsize
+            return [bool(x) for x in arr] if itype == 7 else arr.tolist()
+        if itype == _STRING:
+            n = self.count(f"{what} (string array)", 8)
+            return [self.string(f"item {i} of {what}") for i in range(n)]
+        if itype == _ARRAY:
+            n = self.count(f"{what} (array of arrays)", 12)
+            return [self.value(_ARRAY, f"item {i} of {what}", depth + 1) for i in range(n)]
+        raise _fail(self.path, f"{what} is an array of unknown value type {itype}")
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parse and validate a GGUF file; tensors stay in the file (memory-mapped)."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ModelFileError(f"GGUF file {path}: cannot read it ({e.strerror}); check the path") from None
+    if size < 24:
+        raise _fail(path, f"only {size} bytes, too short for a GGUF header (24 bytes)")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")  # (size,) read-only
+    cur = _Cursor(path, memoryview(mm))
+
+    magic = bytes(cur.buf[0:4])
+    if magic != b"GGUF":
+        raise _fail(path, f"bad magic {magic!r} (expected b'GGUF')", "this is not a GGUF file")
+    cur.pos = 4
+    version = cur.unpack("<I", "the version")
+    if version not in SUPPORTED_VERSIONS:
+        if version & 0xFFFF == 0 and (version >> 24) in SUPPORTED_VERSIONS:
+            raise _fail(path, "big-endian GGUF is not supported", "use a little-endian GGUF file")
+        raise _fail(path, f"unsupported GGUF version {version} (supported: 2, 3)",
+                    "convert the model again with a current llama.cpp")
+    n_tensors = cur.unpack("<Q", "the tensor count")
+    n_kv = cur.unpack("<Q", "the metadata count")
+    # Cheapest possible entries: kv = key length + type + 1-byte value; tensor info = 24 bytes.
+    if n_kv * 13 + n_tensors * 24 > size - cur.pos:
+        raise _fail(path, f"header claims {n_tensors} tensors and {n_kv} metadata entries, "
+                    f"which cannot fit in a {size}-byte file")
+
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key {i}")
+        if key in metadata:
+            raise _fail(path, f"duplicate metadata key '{key}'")
+        vtype = cur.unpack("<I", f"the value type of metadata key '{key}'")
+        metadata[key] = cur.value(vtype, f"metadata key '{key}'")
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
+        raise _fail(path, f"general.alignment is {alignment!r}; it must be a power of two")
+
+    infos = []  # (name, numpy shape, type name, offset, nbytes)
+    names: set[str] = set()
+    for i in range(n_tensors):
+        name = cur.string(f"the name of tensor {i}")
+        if name in names:
+            raise _fail(path, f"duplicate tensor name '{name}'")
+        names.add(name)
+        n_dims = cur.unpack("<I", f"the dimension count of tensor '{name}'")
+        if not 1 <= n_dims <= 4:
+            raise _fail(path, f"tensor '{name}' has {n_dims} dimensions (1 to 4 are allowed)")
+        dims = [cur.unpack("<Q", f"dimension {d} of tensor '{name}'") for d in range(n_dims)]
+        if any(d == 0 or d >= 1 << 63 for d in dims):  # ggml stores int64: >= 2**63 is negative
+            raise _fail(path, f"tensor '{name}' has a zero or negative dimension: {dims}")
+        code = cur.unpack("<I", f"the type of tensor '{name}'")
+        try:
+            qtype = GGMLQuantizationType(code)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise _fail(path, f"tensor '{name}' has unknown ggml type {code}",
+                        "convert the model again with a current llama.cpp") from None
+        if dims[0] % block:
+            raise _fail(path, f"tensor '{name}' ({qtype.name}) has {dims[0]} elements per row, "
+                        f"not a multiple of the block size {block}")
+        offset = cur.unpack("<Q", f"the data offset of tensor '{name}'")
+        if offset % alignment:
+            raise _fail(path, f"tensor '{name}' data offset {offset} is not a multiple of the "
+                        f"alignment {alignment}")
+        nbytes = prod(dims) // block * type_size
+        infos.append((name, tuple(reversed(dims)), qtype.name, offset, nbytes))
+
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors: dict[str, GGUFTensor] = {}
+    prev_end, prev_name = 0, ""
+    for name, shape, tname, offset, nbytes in sorted(infos, key=lambda t: t[3]):
+        start = data_start + offset
+        if start + nbytes > size:
+            raise _fail(path, f"tensor '{name}' ({nbytes} bytes at offset {start}) runs past the end "
+                        f"of the file ({size} bytes); the file is truncated")
+        if offset < prev_end:
+            raise _fail(path, f"tensors '{prev_name}' and '{name}' overlap in the data section")
+        prev_end, prev_name = offset + nbytes, name
+        tensors[name] = GGUFTensor(name, shape, tname, mm[start:start + nbytes], path)
+    tensors = {info[0]: tensors[info[0]] for info in infos}  # keep the file's order
+    return GGUFFile(path, version, metadata, tensors, alignment)
+
+
+# ---------------------------------------------------------------- GGUF -> Hugging Face names
+
+SUPPORTED_ARCHS = ("llama", "qwen2")
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's rotary permutation of attn_q / attn_k.
+
+    llama.cpp's converter stores each head's rows interleaved as (half, 2);
+    Hugging Face keeps them as (2, half). `hf = gguf[order]`; transformers'
+    GGUF loader applies the same reverse permutation.
+    """
+    half = rows // n_head // 2
+    return np.arange(rows).reshape(n_head, half, 2).swapaxes(1, 2).reshape(rows)  # (rows,)
+
+
+def _meta(g: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if key not in g.metadata:
+        if default is ...:
+            raise _fail(g.path, f"metadata key '{key}' is missing", "the file is incomplete: convert it again")
+        return default
+    value = g.metadata[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise _fail(g.path, f"metadata key '{key}' is {value!r}, expected {kind}")
+    return value
+
+
+def gguf_to_hf(g: GGUFFile) -> tuple[dict, dict[str, GGUFTensor | np.ndarray], dict]:
+    """(transformers-style config, HF weight name -> lazily read tensor, tokenizer metadata)."""
+    arch = _meta(g, "general.architecture", str)
+    if arch not in SUPPORTED_ARCHS:
+        raise _fail(g.path, f"architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})",
+                    "use a model of a supported architecture")
+    num = (int, float)
+    hidden = _meta(g, f"{arch}.embedding_length", int)
+    heads = _meta(g, f"{arch}.attention.head_count", int)
+    kv_heads = _meta(g, f"{arch}.attention.head_count_kv", int, heads)
+    layers = _meta(g, f"{arch}.block_count", int)
+    if min(hidden, heads, kv_heads, layers) <= 0 or heads % kv_heads or hidden % heads:
+        raise _fail(g.path, f"inconsistent geometry: hidden {hidden}, heads {heads}, kv heads {kv_heads}, "
+                    f"layers {layers}")
+    head_dim = _meta(g, f"{arch}.attention.key_length", int, hidden // heads)
+    rope_dim = _meta(g, f"{arch}.rope.dimension_count", int, head_dim)
+    if rope_dim != head_dim:
+        raise _fail(g.path, f"partial rotary embedding ({rope_dim} of {head_dim} dims) is not supported",
+                    "use a model with full rotary embeddings")
+    scaling = _meta(g, f"{arch}.rope.scaling.type", str, "none")
+    if scaling != "none" or "rope_freqs.weight" in g.tensors:
+        raise _fail(g.path, "rope scaling (rope.scaling.type or rope_freqs.weight) is not supported yet",
+                    "use a model without rope scaling")
+    tokens = g.metadata.get("tokenizer.ggml.tokens")
+    embd = g.tensors.get("token_embd.weight")
+    vocab = _meta(g, f"{arch}.vocab_size", int, len(tokens) if isinstance(tokens, list)
+                  else embd.shape[0] if embd is not None else 0)
+    config = {
+        "model_type": arch, "architectures": [_HF_CLASS[arch]],
+        "hidden_size": hidden,
+        "intermediate_size": _meta(g, f"{arch}.feed_forward_length", int),
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "hidden_act": "silu",
+        "rms_norm_eps": float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", num)),
+        "rope_theta": float(_meta(g, f"{arch}.rope.freq_base", num, 10000.0)),
+        "max_position_embeddings": _meta(g, f"{arch}.context_length", int),
+        "vocab_size": vocab,
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in g.tensors,
+        "bos_token_id": _meta(g, "tokenizer.ggml.bos_token_id", int, None),
+        "eos_token_id": _meta(g, "tokenizer.ggml.eos_token_id", int, None),
+        "pad_token_id": _meta(g, "tokenizer.ggml.padding_token_id", int, None),
+        "torch_dtype": "float32",
+    }
+    q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
+    ffn = config["intermediate_size"]
+    expected = {  # HF name stem -> numpy shape of its weight (bias: the first entry)
+        "model.embed_tokens": (vocab, hidden), "model.norm": (hidden,), "lm_head": (vocab, hidden),
+        "input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
+        "self_attn.q_proj": (q_rows, hidden), "self_attn.k_proj": (kv_rows, hidden),
+        "self_attn.v_proj": (kv_rows, hidden), "self_attn.o_proj": (hidden, q_rows),
+        "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden), "mlp.down_proj": (hidden, ffn),
+    }
+
+    weights: dict[str, GGUFTensor | np.ndarray] = {}
+    unknown = []
+    for name, t in g.tensors.items():
+        parts = name.split(".")
+        stem, suffix = ".".join(parts[:-1]), parts[-1]
+        layer = None
+        if stem in _TOP:
+            hf_stem = _TOP[stem]
+        elif (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK
+              and int(parts[1]) < layers):
+            layer, hf_stem = int(parts[1]), _BLOCK[parts[2]]
+        else:
+            unknown.append(name)
+            continue
+        if suffix not in ("weight", "bias"):
+            unknown.append(name)
+            continue
+        want = expected[hf_stem] if suffix == "weight" else expected[hf_stem][:1]
+        if t.shape != want:
+            raise _fail(g.path, f"tensor '{name}' has shape {t.shape}, expected {want} from the metadata")
+        if arch == "llama" and hf_stem in ("self_attn.q_proj", "self_attn.k_proj"):
+            n = heads if hf_stem == "self_attn.q_proj" else kv_heads
+            t = t.with_row_order(unpermute_rows(t.shape[0], n))
+        prefix = "" if layer is None else f"model.layers.{layer}."
+        weights[f"{prefix}{hf_stem}.{suffix}"] = t
+    if unknown:
+        raise _fail(g.path, f"unexpected tensors for architecture '{arch}': {', '.join(unknown[:8])}",
+                    "this variant is not supported")
+    required = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{stem}.weight" for i in range(layers) for stem in _BLOCK.values()]
+    if arch == "qwen2":
+        required += [f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(layers) for p in "qkv"]
+    missing = [n for n in required if n not in weights]
+    if missing:
+        raise _fail(g.path, f"missing tensors: {', '.join(missing[:8])}", "the file is incomplete: convert it again")
+    tokenizer = {k: v for k, v in g.metadata.items() if k.startswith("tokenizer.")}
+    return config, weights, tokenizer

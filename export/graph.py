@@ -1,0 +1,247 @@
+"""Build an ONNX decoder graph straight from canonical weights, with onnxruntime's fused ops.
+
+One graph serves prefill and decode:
+    input_ids       (batch, sequence_length)            int64
+    attention_mask  (batch, total_sequence_length)      int64, right-padded, 1 = real token
+    position_ids    (batch, sequence_length)            int64, learned positions only
+    past_key_values.{i}.key / .value  (batch, kv_heads, past_sequence_length, head_dim)
+    logits_to_keep  (1,)  int64: how many of the last positions get logits (1 to decode)
+  ->
+    logits          (batch, logits_to_keep, vocab)      float32
+    present.{i}.key / .value  (batch, kv_heads, present_sequence_length, head_dim)
+
+Attention is `com.microsoft.GroupQueryAttention` with rotary inside. When the
+runtime binds one buffer of max_length as both past and present, the op writes
+the new keys in place (no copy per step). Linear layers are plain MatMuls over
+(in, out) initializers named like `/model/layers.0/attn/qkv_proj/MatMul`, which
+`quantize.rewrite` turns into MatMulNBits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_infer.export.rope import cos_sin_cache
+from edge_infer.export.spec import DecoderSpec
+
+OPSET = 21
+MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+class _Builder:
+    """Collects nodes and initializers; names every node as a path."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = np.dtype(dtype)
+        self.onnx_dtype = helper.np_dtype_to_tensor_dtype(self.dtype)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._consts: dict[tuple, str] = {}
+
+    def weight(self, name: str, array: np.ndarray, keep_dtype: bool = False) -> str:
+        a = array if keep_dtype else array.astype(self.dtype)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(a), name))
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        a = np.asarray(value, dtype=dtype)
+        key = (a.dtype.str, a.shape, a.tobytes())
+        if key not in self._consts:
+            name = f"const.{len(self._consts)}"
+            self.inits.append(numpy_helper.from_array(a, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1,
+           domain: str = "", outputs: list[str] | None = None, **attrs) -> list[str]:
+        outs = outputs or [f"{name}/output_{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
+        return outs
+
+    def one(self, op_type: str, inputs: list[str], name: str, **kw) -> str:
+        return self.op(op_type, inputs, name, **kw)[0]
+
+
+def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], max_length: int,
+                  dtype: str = "fp32") -> tuple[onnx.ModelProto, GraphIO]:
+    """The decoder graph for `spec` with `weights` (canonical names, float32 arrays)."""
+    b = _Builder(np.float16 if dtype == "fp16" else np.float32)
+    kv_shape = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+    present_shape = ["batch", spec.num_kv_heads, "present_sequence_length", spec.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"])]
+    if spec.position == "learned":
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence_length"]))
+    inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_to_keep", spec.vocab_size])]
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", b.onnx_dtype, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", b.onnx_dtype, present_shape))
+
+    # Lengths for GroupQueryAttention, from the right-padded mask.
+    mask_sum = b.one("ReduceSum", ["attention_mask", b.const([1])], "/model/attn_mask/ReduceSum", keepdims=0)
+    seqlens = b.one("Sub", [mask_sum, b.const(1)], "/model/attn_mask/Sub")
+    seqlens_k = b.one("Cast", [seqlens], "/model/attn_mask/seqlens_k", to=TensorProto.INT32)  # (batch,)
+    mask_shape = b.one("Shape", ["attention_mask"], "/model/attn_mask/Shape")
+    total = b.one("Gather", [mask_shape, b.const(1)], "/model/attn_mask/Gather", axis=0)
+    total_len = b.one("Cast", [total], "/model/attn_mask/total_len", to=TensorProto.INT32)  # ()
+
+    rope_caches = {}
+    if spec.rope is not None:
+        cos, sin = cos_sin_cache(spec.rope, max_length)
+        rope_caches["full"] = (b.weight("cos_cache", cos), b.weight("sin_cache", sin))
+        if spec.local_rope is not None:
+            cos, sin = cos_sin_cache(spec.local_rope, max_length)
+            rope_caches["sliding"] = (b.weight("cos_cache_local", cos), b.weight("sin_cache_local", sin))
+
+    # Embeddings.  # (batch, sequence_length, hidden)
+    embed = b.weight("model.embed_tokens.weight", weights["embed.weight"])
+    x = b.one("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather", axis=0)
+    if spec.embed_scale is not None:
+        scale = np.asarray(spec.embed_scale, dtype=b.dtype)
+        x = b.one("Mul", [x, b.const(scale, b.dtype)], "/model/embed_tokens/Mul")
+    if spec.position == "learned":
+        wpe = b.weight("model.embed_positions.weight", weights["embed_positions.weight"])
+        pos = b.one("Gather", [wpe, "position_ids"], "/model/embed_positions/Gather", axis=0)
+        x = b.one("Add", [x, pos], "/model/embed_positions/Add")
+
+    residual = x
+    h = _norm(b, spec, weights, "layers.0.input_norm", x, "/model/layers.0/input_layernorm")
+    for i in range(spec.num_layers):
+        p, w = f"/model/layers.{i}", f"layers.{i}."
+        attn = _attention(b, spec, weights, i, h, seqlens_k, total_len, rope_caches)
+        if spec.sandwich_norm:
+            attn = _norm(b, spec, weights, w + "post_attn_norm", attn, p + "/post_attention_layernorm")
+        h, residual = _skip_norm(b, spec, weights, w + "ffn_norm", attn, residual, p + "/pre_feedforward_layernorm")
+        mlp = _mlp(b, spec, weights, i, h)
+        if spec.sandwich_norm:
+            mlp = _norm(b, spec, weights, w + "post_ffn_norm", mlp, p + "/post_feedforward_layernorm")
+        nxt = f"layers.{i + 1}.input_norm" if i + 1 < spec.num_layers else "final_norm"
+        name = f"/model/layers.{i + 1}/input_layernorm" if i + 1 < spec.num_layers else "/model/norm"
+        h, residual = _skip_norm(b, spec, weights, nxt, mlp, residual, name)
+
+    # Logits for the last `logits_to_keep` positions only.  # (batch, logits_to_keep, hidden)
+    start = b.one("Neg", ["logits_to_keep"], "/lm_head/keep/Neg")
+    h = b.one("Slice", [h, start, b.const([np.iinfo(np.int64).max]), b.const([1])], "/lm_head/Slice")
+    if spec.tie_word_embeddings:
+        head_w = b.one("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
+    else:
+        head_w = b.weight("lm_head.weight", weights["lm_head.weight"].T)
+    logits = b.one("MatMul", [h, head_w], "/lm_head/MatMul")
+    if spec.final_softcap is not None:
+        cap = b.const(np.asarray(spec.final_softcap, dtype=b.dtype), b.dtype)
+        logits = b.one("Mul", [b.one("Tanh", [b.one("Div", [logits, cap], "/lm_head/softcap/Div")],
+                                     "/lm_head/softcap/Tanh"), cap], "/lm_head/softcap/Mul")
+    b.op("Cast", [logits], "/lm_head/Cast", outputs=["logits"], to=TensorProto.FLOAT)
+
+    graph = helper.make_graph(b.nodes, f"edge_infer_{spec.model_type}", inputs, outputs, initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="edge-infer")
+    model.ir_version = 10
+    io = GraphIO(tuple(i.name for i in inputs), tuple(o.name for o in outputs))
+    return model, io
+
+
+def _norm(b: _Builder, spec: DecoderSpec, weights, key: str, x: str, name: str) -> str:
+    gamma = b.weight(_param(key), weights[key + ".weight"])
+    if spec.norm == "rms":
+        return b.one("SimplifiedLayerNormalization", [x, gamma], name + "/SimplifiedLayerNorm",
+                     axis=-1, epsilon=spec.norm_eps, stash_type=1)
+    beta = b.weight(_param(key, "bias"), weights[key + ".bias"])
+    return b.one("LayerNormalization", [x, gamma, beta], name + "/LayerNorm", axis=-1, epsilon=spec.norm_eps)
+
+
+def _skip_norm(b: _Builder, spec: DecoderSpec, weights, key: str, x: str, skip: str,
+               name: str) -> tuple[str, str]:
+    """norm(x + skip) and x + skip, in one fused node."""
+    gamma = b.weight(_param(key), weights[key + ".weight"])
+    if spec.norm == "rms":
+        out, _, _, total = b.op("SkipSimplifiedLayerNormalization", [x, skip, gamma],
+                                name + "/SkipLayerNorm", n_out=4, domain=MS, epsilon=spec.norm_eps)
+    else:
+        beta = b.weight(_param(key, "bias"), weights[key + ".bias"])
+        out, _, _, total = b.op("SkipLayerNormalization", [x, skip, gamma, beta],
+                                name + "/SkipLayerNorm", n_out=4, domain=MS, epsilon=spec.norm_eps)
+    return out, total
+
+
+def _linear(b: _Builder, weights, key: str, x: str, name: str, bias: bool) -> str:
+    w = b.weight(_param(key), weights[key + ".weight"].T)  # (in, out)
+    y = b.one("MatMul", [x, w], name + "/MatMul")
+    if bias:
+        y = b.one("Add", [y, b.weight(_param(key, "bias"), weights[key + ".bias"])], name + "/Add")
+    return y
+
+
+def _attention(b: _Builder, spec: DecoderSpec, weights, i: int, h: str, seqlens_k: str, total_len: str,
+               rope_caches: dict) -> str:
+    p, w = f"/model/layers.{i}/attn", f"layers.{i}."
+    qkv = _linear(b, weights, w + "qkv", h, p + "/qkv_proj", spec.qkv_bias)  # (batch, seq, qkv_size)
+    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    if spec.qk_norm:
+        q, k, v = b.op("Split", [qkv, b.const([q_size, kv_size, kv_size])], p + "/qkv_split", n_out=3, axis=-1)
+        q = _head_norm(b, spec, weights, w + "q_norm", q, spec.num_heads, p + "/q_norm")
+        k = _head_norm(b, spec, weights, w + "k_norm", k, spec.num_kv_heads, p + "/k_norm")
+        qkv_inputs = [q, k, v]
+    else:
+        qkv_inputs = [qkv, "", ""]  # packed: (batch, seq, (heads + 2 * kv_heads) * head_dim)
+    sliding = spec.layer_type(i) == "sliding"
+    attrs = dict(num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
+                 scale=float(spec.attn_scale if spec.attn_scale is not None else spec.head_dim ** -0.5))
+    rope_in = ["", ""]
+    if spec.rope is not None:
+        attrs.update(do_rotary=1, rotary_interleaved=0)
+        rope_in = list(rope_caches["sliding" if sliding and "sliding" in rope_caches else "full"])
+    if spec.attn_softcap is not None:
+        attrs["softcap"] = float(spec.attn_softcap)
+    if sliding and spec.sliding_window:
+        attrs["local_window_size"] = int(spec.sliding_window)
+    out = b.op("GroupQueryAttention",
+               qkv_inputs + [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len]
+               + rope_in, p + "/GroupQueryAttention", domain=MS,
+               outputs=[f"{p}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"], **attrs)[0]
+    return _linear(b, weights, w + "o", out, p + "/o_proj", spec.o_bias)
+
+
+def _head_norm(b: _Builder, spec: DecoderSpec, weights, key: str, x: str, heads: int, name: str) -> str:
+    """RMSNorm over each head's head_dim values (qwen3, gemma3)."""
+    x4 = b.one("Reshape", [x, b.const([0, 0, heads, spec.head_dim])], name + "/Reshape")
+    gamma = b.weight(_param(key), weights[key + ".weight"])
+    y = b.one("SimplifiedLayerNormalization", [x4, gamma], name + "/SimplifiedLayerNorm",
+              axis=-1, epsilon=spec.norm_eps, stash_type=1)
+    return b.one("Reshape", [y, b.const([0, 0, heads * spec.head_dim])], name + "/Reshape_1")
+
+
+def _act(b: _Builder, spec: DecoderSpec, x: str, name: str) -> str:
+    if spec.activation == "silu":
+        return b.one("Mul", [x, b.one("Sigmoid", [x], name + "/Sigmoid")], name + "/Mul")
+    approx = "tanh" if spec.activation == "gelu_tanh" else "none"
+    return b.one("Gelu", [x], name + "/Gelu", approximate=approx)
+
+
+def _mlp(b: _Builder, spec: DecoderSpec, weights, i: int, h: str) -> str:
+    p, w = f"/model/layers.{i}/mlp", f"layers.{i}."
+    if spec.mlp == "gated":
+        gu = _linear(b, weights, w + "gate_up", h, p + "/gate_up_proj", False)  # (batch, seq, 2 * inter)
+        size = spec.intermediate_size
+        gate, up = b.op("Split", [gu, b.const([size, size])], p + "/gate_up_split", n_out=2, axis=-1)
+        y = b.one("Mul", [_act(b, spec, gate, p + "/act"), up], p + "/gate_mul")
+    else:
+        y = _act(b, spec, _linear(b, weights, w + "up", h, p + "/up_proj", spec.mlp_bias), p + "/act")
+    return _linear(b, weights, w + "down", y, p + "/down_proj", spec.mlp_bias)
+
+
+def _param(key: str, kind: str = "weight") -> str:
+    """Initializer names read as the canonical weight names with a `model.` prefix."""
+    return f"model.{key}.{kind}"

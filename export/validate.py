@@ -1,0 +1,144 @@
+"""Validation at export, stored in the manifest.
+
+fp32: the exported graph against the source model in transformers (when the
+`export` extra is installed), max |logit difference| over every position of a
+few prompts. int8/int4: against the fp32 graph of the same weights, top-1
+agreement and mean KL divergence over every position.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edge_infer.export.progress import Progress
+from edge_infer.export.sources import Source
+from edge_infer.export.spec import DecoderSpec
+
+PROMPTS = (
+    "The capital of France is Paris. It is known for the Eiffel Tower, museums and cafes.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Water boils at 100 degrees Celsius at sea level. At higher altitudes it boils at lower temperatures "
+    "because the air pressure is lower.",
+)
+
+
+def all_logits(session: ort.InferenceSession, spec: DecoderSpec, ids: list[int], dtype=np.float32) -> np.ndarray:
+    """Logits for every position of one prompt, (sequence_length, vocab), without a cache."""
+    n = len(ids)
+    feed = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), np.int64),
+            "logits_to_keep": np.array([n], dtype=np.int64)}
+    names = {i.name for i in session.get_inputs()}
+    if "position_ids" in names:
+        feed["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)
+    for i in range(spec.num_layers):
+        feed[f"past_key_values.{i}.key"] = empty
+        feed[f"past_key_values.{i}.value"] = empty
+    return session.run(["logits"], feed)[0][0]
+
+
+def _session(path_or_bytes) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def _prompt_ids(source: Source, max_length: int) -> list[list[int]]:
+    out = []
+    for text in PROMPTS:
+        ids = source.tokenizer.encode(text, add_special_tokens=False).ids
+        if source.config.get("bos_token_id") is not None and source.kind == "hf":
+            ids = [int(source.config["bos_token_id"])] + ids
+        out.append([i for i in ids if i < source.config.get("vocab_size", 1 << 31)][: max_length])
+    return [ids for ids in out if ids]
+
+
+def validate_export(folder: Path, source: Source, spec: DecoderSpec, reference: onnx.ModelProto | None,
+                    max_length: int, progress: Progress) -> dict:
+    progress.stage("validating")
+    prompts = _prompt_ids(source, max_length)
+    if reference is None:
+        return _against_source(folder / "model.onnx", source, spec, prompts, progress)
+    return _against_reference(folder / "model.onnx", reference, spec, prompts, progress)
+
+
+def _against_source(graph: Path, source: Source, spec: DecoderSpec, prompts, progress: Progress) -> dict:
+    try:
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        msg = "skipped: transformers is not installed (pip install 'edge-infer[export]')"
+        progress.note(f"source comparison {msg}")
+        return {"source_comparison": msg}
+    try:
+        session = _session(str(graph))
+    except Exception as e:  # fp16 graphs may not run on the CPU provider
+        msg = f"skipped: the graph does not run on the CPU provider here ({str(e).splitlines()[0][:200]})"
+        progress.note(f"source comparison {msg}")
+        return {"source_comparison": msg}
+    import torch
+
+    if source.kind == "gguf":
+        hf = AutoModelForCausalLM.from_pretrained(str(source.path.parent), gguf_file=source.path.name,
+                                                  torch_dtype=torch.float32)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(str(source.path), torch_dtype=torch.float32,
+                                                  attn_implementation="eager")
+    hf.eval()
+    worst, greedy_same = 0.0, 0
+    total = 0
+    for ids in prompts:
+        ours = all_logits(session, spec, ids, np.float16 if spec and _is_fp16(session) else np.float32)
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0].float().numpy()
+        worst = max(worst, float(np.abs(ours.astype(np.float32) - ref).max()))
+        greedy_same += int((ours.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ids)
+    progress.note(f"fp32 vs transformers: max |logit diff| {worst:.2e} over {total} positions, "
+                  f"argmax agreement {greedy_same}/{total}")
+    return {"source_comparison": "transformers", "max_abs_logit_diff": worst, "positions": total,
+            "argmax_agreement": greedy_same / total}
+
+
+def _is_fp16(session: ort.InferenceSession) -> bool:
+    return any("float16" in i.type for i in session.get_inputs())
+
+
+def _against_reference(graph: Path, reference: onnx.ModelProto, spec: DecoderSpec, prompts,
+                       progress: Progress) -> dict:
+    quant = _session(str(graph))
+    with tempfile.TemporaryDirectory(prefix="edge-infer-ref-") as tmp:
+        if reference.ByteSize() < 1_900_000_000:
+            ref = _session(reference.SerializeToString())
+        else:
+            path = Path(tmp) / "ref.onnx"
+            onnx.save_model(reference, str(path), save_as_external_data=True, location="ref.onnx.data")
+            ref = _session(str(path))
+        agree, total, kls = 0, 0, []
+        for ids in prompts:
+            a = all_logits(ref, spec, ids)
+            b = all_logits(quant, spec, ids)
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += len(ids)
+            kls.append(_kl(a, b))
+    kl = float(np.concatenate(kls).mean())
+    progress.note(f"quantized vs fp32: top-1 agreement {agree}/{total} ({agree / total:.1%}), mean KL {kl:.4f}")
+    return {"reference": "fp32 export of the same weights", "top1_agreement": agree / total,
+            "mean_kl": kl, "positions": total}
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(p || q) per position, from logits (positions, vocab)."""
+    lp = p_logits - _logsumexp(p_logits)
+    lq = q_logits - _logsumexp(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))

@@ -1,0 +1,454 @@
+"""Quantize a float decoder graph: MatMul -> MatMulNBits, embedding Gather -> dequantizing gather.
+
+Conventions of the graphs our exporter writes (the contract this module relies on):
+  * a linear layer is `MatMul(x, W)` with W an initializer of shape (K, N);
+    node names read as paths (`/model/layers.0/attn/qkv_proj/MatMul`);
+  * the token embedding is `/model/embed_tokens/Gather` = Gather(W_embed (V, D), input_ids);
+  * the lm_head is `/lm_head/MatMul`; with tied embeddings its B input is the output of
+    `/lm_head/Transpose` (perm [1, 0]) over W_embed.
+
+Tied embeddings: one quantized tensor (uint8 B (V, n_blocks, blob), scales, zero points)
+serves both the lm_head MatMulNBits and the embedding's dequantizing gather, so the
+weights are stored once. Because it is one tensor, `QuantConfig.lm_head` must equal
+`QuantConfig.embeddings` for a tied model (an lm_head named in `exclude` counts as "fp");
+otherwise `quantize_graph` raises a UserError naming both fields.
+
+The embedding gather is built from standard ops (Gather, BitShift, Unsqueeze, Concat,
+Reshape, Cast, Sub, Mul, Slice; opset >= 13) rather than `com.microsoft.GatherBlockQuantized`.
+On onnxruntime 1.32 GatherBlockQuantized does reproduce the rows when handed B reshaped
+to 2-D (V, n_blocks * blob) with MatMulNBits' scales and packed zero points, but
+MatMulNBits refuses a 2-D B, so sharing would need a Reshape that onnxruntime
+constant-folds into a second in-memory copy; and it accepts no float zero points
+(GGUF Q4_1). Gathering straight from the 3-D B avoids both.
+
+Bias Adds stay separate nodes (MatMulNBits has an optional bias input; folding it in
+is a possible later speedup).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_infer.runtime.errors import UserError
+
+from .nbits import (
+    MS_DOMAIN,
+    NBitsNames,
+    QuantizedLinear,
+    dequantize,
+    matmul_nbits,
+    nbits_initializers,
+    quantize_rtn,
+)
+
+log = logging.getLogger(__name__)
+
+EMBED_GATHER = "/model/embed_tokens/Gather"
+LM_HEAD_MATMUL = "/lm_head/MatMul"
+LM_HEAD_TRANSPOSE = "/lm_head/Transpose"
+METADATA_KEY = "edge_infer.quantize"  # JSON record of what quantize_graph did
+
+CHOICES = {"int8": 8, "int4": 4, "fp": None}
+_FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a graph.
+
+    bits/block_size/symmetric/accuracy_level apply to every linear MatMul; `embeddings` and
+    `lm_head` pick the embedding table's and lm_head's own width (same block size and mapping).
+    `exclude` holds node-name substrings kept in float; a match on "/lm_head/MatMul" or
+    "/model/embed_tokens/Gather" counts as choosing "fp" for that tensor.
+    """
+
+    bits: int
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 4
+    embeddings: str = "int8"  # "int8" | "int4" | "fp"
+    lm_head: str = "int8"  # "int8" | "int4" | "fp"; must equal `embeddings` when tied
+    exclude: tuple[str, ...] = ()
+
+    def validate(self) -> QuantConfig:
+        if self.bits not in (4, 8):
+            raise UserError(f"quantization bits={self.bits!r} is not supported: use 4 or 8")
+        bs = self.block_size
+        if not (isinstance(bs, int) and 16 <= bs <= 256 and bs & (bs - 1) == 0):
+            raise UserError(
+                f"quantization block_size={bs!r} is not supported: use a power of two from 16 to 256 (32 is the usual)"
+            )
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UserError(
+                f"accuracy_level={self.accuracy_level!r} is not valid: use 0 (float activations) "
+                "to 4 (int8 activations, fastest on CPU)"
+            )
+        for field in ("embeddings", "lm_head"):
+            value = getattr(self, field)
+            if value not in CHOICES:
+                raise UserError(f"{field}={value!r} is not valid: use one of {', '.join(CHOICES)}")
+        if isinstance(self.exclude, str) or not all(isinstance(s, str) and s for s in self.exclude):
+            raise UserError(f"exclude={self.exclude!r} must be a tuple of non-empty node-name substrings")
+        return self
+
+    def lm_head_choice(self) -> str:
+        return "fp" if self._excluded(LM_HEAD_MATMUL) else self.lm_head
+
+    def embeddings_choice(self) -> str:
+        return "fp" if self._excluded(EMBED_GATHER) else self.embeddings
+
+    def _excluded(self, node_name: str) -> bool:
+        return any(s in node_name for s in self.exclude)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One weight to quantize and the nodes that read it."""
+
+    weight: str  # float initializer name; also the prefix of the new initializers
+    bits: int
+    matmul: onnx.NodeProto | None  # MatMul to replace (lm_head or a linear)
+    gather: onnx.NodeProto | None  # embedding Gather to replace
+    transposed: bool  # the initializer is (K, N): quantize its transpose
+
+
+def quantize_graph(
+    model: onnx.ModelProto,
+    config: QuantConfig,
+    prequantized: Mapping[str, QuantizedLinear] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> onnx.ModelProto:
+    """A copy of `model` with its linear layers (and embedding/lm_head) block-quantized.
+
+    `prequantized` maps a float weight initializer's name to blocks imported from
+    elsewhere (GGUF), oriented (N, K) = (out, in); they are used verbatim when
+    their bits and block size match what the config asks for that tensor, and
+    dequantized then re-quantized (logged and recorded) when they do not.
+    `progress(done, total)` is called after each tensor.
+    """
+    config.validate()
+    prequantized = prequantized or {}
+    originals = {t.name: t for t in model.graph.initializer}
+    out = _copy_without_initializers(model)
+    graph = out.graph
+    opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 0)
+    jobs, tied = _plan(graph, originals, config, opset)
+    # Copy every initializer except the float weights about to be replaced (they can be large).
+    replaced = {job.weight for job in jobs}
+    graph.initializer.extend(t for name, t in originals.items() if name not in replaced)
+    inits = dict(originals)
+
+    new_nodes: dict[str, list[onnx.NodeProto]] = {}  # first output of an old node -> replacement nodes
+    requantized: list[str] = []
+    for done, job in enumerate(jobs, start=1):
+        tensor = inits[job.weight]
+        dtype = _FLOAT_TYPES[tensor.data_type]
+        ql = _obtain(job, tensor, config, prequantized, requantized)
+        names, tensors = nbits_initializers(ql, job.weight, dtype)
+        for t in tensors:
+            if t.name in inits:
+                raise UserError(f"cannot quantize {job.weight}: the graph already has an initializer named {t.name}")
+            inits[t.name] = t
+            graph.initializer.append(t)
+        if job.matmul is not None:
+            node = job.matmul
+            node_name = node.name + "NBits" if node.name.endswith("MatMul") else node.name + "/MatMulNBits"
+            nbits_node, _ = matmul_nbits(
+                node.input[0], node.output[0], node_name, ql, config.accuracy_level,
+                prefix=job.weight, dtype=dtype, b_names=names,
+            )  # fmt: skip
+            new_nodes[node.output[0]] = [nbits_node]
+        if job.gather is not None:
+            sub_nodes, sub_inits = _embedding_nodes(job.gather, ql, names, dtype)
+            graph.initializer.extend(sub_inits)
+            new_nodes[job.gather.output[0]] = sub_nodes
+        if progress is not None:
+            progress(done, len(jobs))
+
+    # Replace nodes in place so the graph stays topologically sorted.
+    rewritten = []
+    for node in graph.node:
+        rewritten.extend(new_nodes.get(node.output[0], [node]) if node.output else [node])
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    _remove_dead(graph, replaced, originals)
+
+    if jobs and not any(op.domain == MS_DOMAIN for op in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    record = {
+        "config": {**asdict(config), "exclude": list(config.exclude)},
+        "tied_embeddings": tied,
+        "embeddings": config.embeddings_choice(),
+        "lm_head": config.lm_head_choice(),
+        "requantized": requantized,
+        "float_bytes_replaced": sum(_nbytes(inits[j.weight]) for j in jobs),
+    }
+    for prop in [p for p in out.metadata_props if p.key == METADATA_KEY]:
+        out.metadata_props.remove(prop)
+    out.metadata_props.add(key=METADATA_KEY, value=json.dumps(record, sort_keys=True))
+    return out
+
+
+def _plan(
+    graph: onnx.GraphProto, inits: dict[str, TensorProto], config: QuantConfig, opset: int
+) -> tuple[list[_Job], bool]:
+    """Which weights to quantize, at which bits, for which nodes; and whether embeddings are tied."""
+    by_name = {n.name: n for n in graph.node if n.name}
+    gather = by_name.get(EMBED_GATHER)
+    if gather is not None and not (gather.op_type == "Gather" and _is_float_weight(inits.get(gather.input[0]))):
+        gather = None
+    embed = gather.input[0] if gather is not None else None
+    lm_head = by_name.get(LM_HEAD_MATMUL)
+    transpose = by_name.get(LM_HEAD_TRANSPOSE)
+    tied = (
+        embed is not None
+        and lm_head is not None
+        and transpose is not None
+        and transpose.op_type == "Transpose"
+        and transpose.input[0] == embed
+        and lm_head.input[1] == transpose.output[0]
+        and [list(a.ints) for a in transpose.attribute if a.name == "perm"] in ([[1, 0]], [])
+    )
+
+    jobs: list[_Job] = []
+    embed_bits = CHOICES[config.embeddings_choice()]
+    if tied:
+        if config.lm_head_choice() != config.embeddings_choice():
+            raise UserError(
+                f"this model ties its lm_head to the embeddings, so both share one tensor: set lm_head to the "
+                f"same value as embeddings (got embeddings={config.embeddings_choice()!r}, "
+                f"lm_head={config.lm_head_choice()!r})"
+            )
+        if embed_bits is not None:
+            jobs.append(_Job(embed, embed_bits, lm_head, gather, transposed=False))
+    elif embed is not None and embed_bits is not None:
+        jobs.append(_Job(embed, embed_bits, None, gather, transposed=False))
+    if embed is not None and embed_bits is not None and opset < 13:
+        raise UserError(
+            f"quantized embeddings need ONNX opset 13 or newer (the graph has {opset}): "
+            "re-export, or set embeddings='fp'"
+        )
+
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            readers[name] = readers.get(name, 0) + 1
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        weight = node.input[1]
+        if not _is_float_weight(inits.get(weight)) or config._excluded(node.name):
+            continue
+        bits = CHOICES[config.lm_head_choice()] if node.name == LM_HEAD_MATMUL else config.bits
+        if bits is None:
+            continue
+        if readers[weight] > 1:
+            log.info("weight %s feeds several nodes; keeping it in float", weight)
+            continue
+        jobs.append(_Job(weight, bits, node, None, transposed=True))
+    return jobs, tied
+
+
+def _obtain(
+    job: _Job,
+    tensor: TensorProto,
+    config: QuantConfig,
+    prequantized: Mapping[str, QuantizedLinear],
+    requantized: list[str],
+) -> QuantizedLinear:
+    """The quantized (N, K) weight for a job: imported blocks when they fit, else RTN."""
+    dims = tuple(tensor.dims)
+    n, k = (dims[1], dims[0]) if job.transposed else dims  # W (K, N) or W_embed (V, D)
+    pre = prequantized.get(job.weight)
+    if pre is not None:
+        if (pre.n, pre.k) != (n, k):
+            raise ValueError(f"prequantized {job.weight} is (N={pre.n}, K={pre.k}), the graph needs ({n}, {k})")
+        if pre.bits == job.bits and pre.block_size == config.block_size:
+            return pre
+        log.warning(
+            "%s: imported as %d-bit blocks of %d, re-quantizing to %d-bit blocks of %d (a second rounding)",
+            job.weight, pre.bits, pre.block_size, job.bits, config.block_size,
+        )  # fmt: skip
+        requantized.append(job.weight)
+        return quantize_rtn(dequantize(pre), job.bits, config.block_size, config.symmetric)
+    if tensor.data_location == TensorProto.EXTERNAL:
+        raise UserError(f"initializer {job.weight} is stored externally: load the model with its external data first")
+    w = numpy_helper.to_array(tensor).astype(np.float32)  # (K, N) or (V, D)
+    return quantize_rtn(w.T if job.transposed else w, job.bits, config.block_size, config.symmetric)
+
+
+def _embedding_nodes(
+    gather: onnx.NodeProto, ql: QuantizedLinear, names: NBitsNames, dtype: type[np.floating]
+) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """Standard-op subgraph: rows of B/scales/zero points -> float rows, output named like the Gather's.
+
+    ids (batch, sequence_length) -> flat (T,) -> B rows (T, n_blocks, blob) -> values
+    (T, n_blocks, block_size) -> (values - zp) * scale -> (T, K_padded) -> (T, D)
+    -> (batch, sequence_length, D). Needs opset 13 (Unsqueeze with an axes input).
+    """
+    base = gather.name.rsplit("/", 1)[0] if "/" in gather.name else gather.name
+    nb, bs, bits, d = ql.n_blocks, ql.block_size, ql.bits, ql.k
+    zp_cols = -(-nb * bits // 8)  # packed zero-point bytes per row
+    onnx_float = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    consts = {
+        "minus1": np.array([-1], np.int64),
+        "four": np.array(4, np.uint8),
+        "blocks": np.array([0, nb, bs], np.int64),  # (T, nb, bs)
+        "rows": np.array([0, nb * bs], np.int64),  # (T, K_padded)
+        "per_block": np.array([0, nb, 1], np.int64),  # (T, nb, 1)
+        "zp_unpacked": np.array([0, 2 * zp_cols], np.int64),  # (T, 2 * zp_cols)
+        "zero": np.array([0], np.int64),
+        "one": np.array([1], np.int64),
+        "d": np.array([d], np.int64),
+        "nb": np.array([nb], np.int64),
+        "zp": np.array(1 << (bits - 1), dtype),  # implied symmetric zero point
+    }
+    inits = [numpy_helper.from_array(v, f"{base}/const_{k}") for k, v in consts.items()]
+    nodes: list[onnx.NodeProto] = []
+
+    def c(key: str) -> str:
+        return f"{base}/const_{key}"
+
+    def add(op: str, step: str, inputs: list[str], **attrs: object) -> str:
+        out = f"{base}/{step}/output_0"
+        nodes.append(helper.make_node(op, inputs, [out], name=f"{base}/{step}", **attrs))
+        return out
+
+    def unpack4(packed: str, step: str) -> str:
+        """(T, ..., m) uint8 -> (T, ..., m, 2) with the low nibble first (element 2i)."""
+        shifted = add("BitShift", f"{step}/Shl", [packed, c("four")], direction="LEFT")  # drops the high nibble
+        lo = add("BitShift", f"{step}/Lo", [shifted, c("four")], direction="RIGHT")
+        hi = add("BitShift", f"{step}/Hi", [packed, c("four")], direction="RIGHT")
+        lo = add("Unsqueeze", f"{step}/LoPair", [lo, c("minus1")])
+        hi = add("Unsqueeze", f"{step}/HiPair", [hi, c("minus1")])
+        return add("Concat", f"{step}/Pairs", [lo, hi], axis=-1)
+
+    ids = gather.input[1]
+    flat = add("Reshape", "FlattenIds", [ids, c("minus1")])  # (T,)
+    rows = add("Gather", "GatherB", [names.b, flat], axis=0)  # (T, nb, blob) uint8
+    if bits == 4:
+        rows = unpack4(rows, "UnpackB")  # (T, nb, blob, 2)
+    values = add("Cast", "CastB", [add("Reshape", "Blocks", [rows, c("blocks")])], to=onnx_float)  # (T, nb, bs)
+
+    if ql.zero_points is None:
+        zp = c("zp")  # scalar 2**(bits-1)
+    else:
+        zp = add("Gather", "GatherZp", [names.zero_points, flat], axis=0)  # (T, zp_cols) or (T, nb)
+        if ql.zero_points.dtype == np.uint8:
+            if bits == 4:
+                zp = add("Reshape", "ZpUnpacked", [unpack4(zp, "UnpackZp"), c("zp_unpacked")])  # (T, 2*zp_cols)
+                zp = add("Slice", "ZpSlice", [zp, c("zero"), c("nb"), c("one")])  # (T, nb)
+            zp = add("Cast", "CastZp", [zp], to=onnx_float)
+        zp = add("Reshape", "ZpBlocks", [zp, c("per_block")])  # (T, nb, 1)
+    scales = add("Gather", "GatherScales", [names.scales, flat], axis=0)  # (T, nb)
+    scales = add("Reshape", "ScaleBlocks", [scales, c("per_block")])  # (T, nb, 1)
+
+    w = add("Mul", "Scale", [add("Sub", "SubZp", [values, zp]), scales])  # (T, nb, bs)
+    w = add("Reshape", "Rows", [w, c("rows")])  # (T, K_padded)
+    w = add("Slice", "Unpad", [w, c("zero"), c("d"), c("one")])  # (T, D)
+    shape = add("Concat", "OutShape", [add("Shape", "IdsShape", [ids]), c("d")], axis=0)  # ids.shape + (D,)
+    nodes.append(helper.make_node("Reshape", [w, shape], [gather.output[0]], name=f"{base}/DequantizedRows"))
+    used = {name for node in nodes for name in node.input}
+    return nodes, [t for t in inits if t.name in used]
+
+
+def _remove_dead(graph: onnx.GraphProto, replaced: set[str], originals: Mapping[str, TensorProto]) -> None:
+    """Drop the tied Transpose once nothing reads it; restore a replaced float weight something still reads."""
+    graph_outputs = {o.name for o in graph.output}
+    used = _used_names(graph) | graph_outputs
+    dead = [n for n in graph.node if n.name == LM_HEAD_TRANSPOSE and not set(n.output) & used]
+    for n in dead:
+        graph.node.remove(n)
+    used = _used_names(graph) | graph_outputs
+    graph.initializer.extend(originals[name] for name in sorted(replaced & used))
+    gone = (replaced - used) | {name for n in dead for name in n.output}
+    for field in (graph.input, graph.value_info):
+        for v in [v for v in field if v.name in gone]:
+            field.remove(v)
+
+
+def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of `model` except its graph's initializers (copied selectively by the caller)."""
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(out, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(out.graph, fd, value)
+    return out
+
+
+def _copy_field(dst: Message, fd: FieldDescriptor, value: object) -> None:
+    if fd.is_repeated:  # protobuf >= 5 (onnx requires >= 6)
+        getattr(dst, fd.name).extend(value)  # copies message elements
+    elif fd.message_type is not None:
+        getattr(dst, fd.name).CopyFrom(value)
+    else:
+        setattr(dst, fd.name, value)
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node reads, including inside subgraphs (If/Loop bodies)."""
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                used |= _used_names(sub)
+    return used
+
+
+def _is_float_weight(t: TensorProto | None) -> bool:
+    return t is not None and t.data_type in _FLOAT_TYPES and len(t.dims) == 2
+
+
+def _nbytes(t: TensorProto) -> int:
+    """Size of a tensor from its dims and type (works for external data too)."""
+    count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+    return count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def quantize_summary(model: onnx.ModelProto) -> dict:
+    """Counts of quantized / kept linear nodes and weight bytes before/after, for the manifest."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = list(model.graph.node)
+    by_bits: dict[str, int] = {}
+    quantized_bytes: set[str] = set()
+    for n in nodes:
+        if n.op_type == "MatMulNBits":
+            bits = next(a.i for a in n.attribute if a.name == "bits")
+            by_bits[str(bits)] = by_bits.get(str(bits), 0) + 1
+            quantized_bytes.update(name for name in n.input[1:] if name in inits)
+        elif n.op_type == "Gather" and n.name.endswith(("/GatherB", "/GatherScales", "/GatherZp")):
+            quantized_bytes.add(n.input[0])  # the quantized embedding (shared with the lm_head when tied)
+            base = n.name.rsplit("/", 1)[0]
+            quantized_bytes.update(name for name in inits if name.startswith(f"{base}/const_"))
+    kept = [n.name for n in nodes if n.op_type == "MatMul" and (_is_float_weight(inits.get(n.input[1]))
+                                                                or n.name == LM_HEAD_MATMUL)]  # fmt: skip
+    record = next((json.loads(p.value) for p in model.metadata_props if p.key == METADATA_KEY), {})
+    after = sum(_nbytes(t) for t in inits.values())
+    added = sum(_nbytes(inits[name]) for name in quantized_bytes)
+    before = after - added + int(record.get("float_bytes_replaced", 0))
+    return {
+        "quantized_nodes": sum(by_bits.values()),
+        "quantized_by_bits": by_bits,
+        "kept_float_nodes": len(kept),
+        "kept_float_names": kept,
+        "embeddings": record.get("embeddings", "fp"),
+        "lm_head": record.get("lm_head", "fp"),
+        "tied_embeddings": record.get("tied_embeddings"),
+        "requantized": record.get("requantized", []),
+        "config": record.get("config"),
+        "bytes_before": before,
+        "bytes_after": after,
+    }

@@ -1,0 +1,190 @@
+"""Generation in three layers, as in mlx-lm:
+
+  generate_step    yields token ids (prefill, then one decode step per token)
+  stream_generate  yields Chunks: text deltas, finish reason, timings
+  generate         returns the whole text
+
+Detokenizing and stop strings live outside the core loop (runtime/detokenize.py,
+runtime/stops.py); sampling is a callable from runtime/sampling.py.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+
+from edge_infer.runtime.cache import KVCache
+from edge_infer.runtime.detokenize import StreamDetokenizer
+from edge_infer.runtime.errors import ContextLengthError, UserError
+from edge_infer.runtime.model import Model
+from edge_infer.runtime.sampling import SamplingParams, Sampler, make_sampler
+from edge_infer.runtime.stops import StopMatcher
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+PREFILL_CHUNK = 512
+DEFAULT_MAX_TOKENS = 256
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # an eos token or a stop string
+    LENGTH = "length"  # max_tokens reached, or the context is full
+
+
+@dataclass(frozen=True)
+class Timings:
+    prompt_tokens: int
+    generation_tokens: int
+    cached_tokens: int
+    time_to_first_token: float  # seconds, request start to first token
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float  # tokens after the first, over their time
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str  # the new text; "" while a multi-byte character or a possible stop string is held back
+    token: int | None  # the id sampled this step (None on the final flush)
+    finish_reason: FinishReason | None = None
+    timings: Timings | None = None
+
+
+@dataclass
+class _Clock:
+    start: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    last: float | None = None
+
+
+def encode_prompt(model: Model, prompt: Prompt) -> list[int]:
+    """Token ids for a string, a list of ids, or chat messages (rendered with the model's template)."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise UserError("prompt is empty")
+        return model.tokenizer.encode(prompt, add_special_tokens=True)
+    items = list(prompt)
+    if not items:
+        raise UserError("prompt is empty")
+    if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
+        vocab = model.manifest.geometry.vocab_size
+        bad = [t for t in items if not 0 <= int(t) < vocab]
+        if bad:
+            raise UserError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        return [int(t) for t in items]
+    if all(isinstance(m, dict) for m in items):
+        if model.chat_template is None:
+            raise UserError("this model has no chat template; pass a plain string prompt instead of messages")
+        text = model.chat_template.render(items, add_generation_prompt=True)
+        return model.tokenizer.encode(text, add_special_tokens=False)
+    raise UserError("prompt must be a string, a list of token ids, or a list of {'role', 'content'} messages")
+
+
+def plan_max_tokens(model: Model, n_prompt: int, max_tokens: int | None, max_length: int) -> int:
+    """Check the prompt fits before any work. An explicit max_tokens must fit too; without one,
+    generation runs up to the default or the end of the context, whichever comes first."""
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise UserError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if n_prompt >= max_length:
+        raise ContextLengthError(
+            f"the prompt is {n_prompt} tokens but the context holds {max_length} (including at least one new "
+            f"token); shorten the prompt or export with a larger --max-length"
+        )
+    room = max_length - n_prompt
+    if max_tokens is None:
+        return min(DEFAULT_MAX_TOKENS, room)
+    if max_tokens > room:
+        raise ContextLengthError(
+            f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} exceeds the "
+            f"context of {max_length}; lower max_tokens to at most {room}"
+        )
+    return max_tokens
+
+
+def prefill(model: Model, ids: list[int], cache: KVCache, chunk: int = PREFILL_CHUNK) -> np.ndarray:
+    """Run the prompt through the model in chunks; returns the last position's logits (vocab,)."""
+    assert ids, "prefill needs at least one token"
+    logits = None
+    for start in range(0, len(ids), chunk):
+        piece = np.asarray(ids[start:start + chunk], dtype=np.int64)[None, :]  # (1, chunk)
+        logits = model.forward(piece, cache)
+    return logits[0, -1]
+
+
+def generate_step(model: Model, ids: list[int], cache: KVCache, sampler: Sampler,
+                  max_tokens: int) -> Iterator[int]:
+    """Yield up to max_tokens sampled ids. Reuses whatever prefix of `ids` the cache already holds."""
+    reuse = min(cache.common_prefix(ids), len(ids) - 1)  # at least one token must run to get logits
+    cache.trim(reuse)
+    logits = prefill(model, ids[reuse:], cache)
+    tokens = list(ids)
+    n_prompt = len(ids)
+    for step in range(max_tokens):
+        token = sampler(logits, tokens, n_prompt)
+        tokens.append(token)
+        yield token
+        if step + 1 == max_tokens or token in model.tokenizer.eos_ids:
+            return
+        logits = model.forward(np.array([[token]], dtype=np.int64), cache)[0, -1]  # (vocab,)
+
+
+def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = None,
+                    sampling: SamplingParams | None = None, stop: Sequence[str] = (),
+                    cache: KVCache | None = None, **sampling_kw) -> Iterator[Chunk]:
+    """Stream the completion of `prompt` as Chunks; the last one carries finish_reason and timings."""
+    clock = _Clock()
+    if sampling is None:
+        sampling = SamplingParams.from_dict(sampling_kw)
+    elif sampling_kw:
+        raise UserError("pass either sampling=SamplingParams(...) or sampling keywords, not both")
+    sampler = make_sampler(sampling)
+    if isinstance(stop, str):
+        stop = [stop]
+    stops = StopMatcher(list(stop))
+    ids = encode_prompt(model, prompt)
+    cache = cache if cache is not None else model.new_cache()
+    budget = plan_max_tokens(model, len(ids), max_tokens, cache.max_length)
+    cached = min(cache.common_prefix(ids), len(ids) - 1)
+    detok = StreamDetokenizer(model.tokenizer.backend)
+    n = 0
+    finish, stopped = FinishReason.LENGTH, False
+    for token in generate_step(model, ids, cache, sampler, budget):
+        now = time.perf_counter()
+        clock.first = clock.first or now
+        clock.last = now
+        n += 1
+        if token in model.tokenizer.eos_ids:
+            finish = FinishReason.STOP
+            break
+        text, stopped = stops.feed(detok.add(token))
+        if text or not stopped:
+            yield Chunk(text, token)
+        if stopped:
+            finish = FinishReason.STOP
+            break
+    tail = ""
+    if not stopped:  # release what the detokenizer and the stop matcher held back
+        tail, stopped = stops.feed(detok.flush())
+        if stopped:
+            finish = FinishReason.STOP
+        else:
+            tail += stops.flush()
+    yield Chunk(tail, None, finish, _timings(clock, len(ids), n, cached))
+
+
+def _timings(clock: _Clock, n_prompt: int, n_gen: int, cached: int) -> Timings:
+    first = clock.first or time.perf_counter()
+    ttft = first - clock.start
+    decode_time = (clock.last - first) if clock.last else 0.0
+    return Timings(
+        prompt_tokens=n_prompt, generation_tokens=n_gen, cached_tokens=cached, time_to_first_token=ttft,
+        prefill_tokens_per_s=(n_prompt - cached) / ttft if ttft > 0 else 0.0,
+        decode_tokens_per_s=(n_gen - 1) / decode_time if n_gen > 1 and decode_time > 0 else 0.0,
+    )
+
+
+def generate(model: Model, prompt: Prompt, **kw) -> str:
+    """The whole completion as one string."""
+    return "".join(c.text for c in stream_generate(model, prompt, **kw))

@@ -1,0 +1,191 @@
+"""The manifest: everything the runtime needs to know about an exported model.
+
+`manifest.json` sits beside the graph and is written last at export. The runtime
+never infers anything from file names or by probing the graph; an unknown
+format version is refused. Every file's sha256 and size is recorded and checked
+at load, so a truncated download, an edited file or a Git-LFS pointer is named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_infer.runtime.errors import ModelFileError
+
+MANIFEST = "manifest.json"
+FORMAT = "edge-infer"
+FORMAT_VERSION = 1
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    architecture: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_length: int  # KV-cache length the graph was exported for
+    context_length: int  # the model's own trained context
+    sliding_window: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    file: str
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    chat_template_file: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    folder: Path
+    geometry: Geometry
+    graph_file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dtype: str  # weights and activations: fp32 | fp16
+    quantization: dict[str, Any]
+    tokenizer: TokenizerSpec
+    generation: dict[str, Any]
+    source: dict[str, Any]
+    validation: dict[str, Any]
+    files: dict[str, dict[str, Any]]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def quant_scheme(self) -> str:
+        return str(self.quantization.get("scheme", self.dtype))
+
+    @property
+    def uses_position_ids(self) -> bool:
+        return "position_ids" in self.inputs
+
+    def kv_bytes(self, batch: int = 1, max_length: int | None = None) -> int:
+        g = self.geometry
+        per = 2 if self.dtype == "fp16" else 4
+        return 2 * g.num_layers * batch * g.num_kv_heads * (max_length or g.max_length) * g.head_dim * per
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
+    """Read and check `folder/manifest.json`; with `verify`, check every file's size and sha256."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.exists():
+        raise ModelFileError(f"{folder}: no such model folder")
+    if not path.is_file():
+        raise ModelFileError(
+            f"{folder}: no {MANIFEST}; this is not an edge-infer model folder (or its export did not finish). "
+            "Create one with `edge-infer export SRC -o OUT`."
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: not valid JSON ({e}); re-export the model") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not an edge-infer manifest")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: manifest format version {version!r} is not supported by this edge-infer "
+            f"(it reads version {FORMAT_VERSION}); re-export the model or upgrade edge-infer"
+        )
+    try:
+        m = _parse(folder, raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-export the model") from None
+    if verify:
+        verify_files(m)
+    return m
+
+
+def _parse(folder: Path, raw: dict) -> Manifest:
+    g, t, gr = raw["model"], raw["tokenizer"], raw["graph"]
+    geometry = Geometry(
+        architecture=str(g["architecture"]), num_layers=int(g["num_layers"]), num_heads=int(g["num_heads"]),
+        num_kv_heads=int(g["num_kv_heads"]), head_dim=int(g["head_dim"]), hidden_size=int(g["hidden_size"]),
+        vocab_size=int(g["vocab_size"]), max_length=int(g["max_length"]), context_length=int(g["context_length"]),
+        sliding_window=g.get("sliding_window"),
+    )
+    tok = TokenizerSpec(
+        file=str(t["file"]), bos_token_id=t.get("bos_token_id"),
+        eos_token_ids=tuple(int(i) for i in t.get("eos_token_ids", [])), pad_token_id=t.get("pad_token_id"),
+        bos_token=t.get("bos_token"), eos_token=t.get("eos_token"), chat_template_file=t.get("chat_template_file"),
+    )
+    files = raw["files"]
+    for name in files:
+        _check_relative(folder, name)
+    for name in (gr["file"], tok.file) + ((tok.chat_template_file,) if tok.chat_template_file else ()):
+        if name not in files:
+            raise ValueError(f"'{name}' is referenced but not listed in files")
+    return Manifest(
+        folder=folder, geometry=geometry, graph_file=str(gr["file"]), inputs=tuple(gr["inputs"]),
+        outputs=tuple(gr["outputs"]), dtype=str(gr["dtype"]), quantization=dict(raw.get("quantization", {})),
+        tokenizer=tok, generation=dict(raw.get("generation", {})), source=dict(raw.get("source", {})),
+        validation=dict(raw.get("validation", {})), files=dict(files), raw=raw,
+    )
+
+
+def _check_relative(folder: Path, name: str) -> None:
+    """A listed file must be a plain relative name inside the folder."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")):
+        raise ModelFileError(f"{folder / MANIFEST}: file entry '{name}' points outside the model folder")
+
+
+def verify_files(m: Manifest) -> None:
+    """Every listed file exists with its recorded size and sha256; names the first that does not."""
+    root = m.folder.resolve()
+    for name, entry in m.files.items():
+        path = m.folder / name
+        if not path.is_file():
+            raise ModelFileError(f"{path}: missing (listed in {MANIFEST}); re-export or re-copy the model folder")
+        if path.is_symlink() or not path.resolve().is_relative_to(root):
+            raise ModelFileError(f"{path}: is a link out of the model folder; refusing to read it")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            with open(path, "rb") as f:
+                head = f.read(len(LFS_POINTER))
+            if head == LFS_POINTER:
+                raise ModelFileError(f"{path}: is a Git-LFS pointer, not the file; run `git lfs pull` in that folder")
+            raise ModelFileError(
+                f"{path}: size {size} bytes, expected {entry['size']} (truncated or changed); re-copy the model"
+            )
+        if sha256_file(path) != entry["sha256"]:
+            raise ModelFileError(f"{path}: sha256 does not match {MANIFEST} (file changed or corrupt); re-copy it")
+
+
+def write_manifest(folder: Path, body: dict[str, Any]) -> Path:
+    """Hash every file in `folder` into `body` and write the manifest (call this last)."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(folder).as_posix()] = file_entry(p)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": files}
+    path = folder / MANIFEST
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path

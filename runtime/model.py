@@ -1,0 +1,119 @@
+"""A loaded model: manifest, onnxruntime session on the chosen device, tokenizer, chat template.
+
+`Model.forward` runs one pass (a prefill chunk or a decode step) over a KVCache
+through IOBinding: the cache arrays are bound as both past and present, so the
+graph writes new keys in place and nothing is copied per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
+from edge_infer.runtime.cache import KVCache
+from edge_infer.runtime.chat_template import ChatTemplate
+from edge_infer.runtime.errors import ContextLengthError, ModelFileError, UserError
+from edge_infer.runtime.manifest import Manifest, load_manifest
+from edge_infer.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger("edge_infer")
+
+
+def check_external_data(graph_path: Path) -> None:
+    """Refuse external-data references that leave the model folder (absolute, `..`, links)."""
+    root = graph_path.parent.resolve()
+    proto = onnx.load(str(graph_path), load_external_data=False)
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        p = Path(location)
+        target = graph_path.parent / p
+        if p.is_absolute() or ".." in p.parts or not location:
+            raise ModelFileError(f"{graph_path}: tensor '{t.name}' points at '{location}', outside the model folder")
+        if target.is_symlink() or not target.resolve().is_relative_to(root):
+            raise ModelFileError(f"{graph_path}: external data '{location}' is a link out of the model folder")
+        if target.exists() and target.stat().st_nlink > 1:
+            raise ModelFileError(f"{graph_path}: external data '{location}' is a hard link; copy the file instead")
+
+
+class Model:
+    def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None):
+        self.manifest = manifest
+        folder = manifest.folder
+        graph_path = folder / manifest.graph_file
+        check_external_data(graph_path)
+        bits = manifest.quantization.get("bits")
+        traits = ModelTraits(dtype=manifest.dtype, contrib_ops=True, quant_bits=int(bits) if bits else None)
+        self.plan: DevicePlan = resolve(device, available_providers(), traits)
+        options = cpu_session_options(threads)
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(graph_path), options,
+                                                providers=self.plan.session_providers())
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelFileError(f"{graph_path}: onnxruntime could not load it on {self.plan.device} ({e})") from None
+        self.providers = self.session.get_providers()
+        if self.providers[0] != self.plan.providers[0]:
+            raise UserError(f"requested {self.plan.providers[0]} but onnxruntime runs {self.providers[0]}")
+        self.tokenizer = Tokenizer(folder / manifest.tokenizer.file, manifest.tokenizer)
+        tpl = manifest.tokenizer.chat_template_file
+        self.chat_template = None
+        if tpl:
+            self.chat_template = ChatTemplate((folder / tpl).read_text(encoding="utf-8"),
+                                              bos_token=manifest.tokenizer.bos_token or "",
+                                              eos_token=manifest.tokenizer.eos_token or "")
+        self._has_keep = "logits_to_keep" in manifest.inputs
+        g = manifest.geometry
+        self._past = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(g.num_layers)]
+        self._present = [(f"present.{i}.key", f"present.{i}.value") for i in range(g.num_layers)]
+
+    @property
+    def max_length(self) -> int:
+        return self.manifest.geometry.max_length
+
+    def describe_device(self) -> str:
+        return f"{self.plan.device} ({', '.join(self.providers)})"
+
+    def new_cache(self, batch: int = 1, max_length: int | None = None) -> KVCache:
+        return KVCache(self.manifest, batch, max_length)
+
+    def forward(self, ids: np.ndarray, cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
+        """Run `ids` (batch, sequence_length) after the cached positions; returns
+        logits (batch, logits_to_keep, vocab) and advances the cache."""
+        batch, seq = ids.shape
+        assert batch == cache.batch, "ids batch must equal the cache's batch"
+        total = cache.offset + seq
+        if total > cache.max_length:
+            raise ContextLengthError(f"{total} positions do not fit the KV cache of {cache.max_length}")
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((batch, total), dtype=np.int64))
+        if self.manifest.uses_position_ids:
+            pos = np.arange(cache.offset, total, dtype=np.int64)[None, :].repeat(batch, 0)  # (batch, sequence_length)
+            binding.bind_cpu_input("position_ids", pos)
+        if self._has_keep:
+            binding.bind_cpu_input("logits_to_keep", np.array([min(logits_to_keep, seq)], dtype=np.int64))
+        binding.bind_output("logits")  # bound first: it comes back first
+        for i, ((pk, pv), (ok, ov)) in enumerate(zip(self._past, self._present)):
+            binding.bind_ortvalue_input(pk, cache.key_values[i])
+            binding.bind_ortvalue_input(pv, cache.value_values[i])
+            binding.bind_ortvalue_output(ok, cache.key_values[i])
+            binding.bind_ortvalue_output(ov, cache.value_values[i])
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()  # (batch, logits_to_keep, vocab)
+        cache.offset = total
+        if batch == 1:
+            cache.tokens.extend(int(t) for t in ids[0])
+        return logits
+
+
+def load(path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify: bool = True) -> Model:
+    """Load an exported model folder: verify its manifest and hashes, then open a session."""
+    return Model(load_manifest(Path(path), verify=verify), device=device, threads=threads)

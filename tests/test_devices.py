@@ -1,0 +1,162 @@
+"""Device resolution as a pure function over fake availability lists."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from edge_infer.devices import (
+    ModelTraits,
+    available_providers,
+    cpu_session_options,
+    describe,
+    physical_cores,
+    resolve,
+)
+from edge_infer.runtime.errors import UserError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+DML = "DmlExecutionProvider"
+QNN = "QNNExecutionProvider"
+COREML = "CoreMLExecutionProvider"
+
+INT4 = ModelTraits(dtype="fp32", contrib_ops=True, quant_bits=4)
+INT8 = ModelTraits(dtype="fp32", contrib_ops=True, quant_bits=8)
+FP16 = ModelTraits(dtype="fp16", contrib_ops=True)
+FP16_STANDARD = ModelTraits(dtype="fp16", contrib_ops=False)
+
+
+def test_auto_picks_cuda_when_present():
+    plan = resolve("auto", [QNN, CUDA, CPU], INT4)
+    assert plan.device == "cuda"
+    assert plan.providers == (CUDA, CPU)
+    assert plan.reasons[0].startswith("cuda: chosen")
+    assert plan.session_providers() == [(CUDA, {}), (CPU, {})]
+
+
+def test_auto_cpu_only_explains_every_skip():
+    plan = resolve("auto", [CPU], INT4)
+    assert plan.device == "cpu" and plan.providers == (CPU,)
+    assert plan.reasons[0] == (
+        "cuda: skipped, CUDAExecutionProvider is not in this onnxruntime build (install onnxruntime-gpu)"
+    )
+    assert [r.split(":")[0] for r in plan.reasons] == ["cuda", "dml", "coreml", "openvino", "qnn", "cpu"]
+    assert plan.reasons[-1].startswith("cpu: chosen")
+
+
+def test_auto_skips_npus_for_contrib_op_models():
+    plan = resolve("auto", [QNN, COREML, CPU], INT4)
+    assert plan.device == "cpu"
+    qnn = next(r for r in plan.reasons if r.startswith("qnn:"))
+    assert "skipped" in qnn and "standard ONNX ops only" in qnn and "MatMulNBits" in qnn
+    assert any(r.startswith("coreml: skipped") for r in plan.reasons)
+
+
+def test_auto_uses_npu_for_standard_op_models():
+    plan = resolve("auto", [QNN, CPU], FP16_STANDARD)
+    assert plan.device == "qnn"
+    assert plan.providers == (QNN, CPU)
+    assert plan.provider_options[0] == {"backend_type": "htp"}
+
+
+def test_cpu_always_last():
+    for available in ([CPU, CUDA], [CPU, DML, CUDA], [CPU, QNN], [CPU]):
+        for traits in (INT4, FP16, FP16_STANDARD):
+            try:
+                plan = resolve("auto", available, traits)
+            except UserError:
+                continue
+            assert plan.providers[-1] == CPU
+            assert plan.providers.count(CPU) == 1
+
+
+def test_explicit_unavailable_device_lists_what_is_available():
+    with pytest.raises(UserError) as err:
+        resolve("cuda", [CPU, DML], INT4)
+    msg = str(err.value)
+    assert "CUDAExecutionProvider is not in this onnxruntime build" in msg
+    assert "install onnxruntime-gpu" in msg
+    assert "available here: dml, cpu" in msg
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(UserError) as err:
+        resolve("tpu", [CPU], INT4)
+    assert str(err.value) == "unknown device 'tpu': use auto or one of cuda, dml, coreml, openvino, qnn, cpu"
+
+
+def test_fp16_on_cpu_only_is_refused():
+    with pytest.raises(UserError) as err:
+        resolve("auto", [CPU], FP16)
+    msg = str(err.value)
+    assert "no device here can run this model" in msg and "fp16 models need a GPU or NPU" in msg
+    with pytest.raises(UserError, match="device 'cpu' cannot run this model: fp16 models need a GPU"):
+        resolve("cpu", [CPU], FP16)
+
+
+def test_explicit_npu_refused_for_contrib_ops_with_alternatives():
+    with pytest.raises(UserError) as err:
+        resolve("qnn", [QNN, CPU], INT4)
+    assert "standard ONNX ops only" in str(err.value)
+    assert "devices here that can: cpu" in str(err.value)
+
+
+def test_dml_int4_only():
+    assert resolve("auto", [DML, CPU], INT4).device == "dml"
+    plan = resolve("auto", [DML, CPU], INT8)
+    assert plan.device == "cpu"
+    assert any(r.startswith("dml: skipped") and "4-bit weights only" in r for r in plan.reasons)
+
+
+def test_explicit_request_is_case_insensitive():
+    plan = resolve(" CPU ", [CPU, CUDA], INT8)
+    assert plan.device == "cpu" and plan.providers == (CPU,)
+    assert plan.reasons == ("cpu: requested",)
+
+
+def test_invalid_traits():
+    with pytest.raises(UserError, match="bf16"):
+        ModelTraits(dtype="bf16")
+    with pytest.raises(UserError, match="bits"):
+        ModelTraits(quant_bits=3)
+
+
+def test_describe_rows():
+    rows = describe([CPU, CUDA])
+    assert [r.name for r in rows] == ["cuda", "dml", "coreml", "openvino", "qnn", "cpu"]
+    assert {r.name: r.available for r in rows}["cuda"] == "yes"
+    assert {r.name: r.available for r in rows}["qnn"] == "no"
+    assert "onnxruntime-qnn" in rows[4].note
+    assert describe()[-1].available == "yes"  # the real build has the CPU provider
+
+
+def test_available_providers_real_build():
+    assert CPU in available_providers()
+
+
+def test_cpu_session_options():
+    import onnxruntime as ort
+
+    opts = cpu_session_options()
+    assert opts.intra_op_num_threads == physical_cores() >= 1
+    assert physical_cores() <= (os.cpu_count() or 1)
+    assert opts.inter_op_num_threads == 1
+    assert opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    opts = cpu_session_options(3, allow_spinning=False)
+    assert opts.intra_op_num_threads == 3
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UserError, match="threads"):
+            cpu_session_options(bad)
+
+
+def test_import_does_not_load_torch():
+    code = "import sys; import edge_infer.devices; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
