@@ -255,5 +255,17 @@ def inspect(model, no_verify, as_json):
         click.echo(f"validation  {json.dumps(m.validation)}")
 
 
+def _register() -> None:
+    """Commands that live beside their own package (they import heavy modules inside the command)."""
+    from edge_infer.cli_measure import bench, evaluate
+    from edge_infer.serve.cli import serve
+
+    main.add_command(bench)
+    main.add_command(evaluate)
+    main.add_command(serve)
+
+
+_register()
+
 if __name__ == "__main__":
     main()

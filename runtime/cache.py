@@ -26,13 +26,29 @@ class KVCache:
         self.batch = batch
         dtype = np.float16 if manifest.dtype == "fp16" else np.float32
         shape = (batch, g.num_kv_heads, self.max_length, g.head_dim)  # (batch, kv_heads, max_length, head_dim)
-        self.keys = [np.zeros(shape, dtype) for _ in range(g.num_layers)]
-        self.values = [np.zeros(shape, dtype) for _ in range(g.num_layers)]
+        self._attach([np.zeros(shape, dtype) for _ in range(g.num_layers)],
+                     [np.zeros(shape, dtype) for _ in range(g.num_layers)])
+
+    def _attach(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+        self.keys, self.values = keys, values
         # Zero-copy views handed to onnxruntime: the graph reads and writes these arrays in place.
-        self.key_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.keys]
-        self.value_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.values]
+        self.key_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in keys]
+        self.value_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in values]
         self.offset = 0
         self.tokens: list[int] = []  # the ids whose keys are stored, for prefix reuse
+
+    def row(self, r: int) -> "KVCache":
+        """A batch-1 cache over row r of this one, sharing its memory (a slot for continuous batching).
+
+        The row's offset and tokens are its own; a batched decode over the parent
+        reads each row up to the length the caller passes.
+        """
+        if not 0 <= r < self.batch:
+            raise IndexError(f"row {r} of a cache with batch {self.batch}")
+        view = object.__new__(KVCache)
+        view.max_length, view.batch = self.max_length, 1
+        view._attach([k[r:r + 1] for k in self.keys], [v[r:r + 1] for v in self.values])  # contiguous rows
+        return view
 
     @property
     def free(self) -> int:

@@ -92,14 +92,41 @@ class Model:
         total = cache.offset + seq
         if total > cache.max_length:
             raise ContextLengthError(f"{total} positions do not fit the KV cache of {cache.max_length}")
+        mask = np.ones((batch, total), dtype=np.int64)  # (batch, total_sequence_length)
+        positions = np.arange(cache.offset, total, dtype=np.int64)[None, :].repeat(batch, 0)
+        logits = self._run(ids, mask, positions, cache, min(logits_to_keep, seq))
+        cache.offset = total
+        if batch == 1:
+            cache.tokens.extend(int(t) for t in ids[0])
+        return logits
+
+    def decode_batch(self, tokens: np.ndarray, cache: KVCache, lengths: np.ndarray) -> np.ndarray:
+        """One decode step for every row of a batched cache, each row at its own length.
+
+        tokens (batch,) are written at positions lengths (batch,); returns logits
+        (batch, vocab). The caller owns the lengths (continuous batching: rows are
+        slots that join and leave between steps); a free row can pass length 0.
+        """
+        batch = cache.batch
+        assert tokens.shape == (batch,) and lengths.shape == (batch,), "one token and one length per row"
+        total = int(lengths.max()) + 1
+        if total > cache.max_length:
+            raise ContextLengthError(f"{total} positions do not fit the KV cache of {cache.max_length}")
+        # Right-padded mask: row r sees its lengths[r] cached positions plus the new one.
+        mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)  # (batch, total_sequence_length)
+        positions = lengths.astype(np.int64)[:, None]  # (batch, 1)
+        ids = tokens.astype(np.int64)[:, None]  # (batch, 1)
+        return self._run(ids, mask, positions, cache, 1)[:, 0]
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
+             keep: int) -> np.ndarray:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ones((batch, total), dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", mask)
         if self.manifest.uses_position_ids:
-            pos = np.arange(cache.offset, total, dtype=np.int64)[None, :].repeat(batch, 0)  # (batch, sequence_length)
-            binding.bind_cpu_input("position_ids", pos)
+            binding.bind_cpu_input("position_ids", positions)  # (batch, sequence_length)
         if self._has_keep:
-            binding.bind_cpu_input("logits_to_keep", np.array([min(logits_to_keep, seq)], dtype=np.int64))
+            binding.bind_cpu_input("logits_to_keep", np.array([keep], dtype=np.int64))
         binding.bind_output("logits")  # bound first: it comes back first
         for i, ((pk, pv), (ok, ov)) in enumerate(zip(self._past, self._present)):
             binding.bind_ortvalue_input(pk, cache.key_values[i])
@@ -107,11 +134,7 @@ class Model:
             binding.bind_ortvalue_output(ok, cache.key_values[i])
             binding.bind_ortvalue_output(ov, cache.value_values[i])
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()  # (batch, logits_to_keep, vocab)
-        cache.offset = total
-        if batch == 1:
-            cache.tokens.extend(int(t) for t in ids[0])
-        return logits
+        return binding.get_outputs()[0].numpy()  # (batch, logits_to_keep, vocab)
 
 
 def load(path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify: bool = True) -> Model:
