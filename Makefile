@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edge-infer-installed
 DEMO   := demo-model
-QUESTION ?= What is the capital of France?
+QUESTION ?= Which city is the capital of France?
 
 .PHONY: demo test venv clean bench
 

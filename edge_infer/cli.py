@@ -64,6 +64,37 @@ def sampling_options(f):
     return f
 
 
+def speculative_options(f):
+    """Speculative decoding options shared by `run` and `chat` (and usable by `bench` and `serve`)."""
+    opts = [
+        click.option("--speculative", type=click.Choice(["off", "lookup", "draft"]), default="off",
+                     show_default=True,
+                     help="Guess tokens and verify them in one pass: lookup copies n-grams from the prompt, "
+                          "draft asks --draft MODEL. The output is unchanged."),
+        click.option("--draft", "draft_model", type=click.Path(), default=None,
+                     help="Draft model folder (same tokenizer) for --speculative draft."),
+        click.option("--num-speculative", type=click.IntRange(1, 32), default=None,
+                     help="Most guesses per pass [default: lookup 10, draft 8]; adapted to the acceptance rate."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _speculative(kw: dict, model, device: str, threads: int | None):
+    """Pop the speculative options from kw; returns a SpeculativeConfig or None (off)."""
+    from edge_infer.runtime.errors import UserError
+    from edge_infer.runtime.speculative import load_draft, speculative_config
+
+    mode, path, n = kw.pop("speculative"), kw.pop("draft_model"), kw.pop("num_speculative")
+    if path is not None and mode != "draft":
+        raise UserError(f"--draft is only used with --speculative draft (speculation is {mode})")
+    if mode == "draft" and path is None:
+        raise UserError("--speculative draft needs a draft model: add --draft MODEL")
+    draft = load_draft(model, path, device=device, threads=threads) if path is not None else None
+    return speculative_config(mode, draft=draft, num_speculative=n)
+
+
 def _sampling(kw: dict):
     from edge_infer.runtime.sampling import SamplingParams
 
@@ -96,16 +127,20 @@ def _load(path: str, device: str, threads: int | None, quiet: bool = False):
 @click.option("--embeddings", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True,
               help="Token embedding precision (shared with a tied lm_head).")
 @click.option("--lm-head", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True)
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = float activations.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the source / fp32.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_head, no_validate, force, quiet):
+def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_head, accuracy_level, no_validate,
+           force, quiet):
     """Export a Hugging Face folder or a .gguf file to an ONNX model folder."""
     from edge_infer.export.pipeline import ExportOptions, export_model
     from edge_infer.export.progress import Progress
 
     options = ExportOptions(quant=quant, max_length=max_length, block_size=block_size, symmetric=symmetric,
-                            embeddings=embeddings, lm_head=lm_head, validate=not no_validate, force=force)
+                            embeddings=embeddings, lm_head=lm_head, accuracy_level=accuracy_level,
+                            validate=not no_validate, force=force)
     export_model(src, out, options, Progress(quiet=quiet))
 
 
@@ -117,17 +152,19 @@ def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_he
 @click.option("--symmetric/--asymmetric", default=False, show_default=True)
 @click.option("--embeddings", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True)
 @click.option("--lm-head", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True)
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True)
+@click.option("--no-validate", is_flag=True, help="Skip the comparison against the input model.")
 @click.option("--force", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
-def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, force, quiet):
+def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, accuracy_level, no_validate, force, quiet):
     """Quantize an exported fp32/fp16 model folder to int8 or int4 (MatMulNBits)."""
     from edge_infer.export.progress import Progress
     from edge_infer.quantize.folder import quantize_folder
     from edge_infer.quantize.rewrite import QuantConfig
 
     config = QuantConfig(bits=4 if quant == "int4" else 8, block_size=block_size, symmetric=symmetric,
-                         embeddings=embeddings, lm_head=lm_head)
-    quantize_folder(model, out, config, force=force, progress=Progress(quiet=quiet))
+                         accuracy_level=accuracy_level, embeddings=embeddings, lm_head=lm_head)
+    quantize_folder(model, out, config, validate=not no_validate, force=force, progress=Progress(quiet=quiet))
 
 
 @main.command()
@@ -137,6 +174,7 @@ def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, forc
 @click.option("--system", default=None, help="System message (chat models).")
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Timings on stderr.")
 @sampling_options
+@speculative_options
 def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, **kw):
     """Generate from PROMPT ('-' reads stdin) and stream the text to stdout."""
     from edge_infer.runtime.generate import stream_generate
@@ -145,11 +183,13 @@ def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, **
     if prompt == "-":
         prompt = sys.stdin.read()
     m = _load(model, device, threads, quiet=not stats)
+    speculative = _speculative(kw, m, device, threads)
     messages = None
     if not raw and m.chat_template is not None:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     last = None
-    for chunk in stream_generate(m, messages or prompt, max_tokens=max_tokens, sampling=sampling, stop=stop):
+    for chunk in stream_generate(m, messages or prompt, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                                 speculative=speculative):
         if chunk.text:
             click.echo(chunk.text, nl=False)
         last = chunk
@@ -163,6 +203,9 @@ def _print_timings(chunk) -> None:
     click.echo(f"[{t.prompt_tokens} prompt tokens ({t.cached_tokens} cached), {t.generation_tokens} generated, "
                f"finish {chunk.finish_reason.value}; first token {t.time_to_first_token * 1000:.0f} ms, "
                f"prefill {t.prefill_tokens_per_s:.0f} tok/s, decode {t.decode_tokens_per_s:.1f} tok/s]", err=True)
+    if t.speculative != "off":
+        click.echo(f"[speculative {t.speculative}: {t.accepted_tokens} of {t.draft_tokens} guesses accepted "
+                   f"({t.acceptance_rate:.0%}), {t.tokens_per_target_pass:.2f} tokens per target pass]", err=True)
 
 
 @main.command()
@@ -170,13 +213,16 @@ def _print_timings(chunk) -> None:
 @click.option("--system", default=None, help="System message.")
 @click.option("--stats/--no-stats", default=False, show_default=True)
 @sampling_options
+@speculative_options
 def chat(model, system, stats, max_tokens, stop, device, threads, **kw):
     """Interactive multi-turn chat using the model's chat template (/exit or Ctrl-D ends)."""
     from edge_infer.runtime.chat import ChatSession
 
     sampling = _sampling(kw)
     m = _load(model, device, threads)
-    session = ChatSession(m, system=system, max_tokens=max_tokens, sampling=sampling, stop=stop)
+    speculative = _speculative(kw, m, device, threads)
+    session = ChatSession(m, system=system, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                          speculative=speculative)
     click.echo("Type a message; /reset clears the history, /exit or Ctrl-D quits.", err=True)
     while True:
         try:

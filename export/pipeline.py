@@ -7,9 +7,6 @@ place. An export that fails or is killed leaves nothing that loads.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ import numpy as np
 import onnx
 
 from edge_infer.export.arch import load_arch
+from edge_infer.export.atomic import atomic_folder, check_target
 from edge_infer.export.checkpoint import materialize
 from edge_infer.export.graph import build_decoder
 from edge_infer.export.progress import Progress
@@ -60,8 +58,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     options.check()
     progress = progress or Progress(quiet=True)
     out = Path(out)
-    if out.exists() and not options.force:
-        raise UserError(f"{out}: already exists; choose another -o folder or pass --force to replace it")
+    check_target(out, options.force)
     progress.stage(f"reading {src}")
     source = open_source(src)
     arch = load_arch(source.config.get("model_type"))
@@ -75,9 +72,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     progress.stage("loading weights")
     weights, blocks = materialize(arch.recipe(spec, source.config), source.weights)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out, options.force) as tmp:
         progress.stage("building graph")
         model, io = build_decoder(spec, weights, max_length, dtype="fp16" if options.quant == "fp16" else "fp32")
         quant_info: dict[str, Any] = {"scheme": options.quant}
@@ -86,7 +81,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             reference = model
             model, quant_info = _quantize(model, spec, blocks, options, progress)
         progress.stage("writing model")
-        _save(model, tmp)
+        save_graph(model, tmp)
         del model
         _write_tokenizer(source, tmp)
         validation = {}
@@ -97,10 +92,6 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         del reference, weights
         progress.stage("writing manifest")
         write_manifest(tmp, _manifest_body(spec, source, io, options, quant_info, max_length, validation))
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress.done(f"exported to {out}")
     return out
 
@@ -116,6 +107,8 @@ def resolve_max_length(spec: DecoderSpec, requested: int | None) -> int:
 
 def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: ExportOptions,
               progress: Progress) -> tuple[onnx.ModelProto, dict]:
+    from edge_infer.quantize.block_offsets import split_minimum
+    from edge_infer.quantize.nbits import split_blocks
     from edge_infer.quantize.rewrite import QuantConfig, quantize_graph, quantize_summary
 
     bits = 4 if options.quant == "int4" else 8
@@ -123,7 +116,17 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
                          accuracy_level=options.accuracy_level, embeddings=options.embeddings,
                          lm_head=options.lm_head)
     config.validate()
-    pre = {f"model.{name}": ql for name, b in blocks.items() if b is not None and (ql := _as_linear(b)) is not None}
+    pre = {f"model.{name}": _as_linear(b) for name, b in blocks.items() if b is not None}
+    minimums = {}
+    for name, ql in list(pre.items()):
+        split = split_minimum(ql)
+        if split is not None:
+            pre[name], minimums[name] = split
+        if pre[name].block_size % options.block_size == 0:  # e.g. GGUF blocks of 32 run as 16: still exact
+            factor = pre[name].block_size // options.block_size
+            pre[name] = split_blocks(pre[name], options.block_size)
+            if name in minimums:
+                minimums[name] = np.repeat(minimums[name], factor, axis=1)
     if "model.embed.weight" in pre:  # the builder names the embedding like transformers does
         pre["model.embed_tokens.weight"] = pre.pop("model.embed.weight")
     if "model.lm_head.weight" in pre:
@@ -133,7 +136,18 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
     bar = progress.bar("quantize", total=None)
     q = quantize_graph(model, config, prequantized=pre or None, progress=bar.update)
     bar.close()
+    minimums = {k: v for k, v in minimums.items() if pre[k].bits == bits and pre[k].block_size == options.block_size}
+    if minimums:
+        from edge_infer.quantize.block_offsets import add_block_offsets
+
+        add_block_offsets(q, minimums, options.block_size)
     info = {"scheme": options.quant, **asdict(config), "summary": quantize_summary(q)}
+    requantized = info["summary"].get("requantized") or []
+    if requantized:
+        progress.note(f"{len(requantized)} source-quantized weights did not match {options.quant} block "
+                      f"{options.block_size} and were re-quantized (a second rounding)")
+    if minimums:
+        info["gguf_q4_1"] = f"{len(minimums)} Q4_1 weights imported exactly (integer zero point + block residual)"
     info["exclude"] = list(config.exclude)
     if pre:
         info["source_blocks"] = f"{len(pre)} weights kept their source quantization where bits and block size matched"
@@ -141,25 +155,18 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
 
 
 def _as_linear(b):
-    """Source blocks as MatMulNBits weights, or None where they would make a slow graph.
-
-    Q4_0 and Q8_0 map exactly onto MatMulNBits' fast integer kernels. Q4_1's zero
-    point -m/d is not an integer: MatMulNBits accepts it as a float zero point, but
-    onnxruntime 1.32 then takes a generic path measured 25x slower per MatMul
-    (1.2 ms vs 45 us, 1536x576, 2 threads), so Q4_1 is re-quantized instead.
-    """
+    """Source blocks as MatMulNBits weights (Q4_0 and Q8_0 map exactly; Q4_1 goes through
+    quantize.block_offsets, since a float zero point would leave onnxruntime's fast kernels)."""
     from edge_infer.quantize.nbits import QuantizedLinear
 
     zp = b.zero_points
     if zp is not None and np.all(zp == 2 ** (b.bits - 1)):
         zp = None  # symmetric (Q4_0, Q8_0): MatMulNBits' implied zero point
-    elif zp is not None and not np.all(zp == np.round(zp)):
-        return None
     return QuantizedLinear(bits=b.bits, block_size=b.block_size, q=b.q, scales=b.scales, zero_points=zp,
                            k=b.q.shape[1])
 
 
-def _save(model: onnx.ModelProto, folder: Path) -> None:
+def save_graph(model: onnx.ModelProto, folder: Path) -> None:
     onnx.save_model(model, str(folder / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024, convert_attribute=False)
 
@@ -199,14 +206,3 @@ def _manifest_body(spec: DecoderSpec, source: Source, io, options: ExportOptions
         "source": {"kind": source.kind, "name": source.path.name, "description": source.describe()},
         "validation": validation,
     }
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing one (with --force) goes only after."""
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(trash)
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)

@@ -16,6 +16,8 @@ class Bar:
         now = time.monotonic()
         if self.progress.quiet or (now - self._last < 0.1 and done != self.total):
             return
+        if not self.progress.interactive and done != self.total:
+            return  # a log file gets the finished bar only
         self._last = now
         if self.total:
             width = 30
@@ -32,6 +34,7 @@ class Progress:
     def __init__(self, quiet: bool = False, stream=None):
         self.quiet = quiet
         self.stream = stream or sys.stderr
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self.start = time.monotonic()
 
     def write(self, text: str, newline: bool = True) -> None:

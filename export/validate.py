@@ -109,6 +109,15 @@ def _is_fp16(session: ort.InferenceSession) -> bool:
     return any("float16" in i.type for i in session.get_inputs())
 
 
+def compare_graphs(graph: Path, reference: onnx.ModelProto, spec, tokenizer, max_length: int,
+                   progress: Progress) -> dict:
+    """Top-1 agreement and KL of `graph` against `reference` on the validation prompts.
+    `spec` needs num_layers, num_kv_heads, head_dim and vocab_size (a DecoderSpec or a manifest Geometry)."""
+    prompts = [[i for i in tokenizer.encode(t, add_special_tokens=False).ids if i < spec.vocab_size][:max_length]
+               for t in PROMPTS]
+    return _against_reference(graph, reference, spec, [p for p in prompts if p], progress)
+
+
 def _against_reference(graph: Path, reference: onnx.ModelProto, spec: DecoderSpec, prompts,
                        progress: Progress) -> dict:
     quant = _session(str(graph))

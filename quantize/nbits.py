@@ -293,3 +293,19 @@ def matmul_nbits(
         accuracy_level=accuracy_level,
     )
     return node, tensors
+
+
+def split_blocks(ql: QuantizedLinear, block_size: int) -> QuantizedLinear:
+    """The same weights in smaller blocks (each scale and zero point repeated): exact.
+
+    Smaller blocks give MatMulNBits' int8-activation path (accuracy_level 4)
+    finer activation scales, so imported GGUF blocks of 32 can run at 16.
+    """
+    if block_size == ql.block_size:
+        return ql
+    if ql.block_size % block_size:
+        raise ValueError(f"cannot split blocks of {ql.block_size} into blocks of {block_size}")
+    f = ql.block_size // block_size
+    zp = None if ql.zero_points is None else np.repeat(ql.zero_points, f, axis=1)
+    return QuantizedLinear(bits=ql.bits, block_size=block_size, q=ql.q, scales=np.repeat(ql.scales, f, axis=1),
+                           zero_points=zp, k=ql.k)

@@ -274,7 +274,7 @@ def _obtain(
             raise ValueError(f"prequantized {job.weight} is (N={pre.n}, K={pre.k}), the graph needs ({n}, {k})")
         if pre.bits == job.bits and pre.block_size == config.block_size:
             return pre
-        log.warning(
+        log.info(
             "%s: imported as %d-bit blocks of %d, re-quantizing to %d-bit blocks of %d (a second rounding)",
             job.weight, pre.bits, pre.block_size, job.bits, config.block_size,
         )  # fmt: skip

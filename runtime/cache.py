@@ -50,6 +50,21 @@ class KVCache:
         view._attach([k[r:r + 1] for k in self.keys], [v[r:r + 1] for v in self.values])  # contiguous rows
         return view
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A batch-(stop - start) cache over rows start..stop-1, sharing this one's memory.
+
+        For a batched decode over only the slots in use: a step's cost grows with
+        its batch, so the server decodes the smallest range of rows that holds
+        every active slot. The view's offset and tokens are unused (decode_batch
+        takes the lengths from the caller).
+        """
+        if not 0 <= start < stop <= self.batch:
+            raise IndexError(f"rows {start}..{stop - 1} of a cache with batch {self.batch}")
+        view = object.__new__(KVCache)
+        view.max_length, view.batch = self.max_length, stop - start
+        view._attach([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values])  # contiguous
+        return view
+
     @property
     def free(self) -> int:
         return self.max_length - self.offset

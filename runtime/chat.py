@@ -8,17 +8,23 @@ from edge_infer.runtime.errors import ContextLengthError
 from edge_infer.runtime.generate import DEFAULT_MAX_TOKENS, Chunk, encode_prompt, stream_generate
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams
+from edge_infer.runtime.speculative import SpeculativeConfig
 
 
 class ChatSession:
     def __init__(self, model: Model, system: str | None = None, max_tokens: int | None = None,
-                 sampling: SamplingParams | None = None, stop: Sequence[str] = ()):
+                 sampling: SamplingParams | None = None, stop: Sequence[str] = (),
+                 speculative: SpeculativeConfig | None = None):
         self.model = model
         self.system = system
         self.max_tokens = max_tokens
         self.sampling = sampling or SamplingParams()
         self.stop = tuple(stop)
         self.cache = model.new_cache()
+        self.speculative = speculative
+        draft = speculative.draft if speculative is not None else None
+        # The draft keeps its own prefix across turns, as the model does.
+        self.draft_cache = draft.new_cache(max_length=min(draft.max_length, self.cache.max_length)) if draft else None
         self.history: list[dict] = []
         self.dropped = 0
 
@@ -42,7 +48,8 @@ class ChatSession:
             self.dropped += 2
         reply = []
         for chunk in stream_generate(self.model, self._messages(), max_tokens=self.max_tokens,
-                                     sampling=self.sampling, stop=self.stop, cache=self.cache):
+                                     sampling=self.sampling, stop=self.stop, cache=self.cache,
+                                     speculative=self.speculative, draft_cache=self.draft_cache):
             reply.append(chunk.text)
             yield chunk
         self.history.append({"role": "assistant", "content": "".join(reply)})

@@ -22,6 +22,7 @@ from edge_infer.runtime.detokenize import StreamDetokenizer
 from edge_infer.runtime.errors import ContextLengthError, UserError
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams, Sampler, make_sampler
+from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, speculative_config, speculative_step
 from edge_infer.runtime.stops import StopMatcher
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -42,6 +43,12 @@ class Timings:
     time_to_first_token: float  # seconds, request start to first token
     prefill_tokens_per_s: float
     decode_tokens_per_s: float  # tokens after the first, over their time
+    speculative: str = "off"  # off | lookup | draft
+    draft_tokens: int = 0  # guesses sent to the target for verification
+    accepted_tokens: int = 0  # guesses the target accepted
+    target_passes: int = 0  # target decode passes after the prompt (speculative runs only)
+    acceptance_rate: float = 0.0  # accepted_tokens / draft_tokens
+    tokens_per_target_pass: float = 0.0  # tokens after the first per target decode pass (1.0 = plain)
 
 
 @dataclass(frozen=True)
@@ -132,9 +139,19 @@ def generate_step(model: Model, ids: list[int], cache: KVCache, sampler: Sampler
 
 def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = None,
                     sampling: SamplingParams | None = None, stop: Sequence[str] = (),
-                    cache: KVCache | None = None, **sampling_kw) -> Iterator[Chunk]:
-    """Stream the completion of `prompt` as Chunks; the last one carries finish_reason and timings."""
+                    cache: KVCache | None = None, speculative: SpeculativeConfig | str | None = None,
+                    draft_cache: KVCache | None = None, **sampling_kw) -> Iterator[Chunk]:
+    """Stream the completion of `prompt` as Chunks; the last one carries finish_reason and timings.
+
+    `speculative`: None or "off" (plain decoding), "lookup", or a SpeculativeConfig (needed for a
+    draft model); the output is the same as plain decoding's (identical ids when greedy).
+    `draft_cache` keeps the draft model's prefix across calls, as `cache` does for the model.
+    """
     clock = _Clock()
+    if isinstance(speculative, str) or speculative is None:
+        speculative = speculative_config(speculative)
+    elif not isinstance(speculative, SpeculativeConfig):
+        raise UserError(f"speculative must be 'off', 'lookup' or a SpeculativeConfig, got {speculative!r}")
     if sampling is None:
         sampling = SamplingParams.from_dict(sampling_kw)
     elif sampling_kw:
@@ -150,7 +167,12 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     detok = StreamDetokenizer(model.tokenizer.backend)
     n = 0
     finish, stopped = FinishReason.LENGTH, False
-    for token in generate_step(model, ids, cache, sampler, budget):
+    stats = SpecStats()
+    if speculative is None:
+        steps = generate_step(model, ids, cache, sampler, budget)
+    else:
+        steps = speculative_step(model, ids, cache, sampler, budget, speculative, stats, draft_cache)
+    for token in steps:
         now = time.perf_counter()
         clock.first = clock.first or now
         clock.last = now
@@ -171,10 +193,11 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
             finish = FinishReason.STOP
         else:
             tail += stops.flush()
-    yield Chunk(tail, None, finish, _timings(clock, len(ids), n, cached))
+    steps.close()  # a stop string or eos ended the loop early: release the generator now
+    yield Chunk(tail, None, finish, _timings(clock, len(ids), n, cached, stats))
 
 
-def _timings(clock: _Clock, n_prompt: int, n_gen: int, cached: int) -> Timings:
+def _timings(clock: _Clock, n_prompt: int, n_gen: int, cached: int, spec: SpecStats) -> Timings:
     first = clock.first or time.perf_counter()
     ttft = first - clock.start
     decode_time = (clock.last - first) if clock.last else 0.0
@@ -182,6 +205,9 @@ def _timings(clock: _Clock, n_prompt: int, n_gen: int, cached: int) -> Timings:
         prompt_tokens=n_prompt, generation_tokens=n_gen, cached_tokens=cached, time_to_first_token=ttft,
         prefill_tokens_per_s=(n_prompt - cached) / ttft if ttft > 0 else 0.0,
         decode_tokens_per_s=(n_gen - 1) / decode_time if n_gen > 1 and decode_time > 0 else 0.0,
+        speculative=spec.mode, draft_tokens=spec.proposed, accepted_tokens=spec.accepted,
+        target_passes=spec.target_passes, acceptance_rate=spec.acceptance_rate,
+        tokens_per_target_pass=(n_gen - 1) / spec.target_passes if spec.target_passes else 0.0,
     )
 
 

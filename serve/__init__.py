@@ -1,0 +1,6 @@
+"""`edge-infer serve`: an OpenAI-compatible local HTTP server with continuous batching.
+
+engine.py schedules requests over `--parallel` slots of one batched KV cache;
+app.py maps the OpenAI routes onto it; guards.py holds the security rules;
+cli.py is the command. Install with the `serve` extra (fastapi, uvicorn, prometheus-client).
+"""

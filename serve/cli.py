@@ -1,9 +1,83 @@
-"""`edge-infer serve` (placeholder until written)."""
+"""`edge-infer serve`: the OpenAI-compatible local server. Heavy modules are imported inside the command."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
 
 @click.command()
-def serve():
-    """Serve a model (being written)."""
-    raise click.ClickException("not written yet")
+@click.argument("model", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback needs an API key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="EDGE_INFER_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health [env EDGE_INFER_API_KEY].")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="Read the API key from this file (keeps it out of the process list).")
+@click.option("--parallel", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Slots: requests decoded together in one batched step.")
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="Positions per slot [default: the model's exported max_length].")
+@click.option("--max-queue", type=click.IntRange(0, 65536), default=32, show_default=True,
+              help="Requests waiting for a slot; beyond this new requests get 429.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Prompt tokens per scheduler step: bounds how long a new prompt stalls running streams.")
+@click.option("--default-max-tokens", type=click.IntRange(min=1), default=None,
+              help="max_tokens for requests that give none [default: the rest of the context].")
+@click.option("--allowed-host", multiple=True,
+              help="Host header name to accept besides loopback names (repeatable; DNS-rebinding guard).")
+@click.option("--cors-origin", multiple=True,
+              help="Origin allowed to call from a browser, e.g. http://localhost:3000 (repeatable; no wildcards).")
+@click.option("--model-name", default=None, help="The model id clients see [default: the folder's name].")
+@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds running requests get to finish on SIGTERM.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, dml, ... (see `edge-infer devices`).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: cores].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="info logs one line per request (no prompt text); debug adds access logs.")
+def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_queue, prefill_chunk,
+          default_max_tokens, allowed_host, cors_origin, model_name, shutdown_grace, device, threads, log_level):
+    """Serve MODEL over an OpenAI-compatible HTTP API (chat and text completions, streaming)."""
+    import logging
+
+    from edge_infer.runtime.errors import UserError
+    from edge_infer.serve.config import EngineConfig, ServerConfig
+
+    if api_key and api_key_file:
+        raise UserError("pass --api-key or --api-key-file, not both")
+    if api_key_file:
+        try:
+            api_key = Path(api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise UserError(f"cannot read the API key file {api_key_file}: {e.strerror}") from None
+        if not api_key:
+            raise UserError(f"the API key file {api_key_file} is empty")
+    from edge_infer.serve.app import model_id_for
+
+    server_config = ServerConfig(model_id=model_name or model_id_for(model), host=host, port=port,
+                                 api_key=api_key or None, allowed_hosts=tuple(allowed_host),
+                                 cors_origins=tuple(cors_origin))
+    engine_config = EngineConfig(parallel=parallel, max_queue=max_queue, max_length=max_length,
+                                 prefill_chunk=prefill_chunk, default_max_tokens=default_max_tokens,
+                                 shutdown_grace_s=shutdown_grace)
+    server_config.validate()  # before loading anything: a refused bind costs nothing
+    engine_config.validate()
+
+    import edge_infer
+    from edge_infer.serve.app import build_app
+    from edge_infer.serve.runner import bind, serve_forever
+
+    sock = bind(host, port)  # before loading: a port in use fails fast
+    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
+    m = edge_infer.load(model, device=device, threads=threads)
+    app = build_app(m, server_config, engine_config)
+    engine = app.state.engine
+    kv = engine.cache.nbytes() / 2**20
+    click.echo(f"[{m.manifest.geometry.architecture} {m.manifest.quant_scheme} on {m.describe_device()}; "
+               f"{parallel} slots x {engine.max_length} positions, KV cache {kv:.0f} MiB]", err=True)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"serving '{server_config.model_id}' at http://{shown}:{sock.getsockname()[1]}/v1"
+               + (" (API key required)" if server_config.api_key else ""), err=True)
+    serve_forever(app, engine, sock, log_level)

@@ -1,0 +1,75 @@
+"""`edge-infer quantize`: an exported fp32/fp16 model folder -> an int8/int4 model folder.
+
+The input's graph, tokenizer and chat template are read through its manifest
+(hashes verified); the output is written atomically with a new manifest that
+records the scheme and the top-1 agreement / KL against the input.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import onnx
+
+from edge_infer.export.atomic import atomic_folder
+from edge_infer.export.pipeline import save_graph
+from edge_infer.export.progress import Progress
+from edge_infer.quantize.rewrite import QuantConfig, quantize_graph, quantize_summary
+from edge_infer.runtime.errors import UserError
+from edge_infer.runtime.manifest import load_manifest, write_manifest
+from edge_infer.runtime.model import check_external_data
+
+
+def quantize_folder(src: str | Path, out: str | Path, config: QuantConfig, validate: bool = True,
+                    force: bool = False, progress: Progress | None = None) -> Path:
+    progress = progress or Progress(quiet=True)
+    config.validate()
+    src, out = Path(src), Path(out)
+    progress.stage(f"verifying {src}")
+    manifest = load_manifest(src, verify=True)
+    if manifest.quant_scheme not in ("fp32", "fp16"):
+        raise UserError(f"{src}: is already quantized ({manifest.quant_scheme}); quantize an fp32 or fp16 export")
+    if out.resolve() == src.resolve():
+        raise UserError("the output folder must differ from the input folder")
+    graph_path = src / manifest.graph_file
+    check_external_data(graph_path)
+    progress.stage("loading graph")
+    model = onnx.load(str(graph_path), load_external_data=True)
+    scheme = f"int{config.bits}"
+    progress.stage(f"quantizing to {scheme} (block {config.block_size}, "
+                   f"{'symmetric' if config.symmetric else 'asymmetric'})")
+    bar = progress.bar("quantize", total=None)
+    quantized = quantize_graph(model, config, progress=bar.update)
+    bar.close()
+    with atomic_folder(out, force) as tmp:
+        progress.stage("writing model")
+        save_graph(quantized, tmp)
+        del quantized
+        for name in (manifest.tokenizer.file, manifest.tokenizer.chat_template_file):
+            if name:
+                shutil.copyfile(src / name, tmp / name)
+        validation = {}
+        if validate:
+            validation = _validate(tmp / manifest.graph_file, model, manifest, progress)
+        body = {k: v for k, v in manifest.raw.items() if k not in ("format", "format_version", "files")}
+        summary = quantize_summary(onnx.load(str(tmp / manifest.graph_file), load_external_data=False))
+        body["quantization"] = {"scheme": scheme, **asdict(config), "exclude": list(config.exclude),
+                                "summary": summary, "from": manifest.quant_scheme}
+        body["validation"] = validation
+        body["source"] = {**manifest.source, "quantized_from": src.name}
+        progress.stage("writing manifest")
+        write_manifest(tmp, json.loads(json.dumps(body)))
+    progress.done(f"quantized to {out}")
+    return out
+
+
+def _validate(graph: Path, reference: onnx.ModelProto, manifest, progress: Progress) -> dict:
+    from edge_infer.export.validate import compare_graphs
+
+    from edge_infer.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer(manifest.folder / manifest.tokenizer.file, manifest.tokenizer)
+    return compare_graphs(graph, reference, manifest.geometry, tok.backend, manifest.geometry.max_length, progress)

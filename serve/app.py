@@ -1,0 +1,256 @@
+"""The FastAPI app: OpenAI-compatible routes over the engine.
+
+A request is parsed and tokenized here (in a worker thread: a chat template
+render is bounded but not free), checked against the context, then handed to
+the engine. Engine events cross back to the event loop through
+`call_soon_threadsafe`. A client that goes away, streaming or not, cancels its
+request at once, so the engine frees the slot at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from edge_infer.runtime.errors import ContextLengthError, UserError
+from edge_infer.runtime.generate import encode_prompt
+from edge_infer.serve.config import EngineConfig, ServerConfig
+from edge_infer.serve.engine import Engine, QueueFull, ShuttingDown
+from edge_infer.serve.guards import HostGuard, KeyGuard
+from edge_infer.serve.metrics import Metrics
+from edge_infer.serve.protocol import (DONE, APIError, ChunkWriter, ParsedRequest, bad, completion_body, new_id,
+                                       parse_chat, parse_completion, sse)
+from edge_infer.serve.sequence import Delta, Failed, Finished, GenerationRequest
+
+log = logging.getLogger("edge_infer.serve")
+
+
+class EventQueue:
+    """Engine events for one request, delivered on the event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def push(self, event) -> None:  # called from the engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def events(self) -> AsyncIterator:
+        while True:
+            event = await self.queue.get()
+            yield event
+            if not isinstance(event, Delta):
+                return
+
+
+async def _watch_disconnect(receive, on_disconnect) -> None:
+    """Wait for the client to go away (the request body is already read), then call on_disconnect."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            on_disconnect()
+            return
+
+
+class EventStream(Response):
+    """A Server-Sent Events response that cancels its request when the client disconnects."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_close):
+        self.chunks, self.on_close = chunks, on_close
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                def gone() -> None:
+                    self.on_close()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(_watch_disconnect, receive, gone)
+                await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                async for chunk in self.chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tg.cancel_scope.cancel()
+        except OSError:  # the connection broke while sending
+            pass
+        finally:
+            self.on_close()
+
+
+def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAPI:
+    config.validate()
+    model = engine.model
+    vocab = model.manifest.geometry.vocab_size
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not engine.alive:
+            engine.start()
+        yield
+        engine.begin_shutdown(0.0)
+        await run_in_threadpool(engine.stop)
+
+    app = FastAPI(title="edge-infer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(e.status_code, str(e.detail), type=kind).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.error("internal error on %s: %s: %s", request.url.path, type(e).__name__, e)
+        return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "error", "detail": "the engine is not running"}, status_code=503)
+        return {"status": "ok", **engine.snapshot()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    def model_card() -> dict:
+        return {"id": config.model_id, "object": "model", "created": int(time.time()), "owned_by": "edge-infer"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def one_model(model_id: str):
+        if model_id != config.model_id:
+            raise APIError(404, f"no model named {model_id!r}; this server serves {config.model_id!r}",
+                           type="invalid_request_error", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        parsed = parse_chat(await read_json(request, config.max_body_bytes), config.max_stops, vocab)
+        return await generate(request, parsed)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        parsed = parse_completion(await read_json(request, config.max_body_bytes), config.max_stops, vocab)
+        return await generate(request, parsed)
+
+    async def generate(request: Request, parsed: ParsedRequest):
+        field = "messages" if parsed.kind == "chat" else "prompt"
+        try:
+            ids = await run_in_threadpool(encode_prompt, model, parsed.prompt)
+        except UserError as e:
+            raise bad(field, str(e)) from None
+        rid = new_id(parsed.kind)
+        events = EventQueue()
+        gen = GenerationRequest(tuple(ids), parsed.max_tokens, parsed.sampling, parsed.stop, rid)
+        try:
+            handle = engine.submit(gen, events.push)
+        except ContextLengthError as e:
+            param = "max_tokens" if parsed.max_tokens and len(ids) < engine.max_length else field
+            raise APIError(400, str(e), param=param, code=e.code) from None
+        except QueueFull as e:
+            raise APIError(429, str(e), type="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": "1"}) from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e), type="server_error", code="server_shutting_down") from None
+        if parsed.stream:
+            return EventStream(stream_chunks(parsed, rid, events), handle.cancel)
+        return await collect(request, parsed, rid, events, handle)
+
+    async def collect(request: Request, parsed: ParsedRequest, rid: str, events: EventQueue, handle):
+        parts: list[str] = []
+        final = None
+        async with anyio.create_task_group() as tg:
+            def gone() -> None:
+                handle.cancel()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(_watch_disconnect, request.receive, gone)
+            async for event in events.events():
+                if isinstance(event, Delta):
+                    parts.append(event.text)
+                else:
+                    final = event
+            tg.cancel_scope.cancel()
+        if final is None or (isinstance(final, Finished) and final.finish_reason == "cancelled"):
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        if isinstance(final, Failed):
+            raise APIError(final.status, final.message, type="server_error", code=final.code)
+        return completion_body(parsed.kind, rid, config.model_id, "".join(parts), final.finish_reason, final.usage)
+
+    async def stream_chunks(parsed: ParsedRequest, rid: str, events: EventQueue) -> AsyncIterator[bytes]:
+        writer = ChunkWriter(parsed.kind, rid, config.model_id, parsed.include_usage)
+        first = writer.start()
+        if first:
+            yield first
+        async for event in events.events():
+            if isinstance(event, Delta):
+                yield writer.delta(event.text)
+            elif isinstance(event, Finished):
+                if event.finish_reason == "cancelled":
+                    return
+                yield writer.delta("", event.finish_reason)
+                tail = writer.usage(event.usage)
+                if tail:
+                    yield tail
+            else:
+                yield sse(APIError(event.status, event.message, type="server_error", code=event.code).body())
+        yield DONE
+
+    app.add_middleware(KeyGuard, config=config)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(HostGuard, config=config, metrics=metrics)
+    return app
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, read at most `limit` bytes (chunked bodies have no Content-Length)."""
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def build_app(model, server: ServerConfig, engine: EngineConfig = EngineConfig()) -> FastAPI:
+    """An app with its own engine and metrics over a loaded model (app.state.engine, app.state.metrics)."""
+    metrics = Metrics()
+    return create_app(Engine(model, engine, metrics), server, metrics)
+
+
+def model_id_for(path: str | Path) -> str:
+    """The name a model folder is served under: the folder's name, never its full path."""
+    return Path(path).resolve().name or "model"

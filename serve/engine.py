@@ -1,0 +1,308 @@
+"""The continuous-batching engine: one scheduler thread owns the model.
+
+Each turn of the loop has three steps (as in vLLM's v1 engine):
+
+  schedule  under the lock: drop cancelled requests, move waiting requests
+            into free slots (longest cached prefix first, else least recently
+            used), pick the one slot that prefills this turn and the slots
+            that decode;
+  execute   outside the lock: at most one prefill chunk (batch 1, on the
+            slot's row of the shared KV cache), then one batched decode step
+            over the smallest range of rows that holds every decoding slot;
+  update    sample each row with its request's own sampler, detokenize,
+            match stops, emit text, free the slots of finished requests.
+
+A long prompt is prefilled one chunk per turn, so the other streams wait at
+most one chunk for their next token. Slots keep their KV after a request ends:
+that is the prefix cache. A free slot's row inside the decode range gets a
+dummy token written just past its cached positions, where nothing reads it.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+
+import numpy as np
+
+from edge_infer.runtime.errors import UserError
+from edge_infer.runtime.generate import plan_max_tokens
+from edge_infer.serve.config import EngineConfig
+from edge_infer.serve.metrics import Metrics
+from edge_infer.serve.sequence import (CANCELLED, Delta, Emit, Failed, GenerationRequest, Handle, Sequence)
+
+log = logging.getLogger("edge_infer.serve")
+
+
+class QueueFull(UserError):
+    """Every slot is busy and the waiting queue is full (HTTP 429)."""
+
+
+class ShuttingDown(UserError):
+    """The server is stopping and takes no new requests (HTTP 503)."""
+
+
+class Slot:
+    """One row of the batched KV cache and the request (if any) using it."""
+
+    def __init__(self, index: int, row):
+        self.index = index
+        self.row = row  # batch-1 KVCache view: its offset and tokens are this slot's cached prefix
+        self.seq: Sequence | None = None
+        self.last_used = 0  # LRU clock value when the slot was last given a request
+
+    def matched(self, ids: np.ndarray) -> int:
+        """How many leading ids this slot's cache already holds."""
+        cached = self.row.tokens
+        n = min(len(cached), len(ids))
+        if n == 0:
+            return 0
+        diff = np.flatnonzero(np.asarray(cached[:n], dtype=np.int64) != ids[:n])
+        return int(diff[0]) if diff.size else n
+
+
+class Engine:
+    def __init__(self, model, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None):
+        config.validate()
+        self.model = model
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.cache = model.new_cache(batch=config.parallel, max_length=config.max_length)
+        self.max_length = self.cache.max_length
+        for buffer in self.cache.keys + self.cache.values:
+            buffer.fill(0)  # commit the KV memory now: RSS stays flat under load, and too big fails at start
+        self.slots = [Slot(i, self.cache.row(i)) for i in range(config.parallel)]
+        self._views: dict[tuple[int, int], object] = {}  # (start, stop) -> KVCache over those rows
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._cond = threading.Condition()
+        self._clock = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stop = False  # set by stop(): end everything and leave the loop
+        self._drain_deadline: float | None = None  # set by begin_shutdown(): refuse new, end active at it
+        self.metrics.slots_total.set(config.parallel)
+
+    # -- the HTTP side -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="edge-infer-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest, emit: Emit) -> Handle:
+        """Queue a request; events go to `emit`, called from the engine thread.
+
+        Raises ContextLengthError (prompt or max_tokens do not fit a slot),
+        QueueFull or ShuttingDown, before any work is done.
+        """
+        n_prompt, default = len(request.prompt_ids), self.config.default_max_tokens
+        max_tokens = plan_max_tokens(self.model, n_prompt, request.max_tokens, self.max_length)
+        if request.max_tokens is None:  # the rest of the context (as the OpenAI API), or the configured default
+            max_tokens = min(default or self.max_length, self.max_length - n_prompt)
+        handle = Handle(request.request_id, self._wake)
+        seq = Sequence(request, max_tokens, emit, handle, self.model.tokenizer.backend, self.model.tokenizer.eos_ids)
+        with self._cond:
+            if self._stop or self._drain_deadline is not None:
+                raise ShuttingDown("the server is shutting down and takes no new requests")
+            free = sum(s.seq is None for s in self.slots)  # requests about to take a free slot do not wait
+            if len(self._waiting) >= self.config.max_queue + free:
+                raise QueueFull(
+                    f"the server is at capacity: {self.config.parallel} requests running and "
+                    f"{len(self._waiting)} waiting; retry shortly"
+                )
+            self._waiting.append(seq)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify()
+        return handle
+
+    def begin_shutdown(self, grace_s: float | None = None) -> None:
+        """Refuse new requests; requests still running after the grace period end with an error.
+
+        Only sets a field, so it is safe to call from a signal handler.
+        """
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + grace
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End every request and join the scheduler thread."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def snapshot(self) -> dict:
+        """Counts for /health and tests: busy slots and waiting requests."""
+        with self._cond:
+            return {"slots": len(self.slots), "busy": sum(s.seq is not None for s in self.slots),
+                    "waiting": len(self._waiting)}
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # -- the scheduler thread ----------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._reap()
+                if self._stop and not self._busy():
+                    return
+                self._admit()
+                if not self._busy():
+                    self._cond.wait(timeout=0.5 if self._drain_deadline is not None else None)
+                    continue
+                prefill, decode = self._schedule()
+            try:
+                self._execute(prefill, decode)
+            except Exception:  # a failed run must not take the server down; fail its requests
+                log.exception("model step failed")
+                for seq in ([prefill] if prefill else []) + decode:
+                    for slot in self.slots:
+                        if slot.seq is seq:
+                            slot.row.trim(0)  # its cached KV can no longer be trusted
+                    self._finish(seq, Failed("internal error while generating", 500, "internal_error"))
+
+    def _busy(self) -> bool:
+        return any(s.seq is not None for s in self.slots)
+
+    def _reap(self) -> None:
+        """Drop cancelled requests, and everything when stopping or past the drain deadline."""
+        ending = self._stop or (self._drain_deadline is not None and time.monotonic() >= self._drain_deadline)
+        shutdown = Failed("the server is shutting down", 503, "server_shutting_down")
+        for seq in list(self._waiting):
+            if seq.handle.cancelled or ending or self._drain_deadline is not None:
+                self._waiting.remove(seq)
+                self._finish(seq, seq.finished(CANCELLED) if seq.handle.cancelled else shutdown)
+        for slot in self.slots:
+            if slot.seq is not None and (slot.seq.handle.cancelled or ending):
+                seq = slot.seq
+                self._finish(seq, seq.finished(CANCELLED) if seq.handle.cancelled else shutdown)
+        self.metrics.queue_depth.set(len(self._waiting))
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots, oldest request first."""
+        while self._waiting:
+            free = [s for s in self.slots if s.seq is None]
+            if not free:
+                return
+            seq = self._waiting.popleft()
+            ids = np.asarray(seq.prompt, dtype=np.int64)  # (n_prompt,)
+            # Longest cached prefix wins; among equals, the least recently used slot is evicted.
+            slot = max(free, key=lambda s: (s.matched(ids), -s.last_used))
+            reuse = min(slot.matched(ids), len(seq.prompt) - 1)  # one token must run to give logits
+            slot.row.trim(reuse)
+            seq.cached = reuse
+            seq.pending = seq.prompt[reuse:]
+            slot.seq = seq
+            slot.last_used = next(self._clock)
+            if reuse:
+                self.metrics.prefix_hits.inc()
+        self._update_gauges()
+
+    def _schedule(self) -> tuple[Sequence | None, list[Sequence]]:
+        """The slot that prefills a chunk this turn (the oldest), and those that decode."""
+        prefilling = [s.seq for s in self.slots if s.seq is not None and s.seq.pending]
+        prefill = min(prefilling, key=lambda q: q.arrived) if prefilling else None
+        decode = [s.seq for s in self.slots if s.seq is not None and not s.seq.pending]
+        return prefill, decode
+
+    def _execute(self, prefill: Sequence | None, decode: list[Sequence]) -> None:
+        if prefill is not None:
+            self._prefill_chunk(prefill)
+            if not prefill.pending and not prefill.done:
+                decode.append(prefill)  # its first token is out; it joins this turn's decode step
+        decode = [q for q in decode if not q.done]
+        if decode:
+            self._decode_step(decode)
+
+    def _slot_of(self, seq: Sequence) -> Slot:
+        return next(s for s in self.slots if s.seq is seq)
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        slot = self._slot_of(seq)
+        chunk, seq.pending = seq.pending[:self.config.prefill_chunk], seq.pending[self.config.prefill_chunk:]
+        ids = np.asarray(chunk, dtype=np.int64)[None, :]  # (1, chunk)
+        logits = self.model.forward(ids, slot.row)  # (1, 1, vocab); appends the chunk to row.tokens
+        if not seq.pending:
+            self._update(seq, logits[0, -1])
+
+    def _decode_step(self, decode: list[Sequence]) -> None:
+        rows = {self._slot_of(q).index: q for q in decode}
+        start, stop = min(rows), max(rows) + 1
+        tokens = np.zeros(stop - start, dtype=np.int64)  # (batch,)
+        lengths = np.zeros(stop - start, dtype=np.int64)  # (batch,)
+        for i, slot in enumerate(self.slots[start:stop]):
+            seq = rows.get(slot.index)
+            # A row not decoding gets a dummy token just past its cached prefix: nothing reads it,
+            # and the next prefill chunk (or request) overwrites it.
+            lengths[i] = slot.row.offset
+            tokens[i] = seq.next_token if seq is not None else 0
+        view = self._views.get((start, stop))
+        if view is None:
+            view = self._views[(start, stop)] = self.cache.rows(start, stop)
+        logits = self.model.decode_batch(tokens, view, lengths)  # (batch, vocab)
+        for i, slot in enumerate(self.slots[start:stop]):
+            seq = rows.get(slot.index)
+            if seq is not None:
+                slot.row.offset += 1
+                slot.row.tokens.append(seq.next_token)
+                self._update(seq, logits[i])
+
+    def _update(self, seq: Sequence, logits: np.ndarray) -> None:
+        """Sample the next token from logits (vocab,), emit its text, end the sequence if it is done."""
+        previous = seq.last_at
+        token = seq.sample(logits)
+        text, reason = seq.accept(token)
+        if previous is None:
+            self.metrics.ttft.observe(seq.first_at - seq.arrived)
+        else:
+            self.metrics.inter_token.observe(seq.last_at - previous)
+        if text:
+            self._send(seq, Delta(text))
+        if reason is not None:
+            self._finish(seq, seq.finished(reason.value))
+        else:
+            seq.next_token = token
+
+    def _finish(self, seq: Sequence, event) -> None:
+        """Send the final event, free the slot (its KV stays as a cached prefix), meter and log."""
+        if seq.done:
+            return
+        seq.done = True
+        for slot in self.slots:
+            if slot.seq is seq:
+                slot.seq = None
+                if slot.row.offset >= self.max_length:  # keep room for the dummy decode write
+                    slot.row.trim(self.max_length - 1)
+        self._send(seq, event)
+        self.metrics.finished(seq, event)
+        self._update_gauges()
+        u = seq.usage()
+        reason = getattr(event, "finish_reason", None) or f"error {event.status}"
+        rate = getattr(event, "decode_tokens_per_s", 0.0)
+        ttft = (seq.first_at - seq.arrived) * 1000 if seq.first_at else float("nan")
+        log.info("request %s: prompt %d tokens (%d cached), completion %d, finish %s, "
+                 "first token %.0f ms, decode %.1f tok/s", seq.request.request_id or "-", u.prompt_tokens,
+                 u.cached_tokens, u.completion_tokens, reason, ttft, rate)
+
+    def _send(self, seq: Sequence, event) -> None:
+        try:
+            seq.emit(event)
+        except Exception:  # the receiving side is gone (event loop closed); nothing to tell
+            log.debug("dropped an event for request %s", seq.request.request_id, exc_info=True)
+
+    def _update_gauges(self) -> None:
+        busy = [s for s in self.slots if s.seq is not None]
+        self.metrics.active_slots.set(len(busy))
+        self.metrics.queue_depth.set(len(self._waiting))
+        capacity = len(self.slots) * self.max_length
+        self.metrics.kv_used.labels("active").set(sum(s.row.offset for s in busy) / capacity)
+        self.metrics.kv_used.labels("cached").set(sum(s.row.offset for s in self.slots) / capacity)

@@ -1,0 +1,278 @@
+"""The OpenAI wire format: request bodies in, response bodies and error shapes out.
+
+Bodies are checked by hand rather than by pydantic models, so that every
+refusal is an OpenAI-shaped 400 naming the field, what was expected and what
+was given. Fields we honour are read; fields that only annotate a request are
+ignored; fields for features we lack are refused unless they hold their
+default; unknown fields are refused (a typo must not silently do nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from edge_infer.runtime.sampling import SamplingParams
+from edge_infer.runtime.stops import MAX_STOP_CHARS
+
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_MESSAGES = 4096
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "seed")
+_COMMON = {"model", "max_tokens", "stop", "stream", "stream_options", "n", *_SAMPLING}
+_IGNORED = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+            "parallel_tool_calls"}
+# Features we do not have: accepted only at these "off" values.
+_CHAT_OFF = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []),
+             "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+             "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
+             "audio": (None,), "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,)}
+_COMPLETION_OFF = {"logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+                   "logit_bias": (None, {})}
+
+
+class APIError(Exception):
+    """An error answered in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    kind: str  # "chat" | "completion"
+    prompt: Any  # chat: [{"role", "content"}] with string content; completion: str or [int]
+    max_tokens: int | None
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+def parse_chat(body: dict, max_stops: int, vocab_size: int) -> ParsedRequest:
+    _check_fields(body, _COMMON | {"messages", "max_completion_tokens"}, _CHAT_OFF)
+    messages = _messages(body.get("messages"))
+    max_tokens = _max_tokens(body, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = _max_tokens(body, "max_tokens")
+    return _parsed("chat", messages, max_tokens, body, max_stops, vocab_size)
+
+
+def parse_completion(body: dict, max_stops: int, vocab_size: int) -> ParsedRequest:
+    _check_fields(body, _COMMON | {"prompt"}, _COMPLETION_OFF)
+    return _parsed("completion", _prompt(body.get("prompt"), vocab_size), _max_tokens(body, "max_tokens"),
+                   body, max_stops, vocab_size)
+
+
+def _parsed(kind: str, prompt: Any, max_tokens: int | None, body: dict, max_stops: int,
+            vocab_size: int) -> ParsedRequest:
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise bad("n", f"n must be 1 (one choice per request), got {n!r}; send several requests instead")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad("stream", f"stream must be true or false, got {stream!r}")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
+            raise bad("stream_options", "stream_options must be an object with only include_usage (a boolean)")
+        include_usage = options.get("include_usage") is True
+        if not stream:
+            raise bad("stream_options", "stream_options is only allowed with stream: true")
+    return ParsedRequest(kind, prompt, max_tokens, _sampling(body, vocab_size), _stops(body.get("stop"), max_stops),
+                         bool(stream), include_usage)
+
+
+def _check_fields(body: dict, honoured: set[str], off: dict[str, tuple]) -> None:
+    unknown = sorted(k for k in body if k not in honoured and k not in _IGNORED and k not in off)
+    if unknown:
+        raise bad(unknown[0], f"unknown field(s) {', '.join(repr(k) for k in unknown)}; this server honours "
+                  f"{', '.join(sorted(honoured))}", code="unknown_parameter")
+    if "model" in body and not isinstance(body["model"], str):
+        raise bad("model", f"model must be a string, got {type(body['model']).__name__}")
+    for name, allowed in off.items():
+        if name in body and body[name] not in allowed:
+            raise bad(name, f"{name} is not supported by this server; leave it out", code="unsupported_parameter")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _max_tokens(body: dict, name: str) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_int(v) or v < 1:
+        raise bad(name, f"{name} must be a positive integer, got {v!r}")
+    return v
+
+
+def _sampling(body: dict, vocab_size: int) -> SamplingParams:
+    ranges = {  # name: (check, what is allowed)
+        "temperature": (lambda v: _is_number(v) and 0 <= v <= 2, "a number in [0, 2] (0 = greedy)"),
+        "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "top_k": (lambda v: _is_int(v) and 0 <= v <= vocab_size, f"an integer in [0, {vocab_size}] (0 = off)"),
+        "min_p": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1) (0 = off)"),
+        "repetition_penalty": (lambda v: _is_number(v) and 0 < v <= 10, "a number in (0, 10] (1 = off)"),
+        "presence_penalty": (lambda v: _is_number(v) and -2 <= v <= 2, "a number in [-2, 2]"),
+        "frequency_penalty": (lambda v: _is_number(v) and -2 <= v <= 2, "a number in [-2, 2]"),
+        "seed": (lambda v: _is_int(v) and -2**63 <= v < 2**64, "an integer"),
+    }
+    values = {}
+    for name, (ok, allowed) in ranges.items():
+        v = body.get(name)
+        if v is None:
+            continue
+        if not ok(v):
+            raise bad(name, f"{name} must be {allowed}, got {v!r}")
+        values[name] = v
+    if values.get("seed", 0) < 0:  # the OpenAI API takes any 64-bit integer; our RNG wants a non-negative one
+        values["seed"] += 2**64
+    return SamplingParams.from_dict(values)
+
+
+def _stops(stop: Any, max_stops: int) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise bad("stop", "stop must be a string or a list of strings")
+    if len(items) > max_stops:
+        raise bad("stop", f"stop has {len(items)} strings; at most {max_stops} are allowed")
+    for s in items:
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise bad("stop", f"each stop string must be 1 to {MAX_STOP_CHARS} characters long")
+    return tuple(items)
+
+
+def _messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "messages must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise bad("messages", f"messages has {len(messages)} entries; at most {MAX_MESSAGES}")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(where, f"{where} must be an object with role and content")
+        extra = set(m) - {"role", "content", "name"}
+        if extra:
+            raise bad(where, f"{where} has field(s) {', '.join(sorted(extra))}; tool calls and other message "
+                      f"features are not supported (role, content and name are)")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        out.append({"role": CHAT_ROLES[role], "content": _content(m.get("content"), where)})
+    return out
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise bad(f"{where}.content[{j}]", f"{where}.content[{j}] must be a text part "
+                          f"{{'type': 'text', 'text': ...}}; images, audio and files are not supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(f"{where}.content", f"{where}.content must be a string or a list of text parts")
+
+
+def _prompt(prompt: Any, vocab_size: int) -> str | list[int]:
+    """A string or a list of token ids; a list of one of those is unwrapped (n=1)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad("prompt", "prompt is empty")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        if not all(0 <= t < vocab_size for t in prompt):
+            raise bad("prompt", f"prompt token ids must be in [0, {vocab_size})")
+        return list(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise bad("prompt", "send one prompt per request (a list of several prompts is not supported)")
+    raise bad("prompt", "prompt must be a non-empty string or a non-empty list of token ids")
+
+
+# -- responses -----------------------------------------------------------------------
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def usage_body(usage) -> dict:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens, "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+def completion_body(kind: str, rid: str, model: str, text: str, finish: str, usage) -> dict:
+    created = int(time.time())
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [choice], "usage": usage_body(usage)}
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [choice], "usage": usage_body(usage)}
+
+
+class ChunkWriter:
+    """The SSE events of one streamed response (chat or completion)."""
+
+    def __init__(self, kind: str, rid: str, model: str, include_usage: bool):
+        self.kind, self.rid, self.model, self.include_usage = kind, rid, model, include_usage
+        self.created = int(time.time())
+
+    def _chunk(self, choices: list, usage: Any = None, last: bool = False) -> bytes:
+        body = {"id": self.rid, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return sse(body)
+
+    def start(self) -> bytes | None:
+        if self.kind != "chat":
+            return None
+        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def delta(self, text: str, finish: str | None = None) -> bytes:
+        if self.kind == "chat":
+            delta = {"content": text} if text else {}
+            return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}])
+
+    def usage(self, usage) -> bytes | None:
+        return self._chunk([], usage_body(usage)) if self.include_usage else None
+
+
+def sse(body: dict) -> bytes:
+    return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"

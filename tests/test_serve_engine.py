@@ -1,0 +1,300 @@
+"""The engine under load: isolation, prefix cache, cancellation, capacity, shutdown.
+
+Tiny random model; a SlowModel wrapper makes decode steps take a known time
+where a test needs requests to overlap deterministically.
+"""
+
+import asyncio
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from click.testing import CliRunner
+
+import edge_infer
+from edge_infer.runtime.generate import encode_prompt, generate
+from edge_infer.runtime.sampling import SamplingParams
+from edge_infer.serve.app import build_app
+from edge_infer.serve.config import EngineConfig, ServerConfig
+from edge_infer.serve.engine import Engine, QueueFull
+from edge_infer.serve.runner import ServerThread
+from edge_infer.serve.sequence import Delta, GenerationRequest
+
+PROMPTS = [
+    "The quick brown fox", "Paris is the capital of France. Numbers 0123456789 and code:",
+    "Emoji 🙂🚀👍🏽", "def f(x): return x * 2\n\tTabs", "Émile a mangé une crème brûlée. 日本語のテキスト。中文文本。",
+    "and", "The quick brown fox jumps over the lazy dog. Paris is", "Numbers 0123456789",
+]
+
+
+class SlowModel:
+    """The model with a fixed delay per decode step."""
+
+    def __init__(self, model, delay: float):
+        self._model, self.delay = model, delay
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def decode_batch(self, *args):
+        time.sleep(self.delay)
+        return self._model.decode_batch(*args)
+
+
+@pytest.fixture(scope="module")
+def path(tiny_exports):
+    return tiny_exports("llama", "fp32")
+
+
+@pytest.fixture(scope="module")
+def model(path):
+    return edge_infer.load(path, device="cpu", threads=1)
+
+
+def wait_until(predicate, timeout=5.0) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, "timed out"
+        time.sleep(0.002)
+    return time.monotonic() - start
+
+
+def run_engine(engine: Engine, requests):
+    """Submit all requests at once; return [(text, finished event)] in order."""
+    queues = []
+    for r in requests:
+        q = queue.Queue()
+        engine.submit(r, q.put)
+        queues.append(q)
+    out = []
+    for q in queues:
+        parts = []
+        while isinstance(event := q.get(timeout=30), Delta):
+            parts.append(event.text)
+        out.append(("".join(parts), event))
+    return out
+
+
+@pytest.mark.parametrize("parallel, chunk", [(1, 512), (2, 4), (3, 7), (8, 16)])
+def test_isolation_grid_greedy_equals_solo(model, parallel, chunk):
+    """Every response equals the request run alone, whatever runs beside it; twice, so the
+    second round reuses cached prefixes."""
+    engine = Engine(model, EngineConfig(parallel=parallel, prefill_chunk=chunk))
+    engine.start()
+    try:
+        budgets = [5, 17, 30, 9, 24, 40, 12, 33]
+        requests = [GenerationRequest(tuple(encode_prompt(model, p)), n, SamplingParams(), request_id=str(i))
+                    for i, (p, n) in enumerate(zip(PROMPTS, budgets))]
+        want = [generate(model, p, max_tokens=n) for p, n in zip(PROMPTS, budgets)]
+        for _ in range(2):
+            got = run_engine(engine, requests)
+            assert [text for text, _ in got] == want
+        if parallel >= len(PROMPTS):  # every prompt kept its slot: the second round is all cache hits
+            assert all(e.usage.cached_tokens == e.usage.prompt_tokens - 1 for _, e in got)
+    finally:
+        engine.stop()
+
+
+def test_isolation_over_http_with_chat_and_prefix_sharing(model):
+    """Concurrent chat requests sharing a system prompt, through the server, equal their solo runs."""
+    system = {"role": "system", "content": "The quick brown fox jumps over the lazy dog."}
+    convs = [[system, {"role": "user", "content": p}] for p in PROMPTS[:6]]
+    want = [generate(model, c, max_tokens=20) for c in convs]
+
+    async def main(url):
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        rs = await asyncio.gather(*[c.chat.completions.create(model="m", messages=m, max_tokens=20) for m in convs])
+        await c.close()
+        return rs
+
+    app = build_app(model, ServerConfig(model_id="m"), EngineConfig(parallel=4, prefill_chunk=8))
+    with ServerThread(app) as s:
+        for _ in range(2):
+            rs = asyncio.run(main(s.url))
+            assert [r.choices[0].message.content for r in rs] == want
+    assert sum(r.usage.prompt_tokens_details.cached_tokens for r in rs) > 0
+
+
+def test_prefix_cache_places_the_next_turn_in_its_slot_and_evicts_lru(model):
+    engine = Engine(model, EngineConfig(parallel=2, prefill_chunk=512))
+    engine.start()
+    try:
+        def ids(text):
+            return tuple(model.tokenizer.encode(text, add_special_tokens=False))
+
+        a, b, c = ids("The quick brown fox jumps"), ids("Numbers 0123456789 and code"), ids("Émile a mangé")
+        for prompt in (a, b):
+            run_engine(engine, [GenerationRequest(prompt, 3, SamplingParams())])
+        # The next turn of `a` finds a's slot: everything but the last prompt token is cached.
+        (_, e), = run_engine(engine, [GenerationRequest(a + ids(" over the lazy dog"), 3, SamplingParams())])
+        assert e.usage.cached_tokens >= len(a)
+        # A new prompt evicts the least recently used slot (b's); a's turn is still cached.
+        run_engine(engine, [GenerationRequest(c, 3, SamplingParams())])
+        (_, e), = run_engine(engine, [GenerationRequest(a, 2, SamplingParams())])
+        assert e.usage.cached_tokens == len(a) - 1
+        (_, e), = run_engine(engine, [GenerationRequest(b, 2, SamplingParams())])
+        assert e.usage.cached_tokens == 0
+    finally:
+        engine.stop()
+
+
+def test_long_prompt_prefill_does_not_stall_running_streams_beyond_a_chunk(model):
+    """While a long prompt prefills chunk by chunk, a running stream gets a token every turn."""
+    engine = Engine(SlowModel(model, 0.005), EngineConfig(parallel=2, prefill_chunk=4))
+    turns = []  # for each turn that prefilled the long prompt: how many streams decoded in it
+    real = engine._execute
+
+    def spy(prefill, decode):
+        if prefill is not None and prefill.request.request_id == "long":
+            turns.append(len(decode))
+        real(prefill, decode)
+
+    engine._execute = spy
+    engine.start()
+    try:
+        q1, q2 = queue.Queue(), queue.Queue()
+        runs_long = next(p for p in PROMPTS if len(model.tokenizer.encode(
+            generate(model, p, max_tokens=60), add_special_tokens=False)) >= 40)  # no early eos
+        engine.submit(GenerationRequest(tuple(encode_prompt(model, runs_long)), 60, SamplingParams()), q1.put)
+        wait_until(lambda: not q1.empty())
+        long = tuple(model.tokenizer.encode(PROMPTS[1] * 6, add_special_tokens=False))[:60]
+        assert len(long) == 60
+        engine.submit(GenerationRequest(long, 2, SamplingParams(), request_id="long"), q2.put)
+        while isinstance(q2.get(timeout=10), Delta):
+            pass
+        assert len(turns) == 15  # 60 prompt tokens in chunks of 4
+        assert all(decoding == 1 for decoding in turns)  # the running stream advanced in every one of them
+    finally:
+        engine.stop()
+
+
+def test_streaming_client_disconnect_frees_the_slot_within_a_step(model):
+    slow = SlowModel(model, 0.02)
+    app = build_app(slow, ServerConfig(model_id="m"), EngineConfig(parallel=2))
+    engine = app.state.engine
+    with ServerThread(app) as s:
+        body = {"prompt": "The quick brown fox", "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=10) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: ") and '"text":"' in line:
+                    break
+            assert engine.snapshot()["busy"] == 1
+        took = wait_until(lambda: engine.snapshot()["busy"] == 0)
+        assert took < 0.25  # one step is 20 ms; the rest is the event loop noticing the close
+        text = httpx.get(s.url + "/metrics").text
+        assert 'edge_infer_generations_total{reason="cancelled"} 1.0' in text
+        completion = float(re.search(r"^edge_infer_completion_tokens_total (\S+)", text, re.M).group(1))
+        assert completion < 50
+
+
+def test_non_streaming_client_disconnect_frees_the_slot(model):
+    app = build_app(SlowModel(model, 0.02), ServerConfig(model_id="m"), EngineConfig(parallel=1))
+    engine = app.state.engine
+    with ServerThread(app) as s:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json={"prompt": "The quick", "max_tokens": 100}, timeout=0.3)
+        assert wait_until(lambda: engine.snapshot()["busy"] == 0) < 0.25
+
+
+def test_over_capacity_is_429_and_the_server_recovers(model):
+    app = build_app(SlowModel(model, 0.02), ServerConfig(model_id="m"), EngineConfig(parallel=1, max_queue=1))
+    engine = app.state.engine
+    with ServerThread(app) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        streams = [c.completions.create(model="m", prompt="The quick", max_tokens=100, stream=True)]
+        wait_until(lambda: engine.snapshot()["busy"] == 1)
+        streams.append(c.completions.create(model="m", prompt="The quick", max_tokens=100, stream=True))
+        wait_until(lambda: engine.snapshot()["waiting"] == 1)
+        with pytest.raises(openai.RateLimitError) as e:
+            c.completions.create(model="m", prompt="Paris", max_tokens=5)
+        assert "at capacity" in e.value.message and e.value.response.headers["retry-after"] == "1"
+        for st in streams:
+            st.close()
+        wait_until(lambda: engine.snapshot() == {"slots": 1, "busy": 0, "waiting": 0})
+        assert c.completions.create(model="m", prompt="Paris", max_tokens=5).usage.completion_tokens >= 1
+    e2 = Engine(model, EngineConfig(parallel=1, max_queue=0))  # not started: nothing leaves the queue
+    e2.submit(GenerationRequest((1, 2), 3, SamplingParams()), lambda ev: None)  # takes the free slot
+    with pytest.raises(QueueFull):  # no room to wait
+        e2.submit(GenerationRequest((1, 2), 3, SamplingParams()), lambda ev: None)
+
+
+def test_cli_refuses_non_loopback_host_without_key(path):
+    from edge_infer.cli import main
+
+    r = CliRunner().invoke(main, ["serve", str(path), "--host", "0.0.0.0"])
+    assert r.exit_code == 2 and "needs an API key" in r.output
+    r = CliRunner().invoke(main, ["serve", str(path), "--cors-origin", "*"])
+    assert r.exit_code == 2 and "wildcards" in r.output
+
+
+def test_sigterm_ends_streams_cleanly_and_exits_0(path, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("k-123\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_infer.cli", "serve", str(path), "--port", "0",
+                             "--api-key-file", str(key_file), "--parallel", "2", "--shutdown-grace", "1",
+                             "--threads", "1"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        for line in proc.stderr:
+            m = re.search(r"at (http://\S+)/v1", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "no startup line"
+        headers = {"Authorization": "Bearer k-123"}
+        wait_until(lambda: _ok(url + "/health"), timeout=20)
+        result = {}
+
+        def stream():
+            body = {"prompt": "The quick", "max_tokens": 100, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=20) as r:
+                result["lines"] = [ln for ln in r.iter_lines() if ln]
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        t.join(10)
+        assert result["lines"][-1] == "data: [DONE]"  # finished, or ended with an error event, never cut
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _ok(url):
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_shutdown_ends_a_running_stream_with_an_error_event_after_the_grace(model):
+    app = build_app(SlowModel(model, 0.02), ServerConfig(model_id="m"),
+                    EngineConfig(parallel=1, shutdown_grace_s=0.2))
+    s = ServerThread(app).__enter__()
+    try:
+        body = {"prompt": "The quick", "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=10) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            start = time.monotonic()
+            s.server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+            rest = [ln for ln in lines if ln]
+        assert time.monotonic() - start < 2
+        assert '"code":"server_shutting_down"' in rest[-2] and rest[-1] == "data: [DONE]"
+        s.thread.join(10)
+        assert not s.thread.is_alive()
+    finally:
+        s.stop()
