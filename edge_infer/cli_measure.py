@@ -75,8 +75,8 @@ def bench(model, lengths, new_tokens, runs, warmup, text_path, threads, device, 
     from edge_infer.runtime import measure
     from edge_infer.runtime.errors import UserError
 
-    m = _load(model, device, threads)
     text, text_desc = measure.read_text(text_path)
+    m = _load(model, device, threads)
     for n in lengths:
         if n + new_tokens > m.max_length:
             raise UserError(f"prompt {n} + {new_tokens} new tokens exceeds the model's max_length {m.max_length}; "
@@ -149,10 +149,10 @@ def evaluate(model, text_path, reference, window, stride, max_tokens, threads, d
     if stride >= window:
         raise UserError(f"--stride {stride} must be smaller than --window {window}: each window needs context "
                         "before the first token it scores")
+    text, text_desc = measure.read_text(text_path)
     m = _load(model, device, threads)
     if window > m.max_length:
         raise UserError(f"--window {window} exceeds the model's max_length {m.max_length}")
-    text, text_desc = measure.read_text(text_path)
     ids = m.tokenizer.encode(text, add_special_tokens=True)
     if max_tokens:
         ids = ids[:max_tokens]
