@@ -53,13 +53,16 @@ DEFAULT_NUM_SPECULATIVE = {"lookup": 10, "draft": 8}
 MAX_NUM_SPECULATIVE = 32
 NGRAM_MAX = 4  # lookup tries suffixes of this many tokens first, down to NGRAM_MIN
 NGRAM_MIN = 1
-# Relative cost of one more verified token in the target pass (k+1 tokens vs 1):
-# measured on the default model, 2 threads (benchmarks/speculative/RESULTS.md).
-VERIFY_COST = 0.06
+# Relative cost of one more token in a target pass (a pass over w tokens costs about
+# 1 + VERIFY_COST * (w - 1) single-token passes). Measured on the default model,
+# 2 threads: int4 (int8-activation MatMulNBits) w=2 1.2-1.45, w=4 1.65-2.2, w=8 2.3-2.9;
+# fp32 w=2 1.05, w=4 1.3, w=8 1.6 (benchmarks/speculative/RESULTS.md).
+VERIFY_COST = {"quantized": 0.25, "float": 0.08}
 # A draft token's cost relative to a target pass, when the config does not say.
 # Estimated from the weight bytes of the two models, but never below this floor:
-# at 135M parameters the per-node overhead, not the bytes, dominates.
-DRAFT_COST_FLOOR = 0.25
+# at 135M parameters the per-node overhead, not the bytes, dominates (int4 draft /
+# fp32 target measured 0.31, where the bytes say 0.19).
+DRAFT_COST_FLOOR = 0.3
 # Greedy drafting stops after a guess the draft itself gives less than this probability.
 DRAFT_P_MIN = 0.3
 # Acceptance bookkeeping: counts decay by this factor per observed round;
@@ -338,9 +341,10 @@ def speculative_step(model: Model, ids: list[int], cache: KVCache, sampler: Samp
 
     lookup: PromptLookup | None = None
     drafter: DraftProposer | None = None
+    verify_cost = VERIFY_COST["quantized" if model.manifest.quantization.get("bits") else "float"]
     if config.mode == "lookup":
         lookup = PromptLookup()
-        length = DraftLength(config.max_guesses, VERIFY_COST, probe=False)
+        length = DraftLength(config.max_guesses, verify_cost, probe=False)
     else:
         draft = config.draft
         assert draft is not None
@@ -349,7 +353,7 @@ def speculative_step(model: Model, ids: list[int], cache: KVCache, sampler: Samp
             draft_cache = draft.new_cache(max_length=min(draft.max_length, cache.max_length))
         drafter = DraftProposer(draft, draft_cache, sampler, n_prompt)
         cost = config.draft_cost if config.draft_cost is not None else estimate_draft_cost(model, draft)
-        length = DraftLength(config.max_guesses, VERIFY_COST + cost, probe=True)
+        length = DraftLength(config.max_guesses, verify_cost + cost, probe=True)
         if drafter.room(ids) > 1:
             drafter.sync(ids)  # the draft's prompt pass, before the first token
 

@@ -1,0 +1,99 @@
+"""Exporting a GGUF: quantized blocks reach MatMulNBits without a second rounding."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType as QT
+
+import edge_infer
+from edge_infer.export.pipeline import ExportOptions, export_model
+from tiny import CHATML, make_tokenizer
+
+RNG = np.random.default_rng(1)
+HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 96, 2
+
+
+def write_llama_gguf(path, types: dict[str, QT]):
+    """A tiny llama GGUF with a byte-level BPE vocabulary and mixed tensor types."""
+    tok = make_tokenizer()
+    model = json.loads(tok.to_str())["model"]
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    specials = {t.content for t in tok.get_added_tokens_decoder().values()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {"block_count": LAYERS, "context_length": 256, "embedding_length": HIDDEN,
+                       "feed_forward_length": FFN, "attention.head_count": HEADS,
+                       "attention.head_count_kv": KV_HEADS}.items():
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "gpt2")
+    w.add_array("tokenizer.ggml.tokens", [t for t, _ in vocab])
+    w.add_array("tokenizer.ggml.token_type", [3 if t in specials else 1 for t, _ in vocab])
+    w.add_array("tokenizer.ggml.merges", merges)
+    w.add_uint32("tokenizer.ggml.bos_token_id", 0)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    w.add_bool("tokenizer.ggml.add_bos_token", False)
+    w.add_string("tokenizer.chat_template", CHATML)
+    shapes = {"token_embd.weight": (len(vocab), HIDDEN), "output_norm.weight": (HIDDEN,)}
+    for i in range(LAYERS):
+        b = f"blk.{i}."
+        shapes.update({b + "attn_norm.weight": (HIDDEN,), b + "ffn_norm.weight": (HIDDEN,),
+                       b + "attn_q.weight": (HIDDEN, HIDDEN), b + "attn_k.weight": (KV_HEADS * 16, HIDDEN),
+                       b + "attn_v.weight": (KV_HEADS * 16, HIDDEN), b + "attn_output.weight": (HIDDEN, HIDDEN),
+                       b + "ffn_gate.weight": (FFN, HIDDEN), b + "ffn_up.weight": (FFN, HIDDEN),
+                       b + "ffn_down.weight": (HIDDEN, FFN)})
+    for name, shape in shapes.items():
+        data = RNG.normal(0, 0.3, shape).astype(np.float32) if len(shape) == 2 else RNG.uniform(0.5, 1.5, shape).astype(np.float32)
+        qtype = QT.F32 if len(shape) == 1 else types.get(name.split(".")[-2], QT.Q4_1)
+        w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    # Q4_1 for most weights, Q4_0 for attention output, Q8_0 for the embedding: all three block kinds.
+    return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf",
+                            {"attn_output": QT.Q4_0, "token_embd": QT.Q8_0})
+
+
+def test_imported_blocks_compute_the_gguf_weights(gguf_file, tmp_path):
+    """int4 (float activations) equals the fp32 export of the dequantized GGUF up to float rounding."""
+    fp32 = export_model(gguf_file, tmp_path / "fp32", ExportOptions(quant="fp32", max_length=64, validate=False))
+    int4 = export_model(gguf_file, tmp_path / "int4", ExportOptions(quant="int4", max_length=64, accuracy_level=0))
+    manifest = json.loads((int4 / "manifest.json").read_text())
+    assert manifest["quantization"]["summary"]["requantized"] == []
+    assert "imported exactly" in manifest["quantization"]["gguf_q4_1"]
+    a, b = edge_infer.load(fp32, device="cpu"), edge_infer.load(int4, device="cpu")
+    ids = np.array([[5, 17, 42, 99, 7, 250, 31, 8, 64, 120]])
+    la = a.forward(ids, a.new_cache(), logits_to_keep=10)[0]
+    lb = b.forward(ids, b.new_cache(), logits_to_keep=10)[0]
+    np.testing.assert_allclose(lb, la, atol=2e-4 * np.abs(la).max())
+    assert (la.argmax(-1) == lb.argmax(-1)).all()
+
+
+def test_block_16_split_is_exact_too(gguf_file, tmp_path):
+    int4 = export_model(gguf_file, tmp_path / "b16", ExportOptions(quant="int4", max_length=64, block_size=16,
+                                                                 accuracy_level=0, validate=False))
+    fp32 = export_model(gguf_file, tmp_path / "fp32", ExportOptions(quant="fp32", max_length=64, validate=False))
+    a, b = edge_infer.load(fp32, device="cpu"), edge_infer.load(int4, device="cpu")
+    ids = np.array([[3, 4, 5, 6, 7, 8]])
+    la = a.forward(ids, a.new_cache(), logits_to_keep=6)[0]
+    lb = b.forward(ids, b.new_cache(), logits_to_keep=6)[0]
+    np.testing.assert_allclose(lb, la, atol=2e-4 * np.abs(la).max())
+
+
+def test_gguf_tokenizer_and_template_travel_with_the_export(gguf_file, tmp_path):
+    out = export_model(gguf_file, tmp_path / "m", ExportOptions(quant="int8", max_length=64, validate=False))
+    m = edge_infer.load(out, device="cpu")
+    ref = make_tokenizer()
+    text = "The quick brown fox, 日本語 and 🙂"
+    assert m.tokenizer.encode(text) == ref.encode(text).ids
+    assert m.chat_template is not None and m.tokenizer.eos_ids == {2}
