@@ -124,29 +124,32 @@ async def chat(client: httpx.AsyncClient, messages: list[dict], max_tokens: int,
 # -- scenarios -----------------------------------------------------------------------
 
 
-async def throughput(client: httpx.AsyncClient, max_tokens: int) -> dict:
+async def throughput(client: httpx.AsyncClient, max_tokens: int, rounds: int) -> dict:
+    """Rounds of (each prompt alone, then all together), so both sides see the same machine load."""
     prompts = [[{"role": "user", "content": p}] for p in STORIES]
-    solo = [await chat(client, m, max_tokens) for m in prompts]
-    t0 = time.perf_counter()
-    together = await asyncio.gather(*[chat(client, m, max_tokens) for m in prompts])
-    wall = time.perf_counter() - t0
-    # Steady state: the window in which every stream has started and none has ended.
-    lo = max(r.times[0] for r in together)
-    hi = min(r.times[-1] for r in together)
-    in_window = sum(lo <= t <= hi for r in together for t in r.times)
-    single = statistics.median(r.decode_rate for r in solo)
-    aggregate = in_window / (hi - lo) if hi > lo else float("nan")
-    return {
-        "single_stream_decode_tok_s": single,
-        "aggregate_decode_tok_s": aggregate,
-        "ratio": aggregate / single,
-        "overall_tok_s": sum(r.usage["completion_tokens"] for r in together) / wall,
-        "window_s": hi - lo,
-        "completion_tokens": [r.usage["completion_tokens"] for r in together],
-        "identical_to_solo": sum(a.text == b.text for a, b in zip(solo, together)),
-        "streams": len(prompts),
-        "errors": sum(bool(r.error) for r in solo + together),
-    }
+    runs = []
+    for _ in range(rounds):
+        solo = [await chat(client, m, max_tokens) for m in prompts]
+        t0 = time.perf_counter()
+        together = await asyncio.gather(*[chat(client, m, max_tokens) for m in prompts])
+        wall = time.perf_counter() - t0
+        # Steady state: the window in which every stream has started and none has ended.
+        lo = max(r.times[0] for r in together)
+        hi = min(r.times[-1] for r in together)
+        in_window = sum(lo <= t <= hi for r in together for t in r.times)
+        single = statistics.median(r.decode_rate for r in solo)
+        aggregate = in_window / (hi - lo) if hi > lo else float("nan")
+        runs.append({
+            "single_stream_decode_tok_s": single, "aggregate_decode_tok_s": aggregate, "ratio": aggregate / single,
+            "overall_tok_s": sum(r.usage["completion_tokens"] for r in together) / wall, "window_s": hi - lo,
+            "completion_tokens": [r.usage["completion_tokens"] for r in together],
+            "identical_to_solo": sum(a.text == b.text for a, b in zip(solo, together)),
+            "errors": sum(bool(r.error) for r in solo + together),
+        })
+    med = {k: statistics.median(r[k] for r in runs) for k in
+           ("single_stream_decode_tok_s", "aggregate_decode_tok_s", "ratio", "overall_tok_s")}
+    return {**med, "streams": len(prompts), "identical_to_solo": min(r["identical_to_solo"] for r in runs),
+            "errors": sum(r["errors"] for r in runs), "rounds": runs}
 
 
 async def ttft(client: httpx.AsyncClient, others: int, prefill_chunk: int, repeats: int = 5) -> dict:
@@ -185,7 +188,7 @@ async def prefix(client: httpx.AsyncClient, repeats: int = 3) -> dict:
     rows = []
     for i in range(repeats):
         rng = random.Random(1000 + i)
-        doc = f"Document {i}-{rng.random():.6f}. " + words(880, rng)
+        doc = f"Document {i}-{rng.random():.6f}. " + words(940, rng)
         messages = [{"role": "user", "content": f"Read this notebook page and tell me its first word.\n\n{doc}"}]
         first = await chat(client, messages, 32)
         messages += [{"role": "assistant", "content": first.text},
@@ -289,7 +292,7 @@ async def run(args, url: str, proc: subprocess.Popen) -> dict:
             except httpx.HTTPError:
                 await asyncio.sleep(0.2)
         if "throughput" in args.scenarios:
-            out["throughput"] = await throughput(client, args.max_tokens)
+            out["throughput"] = await throughput(client, args.max_tokens, args.rounds)
             print(json.dumps({"throughput": out["throughput"]}), file=sys.stderr)
         if "ttft" in args.scenarios:
             out["ttft"] = await ttft(client, args.parallel - 1, args.prefill_chunk)
@@ -310,13 +313,14 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=128, help="per stream in the throughput scenario")
+    ap.add_argument("--rounds", type=int, default=3, help="throughput rounds (solo runs, then together)")
     ap.add_argument("--mixed-seconds", type=float, default=180.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--scenarios", default="throughput,ttft,prefix,mixed")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
-    if not 1 <= args.mixed_seconds <= 1800 or not 1 <= args.max_tokens <= 1024:
-        raise SystemExit("--mixed-seconds must be 1..1800 and --max-tokens 1..1024")
+    if not 1 <= args.mixed_seconds <= 1800 or not 1 <= args.max_tokens <= 1024 or not 1 <= args.rounds <= 10:
+        raise SystemExit("--mixed-seconds must be 1..1800, --max-tokens 1..1024 and --rounds 1..10")
     proc, url = start_server(args.model, args.parallel, args.max_length, args.prefill_chunk, args.threads)
     try:
         results = asyncio.run(run(args, url, proc))

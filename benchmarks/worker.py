@@ -73,14 +73,21 @@ def llamacpp(model: str, threads: int, new_tokens: int, measure, n_ctx: int):
     llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                           verbose=False)
 
+    vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:
+        # Without logits_all, llama.cpp keeps logits only for the last token of a batch (and
+        # llama-cpp-python no longer copies them into Llama.scores): read them in place.
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
     def prefill(ids) -> int:
         llm.reset()  # eval() then clears the KV cache from position 0: no prefix reuse
         llm.eval(list(ids))
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return int(np.argmax(last_logits()))
 
     def step(token: int) -> int:
         llm.eval([token])
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return int(np.argmax(last_logits()))
 
     return prefill, step, f"llama-cpp-python {llama_cpp.__version__} (n_batch {llm.n_batch})"
 

@@ -136,7 +136,7 @@ def materialize(recipe: dict[str, Take], source: WeightSource) -> tuple[dict[str
         if t.transform is None:
             qb = [source.blocks(s) for s in t.sources]
             if all(q is not None for q in qb):
-                blocks[name] = qb[0] if len(qb) == 1 else concat_blocks(qb)
+                blocks[name] = qb[0] if len(qb) == 1 else concat_blocks(qb)  # None: mixed types
     return weights, blocks
 
 

@@ -107,8 +107,6 @@ def resolve_max_length(spec: DecoderSpec, requested: int | None) -> int:
 
 def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: ExportOptions,
               progress: Progress) -> tuple[onnx.ModelProto, dict]:
-    from edge_infer.quantize.block_offsets import split_minimum
-    from edge_infer.quantize.nbits import split_blocks
     from edge_infer.quantize.rewrite import QuantConfig, quantize_graph, quantize_summary
 
     bits = 4 if options.quant == "int4" else 8
@@ -116,27 +114,13 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
                          accuracy_level=options.accuracy_level, embeddings=options.embeddings,
                          lm_head=options.lm_head)
     config.validate()
-    pre = {f"model.{name}": _as_linear(b) for name, b in blocks.items() if b is not None}
-    minimums = {}
-    for name, ql in list(pre.items()):
-        split = split_minimum(ql)
-        if split is not None:
-            pre[name], minimums[name] = split
-        if pre[name].block_size % options.block_size == 0:  # e.g. GGUF blocks of 32 run as 16: still exact
-            factor = pre[name].block_size // options.block_size
-            pre[name] = split_blocks(pre[name], options.block_size)
-            if name in minimums:
-                minimums[name] = np.repeat(minimums[name], factor, axis=1)
-    if "model.embed.weight" in pre:  # the builder names the embedding like transformers does
-        pre["model.embed_tokens.weight"] = pre.pop("model.embed.weight")
-    if "model.lm_head.weight" in pre:
-        pre["lm_head.weight"] = pre.pop("model.lm_head.weight")
+    embed_bits = {"int8": 8, "int4": 4}.get(config.embeddings_choice(), 0)
+    pre, minimums = _source_blocks(blocks, bits, embed_bits, options.block_size)
     progress.stage(f"quantizing to {options.quant} (block {options.block_size}, "
                    f"{'symmetric' if options.symmetric else 'asymmetric'})")
     bar = progress.bar("quantize", total=None)
     q = quantize_graph(model, config, prequantized=pre or None, progress=bar.update)
     bar.close()
-    minimums = {k: v for k, v in minimums.items() if pre[k].bits == bits and pre[k].block_size == options.block_size}
     if minimums:
         from edge_infer.quantize.block_offsets import add_block_offsets
 
@@ -147,11 +131,52 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
         progress.note(f"{len(requantized)} source-quantized weights did not match {options.quant} block "
                       f"{options.block_size} and were re-quantized (a second rounding)")
     if minimums:
-        info["gguf_q4_1"] = f"{len(minimums)} Q4_1 weights imported exactly (integer zero point + block residual)"
+        info["gguf_q4_1"] = (f"{len(minimums)} Q4_1/Q4_K weights imported exactly "
+                             "(integer zero point + block residual)")
     info["exclude"] = list(config.exclude)
+    mixed = sorted(name for name, b in blocks.items() if b is None)
+    if mixed:
+        info["mixed_source_types"] = mixed
+        progress.note(f"{len(mixed)} fused weights combine source tensors of different quantization types; "
+                      "they are quantized once from the exact float weights")
     if pre:
         info["source_blocks"] = f"{len(pre)} weights kept their source quantization where bits and block size matched"
     return q, info
+
+
+def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int) -> tuple[dict, dict]:
+    """GGUF blocks that the rewrite can use as they are, keyed by graph initializer name, plus the
+    per-block residuals of scale-and-minimum formats (Q4_1, Q4_K) for quantize.block_offsets.
+
+    Usable: the asked bits with blocks that split exactly into `block_size` (32 -> 16), or more bits
+    than asked (Q6_K, Q8_0 stay 8-bit). Anything else is left out, so the rewrite quantizes the
+    exact float weights once instead of re-rounding blocks.
+    """
+    from edge_infer.quantize.block_offsets import split_minimum
+    from edge_infer.quantize.nbits import split_blocks
+
+    names = {"embed.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+    pre, minimums = {}, {}
+    for canonical, b in blocks.items():
+        if b is None:
+            continue
+        name, ql = names.get(canonical, f"model.{canonical}"), _as_linear(b)
+        target = embed_bits if canonical in names else bits
+        exact_split = ql.bits == target and ql.block_size % block_size == 0
+        if not (exact_split or (target and ql.bits > target)):
+            continue
+        split = split_minimum(ql)
+        if split is not None:
+            if canonical in names:  # the embedding gather has no residual branch
+                continue
+            ql, minimums[name] = split
+        if exact_split and ql.block_size != block_size:
+            factor = ql.block_size // block_size
+            ql = split_blocks(ql, block_size)
+            if name in minimums:
+                minimums[name] = np.repeat(minimums[name], factor, axis=1)
+        pre[name] = ql
+    return pre, minimums
 
 
 def _as_linear(b):
@@ -162,6 +187,8 @@ def _as_linear(b):
     zp = b.zero_points
     if zp is not None and np.all(zp == 2 ** (b.bits - 1)):
         zp = None  # symmetric (Q4_0, Q8_0): MatMulNBits' implied zero point
+    elif zp is not None and np.all(zp == np.round(zp)):
+        zp = zp.astype(np.uint8)  # integer zero points (Q6_K: 32) as MatMulNBits' packed uint8
     return QuantizedLinear(bits=b.bits, block_size=b.block_size, q=b.q, scales=b.scales, zero_points=zp,
                            k=b.q.shape[1])
 

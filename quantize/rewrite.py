@@ -274,6 +274,8 @@ def _obtain(
             raise ValueError(f"prequantized {job.weight} is (N={pre.n}, K={pre.k}), the graph needs ({n}, {k})")
         if pre.bits == job.bits and pre.block_size == config.block_size:
             return pre
+        if pre.bits > job.bits:  # e.g. a GGUF's Q6_K/Q8_0 tensors in an int4 export: kept exact, at 8 bits
+            return pre
         log.info(
             "%s: imported as %d-bit blocks of %d, re-quantizing to %d-bit blocks of %d (a second rounding)",
             job.weight, pre.bits, pre.block_size, job.bits, config.block_size,

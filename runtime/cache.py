@@ -36,6 +36,7 @@ class KVCache:
         self.value_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in values]
         self.offset = 0
         self.tokens: list[int] = []  # the ids whose keys are stored, for prefix reuse
+        self.bindings: dict[int, object] = {}  # session id -> IOBinding with these buffers bound (runtime.model)
 
     def row(self, r: int) -> "KVCache":
         """A batch-1 cache over row r of this one, sharing its memory (a slot for continuous batching).

@@ -74,6 +74,20 @@ class Model:
         self._past = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(g.num_layers)]
         self._present = [(f"present.{i}.key", f"present.{i}.value") for i in range(g.num_layers)]
 
+    def _binding(self, cache: KVCache) -> ort.IOBinding:
+        """The cache's IOBinding for this session, its KV buffers bound once as past and present."""
+        binding = cache.bindings.get(id(self.session))
+        if binding is None:
+            binding = self.session.io_binding()
+            binding.bind_output("logits")  # bound first, so it comes back first
+            for i, ((pk, pv), (ok, ov)) in enumerate(zip(self._past, self._present)):
+                binding.bind_ortvalue_input(pk, cache.key_values[i])
+                binding.bind_ortvalue_input(pv, cache.value_values[i])
+                binding.bind_ortvalue_output(ok, cache.key_values[i])
+                binding.bind_ortvalue_output(ov, cache.value_values[i])
+            cache.bindings[id(self.session)] = binding
+        return binding
+
     @property
     def max_length(self) -> int:
         return self.manifest.geometry.max_length
@@ -120,19 +134,14 @@ class Model:
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
              keep: int) -> np.ndarray:
-        binding = self.session.io_binding()
+        binding = self._binding(cache)
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
         if self.manifest.uses_position_ids:
             binding.bind_cpu_input("position_ids", positions)  # (batch, sequence_length)
         if self._has_keep:
             binding.bind_cpu_input("logits_to_keep", np.array([keep], dtype=np.int64))
-        binding.bind_output("logits")  # bound first: it comes back first
-        for i, ((pk, pv), (ok, ov)) in enumerate(zip(self._past, self._present)):
-            binding.bind_ortvalue_input(pk, cache.key_values[i])
-            binding.bind_ortvalue_input(pv, cache.value_values[i])
-            binding.bind_ortvalue_output(ok, cache.key_values[i])
-            binding.bind_ortvalue_output(ov, cache.value_values[i])
+        binding.bind_output("logits")  # its shape changes between prefill chunks: rebound every pass
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()  # (batch, logits_to_keep, vocab)
 

@@ -15,8 +15,22 @@ RNG = np.random.default_rng(1)
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 96, 2
 
 
-def write_llama_gguf(path, types: dict[str, QT]):
+def kquant_bytes(shape, qtype: QT) -> np.ndarray:
+    """Random but valid K-quant blocks (gguf cannot quantize to K-quants): random bytes, small f16 scales."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    n, k = shape
+    raw = RNG.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    for pos in ([0, 2] if qtype == QT.Q4_K else [208]):
+        scales = RNG.uniform(0.0005, 0.004, (n, k // block)).astype(np.float16)
+        raw[..., pos:pos + 2] = scales.view(np.uint8).reshape(n, k // block, 2)
+    return raw.reshape(n, -1)
+
+
+def write_llama_gguf(path, types: dict[str, QT], hidden=64, ffn=96):
     """A tiny llama GGUF with a byte-level BPE vocabulary and mixed tensor types."""
+    HIDDEN, FFN = hidden, ffn
     tok = make_tokenizer()
     model = json.loads(tok.to_str())["model"]
     vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
@@ -42,14 +56,17 @@ def write_llama_gguf(path, types: dict[str, QT]):
     for i in range(LAYERS):
         b = f"blk.{i}."
         shapes.update({b + "attn_norm.weight": (HIDDEN,), b + "ffn_norm.weight": (HIDDEN,),
-                       b + "attn_q.weight": (HIDDEN, HIDDEN), b + "attn_k.weight": (KV_HEADS * 16, HIDDEN),
-                       b + "attn_v.weight": (KV_HEADS * 16, HIDDEN), b + "attn_output.weight": (HIDDEN, HIDDEN),
+                       b + "attn_q.weight": (HIDDEN, HIDDEN), b + "attn_k.weight": (KV_HEADS * HIDDEN // HEADS, HIDDEN),
+                       b + "attn_v.weight": (KV_HEADS * HIDDEN // HEADS, HIDDEN), b + "attn_output.weight": (HIDDEN, HIDDEN),
                        b + "ffn_gate.weight": (FFN, HIDDEN), b + "ffn_up.weight": (FFN, HIDDEN),
                        b + "ffn_down.weight": (HIDDEN, FFN)})
     for name, shape in shapes.items():
         data = RNG.normal(0, 0.3, shape).astype(np.float32) if len(shape) == 2 else RNG.uniform(0.5, 1.5, shape).astype(np.float32)
         qtype = QT.F32 if len(shape) == 1 else types.get(name.split(".")[-2], QT.Q4_1)
-        w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        if qtype in (QT.Q4_K, QT.Q6_K):
+            w.add_tensor(name, kquant_bytes(shape, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -97,3 +114,29 @@ def test_gguf_tokenizer_and_template_travel_with_the_export(gguf_file, tmp_path)
     text = "The quick brown fox, 日本語 and 🙂"
     assert m.tokenizer.encode(text) == ref.encode(text).ids
     assert m.chat_template is not None and m.tokenizer.eos_ids == {2}
+
+
+def test_k_quants_are_imported_exactly(tmp_path):
+    """Q4_K (4-bit blocks of 32 with minimums) and Q6_K (kept 8-bit, blocks of 16) compute the GGUF's weights."""
+    path = write_llama_gguf(tmp_path / "k.gguf", {"attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q4_K,
+                                                  "attn_output": QT.Q6_K, "ffn_gate": QT.Q4_K, "ffn_up": QT.Q4_K,
+                                                  "ffn_down": QT.Q6_K, "token_embd": QT.Q8_0}, hidden=256, ffn=256)
+    fp32 = export_model(path, tmp_path / "fp32", ExportOptions(quant="fp32", max_length=64, validate=False))
+    int4 = export_model(path, tmp_path / "int4", ExportOptions(quant="int4", max_length=64, accuracy_level=0))
+    q = json.loads((int4 / "manifest.json").read_text())["quantization"]
+    assert q["summary"]["requantized"] == [] and q["summary"]["quantized_by_bits"].get("8", 0) == 5
+    a, b = edge_infer.load(fp32, device="cpu"), edge_infer.load(int4, device="cpu")
+    ids = np.array([[5, 17, 42, 99, 7, 250, 31, 8]])
+    la = a.forward(ids, a.new_cache(), logits_to_keep=8)[0]
+    lb = b.forward(ids, b.new_cache(), logits_to_keep=8)[0]
+    np.testing.assert_allclose(lb, la, atol=2e-4 * np.abs(la).max())
+
+
+def test_fused_weights_of_mixed_source_types_are_recorded(tmp_path):
+    """q/k/v fuse into one MatMul: Q4_K q with Q6_K v cannot stay exact, and the manifest says so."""
+    path = write_llama_gguf(tmp_path / "m.gguf", {"attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K,
+                                                  "ffn_gate": QT.Q4_K, "ffn_up": QT.Q4_K, "attn_output": QT.Q4_K,
+                                                  "ffn_down": QT.Q4_K}, hidden=256, ffn=256)
+    int4 = export_model(path, tmp_path / "int4", ExportOptions(quant="int4", max_length=64, validate=False))
+    q = json.loads((int4 / "manifest.json").read_text())["quantization"]
+    assert q["mixed_source_types"] == ["layers.0.qkv.weight", "layers.1.qkv.weight"]
