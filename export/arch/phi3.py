@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 from edge_infer.export.arch._common import take
-from edge_infer.export.arch.llama import llama_spec
+from edge_infer.export.arch.mistral import spec  # noqa: F401  (same config: llama + optional window)
 from edge_infer.export.spec import DecoderSpec
-
-
-def spec(config: dict) -> DecoderSpec:
-    window = config.get("sliding_window")
-    n = int(config["num_hidden_layers"])
-    return llama_spec(config, sliding_window=int(window) if window else None,
-                      layer_types=("sliding",) * n if window else ())
 
 
 def recipe(s: DecoderSpec, config: dict):
