@@ -17,7 +17,7 @@ import onnx
 from edge_infer.export.arch import load_arch
 from edge_infer.export.atomic import atomic_folder, check_target
 from edge_infer.export.checkpoint import materialize
-from edge_infer.export.graph import build_decoder
+from edge_infer.export.graph import GraphIO, build_decoder
 from edge_infer.export.progress import Progress
 from edge_infer.export.sources import Source, open_source
 from edge_infer.export.spec import DecoderSpec
@@ -61,20 +61,33 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     check_target(out, options.force)
     progress.stage(f"reading {src}")
     source = open_source(src)
-    arch = load_arch(source.config.get("model_type"))
-    spec = arch.spec(source.config)
+    route = _route(source)
+    if route == "direct":
+        arch = load_arch(source.config.get("model_type"))
+        spec = arch.spec(source.config)
+    else:
+        from edge_infer.export import optimum_route
+
+        spec = optimum_route.generic_spec(source.config)
     max_length = resolve_max_length(spec, options.max_length)
-    progress.note(f"architecture {spec.model_type}: {spec.num_layers} layers, hidden {spec.hidden_size}, "
-                  f"{spec.num_heads} heads / {spec.num_kv_heads} kv heads, vocab {spec.vocab_size}")
+    progress.note(f"architecture {spec.model_type} ({route} route): {spec.num_layers} layers, hidden "
+                  f"{spec.hidden_size}, {spec.num_heads} heads / {spec.num_kv_heads} kv heads, vocab {spec.vocab_size}")
     kv_mib = 2 * spec.num_layers * spec.num_kv_heads * max_length * spec.head_dim * (2 if options.quant == "fp16" else 4)
     progress.note(f"max_length {max_length} (model context {spec.max_position_embeddings}): "
                   f"KV cache {kv_mib / 2**20:.0f} MiB per sequence")
-    progress.stage("loading weights")
-    weights, blocks = materialize(arch.recipe(spec, source.config), source.weights)
+    weights, blocks = {}, {}
+    if route == "direct":
+        progress.stage("loading weights")
+        weights, blocks = materialize(arch.recipe(spec, source.config), source.weights)
 
     with atomic_folder(out, options.force) as tmp:
-        progress.stage("building graph")
-        model, io = build_decoder(spec, weights, max_length, dtype="fp16" if options.quant == "fp16" else "fp32")
+        if route == "direct":
+            progress.stage("building graph")
+            model, io = build_decoder(spec, weights, max_length, dtype="fp16" if options.quant == "fp16" else "fp32")
+        else:
+            model = optimum_route.export_graph(source.path, options.quant, progress)
+            io = GraphIO(tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}),
+                         tuple(o.name for o in model.graph.output))
         quant_info: dict[str, Any] = {"scheme": options.quant}
         reference = None
         if options.quant in ("int8", "int4"):
@@ -91,9 +104,29 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             validation = validate_export(tmp, source, spec, reference, max_length, progress)
         del reference, weights
         progress.stage("writing manifest")
-        write_manifest(tmp, _manifest_body(spec, source, io, options, quant_info, max_length, validation))
+        body = _manifest_body(spec, source, io, options, quant_info, max_length, validation)
+        body["graph"]["route"] = route
+        body["graph"]["kv_layout"] = "shared" if route == "direct" else "concat"
+        if route != "direct":
+            body["graph"]["ops"] = "optimum-onnx export (standard ops)"
+            body["graph"]["kv_cache"] = "past and present as separate tensors, concatenated each step"
+        write_manifest(tmp, body)
     progress.done(f"exported to {out}")
     return out
+
+
+def _route(source: Source) -> str:
+    """"direct" (our fused graph builder) when the architecture has one, else "optimum"."""
+    from edge_infer.export.arch import ALIASES, SUPPORTED, resolve_model_type
+
+    model_type = source.config.get("model_type")
+    if ALIASES.get(model_type, model_type) in SUPPORTED or source.kind == "gguf":
+        return "direct"
+    from edge_infer.export import optimum_route
+
+    if not optimum_route.available() or not optimum_route.supports(model_type):
+        resolve_model_type(model_type)  # raises the clear "not supported; supported: ..." error
+    return "optimum"
 
 
 def resolve_max_length(spec: DecoderSpec, requested: int | None) -> int:

@@ -33,13 +33,12 @@ def all_logits(session: ort.InferenceSession, spec: DecoderSpec, ids: list[int],
     feed = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), np.int64),
             "logits_to_keep": np.array([n], dtype=np.int64)}
     names = {i.name for i in session.get_inputs()}
-    if "position_ids" in names:
-        feed["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+    feed["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
     empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)
     for i in range(spec.num_layers):
         feed[f"past_key_values.{i}.key"] = empty
         feed[f"past_key_values.{i}.value"] = empty
-    return session.run(["logits"], feed)[0][0]
+    return session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0][0][-n:]
 
 
 def _session(path_or_bytes) -> ort.InferenceSession:

@@ -91,3 +91,35 @@ class KVCache:
                 break
             n += 1
         return n
+
+
+class ConcatKVCache(KVCache):
+    """The cache of a graph that returns past + new keys as new tensors (the optimum route).
+
+    Each pass hands back longer arrays; trimming slices them. Slower than the shared
+    buffer (a copy per step), kept for architectures without a fused builder.
+    """
+
+    def __init__(self, manifest: Manifest, batch: int = 1, max_length: int | None = None):
+        g = manifest.geometry
+        self.max_length = int(max_length or g.max_length)
+        if not 0 < self.max_length <= g.max_length:
+            raise ContextLengthError(
+                f"cache length {self.max_length} must be between 1 and the exported max_length {g.max_length}"
+            )
+        self.batch = batch
+        self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+        self.shape = (batch, g.num_kv_heads, 0, g.head_dim)  # (batch, kv_heads, past_sequence_length, head_dim)
+        self.keys = [np.zeros(self.shape, self.dtype) for _ in range(g.num_layers)]
+        self.values = [np.zeros(self.shape, self.dtype) for _ in range(g.num_layers)]
+        self.offset = 0
+        self.tokens = []
+        self.bindings = {}
+
+    def trim(self, n: int) -> None:
+        super().trim(n)
+        self.keys = [k[:, :, :n] for k in self.keys]
+        self.values = [v[:, :, :n] for v in self.values]
+
+    def row(self, r: int) -> "KVCache":
+        raise NotImplementedError("batched slots need a model exported by the direct builder (kv_layout shared)")

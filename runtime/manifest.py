@@ -64,6 +64,11 @@ class Manifest:
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
+    def kv_layout(self) -> str:
+        """"shared": one max_length buffer bound as past and present; "concat": optimum-style growth."""
+        return str(self.raw.get("graph", {}).get("kv_layout", "shared"))
+
+    @property
     def quant_scheme(self) -> str:
         return str(self.quantization.get("scheme", self.dtype))
 

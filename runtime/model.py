@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
-from edge_infer.runtime.cache import KVCache
+from edge_infer.runtime.cache import ConcatKVCache, KVCache
 from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.runtime.errors import ContextLengthError, ModelFileError, UserError
 from edge_infer.runtime.manifest import Manifest, load_manifest
@@ -50,7 +50,8 @@ class Model:
         graph_path = folder / manifest.graph_file
         check_external_data(graph_path)
         bits = manifest.quantization.get("bits")
-        traits = ModelTraits(dtype=manifest.dtype, contrib_ops=True, quant_bits=int(bits) if bits else None)
+        contrib = manifest.kv_layout == "shared" or bool(bits)  # GroupQueryAttention / MatMulNBits
+        traits = ModelTraits(dtype=manifest.dtype, contrib_ops=contrib, quant_bits=int(bits) if bits else None)
         self.plan: DevicePlan = resolve(device, available_providers(), traits)
         options = cpu_session_options(threads)
         options.log_severity_level = 3
@@ -70,6 +71,8 @@ class Model:
                                               bos_token=manifest.tokenizer.bos_token or "",
                                               eos_token=manifest.tokenizer.eos_token or "")
         self._has_keep = "logits_to_keep" in manifest.inputs
+        self._input_names = {i.name for i in self.session.get_inputs()}
+        self._output_names = [o.name for o in self.session.get_outputs()]
         g = manifest.geometry
         self._past = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(g.num_layers)]
         self._present = [(f"present.{i}.key", f"present.{i}.value") for i in range(g.num_layers)]
@@ -96,6 +99,8 @@ class Model:
         return f"{self.plan.device} ({', '.join(self.providers)})"
 
     def new_cache(self, batch: int = 1, max_length: int | None = None) -> KVCache:
+        if self.manifest.kv_layout == "concat":
+            return ConcatKVCache(self.manifest, batch, max_length)
         return KVCache(self.manifest, batch, max_length)
 
     def forward(self, ids: np.ndarray, cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
@@ -108,11 +113,28 @@ class Model:
             raise ContextLengthError(f"{total} positions do not fit the KV cache of {cache.max_length}")
         mask = np.ones((batch, total), dtype=np.int64)  # (batch, total_sequence_length)
         positions = np.arange(cache.offset, total, dtype=np.int64)[None, :].repeat(batch, 0)
-        logits = self._run(ids, mask, positions, cache, min(logits_to_keep, seq))
+        if isinstance(cache, ConcatKVCache):
+            logits = self._run_concat(ids, mask, positions, cache, min(logits_to_keep, seq))
+        else:
+            logits = self._run(ids, mask, positions, cache, min(logits_to_keep, seq))
         cache.offset = total
         if batch == 1:
             cache.tokens.extend(int(t) for t in ids[0])
         return logits
+
+    def _run_concat(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: "ConcatKVCache",
+                    keep: int) -> np.ndarray:
+        """A plain run for graphs that concatenate past and new keys (the optimum route)."""
+        feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "attention_mask": mask}
+        if "position_ids" in self._input_names:
+            feed["position_ids"] = positions
+        for i, (pk, pv) in enumerate(self._past):
+            feed[pk], feed[pv] = cache.keys[i], cache.values[i]
+        outputs = self.session.run(None, feed)
+        by_name = dict(zip(self._output_names, outputs))
+        cache.keys = [by_name[k] for k, _ in self._present]
+        cache.values = [by_name[v] for _, v in self._present]
+        return by_name["logits"][:, -keep:]  # (batch, keep, vocab)
 
     def decode_batch(self, tokens: np.ndarray, cache: KVCache, lengths: np.ndarray) -> np.ndarray:
         """One decode step for every row of a batched cache, each row at its own length.

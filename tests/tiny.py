@@ -55,6 +55,8 @@ def make_config(kind: str, vocab: int, **over):
     if kind == "gemma3_text":
         return transformers.Gemma3TextConfig(**common, head_dim=16, sliding_window=7, query_pre_attn_scalar=16,
                                              rope_scaling={"rope_type": "linear", "factor": 2.0})
+    if kind == "stablelm":  # no direct builder: exported through optimum-onnx
+        return transformers.StableLmConfig(**common)
     if kind == "gpt2":
         return transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                        bos_token_id=0, eos_token_id=2)

@@ -21,7 +21,8 @@ def resolve_model_type(model_type: str | None) -> str:
     if name not in SUPPORTED:
         raise ModelFileError(
             f"architecture '{model_type}' is not supported; supported: {', '.join(SUPPORTED)} "
-            f"(aliases: {', '.join(sorted(ALIASES))})"
+            f"(aliases: {', '.join(sorted(ALIASES))}), plus what optimum-onnx exports as "
+            "text-generation-with-past when the export extra is installed"
         )
     return name
 
