@@ -67,6 +67,9 @@ class Slot:
 class Engine:
     def __init__(self, model, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None):
         config.validate()
+        if model.manifest.kv_layout != "shared":
+            raise UserError("serving needs a model from the direct graph builder (kv_layout shared); this one was "
+                            f"exported through the {model.manifest.raw['graph'].get('route')} route")
         self.model = model
         self.config = config
         self.metrics = metrics or Metrics()
@@ -195,8 +198,13 @@ class Engine:
                 return
             seq = self._waiting.popleft()
             ids = np.asarray(seq.prompt, dtype=np.int64)  # (n_prompt,)
-            # Longest cached prefix wins; among equals, the least recently used slot is evicted.
-            slot = max(free, key=lambda s: (s.matched(ids), -s.last_used))
+            # Longest cached prefix wins; among equal matches, the slot that loses the fewest cached
+            # tokens beyond it; among slots that match nothing, the least recently used one.
+            def rank(s: Slot) -> tuple[int, int, int]:
+                m = s.matched(ids)
+                return m, -(s.row.offset - m) if m else 0, -s.last_used
+
+            slot = max(free, key=rank)
             reuse = min(slot.matched(ids), len(seq.prompt) - 1)  # one token must run to give logits
             slot.row.trim(reuse)
             seq.cached = reuse
@@ -273,7 +281,7 @@ class Engine:
             seq.next_token = token
 
     def _finish(self, seq: Sequence, event) -> None:
-        """Send the final event, free the slot (its KV stays as a cached prefix), meter and log."""
+        """Free the slot (its KV stays as a cached prefix), meter and log, then send the final event."""
         if seq.done:
             return
         seq.done = True
@@ -282,8 +290,7 @@ class Engine:
                 slot.seq = None
                 if slot.row.offset >= self.max_length:  # keep room for the dummy decode write
                     slot.row.trim(self.max_length - 1)
-        self._send(seq, event)
-        self.metrics.finished(seq, event)
+        self.metrics.finished(seq, event)  # metered and logged before the client hears it has ended
         self._update_gauges()
         u = seq.usage()
         reason = getattr(event, "finish_reason", None) or f"error {event.status}"
@@ -292,6 +299,7 @@ class Engine:
         log.info("request %s: prompt %d tokens (%d cached), completion %d, finish %s, "
                  "first token %.0f ms, decode %.1f tok/s", seq.request.request_id or "-", u.prompt_tokens,
                  u.cached_tokens, u.completion_tokens, reason, ttft, rate)
+        self._send(seq, event)
 
     def _send(self, seq: Sequence, event) -> None:
         try:

@@ -72,3 +72,21 @@ def test_stream_chunks_carry_null_usage_until_the_last():
     w = ChunkWriter("chat", "chatcmpl-1", "m", include_usage=True)
     assert b'"usage":null' in w.start() and b'"usage":null' in w.delta("hi")
     assert b'"finish_reason":"stop"' in w.delta("", "stop")
+
+
+def test_server_imports_no_heavy_modules_and_the_cli_no_server_modules():
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "import edge_infer.cli\n"
+        "cli = sorted(k for k in sys.modules if k.split('.')[0] in ('fastapi', 'uvicorn', 'prometheus_client'))\n"
+        "import edge_infer.serve.app, edge_infer.serve.runner\n"
+        "heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers', 'optimum'))\n"
+        "print(json.dumps({'cli': cli, 'heavy': heavy}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"cli": [], "heavy": []}
