@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup-tokens", type=int, default=8,
+                    help="New tokens in a warmup run: the full prompt runs, then only a few decode steps.")
     args = ap.parse_args()
     measure = load_measure()
     ids = json.loads(Path(args.ids).read_text())
@@ -115,7 +117,7 @@ def main() -> None:
     load_s = time.perf_counter() - start
     rss_loaded = measure.peak_rss_mib()
     for _ in range(args.warmup):
-        measure.time_generation(prefill, step, ids, args.new_tokens)
+        measure.time_generation(prefill, step, ids, min(args.warmup_tokens, args.new_tokens))
     runs = [measure.time_generation(prefill, step, ids, args.new_tokens).as_dict() for _ in range(args.runs)]
     print(json.dumps({"engine": args.engine, "version": version, "load_s": load_s, "rss_after_load_mib": rss_loaded,
                       "runs": runs, "machine": measure.describe_machine(args.threads)}))

@@ -8,7 +8,6 @@ Heavy modules are imported inside the commands.
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -65,7 +64,8 @@ def _machine_line(machine: dict) -> str:
 @click.option("--text", "text_path", type=click.Path(), default=None,
               help="Text file or folder of .txt files the prompts are cut from [default: the shipped benchmarks/text].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: physical cores].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, dml, ... (see `edge-infer devices`).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda, dml, ... (see `edge-infer devices`).")
 @click.option("--json", "as_json", is_flag=True, help="Print every run and the medians as JSON.")
 def bench(model, lengths, new_tokens, runs, warmup, text_path, threads, device, as_json):
     """Time to first token, prefill and decode speed, inter-token latency and peak memory of MODEL.
@@ -197,4 +197,3 @@ def evaluate(model, text_path, reference, window, stride, max_tokens, threads, d
                    f"{q.kl_mean:.5f} nats (p99 {q.kl_p99:.4f})")
     for n in notes:
         click.echo(f"note        {n}", err=True)
-    sys.stdout.flush()

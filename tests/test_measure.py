@@ -260,3 +260,19 @@ def test_eval_bad_inputs_are_one_line_errors(fp32, text_file, tmp_path):
     r = cli("eval", fp32, "--text", empty)
     assert r.exit_code == 2 and "empty" in r.output
     assert "Traceback" not in r.output
+
+
+def test_benchmark_worker_times_edge_infer_in_its_own_process(fp32, tmp_path):
+    """benchmarks/worker.py, which benchmarks/sidebyside.py runs once per engine and prompt."""
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps(list(range(3, 19))))
+    worker = Path(__file__).resolve().parent.parent / "benchmarks" / "worker.py"
+    out = subprocess.run([sys.executable, str(worker), "edge", str(fp32), "--ids", str(ids), "--new-tokens", "4",
+                          "--threads", "1", "--runs", "2", "--warmup", "0"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["engine"] == "edge" and got["version"].startswith("edge-infer")
+    assert [r["prompt_tokens"] for r in got["runs"]] == [16, 16]
+    assert got["runs"][0]["first_tokens"] == got["runs"][1]["first_tokens"]  # a fresh cache per run
+    assert got["rss_after_load_mib"] > 0
