@@ -81,7 +81,7 @@ def speculative_options(f):
     return f
 
 
-def _speculative(kw: dict, model, device: str, threads: int | None):
+def speculative_from_options(kw: dict, model, device: str, threads: int | None):
     """Pop the speculative options from kw; returns a SpeculativeConfig or None (off)."""
     from edge_infer.runtime.errors import UserError
     from edge_infer.runtime.speculative import load_draft, speculative_config
@@ -112,8 +112,12 @@ def _load(path: str, device: str, threads: int | None, quiet: bool = False):
     if not quiet:
         click.echo(f"[{model.manifest.geometry.architecture} {model.manifest.quant_scheme}, "
                    f"device {model.describe_device()}]", err=True)
-        for reason in model.plan.reasons:
+        skipped = [r.split(":")[0] for r in model.plan.reasons if ": skipped" in r]
+        chosen = [r for r in model.plan.reasons if ": skipped" not in r]
+        for reason in chosen:
             click.echo(f"  {reason}", err=True)
+        if skipped:
+            click.echo(f"  skipped {', '.join(skipped)} (why: `edge-infer devices`)", err=True)
     return model
 
 
@@ -183,7 +187,7 @@ def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, **
     if prompt == "-":
         prompt = sys.stdin.read()
     m = _load(model, device, threads, quiet=not stats)
-    speculative = _speculative(kw, m, device, threads)
+    speculative = speculative_from_options(kw, m, device, threads)
     messages = None
     if not raw and m.chat_template is not None:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -220,7 +224,7 @@ def chat(model, system, stats, max_tokens, stop, device, threads, **kw):
 
     sampling = _sampling(kw)
     m = _load(model, device, threads)
-    speculative = _speculative(kw, m, device, threads)
+    speculative = speculative_from_options(kw, m, device, threads)
     session = ChatSession(m, system=system, max_tokens=max_tokens, sampling=sampling, stop=stop,
                           speculative=speculative)
     click.echo("Type a message; /reset clears the history, /exit or Ctrl-D quits.", err=True)

@@ -1,7 +1,9 @@
 """Speculative decoding: exact against plain decoding, on tiny models (and the default model, slow).
 
 Invariants checked: greedy ids identical to plain decoding for both proposers over
-many prompts and lengths; sampled tokens keep the target's distribution (chi-square
+many prompts and lengths (on the default model's int4 export: up to a near tie, which
+a pass over several tokens rounds differently from a one-token pass; see
+INT4_WIDTH_NOISE); sampled tokens keep the target's distribution (chi-square
 against the exact distribution enumerated from the model); the cache after rollback
 equals a fresh run over the same tokens; eos, stop strings and max_tokens end the
 output exactly where plain decoding ends it; mismatched drafts are refused.
@@ -22,16 +24,14 @@ from edge_infer.runtime.errors import UserError
 from edge_infer.runtime.generate import generate_step, prefill, stream_generate
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.runtime.speculative import (
-    DraftLength,
-    PromptLookup,
     SpeculativeConfig,
     SpecStats,
     check_draft,
-    draw,
     speculative_config,
     speculative_step,
     verify,
 )
+from edge_infer.runtime.speculative_guess import DraftLength, PassCosts, PromptLookup, draw
 
 RNG = np.random.default_rng(7)
 SPAN = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
@@ -119,11 +119,13 @@ def test_greedy_lookup_identical_to_plain(target, n):
 def test_greedy_draft_identical_to_plain(request, target, draft_name, n):
     draft = request.getfixturevalue(draft_name)
     stats = SpecStats()
-    for k in (1, 4, None):  # draft_cost 0: propose every round, however often the draft is wrong
-        config = SpeculativeConfig("draft", draft=draft, num_speculative=k, draft_cost=0.0)
+    # draft_cost 0: propose every round, however often the draft is wrong; with and without lookup
+    for k, use_lookup in ((1, True), (4, False), (None, True), (None, False)):
+        config = SpeculativeConfig("draft", draft=draft, num_speculative=k, draft_cost=0.0, use_lookup=use_lookup)
         for prompt in PROMPTS:
             assert spec_ids(target, prompt, n, config, stats=stats) == plain_ids(target, prompt, n), (prompt, k)
-    assert stats.proposed > 0 if n > 2 else stats.proposed == 0  # n = 2: the one round may yield 1 token
+    if n > 3:  # with fewer tokens there are one or two rounds, and the first may be a timed plain step
+        assert stats.proposed > 0
     if n >= 20 and draft_name == "int4_draft":
         assert 0 < stats.accepted < stats.proposed
 
@@ -175,7 +177,8 @@ def test_never_more_than_max_tokens(target, int4_draft):
 
 @pytest.mark.parametrize("mode", ["lookup", "draft"])
 def test_rollback_leaves_the_cache_equal_to_a_fresh_run(target, int4_draft, mode):
-    config = SpeculativeConfig(mode, draft=int4_draft if mode == "draft" else None)
+    config = SpeculativeConfig(mode, draft=int4_draft if mode == "draft" else None,
+                               draft_cost=0.0 if mode == "draft" else None)
     stats = SpecStats()
     cache = target.new_cache()
     spec_ids(target, PROMPTS[2], 50, config, stats=stats, cache=cache)
@@ -363,18 +366,51 @@ def test_prompt_lookup_prefers_the_longest_latest_match():
 
 
 def test_draft_length_follows_acceptance():
-    length = DraftLength(max_guesses=8, cost_per_guess=0.2, probe=False)
+    length = DraftLength(max_guesses=8, probe=False)
     for _ in range(10):
         length.record(0, 8, 8)
-    assert length.choose(0, 8) == 8 and length.choose(0, 3) == 3
+    assert length.choose(0, 8, 0.2)[0] == 8 and length.choose(0, 3, 0.2)[0] == 3
     for _ in range(20):
         length.record(0, 4, 0)
-    assert length.choose(0, 8) == 0
-    probing = DraftLength(max_guesses=8, cost_per_guess=0.5, probe=True)
+    assert length.choose(0, 8, 0.2) == (0, 1.0)
+    probing = DraftLength(max_guesses=8, probe=True)
     for _ in range(20):
         probing.record(0, 2, 0)
-    picks = [probing.choose(0, 8) for _ in range(16)]
-    assert picks.count(1) == 2 and picks.count(0) == 14  # a probe every 8 rounds
+    picks = [probing.choose(0, 8, 0.5)[0] for _ in range(8 + 16 + 32)]
+    assert [i for i, k in enumerate(picks) if k] == [7, 23, 55]  # probes back off: 8, 16, 32 rounds
+
+
+def test_a_draft_switched_off_is_probed_unless_too_expensive(target, other_draft):
+    """other_draft's guesses fail: it is switched off and probed now and then; one that costs
+    more than a target pass is never probed."""
+    want = plain_ids(target, PROMPTS[1], 60)
+    proposed = {}
+    for cost in (0.6, 5.0):
+        config = SpeculativeConfig("draft", draft=other_draft, draft_cost=cost, use_lookup=False)
+        stats = SpecStats()
+        assert spec_ids(target, PROMPTS[1], 60, config, stats=stats) == want
+        proposed[cost] = stats.proposed
+    assert 2 <= proposed[0.6] <= 8  # tried first (the prior trusts a draft), then probes after 8, 16, 32 rounds
+    assert proposed[5.0] == 0
+
+
+def test_pass_costs_learned_only_when_greedy():
+    learned = PassCosts(per_token=0.25, draft=0.3, learn=True, learn_draft=True)
+    fixed = PassCosts(per_token=0.25, draft=0.3, learn=False, learn_draft=True)
+    assert learned.calibrating() and not fixed.calibrating()
+    for costs in (learned, fixed):
+        for _ in range(5):
+            costs.target_pass(1, 0.010)
+            costs.target_pass(5, 0.014)  # 1 ms per extra token
+            costs.draft_pass(0.005)
+    assert not learned.calibrating()
+    assert learned.per_token == pytest.approx(0.1) and learned.draft == pytest.approx(0.5)
+    assert (fixed.per_token, fixed.draft) == (0.25, 0.3)  # sampling: seeded runs must repeat
+    pinned = PassCosts(per_token=0.25, draft=0.0, learn=True, learn_draft=False)  # config.draft_cost given
+    for _ in range(5):
+        pinned.target_pass(1, 0.010)
+        pinned.draft_pass(0.005)
+    assert pinned.draft == 0.0
 
 
 def test_cli_run_speculative(tiny_exports):
@@ -414,6 +450,31 @@ def default_exports(tmp_path_factory):
             for q in ("int4", "fp32")}
 
 
+# A greedy step's argmax can flip where the top two logits are this close: on the int4 export
+# (int8 activations) a pass over several tokens rounds differently from a one-token pass, and
+# the logits moved by up to 1.02 over 10 positions measured (fp32: below 1e-4).
+INT4_WIDTH_NOISE = 2.0
+
+
+def plain_with_margins(model, prompt, n):
+    """Plain greedy ids and, per step, the gap between the top two logits."""
+    from edge_infer.runtime.generate import encode_prompt
+
+    ids = encode_prompt(model, prompt)
+    cache = model.new_cache()
+    logits = prefill(model, ids, cache)
+    out, margins = [], []
+    for _ in range(n):
+        top2 = np.partition(logits, -2)[-2:]
+        token = int(np.argmax(logits))
+        out.append(token)
+        margins.append(float(top2[1] - top2[0]))
+        if token in model.tokenizer.eos_ids:
+            break
+        logits = model.forward(np.array([[token]]), cache)[0, -1]
+    return out, margins
+
+
 @pytest.mark.slow
 def test_default_model_greedy_identical(default_exports):
     int4, fp32 = default_exports["int4"], default_exports["fp32"]
@@ -425,14 +486,22 @@ def test_default_model_greedy_identical(default_exports):
         [{"role": "user", "content": "Write a short poem about autumn."}],
         "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n",
     ]
+    configs = ["lookup", SpeculativeConfig("draft", draft=int4),
+               SpeculativeConfig("draft", draft=int4, use_lookup=False)]
     for prompt in prompts:
         for n in (1, 5, 48):
             want = [c.token for c in stream_generate(fp32, prompt, max_tokens=n)]
-            assert [c.token for c in stream_generate(fp32, prompt, max_tokens=n, speculative="lookup")] == want
-            draft = SpeculativeConfig("draft", draft=int4)
-            assert [c.token for c in stream_generate(fp32, prompt, max_tokens=n, speculative=draft)] == want
-        want = [c.token for c in stream_generate(int4, prompt, max_tokens=48)]
-        assert [c.token for c in stream_generate(int4, prompt, max_tokens=48, speculative="lookup")] == want
+            for spec in configs:  # the fp32 graph: identical ids
+                assert [c.token for c in stream_generate(fp32, prompt, max_tokens=n, speculative=spec)] == want
+        # the int4 graph: identical up to a step where plain decoding itself was a near tie
+        want, margins = plain_with_margins(int4, prompt, 48)
+        chunks = stream_generate(int4, prompt, max_tokens=48, speculative="lookup")
+        got = [c.token for c in chunks if c.token is not None]
+        diff = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if diff is None:
+            assert got == want
+        else:
+            assert margins[diff] < INT4_WIDTH_NOISE, (prompt, diff, margins[diff])
 
 
 def test_json_options_roundtrip():
