@@ -24,8 +24,10 @@ class KVCache:
                 f"cache length {self.max_length} must be between 1 and the exported max_length {g.max_length}"
             )
         self.batch = batch
-        dtype = np.float16 if manifest.dtype == "fp16" else np.float32
-        shape = (batch, g.num_kv_heads, self.max_length, g.head_dim)  # (batch, kv_heads, max_length, head_dim)
+        self._allocate(g, np.float16 if manifest.dtype == "fp16" else np.float32)
+
+    def _allocate(self, g, dtype) -> None:
+        shape = (self.batch, g.num_kv_heads, self.max_length, g.head_dim)  # (batch, kv_heads, max_length, head_dim)
         self._attach([np.zeros(shape, dtype) for _ in range(g.num_layers)],
                      [np.zeros(shape, dtype) for _ in range(g.num_layers)])
 
@@ -100,18 +102,10 @@ class ConcatKVCache(KVCache):
     buffer (a copy per step), kept for architectures without a fused builder.
     """
 
-    def __init__(self, manifest: Manifest, batch: int = 1, max_length: int | None = None):
-        g = manifest.geometry
-        self.max_length = int(max_length or g.max_length)
-        if not 0 < self.max_length <= g.max_length:
-            raise ContextLengthError(
-                f"cache length {self.max_length} must be between 1 and the exported max_length {g.max_length}"
-            )
-        self.batch = batch
-        self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
-        self.shape = (batch, g.num_kv_heads, 0, g.head_dim)  # (batch, kv_heads, past_sequence_length, head_dim)
-        self.keys = [np.zeros(self.shape, self.dtype) for _ in range(g.num_layers)]
-        self.values = [np.zeros(self.shape, self.dtype) for _ in range(g.num_layers)]
+    def _allocate(self, g, dtype) -> None:
+        shape = (self.batch, g.num_kv_heads, 0, g.head_dim)  # (batch, kv_heads, past_sequence_length, head_dim)
+        self.keys = [np.zeros(shape, dtype) for _ in range(g.num_layers)]
+        self.values = [np.zeros(shape, dtype) for _ in range(g.num_layers)]
         self.offset = 0
         self.tokens = []
         self.bindings = {}
