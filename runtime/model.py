@@ -44,7 +44,8 @@ def check_external_data(graph_path: Path) -> None:
 
 
 class Model:
-    def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None):
+    def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None,
+                 allow_spinning: bool = True):
         self.manifest = manifest
         folder = manifest.folder
         graph_path = folder / manifest.graph_file
@@ -53,7 +54,7 @@ class Model:
         contrib = manifest.kv_layout == "shared" or bool(bits)  # GroupQueryAttention / MatMulNBits
         traits = ModelTraits(dtype=manifest.dtype, contrib_ops=contrib, quant_bits=int(bits) if bits else None)
         self.plan: DevicePlan = resolve(device, available_providers(), traits)
-        options = cpu_session_options(threads)
+        options = cpu_session_options(threads, allow_spinning=allow_spinning)
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(graph_path), options,
@@ -168,6 +169,12 @@ class Model:
         return binding.get_outputs()[0].numpy()  # (batch, logits_to_keep, vocab)
 
 
-def load(path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify: bool = True) -> Model:
-    """Load an exported model folder: verify its manifest and hashes, then open a session."""
-    return Model(load_manifest(Path(path), verify=verify), device=device, threads=threads)
+def load(path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify: bool = True,
+         allow_spinning: bool = True) -> Model:
+    """Load an exported model folder: verify its manifest and hashes, then open a session.
+
+    allow_spinning=False stops onnxruntime's worker threads spinning after each run: a little
+    slower alone, but a second session on the same cores (a draft model) no longer fights it.
+    """
+    return Model(load_manifest(Path(path), verify=verify), device=device, threads=threads,
+                 allow_spinning=allow_spinning)

@@ -124,7 +124,7 @@ def load_draft(target: Model, path: str, device: str = "auto", threads: int | No
     """Load a draft model for `target` and check its vocabulary (UserError if it does not match)."""
     from edge_infer.runtime.model import load
 
-    draft = load(path, device=device, threads=threads)
+    draft = load(path, device=device, threads=threads, allow_spinning=False)  # see benchmarks/speculative/README.md
     check_draft(target, draft)
     return draft
 
