@@ -266,10 +266,11 @@ async def mixed(client: httpx.AsyncClient, server: psutil.Process, clients: int,
 # -- driver --------------------------------------------------------------------------
 
 
-def start_server(model: str, parallel: int, max_length: int, prefill_chunk: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, parallel: int, max_length: int, prefill_chunk: int, threads: int | None,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "edge_infer.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
            "--parallel", str(parallel), "--max-length", str(max_length), "--prefill-chunk", str(prefill_chunk),
-           "--log-level", "warning"]
+           "--log-level", "warning", *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)

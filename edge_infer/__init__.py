@@ -12,9 +12,10 @@ from edge_infer.runtime.errors import ContextLengthError, ModelFileError, UserEr
 from edge_infer.runtime.generate import Chunk, FinishReason, Timings, generate, stream_generate
 from edge_infer.runtime.model import Model, load
 from edge_infer.runtime.sampling import SamplingParams
+from edge_infer.runtime.speculative import SpeculativeConfig
 
 __version__ = "0.1.0"
 __all__ = [
     "load", "generate", "stream_generate", "Model", "Chunk", "FinishReason", "Timings", "SamplingParams",
-    "UserError", "ModelFileError", "ContextLengthError", "__version__",
+    "SpeculativeConfig", "UserError", "ModelFileError", "ContextLengthError", "__version__",
 ]

@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from edge_infer.cli_speculative import speculative_from_options, speculative_options, wants_shared_threads
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
@@ -64,37 +66,6 @@ def sampling_options(f):
     return f
 
 
-def speculative_options(f):
-    """Speculative decoding options shared by `run` and `chat` (and usable by `bench` and `serve`)."""
-    opts = [
-        click.option("--speculative", type=click.Choice(["off", "lookup", "draft"]), default="off",
-                     show_default=True,
-                     help="Guess tokens and verify them in one pass: lookup copies n-grams from the prompt, "
-                          "draft asks --draft MODEL. The output is unchanged."),
-        click.option("--draft", "draft_model", type=click.Path(), default=None,
-                     help="Draft model folder (same tokenizer) for --speculative draft."),
-        click.option("--num-speculative", type=click.IntRange(1, 32), default=None,
-                     help="Most guesses per pass [default: lookup 10, draft 8]; adapted to the acceptance rate."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-def speculative_from_options(kw: dict, model, device: str, threads: int | None):
-    """Pop the speculative options from kw; returns a SpeculativeConfig or None (off)."""
-    from edge_infer.runtime.errors import UserError
-    from edge_infer.runtime.speculative import load_draft, speculative_config
-
-    mode, path, n = kw.pop("speculative"), kw.pop("draft_model"), kw.pop("num_speculative")
-    if path is not None and mode != "draft":
-        raise UserError(f"--draft is only used with --speculative draft (speculation is {mode})")
-    if mode == "draft" and path is None:
-        raise UserError("--speculative draft needs a draft model: add --draft MODEL")
-    draft = load_draft(model, path, device=device, threads=threads) if path is not None else None
-    return speculative_config(mode, draft=draft, num_speculative=n)
-
-
 def _sampling(kw: dict):
     from edge_infer.runtime.sampling import SamplingParams
 
@@ -105,10 +76,10 @@ def _sampling(kw: dict):
     return params
 
 
-def _load(path: str, device: str, threads: int | None, quiet: bool = False):
+def _load(path: str, device: str, threads: int | None, quiet: bool = False, shared_threads: bool = False):
     import edge_infer
 
-    model = edge_infer.load(path, device=device, threads=threads)
+    model = edge_infer.load(path, device=device, threads=threads, shared_threads=shared_threads)
     if not quiet:
         click.echo(f"[{model.manifest.geometry.architecture} {model.manifest.quant_scheme}, "
                    f"device {model.describe_device()}]", err=True)
@@ -133,18 +104,24 @@ def _load(path: str, device: str, threads: int | None, quiet: bool = False):
 @click.option("--lm-head", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True)
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = float activations.")
+@click.option("--rounding", type=click.Choice(["search", "rtn"]), default="search", show_default=True,
+              help="4-bit rounding of float weights: a searched least-squares scale per block (blocks of 16 and "
+                   "32), or round-to-nearest.")
+@click.option("--exact-gguf/--requantize-gguf", default=True, show_default=True,
+              help="GGUF Q4_1/Q4_K blocks: import exactly (a residual term per weight) or round them again "
+                   "with searched scales (faster decode, lower quality; see benchmarks/QUALITY.md).")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the source / fp32.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_head, accuracy_level, no_validate,
-           force, quiet):
+def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding,
+           exact_gguf, no_validate, force, quiet):
     """Export a Hugging Face folder or a .gguf file to an ONNX model folder."""
     from edge_infer.export.pipeline import ExportOptions, export_model
     from edge_infer.export.progress import Progress
 
     options = ExportOptions(quant=quant, max_length=max_length, block_size=block_size, symmetric=symmetric,
                             embeddings=embeddings, lm_head=lm_head, accuracy_level=accuracy_level,
-                            validate=not no_validate, force=force)
+                            rounding=rounding, exact_gguf=exact_gguf, validate=not no_validate, force=force)
     export_model(src, out, options, Progress(quiet=quiet))
 
 
@@ -157,17 +134,21 @@ def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_he
 @click.option("--embeddings", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True)
 @click.option("--lm-head", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True)
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True)
+@click.option("--rounding", type=click.Choice(["search", "rtn"]), default="search", show_default=True,
+              help="4-bit rounding: a searched least-squares scale per block (blocks of 16 and 32), or "
+                   "round-to-nearest.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the input model.")
 @click.option("--force", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
-def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, accuracy_level, no_validate, force, quiet):
+def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding, no_validate,
+             force, quiet):
     """Quantize an exported fp32/fp16 model folder to int8 or int4 (MatMulNBits)."""
     from edge_infer.export.progress import Progress
     from edge_infer.quantize.folder import quantize_folder
     from edge_infer.quantize.rewrite import QuantConfig
 
     config = QuantConfig(bits=4 if quant == "int4" else 8, block_size=block_size, symmetric=symmetric,
-                         accuracy_level=accuracy_level, embeddings=embeddings, lm_head=lm_head)
+                         accuracy_level=accuracy_level, embeddings=embeddings, lm_head=lm_head, method=rounding)
     quantize_folder(model, out, config, validate=not no_validate, force=force, progress=Progress(quiet=quiet))
 
 
@@ -186,7 +167,7 @@ def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, **
     sampling = _sampling(kw)
     if prompt == "-":
         prompt = sys.stdin.read()
-    m = _load(model, device, threads, quiet=not stats)
+    m = _load(model, device, threads, quiet=not stats, shared_threads=wants_shared_threads(kw))
     speculative = speculative_from_options(kw, m, device, threads)
     messages = None
     if not raw and m.chat_template is not None:
@@ -223,7 +204,7 @@ def chat(model, system, stats, max_tokens, stop, device, threads, **kw):
     from edge_infer.runtime.chat import ChatSession
 
     sampling = _sampling(kw)
-    m = _load(model, device, threads)
+    m = _load(model, device, threads, shared_threads=wants_shared_threads(kw))
     speculative = speculative_from_options(kw, m, device, threads)
     session = ChatSession(m, system=system, max_tokens=max_tokens, sampling=sampling, stop=stop,
                           speculative=speculative)

@@ -11,6 +11,8 @@ import json
 
 import click
 
+from edge_infer.cli_speculative import speculative_from_options, speculative_options, wants_shared_threads
+
 
 def _lengths(ctx, param, value: str) -> list[int]:
     try:
@@ -22,10 +24,10 @@ def _lengths(ctx, param, value: str) -> list[int]:
     return out
 
 
-def _load(path: str, device: str, threads: int | None):
+def _load(path: str, device: str, threads: int | None, shared_threads: bool = False):
     import edge_infer
 
-    return edge_infer.load(path, device=device, threads=threads)
+    return edge_infer.load(path, device=device, threads=threads, shared_threads=shared_threads)
 
 
 def _threads(threads: int | None) -> int:
@@ -67,42 +69,76 @@ def _machine_line(machine: dict) -> str:
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu, cuda, dml, ... (see `edge-infer devices`).")
 @click.option("--json", "as_json", is_flag=True, help="Print every run and the medians as JSON.")
-def bench(model, lengths, new_tokens, runs, warmup, text_path, threads, device, as_json):
+@speculative_options
+def bench(model, lengths, new_tokens, runs, warmup, text_path, threads, device, as_json, **speculative_kw):
     """Time to first token, prefill and decode speed, inter-token latency and peak memory of MODEL.
 
     Prompts are real text cut to exactly each length; the first token comes from the prefill
-    (runtime.generate.prefill, chunked as in `edge-infer run`), then new-tokens - 1 greedy decode steps."""
+    (runtime.generate.prefill, chunked as in `edge-infer run`), then new-tokens - 1 greedy decode steps.
+    With --speculative, plain and speculative runs alternate and both are reported, with the
+    speed ratio, the acceptance rate and whether the ids were identical."""
+    import numpy as np
+
     from edge_infer.runtime import measure
     from edge_infer.runtime.errors import UserError
+    from edge_infer.runtime.speculative import SpecStats
 
     text, text_desc = measure.read_text(text_path)
-    m = _load(model, device, threads)
+    m = _load(model, device, threads, shared_threads=wants_shared_threads(speculative_kw))
     for n in lengths:
         if n + new_tokens > m.max_length:
             raise UserError(f"prompt {n} + {new_tokens} new tokens exceeds the model's max_length {m.max_length}; "
                             f"use shorter --prompt-tokens or re-export with a larger --max-length")
     ids = m.tokenizer.encode(text, add_special_tokens=True)
     prefill, step = measure.edge_engine(m, new_tokens)
+    speculative = speculative_from_options(speculative_kw, m, device, threads)
+    spec_tokens = measure.edge_speculative(m, speculative, new_tokens) if speculative is not None else None
     machine = measure.describe_machine(_threads(threads))
     report = {"machine": machine, "model": _model_info(m, model),
               "settings": {"new_tokens": new_tokens, "runs": runs, "warmup": warmup, "text": text_desc,
-                           "text_tokens": len(ids), "sampling": "greedy, eos ignored"},
+                           "text_tokens": len(ids), "sampling": "greedy, eos ignored",
+                           "speculative": _spec_settings(speculative)},
               "results": []}
     for n in lengths:
         prompt = measure.prompt_ids(ids, n)
         for _ in range(warmup):
             measure.time_generation(prefill, step, prompt, new_tokens)
-        timed = []
-        for r in range(runs):
-            timed.append(measure.time_generation(prefill, step, prompt, new_tokens))
+            if spec_tokens is not None:
+                measure.time_tokens(spec_tokens(prompt, SpecStats()), n, new_tokens)
+        timed, spec = [], []
+        for r in range(runs):  # plain and speculative alternate, so a noisy machine hits both alike
+            plain_ids, spec_ids, stats = [], [], SpecStats()
+            timed.append(measure.time_tokens(measure.step_tokens(prefill, step, prompt, new_tokens), n, new_tokens,
+                                             keep=plain_ids))
+            line = f"  prompt {n}: run {r + 1}/{runs} decode {timed[-1].decode_tok_s:.1f} tok/s"
+            if spec_tokens is not None:
+                run = measure.time_tokens(spec_tokens(prompt, stats), n, new_tokens, keep=spec_ids)
+                spec.append({**run.as_dict(), "acceptance_rate": stats.acceptance_rate,
+                             "tokens_per_target_pass": (new_tokens - 1) / max(stats.target_passes, 1),
+                             "identical": spec_ids == plain_ids})
+                line += f", speculative {run.decode_tok_s:.1f} tok/s"
             if not as_json:
-                click.echo(f"  prompt {n}: run {r + 1}/{runs} decode {timed[-1].decode_tok_s:.1f} tok/s", err=True)
-        report["results"].append({"prompt_tokens": n, "new_tokens": new_tokens, "repeated_text": n > len(ids),
-                                  "median": measure.medians(timed), "runs": [t.as_dict() for t in timed]})
+                click.echo(line, err=True)
+        result = {"prompt_tokens": n, "new_tokens": new_tokens, "repeated_text": n > len(ids),
+                  "median": measure.medians(timed), "runs": [t.as_dict() for t in timed]}
+        if spec:
+            result["speculative"] = {"median": measure.medians(spec), "runs": spec,
+                                     "acceptance_rate": float(np.median([x["acceptance_rate"] for x in spec])),
+                                     "tokens_per_target_pass":
+                                         float(np.median([x["tokens_per_target_pass"] for x in spec])),
+                                     "identical_runs": sum(x["identical"] for x in spec)}
+        report["results"].append(result)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     _print_bench(report)
+
+
+def _spec_settings(config) -> dict | None:
+    if config is None:
+        return None
+    return {"mode": config.mode, "num_speculative": config.max_guesses,
+            "draft": config.draft.manifest.quant_scheme if config.draft is not None else None}
 
 
 def _print_bench(report: dict) -> None:
@@ -122,6 +158,21 @@ def _print_bench(report: dict) -> None:
                    f"{md['prefill_tok_s']:>15.1f}{md['decode_tok_s']:>14.1f}{md['itl_p50_ms']:>12.2f}"
                    f"{md['itl_p95_ms']:>12.2f}{rss:>14}")
     click.echo("(peak RSS is the whole process's peak after that prompt length's runs)")
+    spec = s.get("speculative")
+    if not spec:
+        return
+    draft = f", draft {spec['draft']}" if spec["draft"] else ""
+    click.echo()
+    click.echo(f"speculative {spec['mode']}{draft} (at most {spec['num_speculative']} guesses per pass), "
+               f"alternating with the plain runs above:")
+    click.echo(f"{'prompt':>7}{'decode tok/s':>14}{'vs plain':>10}{'accepted':>10}{'tok/pass':>10}"
+               f"{'identical ids':>15}")
+    for r in report["results"]:
+        sp = r["speculative"]
+        rate = sp["median"]["decode_tok_s"]
+        click.echo(f"{r['prompt_tokens']:>7}{rate:>14.1f}{rate / r['median']['decode_tok_s']:>9.2f}x"
+                   f"{sp['acceptance_rate']:>10.0%}{sp['tokens_per_target_pass']:>10.2f}"
+                   f"{sp['identical_runs']:>9}/{len(sp['runs'])} runs")
 
 
 @click.command(name="eval")

@@ -40,6 +40,10 @@ class ExportOptions:
     accuracy_level: int = 4
     embeddings: str = "int8"  # int8 | int4 | fp
     lm_head: str = "int8"
+    rounding: str = "search"  # 4-bit rounding of float weights: "search" (least-squares scales) or "rtn"
+    # GGUF blocks with a minimum per block (Q4_1, Q4_K): True imports them exactly (a residual
+    # branch per weight, slower decode); False rounds them again with searched scales (faster, lossy).
+    exact_gguf: bool = True
     validate: bool = True
     force: bool = False
 
@@ -145,10 +149,10 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
     bits = 4 if options.quant == "int4" else 8
     config = QuantConfig(bits=bits, block_size=options.block_size, symmetric=options.symmetric,
                          accuracy_level=options.accuracy_level, embeddings=options.embeddings,
-                         lm_head=options.lm_head)
+                         lm_head=options.lm_head, method=options.rounding)
     config.validate()
     embed_bits = {"int8": 8, "int4": 4}.get(config.embeddings_choice(), 0)
-    pre, minimums = _source_blocks(blocks, bits, embed_bits, options.block_size)
+    pre, minimums = _source_blocks(blocks, bits, embed_bits, options.block_size, options.exact_gguf)
     progress.stage(f"quantizing to {options.quant} (block {options.block_size}, "
                    f"{'symmetric' if options.symmetric else 'asymmetric'})")
     bar = progress.bar("quantize", total=None)
@@ -177,13 +181,16 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
     return q, info
 
 
-def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int) -> tuple[dict, dict]:
+def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,
+                   exact_minimums: bool = True) -> tuple[dict, dict]:
     """GGUF blocks that the rewrite can use as they are, keyed by graph initializer name, plus the
     per-block residuals of scale-and-minimum formats (Q4_1, Q4_K) for quantize.block_offsets.
 
     Usable: the asked bits with blocks that split exactly into `block_size` (32 -> 16), or more bits
     than asked (Q6_K, Q8_0 stay 8-bit). Anything else is left out, so the rewrite quantizes the
-    exact float weights once instead of re-rounding blocks.
+    exact float weights once instead of re-rounding blocks. With exact_minimums False, blocks that
+    would need the residual branch and wider blocks (Q8_0 in an int4 export) are left out too: every
+    weight is then rounded to exactly what was asked.
     """
     from edge_infer.quantize.block_offsets import split_minimum
     from edge_infer.quantize.nbits import split_blocks
@@ -196,11 +203,11 @@ def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int) ->
         name, ql = names.get(canonical, f"model.{canonical}"), _as_linear(b)
         target = embed_bits if canonical in names else bits
         exact_split = ql.bits == target and ql.block_size % block_size == 0
-        if not (exact_split or (target and ql.bits > target)):
+        if not (exact_split or (target and ql.bits > target and exact_minimums)):
             continue
         split = split_minimum(ql)
         if split is not None:
-            if canonical in names:  # the embedding gather has no residual branch
+            if canonical in names or not exact_minimums:  # (the embedding gather has no residual branch)
                 continue
             ql, minimums[name] = split
         if exact_split and ql.block_size != block_size:

@@ -49,6 +49,7 @@ from .nbits import (
     nbits_initializers,
     quantize_rtn,
 )
+from .search import SEARCH_MAX_BLOCK, quantize_search
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class QuantConfig:
     embeddings: str = "int8"  # "int8" | "int4" | "fp"
     lm_head: str = "int8"  # "int8" | "int4" | "fp"; must equal `embeddings` when tied
     exclude: tuple[str, ...] = ()
+    method: str = "search"  # "search" (least-squares scale per block, blocks <= 32) | "rtn" (round to nearest)
 
     def validate(self) -> QuantConfig:
         if self.bits not in (4, 8):
@@ -92,6 +94,8 @@ class QuantConfig:
                 f"accuracy_level={self.accuracy_level!r} is not valid: use 0 (float activations) "
                 "to 4 (int8 activations, fastest on CPU)"
             )
+        if self.method not in ("search", "rtn"):
+            raise UserError(f"method={self.method!r} is not valid: use 'search' (least-squares scales) or 'rtn'")
         for field in ("embeddings", "lm_head"):
             value = getattr(self, field)
             if value not in CHOICES:
@@ -190,6 +194,7 @@ def quantize_graph(
         "embeddings": config.embeddings_choice(),
         "lm_head": config.lm_head_choice(),
         "requantized": requantized,
+        "rounding": "rtn" if config.method == "rtn" or config.block_size > SEARCH_MAX_BLOCK else "search",
         "float_bytes_replaced": sum(_nbytes(inits[j.weight]) for j in jobs),
     }
     for prop in [p for p in out.metadata_props if p.key == METADATA_KEY]:
@@ -265,7 +270,7 @@ def _obtain(
     prequantized: Mapping[str, QuantizedLinear],
     requantized: list[str],
 ) -> QuantizedLinear:
-    """The quantized (N, K) weight for a job: imported blocks when they fit, else RTN."""
+    """The quantized (N, K) weight for a job: imported blocks when they fit, else rounded here."""
     dims = tuple(tensor.dims)
     n, k = (dims[1], dims[0]) if job.transposed else dims  # W (K, N) or W_embed (V, D)
     pre = prequantized.get(job.weight)
@@ -281,11 +286,19 @@ def _obtain(
             job.weight, pre.bits, pre.block_size, job.bits, config.block_size,
         )  # fmt: skip
         requantized.append(job.weight)
-        return quantize_rtn(dequantize(pre), job.bits, config.block_size, config.symmetric)
+        return _round(dequantize(pre), job.bits, config)
     if tensor.data_location == TensorProto.EXTERNAL:
         raise UserError(f"initializer {job.weight} is stored externally: load the model with its external data first")
     w = numpy_helper.to_array(tensor).astype(np.float32)  # (K, N) or (V, D)
-    return quantize_rtn(w.T if job.transposed else w, job.bits, config.block_size, config.symmetric)
+    return _round(w.T if job.transposed else w, job.bits, config)
+
+
+def _round(w: np.ndarray, bits: int, config: QuantConfig) -> QuantizedLinear:
+    # 8-bit rounding error is already ~16x below 4-bit's. Blocks over 32: lower weight error from the
+    # search clipped outliers and measured worse perplexity on the default model (benchmarks/QUALITY.md).
+    if config.method == "rtn" or bits == 8 or config.block_size > SEARCH_MAX_BLOCK:
+        return quantize_rtn(w, bits, config.block_size, config.symmetric)
+    return quantize_search(w, bits, config.block_size, config.symmetric)
 
 
 def _embedding_nodes(
@@ -450,6 +463,7 @@ def quantize_summary(model: onnx.ModelProto) -> dict:
         "lm_head": record.get("lm_head", "fp"),
         "tied_embeddings": record.get("tied_embeddings"),
         "requantized": record.get("requantized", []),
+        "rounding": record.get("rounding"),
         "config": record.get("config"),
         "bytes_before": before,
         "bytes_after": after,

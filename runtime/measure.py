@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -149,26 +149,41 @@ def time_generation(prefill: Prefill, step: Step, ids: Sequence[int], new_tokens
     """Greedy generation of new_tokens after ids, ignoring eos; the first token comes from the prefill."""
     if new_tokens < 1:
         raise ValueError("new_tokens must be at least 1")
-    start = time.perf_counter()
+    return time_tokens(step_tokens(prefill, step, ids, new_tokens), len(ids), new_tokens)
+
+
+def step_tokens(prefill: Prefill, step: Step, ids: Sequence[int], new_tokens: int) -> Iterator[int]:
+    """The ids of a prefill/step engine: the prefill's token, then new_tokens - 1 steps."""
     token = prefill(ids)
-    first = time.perf_counter()
-    tokens = [token]
-    gaps = np.empty(new_tokens - 1)  # seconds between consecutive tokens
-    last = first
-    for i in range(new_tokens - 1):
+    yield token
+    for _ in range(new_tokens - 1):
         token = step(token)
-        now = time.perf_counter()
-        gaps[i] = now - last
-        last = now
-        tokens.append(token)
+        yield token
+
+
+def time_tokens(tokens: Iterator[int], n_prompt: int, new_tokens: int, keep: list[int] | None = None) -> RunStats:
+    """Time a generator that runs the prompt on its first next() and then yields new_tokens ids
+    (one per step, or several per pass when speculating: those arrive together). `keep` gets every id."""
+    start = time.perf_counter()
+    out = keep if keep is not None else []
+    stamps = []
+    for token in tokens:
+        stamps.append(time.perf_counter())
+        out.append(token)
+        if len(stamps) == new_tokens:
+            break
+    if len(stamps) != new_tokens:
+        raise RuntimeError(f"the generator stopped after {len(stamps)} of {new_tokens} tokens")
+    first, last = stamps[0], stamps[-1]
+    gaps = np.diff(np.asarray(stamps))  # seconds between consecutive tokens
     ttft = first - start
     decode = last - first
     return RunStats(
-        prompt_tokens=len(ids), new_tokens=new_tokens, ttft_s=ttft, prefill_tok_s=len(ids) / ttft,
-        decode_tok_s=(new_tokens - 1) / decode if new_tokens > 1 else 0.0,
+        prompt_tokens=n_prompt, new_tokens=new_tokens, ttft_s=ttft, prefill_tok_s=n_prompt / ttft,
+        decode_tok_s=(new_tokens - 1) / decode if new_tokens > 1 and decode > 0 else 0.0,
         itl_p50_ms=float(np.percentile(gaps, 50) * 1e3) if len(gaps) else 0.0,
         itl_p95_ms=float(np.percentile(gaps, 95) * 1e3) if len(gaps) else 0.0,
-        peak_rss_mib=peak_rss_mib(), first_tokens=tuple(tokens[:8]),
+        peak_rss_mib=peak_rss_mib(), first_tokens=tuple(out[:8]),
     )
 
 
@@ -203,6 +218,20 @@ def edge_engine(model, new_tokens: int) -> tuple[Prefill, Step]:
         return int(np.argmax(logits[0, -1]))
 
     return prefill, step
+
+
+def edge_speculative(model, config, new_tokens: int) -> Callable[[Sequence[int], object], Iterator[int]]:
+    """tokens(ids, stats): the greedy ids of a speculative generation (runtime.speculative) with eos
+    ignored, as edge_engine's are, from a fresh cache; stats (a SpecStats) gets the acceptance counts."""
+    from edge_infer.runtime.sampling import SamplingParams, make_sampler
+    from edge_infer.runtime.speculative import speculative_step
+
+    def tokens(ids: Sequence[int], stats) -> Iterator[int]:
+        cache = model.new_cache(max_length=min(len(ids) + new_tokens, model.max_length))
+        return speculative_step(model, list(ids), cache, make_sampler(SamplingParams()), new_tokens, config,
+                                stats, ignore_eos=True)
+
+    return tokens
 
 
 # ---------------------------------------------------------------- perplexity and agreement

@@ -45,8 +45,9 @@ def check_external_data(graph_path: Path) -> None:
 
 class Model:
     def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None,
-                 allow_spinning: bool = True):
+                 allow_spinning: bool = True, shared_threads: bool = False):
         self.manifest = manifest
+        self.shared_threads = shared_threads
         folder = manifest.folder
         graph_path = folder / manifest.graph_file
         check_external_data(graph_path)
@@ -54,7 +55,7 @@ class Model:
         contrib = manifest.kv_layout == "shared" or bool(bits)  # GroupQueryAttention / MatMulNBits
         traits = ModelTraits(dtype=manifest.dtype, contrib_ops=contrib, quant_bits=int(bits) if bits else None)
         self.plan: DevicePlan = resolve(device, available_providers(), traits)
-        options = cpu_session_options(threads, allow_spinning=allow_spinning)
+        options = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(graph_path), options,
@@ -170,11 +171,17 @@ class Model:
 
 
 def load(path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify: bool = True,
-         allow_spinning: bool = True) -> Model:
+         allow_spinning: bool = True, shared_threads: bool = False) -> Model:
     """Load an exported model folder: verify its manifest and hashes, then open a session.
 
     allow_spinning=False stops onnxruntime's worker threads spinning after each run: a little
-    slower alone, but a second session on the same cores (a draft model) no longer fights it.
+    slower alone, but a second session on the same cores no longer fights it.
+    shared_threads=True runs the model on the process-wide thread pool
+    (devices.providers.share_threads, sized by the first model that asks): load a target
+    and its draft model this way and they take turns on the same threads. That is for the
+    whole process: onnxruntime then refuses sessions with pools of their own, so every later
+    `load` joins the pool, and a session you open with onnxruntime directly needs
+    `SessionOptions.use_per_session_threads = False`.
     """
     return Model(load_manifest(Path(path), verify=verify), device=device, threads=threads,
-                 allow_spinning=allow_spinning)
+                 allow_spinning=allow_spinning, shared_threads=shared_threads)

@@ -121,10 +121,15 @@ def check_draft(target: Model, draft: Model) -> None:
 
 
 def load_draft(target: Model, path: str, device: str = "auto", threads: int | None = None) -> Model:
-    """Load a draft model for `target` and check its vocabulary (UserError if it does not match)."""
+    """Load a draft model for `target` and check its vocabulary (UserError if it does not match).
+
+    A target loaded with shared_threads=True shares its thread pool with the draft (fastest);
+    otherwise the draft's threads do not spin, so they leave the cores to the target's.
+    """
     from edge_infer.runtime.model import load
 
-    draft = load(path, device=device, threads=threads, allow_spinning=False)  # see benchmarks/speculative/README.md
+    shared = getattr(target, "shared_threads", False)
+    draft = load(path, device=device, threads=threads, allow_spinning=shared, shared_threads=shared)
     check_draft(target, draft)
     return draft
 
@@ -177,14 +182,15 @@ def verify(rows: np.ndarray, guesses: list[int], qs: list[np.ndarray] | None, to
 
 def speculative_step(model: Model, ids: list[int], cache: KVCache, sampler: Sampler, max_tokens: int,
                      config: SpeculativeConfig, stats: SpecStats | None = None,
-                     draft_cache: KVCache | None = None) -> Iterator[int]:
+                     draft_cache: KVCache | None = None, ignore_eos: bool = False) -> Iterator[int]:
     """Like generate_step: yield up to max_tokens ids, stopping after an eos id, but verify guesses
-    in batches. `draft_cache` (mode "draft") lets a caller keep the draft's prefix across turns."""
+    in batches. `draft_cache` (mode "draft") lets a caller keep the draft's prefix across turns;
+    `ignore_eos` (benchmarks) runs on past eos ids."""
     from edge_infer.runtime.generate import prefill
 
     stats = stats if stats is not None else SpecStats()
     stats.mode = config.mode
-    eos = model.tokenizer.eos_ids
+    eos = frozenset() if ignore_eos else model.tokenizer.eos_ids
     n_prompt = len(ids)
     reuse = min(cache.common_prefix(ids), n_prompt - 1)  # at least one token must run to get logits
     cache.trim(reuse)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from edge_infer.cli_speculative import speculative_from_options, speculative_options, wants_shared_threads
+
 
 @click.command()
 @click.argument("model", type=click.Path())
@@ -37,9 +39,15 @@ import click
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: cores].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="info logs one line per request (no prompt text); debug adds access logs.")
+@speculative_options
 def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_queue, prefill_chunk,
-          default_max_tokens, allowed_host, cors_origin, model_name, shutdown_grace, device, threads, log_level):
-    """Serve MODEL over an OpenAI-compatible HTTP API (chat and text completions, streaming)."""
+          default_max_tokens, allowed_host, cors_origin, model_name, shutdown_grace, device, threads, log_level,
+          **speculative_kw):
+    """Serve MODEL over an OpenAI-compatible HTTP API (chat and text completions, streaming).
+
+    With --speculative, a request that decodes alone has its guesses verified several at a time;
+    the output is the same."""
+    import dataclasses
     import logging
 
     from edge_infer.runtime.errors import UserError
@@ -71,12 +79,16 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
 
     sock = bind(host, port)  # before loading: a port in use fails fast
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
-    m = edge_infer.load(model, device=device, threads=threads)
+    m = edge_infer.load(model, device=device, threads=threads, shared_threads=wants_shared_threads(speculative_kw))
+    speculative = speculative_from_options(speculative_kw, m, device, threads)
+    if speculative is not None:
+        engine_config = dataclasses.replace(engine_config, speculative=speculative)
     app = build_app(m, server_config, engine_config)
     engine = app.state.engine
     kv = engine.cache.nbytes() / 2**20
     click.echo(f"[{m.manifest.geometry.architecture} {m.manifest.quant_scheme} on {m.describe_device()}; "
-               f"{parallel} slots x {engine.max_length} positions, KV cache {kv:.0f} MiB]", err=True)
+               f"{parallel} slots x {engine.max_length} positions, KV cache {kv:.0f} MiB"
+               + (f"; speculative {speculative.mode}" if speculative is not None else "") + "]", err=True)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving '{server_config.model_id}' at http://{shown}:{sock.getsockname()[1]}/v1"
                + (" (API key required)" if server_config.api_key else ""), err=True)

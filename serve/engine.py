@@ -13,7 +13,10 @@ Each turn of the loop has three steps (as in vLLM's v1 engine):
             match stops, emit text, free the slots of finished requests.
 
 A long prompt is prefilled one chunk per turn, so the other streams wait at
-most one chunk for their next token. Slots keep their KV after a request ends:
+most one chunk for their next token. With speculation on, a turn in which a
+single request decodes verifies that request's guesses (prompt lookup or a
+draft model) in one pass on its row instead (runtime/speculative.py: same
+output, several tokens per pass); with two or more, the batched step runs. Slots keep their KV after a request ends:
 that is the prefix cache. A free slot's row inside the decode range gets a
 dummy token written just past its cached positions, where nothing reads it.
 """
@@ -30,6 +33,8 @@ import numpy as np
 
 from edge_infer.runtime.errors import UserError
 from edge_infer.runtime.generate import plan_max_tokens
+from edge_infer.runtime.speculative import check_draft, verify
+from edge_infer.runtime.speculative_guess import Guesser
 from edge_infer.serve.config import EngineConfig
 from edge_infer.serve.metrics import Metrics
 from edge_infer.serve.sequence import (CANCELLED, Delta, Emit, Failed, GenerationRequest, Handle, Sequence)
@@ -86,6 +91,12 @@ class Engine:
         self._stop = False  # set by stop(): end everything and leave the loop
         self._drain_deadline: float | None = None  # set by begin_shutdown(): refuse new, end active at it
         self.metrics.slots_total.set(config.parallel)
+        self.speculative = config.speculative
+        self.draft_cache = None  # one draft cache, synced to whichever request speculates (prefix reuse)
+        if self.speculative is not None and self.speculative.draft is not None:
+            draft = self.speculative.draft
+            check_draft(model, draft)
+            self.draft_cache = draft.new_cache(max_length=min(draft.max_length, self.max_length))
 
     # -- the HTTP side -----------------------------------------------------------
 
@@ -228,8 +239,36 @@ class Engine:
             if not prefill.pending and not prefill.done:
                 decode.append(prefill)  # its first token is out; it joins this turn's decode step
         decode = [q for q in decode if not q.done]
-        if decode:
+        if len(decode) == 1 and self.speculative is not None:
+            self._speculate(decode[0])
+        elif decode:
             self._decode_step(decode)
+
+    def _speculate(self, seq: Sequence) -> None:
+        """One pass on seq's own row over its next token and its guesses (none: a plain step, timed
+        for the guesser's cost model, as in runtime.speculative.speculative_step)."""
+        row = self._slot_of(seq).row
+        # Guesses + the next token must fit the row, leaving the last position for the dummy decode write.
+        limit = min(seq.max_tokens - seq.generated - 1, self.max_length - 2 - row.offset)
+        config = self.speculative
+        if seq.guesser is None:
+            seq.guesser = Guesser(self.model, seq.sampler, seq.prompt, config.max_guesses,
+                                  use_lookup=config.mode == "lookup" or config.use_lookup, draft=config.draft,
+                                  draft_cache=self.draft_cache, draft_cost=config.draft_cost)
+        guesses, qs = seq.guesser.propose(seq.context, limit) if limit > 0 else ([], None)
+        start = row.offset
+        x = np.array([[seq.next_token] + guesses], dtype=np.int64)  # (1, k + 1)
+        clock = time.perf_counter()
+        rows = self.model.forward(x, row, logits_to_keep=len(guesses) + 1)[0]  # (k + 1, vocab)
+        seq.guesser.costs.target_pass(len(guesses) + 1, time.perf_counter() - clock)
+        accepted, nxt = verify(rows, guesses, qs, seq.context, seq.n_prompt, seq.sampler)
+        row.trim(start + 1 + accepted)  # keep the fed token and the accepted guesses
+        emitted = guesses[:accepted] + [nxt]
+        seq.guesser.record(guesses, accepted, emitted)
+        self.metrics.speculated(len(guesses), accepted)
+        for token in emitted:
+            if self._take(seq, token):
+                break
 
     def _slot_of(self, seq: Sequence) -> Slot:
         return next(s for s in self.slots if s.seq is seq)
@@ -266,8 +305,11 @@ class Engine:
 
     def _update(self, seq: Sequence, logits: np.ndarray) -> None:
         """Sample the next token from logits (vocab,), emit its text, end the sequence if it is done."""
+        self._take(seq, seq.sample(logits))
+
+    def _take(self, seq: Sequence, token: int) -> bool:
+        """Record a chosen token: emit its text, end the sequence if it is done (returns True then)."""
         previous = seq.last_at
-        token = seq.sample(logits)
         text, reason = seq.accept(token)
         if previous is None:
             self.metrics.ttft.observe(seq.first_at - seq.arrived)
@@ -277,8 +319,9 @@ class Engine:
             self._send(seq, Delta(text))
         if reason is not None:
             self._finish(seq, seq.finished(reason.value))
-        else:
-            seq.next_token = token
+            return True
+        seq.next_token = token
+        return False
 
     def _finish(self, seq: Sequence, event) -> None:
         """Free the slot (its KV stays as a cached prefix), meter and log, then send the final event."""

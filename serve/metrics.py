@@ -43,6 +43,8 @@ class Metrics:
         self.queue_depth = Gauge(p + "queue_depth", "Requests waiting for a slot", registry=r)
         self.active_slots = Gauge(p + "active_slots", "Slots running a request", registry=r)
         self.slots_total = Gauge(p + "slots", "Slots (--parallel)", registry=r)
+        self.speculative = Counter(p + "speculative_tokens", "Guessed tokens verified by the model, by outcome "
+                                   "(accepted, rejected)", ["outcome"], registry=r)
         self.kv_used = Gauge(p + "kv_cache_used_ratio", "KV positions in use over capacity: by running requests "
                              "(active), or holding any prefix (cached)", ["kind"], registry=r)
 
@@ -54,6 +56,10 @@ class Metrics:
         self.prompt_tokens.inc(u.prompt_tokens)
         self.cached_tokens.inc(u.cached_tokens)
         self.completion_tokens.inc(u.completion_tokens)
+
+    def speculated(self, proposed: int, accepted: int) -> None:
+        self.speculative.labels("accepted").inc(accepted)
+        self.speculative.labels("rejected").inc(proposed - accepted)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -105,6 +105,7 @@ class Sequence:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.done = False
+        self.guesser = None  # runtime.speculative_guess.Guesser, made when the engine first speculates for it
 
     @property
     def n_prompt(self) -> int:

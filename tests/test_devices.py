@@ -138,9 +138,12 @@ def test_available_providers_real_build():
     assert CPU in available_providers()
 
 
-def test_cpu_session_options():
+def test_cpu_session_options(monkeypatch):
     import onnxruntime as ort
 
+    from edge_infer.devices import providers
+
+    monkeypatch.setattr(providers, "_shared_pool_threads", None)  # as in a process that never shared its threads
     opts = cpu_session_options()
     assert opts.intra_op_num_threads == physical_cores() >= 1
     assert physical_cores() <= (os.cpu_count() or 1)
@@ -160,3 +163,26 @@ def test_import_does_not_load_torch():
     code = "import sys; import edge_infer.devices; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+SHARED_POOL_SCRIPT = """
+import sys
+import edge_infer
+from edge_infer.devices import providers
+from edge_infer.runtime.speculative import load_draft
+target = edge_infer.load(sys.argv[1], device="cpu", threads=1, shared_threads=True)
+draft = load_draft(target, sys.argv[1], device="cpu", threads=2)
+later = edge_infer.load(sys.argv[1], device="cpu", threads=3)  # joins the pool: onnxruntime allows nothing else
+sessions = [m.session.get_session_options() for m in (target, draft, later)]
+assert [o.use_per_session_threads for o in sessions] == [False] * 3, sessions
+assert providers._shared_pool_threads == 1
+print(edge_infer.generate(later, [5, 6, 7], max_tokens=4) == edge_infer.generate(target, [5, 6, 7], max_tokens=4))
+"""
+
+
+def test_shared_thread_pool_for_a_target_and_its_draft(tiny_exports):
+    """A fresh process: the target makes the pool, the draft and any later model run on it."""
+    path = str(tiny_exports("llama", "fp32"))
+    r = subprocess.run([sys.executable, "-c", SHARED_POOL_SCRIPT, path], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "True"

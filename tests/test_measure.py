@@ -226,6 +226,26 @@ def test_bench_json_has_the_fields_and_greedy_tokens(fp32, text_file):
         assert res["runs"][0]["first_tokens"] == list(steps)
 
 
+def test_bench_speculative_alternates_with_plain_and_reports_acceptance(fp32, text_file):
+    r = cli("bench", fp32, "--prompt-tokens", "40", "--new-tokens", "30", "--runs", "2", "--warmup", "0",
+            "--threads", "1", "--text", text_file, "--speculative", "lookup", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["settings"]["speculative"] == {"mode": "lookup", "num_speculative": 10, "draft": None}
+    (res,) = report["results"]
+    spec = res["speculative"]
+    assert len(spec["runs"]) == 2 and set(measure.MEDIAN_FIELDS) <= set(spec["median"])
+    # fp32 greedy: the speculative ids are the plain ids, every run
+    assert spec["identical_runs"] == 2 and spec["runs"][0]["first_tokens"] == res["runs"][0]["first_tokens"]
+    assert 0.0 <= spec["acceptance_rate"] <= 1.0 and spec["tokens_per_target_pass"] >= 1.0
+    table = cli("bench", fp32, "--prompt-tokens", "40", "--new-tokens", "10", "--runs", "1", "--text", text_file,
+                "--speculative", "lookup")
+    assert table.exit_code == 0 and "speculative lookup" in table.output and "identical ids" in table.output
+    refused = cli("bench", fp32, "--prompt-tokens", "8", "--new-tokens", "4", "--text", text_file,
+                  "--speculative", "draft")
+    assert refused.exit_code == 2 and "needs a draft model" in refused.output
+
+
 def test_bench_table_and_bad_inputs(fp32, text_file):
     r = cli("bench", fp32, "--prompt-tokens", "8", "--new-tokens", "3", "--runs", "1", "--text", text_file)
     assert r.exit_code == 0, r.output

@@ -413,26 +413,6 @@ def test_pass_costs_learned_only_when_greedy():
     assert pinned.draft == 0.0
 
 
-def test_cli_run_speculative(tiny_exports):
-    from edge_infer.cli import main
-
-    path = str(tiny_exports("llama", "fp32"))
-    runner = CliRunner()
-    args = ["run", path, "ab ab ab ab ab", "--raw", "--max-tokens", "12"]
-    plain = runner.invoke(main, args + ["--no-stats"])
-    assert plain.exit_code == 0, plain.output
-    for extra in (["--speculative", "lookup"],
-                  ["--speculative", "draft", "--draft", str(tiny_exports("llama", "int4")), "--num-speculative", "3"]):
-        got = runner.invoke(main, args + extra)
-        assert got.exit_code == 0, got.output
-        assert got.stdout == plain.stdout
-        assert "accepted" in got.stderr
-    bad = runner.invoke(main, args + ["--speculative", "draft"])
-    assert bad.exit_code == 2 and "needs a draft model" in bad.stderr
-    bad = runner.invoke(main, args + ["--draft", path])
-    assert bad.exit_code == 2 and "only used with --speculative draft" in bad.stderr
-
-
 # -- the default model (slow) ----------------------------------------------------------------
 
 

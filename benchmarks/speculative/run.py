@@ -155,22 +155,18 @@ def main() -> None:
     ap.add_argument("--fp32", required=True, help="fp32 export of the default model (draft target)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--only", nargs="*", default=["costs", "lookup", "draft-only", "draft", "open", "open-sampled"],
+    ap.add_argument("--only", nargs="*",
+                    default=["costs", "lookup", "lookup-fp32", "draft-only", "draft", "open", "open-sampled"],
                     help="experiments to run (default: all)")
-    ap.add_argument("--no-spinning", action="store_true",
-                    help="load the models with onnxruntime's intra-op spinning off: a draft and its target "
-                         "alternate, and a spinning idle session takes the cores the other one needs "
-                         "(edge_infer.load has no option for it yet, so this patches the session options)")
+    ap.add_argument("--per-session-threads", action="store_true",
+                    help="give each model its own onnxruntime thread pool instead of one shared pool (a draft "
+                         "and its target alternate: with a pool each, the idle one's spinning threads take "
+                         "cores from the other)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
-    if args.no_spinning:
-        import edge_infer.runtime.model as runtime_model
-        from edge_infer.devices import cpu_session_options
-
-        runtime_model.cpu_session_options = lambda threads=None: cpu_session_options(threads, allow_spinning=False)
-
-    int4 = edge_infer.load(args.int4, device="cpu", threads=args.threads)
-    fp32 = edge_infer.load(args.fp32, device="cpu", threads=args.threads)
+    shared = not args.per_session_threads
+    int4 = edge_infer.load(args.int4, device="cpu", threads=args.threads, shared_threads=shared)
+    fp32 = edge_infer.load(args.fp32, device="cpu", threads=args.threads, shared_threads=shared)
     draft = SpeculativeConfig("draft", draft=int4)  # draft model, plus lookup guesses when they promise more
     draft_only = SpeculativeConfig("draft", draft=int4, use_lookup=False)
     grounded, open_ended = load_tasks("grounded"), load_tasks("open")
@@ -181,6 +177,9 @@ def main() -> None:
         costs = {"int4": pass_costs(int4), "fp32": pass_costs(fp32)}
     if "lookup" in args.only:
         results.append(compare("Prompt lookup, int4 target, grounded tasks", int4, "lookup", grounded, args.max_tokens))
+    if "lookup-fp32" in args.only:
+        results.append(compare("Prompt lookup, fp32 target, grounded tasks", fp32, "lookup", grounded,
+                               args.max_tokens))
     if "draft-only" in args.only:
         results.append(compare("int4 draft (no lookup) for the fp32 target, grounded tasks", fp32, draft_only,
                                grounded, args.max_tokens))
@@ -200,7 +199,8 @@ def main() -> None:
     lines = ["# Speculative decoding: plain vs speculative, side by side", "",
              f"Machine: {machine()}; {args.threads} threads; load average {load_before:.1f} at the start and "
              f"{os.getloadavg()[0]:.1f} at the end (the machine is shared). Run {started}."
-             + (" Sessions without intra-op spinning (--no-spinning)." if args.no_spinning else ""), "",
+             + (" Each model with its own thread pool (--per-session-threads)." if args.per_session_threads
+                else " Both models on one shared onnxruntime thread pool."), "",
              "Model: SmolLM2-135M-Instruct (the default model), int4 and fp32 exports. Greedy, "
              f"max_tokens {args.max_tokens}, chat template. Command: "
              "`.venv/bin/python benchmarks/speculative/run.py --int4 INT4 --fp32 FP32`.", ""]

@@ -1,0 +1,133 @@
+"""Speculative decoding in the server: a request decoding alone verifies guesses in one pass
+on its row; greedy output equals plain decoding whatever runs beside it."""
+
+import queue
+
+import numpy as np
+import pytest
+
+import edge_infer
+from edge_infer.runtime.generate import generate_step
+from edge_infer.runtime.sampling import SamplingParams, make_sampler
+from edge_infer.runtime.speculative import SpeculativeConfig
+from edge_infer.serve.config import EngineConfig
+from edge_infer.serve.engine import Engine
+from edge_infer.serve.sequence import Delta, GenerationRequest
+
+RNG = np.random.default_rng(11)
+SPAN = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
+PROMPTS = [  # repeated spans give lookup something to copy; random ones make it back off
+    SPAN + [200, 201] + SPAN + [200],
+    [11, 12, 13] * 8,
+    [int(t) for t in RNG.integers(3, 350, 30)] * 2,
+    [int(t) for t in RNG.integers(3, 350, 40)],
+    [5, 17, 42, 99, 7, 250, 31, 8, 64, 120, 3, 77],
+    [9, 9, 9, 9, 9],
+]
+BUDGETS = [40, 25, 60, 33, 50, 12]
+
+
+@pytest.fixture(scope="module")
+def target(tiny_exports):
+    return edge_infer.load(tiny_exports("llama", "fp32"), device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def int4_draft(tiny_exports):
+    return edge_infer.load(tiny_exports("llama", "int4"), device="cpu", threads=1)
+
+
+def plain(model, prompt, n):
+    return list(generate_step(model, list(prompt), model.new_cache(), make_sampler(SamplingParams()), n))
+
+
+def run_ids(engine: Engine, prompts, budgets, params=SamplingParams()):
+    """Submit all at once; returns each request's generated ids and its finished event."""
+    queues = []
+    for i, (p, n) in enumerate(zip(prompts, budgets)):
+        q = queue.Queue()
+        engine.submit(GenerationRequest(tuple(p), n, params, request_id=str(i)), q.put)
+        queues.append(q)
+    out = []
+    for q in queues:
+        while isinstance(event := q.get(timeout=60), Delta):
+            pass
+        out.append(event)
+    return out
+
+
+def accepted(engine: Engine) -> float:
+    return engine.metrics.speculative.labels("accepted")._value.get()
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+@pytest.mark.parametrize("mode", ["lookup", "draft"])
+def test_greedy_output_equals_plain_decoding(target, int4_draft, parallel, mode):
+    config = SpeculativeConfig("lookup") if mode == "lookup" else SpeculativeConfig("draft", draft=int4_draft)
+    engine = Engine(target, EngineConfig(parallel=parallel, prefill_chunk=16, speculative=config))
+    tokens: dict[int, list[int]] = {}
+    original = engine._take
+
+    def record(seq, token):  # every token the engine emits, in order, per request
+        tokens.setdefault(int(seq.request.request_id), []).append(token)
+        return original(seq, token)
+
+    engine._take = record
+    engine.start()
+    try:
+        events = run_ids(engine, PROMPTS, BUDGETS)
+    finally:
+        engine.stop()
+    for i, (p, n) in enumerate(zip(PROMPTS, BUDGETS)):
+        assert tokens[i] == plain(target, p, n), f"request {i}"
+        assert events[i].usage.completion_tokens == len(tokens[i])
+    if parallel == 1:
+        assert accepted(engine) > 0  # guesses were verified in batches, not only decoded one by one
+
+
+@pytest.mark.parametrize("mode", ["lookup", "draft"])
+def test_a_request_left_alone_speculates(target, int4_draft, mode):
+    """Batched while others decode; once the short requests end, the long one verifies guesses."""
+    config = SpeculativeConfig("lookup") if mode == "lookup" else SpeculativeConfig("draft", draft=int4_draft)
+    engine = Engine(target, EngineConfig(parallel=3, speculative=config))
+    engine.start()
+    try:
+        events = run_ids(engine, [PROMPTS[1], PROMPTS[3], PROMPTS[4]], [80, 4, 4])
+    finally:
+        engine.stop()
+    want = [len(plain(target, p, n)) for p, n in zip([PROMPTS[1], PROMPTS[3], PROMPTS[4]], [80, 4, 4])]
+    assert [e.usage.completion_tokens for e in events] == want
+    assert accepted(engine) > 0
+
+
+def test_without_speculation_no_guesses_are_counted(target):
+    engine = Engine(target, EngineConfig(parallel=2))
+    engine.start()
+    try:
+        run_ids(engine, PROMPTS[:2], [20, 20])
+    finally:
+        engine.stop()
+    assert accepted(engine) == 0
+
+
+def test_sampled_requests_finish_with_their_budget(target):
+    engine = Engine(target, EngineConfig(parallel=2, speculative=SpeculativeConfig("lookup")))
+    engine.start()
+    try:
+        events = run_ids(engine, PROMPTS[:3], [30, 30, 30], SamplingParams(temperature=0.8, seed=3))
+    finally:
+        engine.stop()
+    assert all(e.finish_reason in ("length", "stop") for e in events)
+    assert all(e.usage.completion_tokens <= 30 for e in events)
+
+
+def test_speculation_respects_the_slot_length(target):
+    """Guesses never run past the slot: a request that fills its slot ends at the limit."""
+    engine = Engine(target, EngineConfig(parallel=1, max_length=40, speculative=SpeculativeConfig("lookup")))
+    engine.start()
+    try:
+        (event,) = run_ids(engine, [[11, 12, 13] * 4], [28])
+    finally:
+        engine.stop()
+    assert event.usage.completion_tokens == 28 and event.finish_reason == "length"
+    assert engine.slots[0].row.offset <= 39
