@@ -33,10 +33,12 @@ OPTIONS = {
     "int4 block 32 asym, accuracy_level 0": ("gguf", ["--quant", "int4", "--block-size", "32", "--asymmetric",
                                                       "--accuracy-level", "0"]),
     "int4 block 32 sym": ("gguf", ["--quant", "int4", "--block-size", "32", "--symmetric"]),
-    "int4 block 32 asym, --requantize-gguf": ("gguf", ["--quant", "int4", "--block-size", "32", "--asymmetric",
-                                                       "--requantize-gguf"]),
-    "int4 block 32 asym, --requantize-gguf, embeddings/lm_head int4": (
-        "gguf", ["--quant", "int4", "--block-size", "32", "--asymmetric", "--requantize-gguf",
+    "int4 block 32 asym, --gguf-import mixed": ("gguf", ["--quant", "int4", "--block-size", "32", "--asymmetric",
+                                                         "--gguf-import", "mixed"]),
+    "int4 block 32 asym, --gguf-import requantize": ("gguf", ["--quant", "int4", "--block-size", "32",
+                                                              "--asymmetric", "--gguf-import", "requantize"]),
+    "int4 block 32 asym, --gguf-import requantize, embeddings/lm_head int4": (
+        "gguf", ["--quant", "int4", "--block-size", "32", "--asymmetric", "--gguf-import", "requantize",
                  "--embeddings", "int4", "--lm-head", "int4"]),
     "int4 block 64 asym": ("gguf", ["--quant", "int4", "--block-size", "64", "--asymmetric"]),
     "int4 block 64 sym": ("gguf", ["--quant", "int4", "--block-size", "64", "--symmetric"]),
@@ -91,6 +93,8 @@ def describe(folder: Path) -> str:
         rounding = q.get("summary", {}).get("rounding") or q.get("method", "rtn")
         parts.append({"search": "searched scales", "rtn": "round-to-nearest"}.get(rounding, "?")
                      + " where float weights were rounded")
+    if q.get("gguf_import"):
+        parts.append(f"--gguf-import {q['gguf_import']}")
     if q.get("gguf_q4_1"):
         parts.append(q["gguf_q4_1"])
     if q.get("summary", {}).get("requantized"):

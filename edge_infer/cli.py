@@ -107,21 +107,24 @@ def _load(path: str, device: str, threads: int | None, quiet: bool = False, shar
 @click.option("--rounding", type=click.Choice(["search", "rtn"]), default="search", show_default=True,
               help="4-bit rounding of float weights: a searched least-squares scale per block (blocks of 16 and "
                    "32), or round-to-nearest.")
-@click.option("--exact-gguf/--requantize-gguf", default=True, show_default=True,
-              help="GGUF Q4_1/Q4_K blocks: import exactly (a residual term per weight) or round them again "
-                   "with searched scales (faster decode, lower quality; see benchmarks/QUALITY.md).")
+@click.option("--gguf-import", type=click.Choice(["exact", "mixed", "requantize"]), default="exact",
+              show_default=True,
+              help="GGUF Q4_1/Q4_K blocks: exact (a residual term per weight), mixed (exact in the MLP, rounded "
+                   "again in attention: 1.05-1.17x decode, perplexity 1.04x fp32), requantize (all rounded "
+                   "again, wider blocks too: 1.3-1.4x decode, 1.14x); see benchmarks/QUALITY.md.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the source / fp32.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding,
-           exact_gguf, no_validate, force, quiet):
+           gguf_import, no_validate, force, quiet):
     """Export a Hugging Face folder or a .gguf file to an ONNX model folder."""
     from edge_infer.export.pipeline import ExportOptions, export_model
     from edge_infer.export.progress import Progress
 
     options = ExportOptions(quant=quant, max_length=max_length, block_size=block_size, symmetric=symmetric,
                             embeddings=embeddings, lm_head=lm_head, accuracy_level=accuracy_level,
-                            rounding=rounding, exact_gguf=exact_gguf, validate=not no_validate, force=force)
+                            rounding=rounding, gguf_import=gguf_import, validate=not no_validate,
+                            force=force)
     export_model(src, out, options, Progress(quiet=quiet))
 
 

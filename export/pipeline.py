@@ -29,6 +29,11 @@ DEFAULT_MAX_LENGTH = 4096
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 VERSION = "0.1.0"
+# How GGUF blocks with a minimum per block (Q4_1, Q4_K) are imported; measured on the default
+# model (perplexity vs fp32 / decode speed vs exact, benchmarks/QUALITY.md and RESULTS.md):
+# exact 1.004 / 1x, mixed 1.036 / 1.05-1.17x, requantize 1.144 / 1.3-1.4x.
+GGUF_IMPORTS = ("exact", "mixed", "requantize")
+MLP_WEIGHTS = (".gate_up.weight", ".up.weight", ".down.weight")  # where "mixed" keeps the exact import
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,10 @@ class ExportOptions:
     embeddings: str = "int8"  # int8 | int4 | fp
     lm_head: str = "int8"
     rounding: str = "search"  # 4-bit rounding of float weights: "search" (least-squares scales) or "rtn"
-    # GGUF blocks with a minimum per block (Q4_1, Q4_K): True imports them exactly (a residual
-    # branch per weight, slower decode); False rounds them again with searched scales (faster, lossy).
-    exact_gguf: bool = True
+    # GGUF blocks with a minimum per block (Q4_1, Q4_K), see GGUF_IMPORTS: "exact" (a residual
+    # branch per weight, slower decode), "mixed" (exact in the MLP, rounded again in attention) or
+    # "requantize" (all rounded again with searched scales: fastest, lossy).
+    gguf_import: str = "exact"
     validate: bool = True
     force: bool = False
 
@@ -52,6 +58,8 @@ class ExportOptions:
             raise UserError(f"--quant must be one of {', '.join(QUANTS)}, got '{self.quant}'")
         if self.max_length is not None and self.max_length < 16:
             raise UserError(f"--max-length must be at least 16, got {self.max_length}")
+        if self.gguf_import not in GGUF_IMPORTS:
+            raise UserError(f"--gguf-import must be one of {', '.join(GGUF_IMPORTS)}, got '{self.gguf_import}'")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise UserError(f"--block-size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
 
@@ -152,7 +160,7 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
                          lm_head=options.lm_head, method=options.rounding)
     config.validate()
     embed_bits = {"int8": 8, "int4": 4}.get(config.embeddings_choice(), 0)
-    pre, minimums = _source_blocks(blocks, bits, embed_bits, options.block_size, options.exact_gguf)
+    pre, minimums = _source_blocks(blocks, bits, embed_bits, options.block_size, options.gguf_import)
     progress.stage(f"quantizing to {options.quant} (block {options.block_size}, "
                    f"{'symmetric' if options.symmetric else 'asymmetric'})")
     bar = progress.bar("quantize", total=None)
@@ -167,6 +175,8 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
     if requantized:
         progress.note(f"{len(requantized)} source-quantized weights did not match {options.quant} block "
                       f"{options.block_size} and were re-quantized (a second rounding)")
+    if blocks:
+        info["gguf_import"] = options.gguf_import
     if minimums:
         info["gguf_q4_1"] = (f"{len(minimums)} Q4_1/Q4_K weights imported exactly "
                              "(integer zero point + block residual)")
@@ -182,15 +192,15 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
 
 
 def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,
-                   exact_minimums: bool = True) -> tuple[dict, dict]:
+                   gguf_import: str = "exact") -> tuple[dict, dict]:
     """GGUF blocks that the rewrite can use as they are, keyed by graph initializer name, plus the
     per-block residuals of scale-and-minimum formats (Q4_1, Q4_K) for quantize.block_offsets.
 
     Usable: the asked bits with blocks that split exactly into `block_size` (32 -> 16), or more bits
     than asked (Q6_K, Q8_0 stay 8-bit). Anything else is left out, so the rewrite quantizes the
-    exact float weights once instead of re-rounding blocks. With exact_minimums False, blocks that
-    would need the residual branch and wider blocks (Q8_0 in an int4 export) are left out too: every
-    weight is then rounded to exactly what was asked.
+    exact float weights once instead of re-rounding blocks. gguf_import "mixed" also leaves out the
+    attention weights that would need the residual branch; "requantize" leaves out every such
+    weight and wider blocks (Q8_0 in an int4 export): every weight is then rounded to what was asked.
     """
     from edge_infer.quantize.block_offsets import split_minimum
     from edge_infer.quantize.nbits import split_blocks
@@ -203,11 +213,12 @@ def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,
         name, ql = names.get(canonical, f"model.{canonical}"), _as_linear(b)
         target = embed_bits if canonical in names else bits
         exact_split = ql.bits == target and ql.block_size % block_size == 0
-        if not (exact_split or (target and ql.bits > target and exact_minimums)):
+        if not (exact_split or (target and ql.bits > target and gguf_import != "requantize")):
             continue
         split = split_minimum(ql)
         if split is not None:
-            if canonical in names or not exact_minimums:  # (the embedding gather has no residual branch)
+            keep = gguf_import == "exact" or (gguf_import == "mixed" and canonical.endswith(MLP_WEIGHTS))
+            if canonical in names or not keep:  # (the embedding gather has no residual branch)
                 continue
             ql, minimums[name] = split
         if exact_split and ql.block_size != block_size:
