@@ -104,6 +104,13 @@ class QuantConfig:
             raise UserError(f"exclude={self.exclude!r} must be a tuple of non-empty node-name substrings")
         return self
 
+    @property
+    def rounding(self) -> str:
+        """How float weights are rounded to 4 bits: "search" up to blocks of SEARCH_MAX_BLOCK; at larger
+        blocks the search's lower weight error came from clipping outliers and measured worse
+        perplexity on the default model (benchmarks/QUALITY.md), so those round to nearest."""
+        return "search" if self.method == "search" and self.block_size <= SEARCH_MAX_BLOCK else "rtn"
+
     def lm_head_choice(self) -> str:
         return "fp" if self._excluded(LM_HEAD_MATMUL) else self.lm_head
 
@@ -194,7 +201,7 @@ def quantize_graph(
         "embeddings": config.embeddings_choice(),
         "lm_head": config.lm_head_choice(),
         "requantized": requantized,
-        "rounding": "rtn" if config.method == "rtn" or config.block_size > SEARCH_MAX_BLOCK else "search",
+        "rounding": config.rounding,
         "float_bytes_replaced": sum(_nbytes(inits[j.weight]) for j in jobs),
     }
     for prop in [p for p in out.metadata_props if p.key == METADATA_KEY]:
@@ -294,9 +301,7 @@ def _obtain(
 
 
 def _round(w: np.ndarray, bits: int, config: QuantConfig) -> QuantizedLinear:
-    # 8-bit rounding error is already ~16x below 4-bit's. Blocks over 32: lower weight error from the
-    # search clipped outliers and measured worse perplexity on the default model (benchmarks/QUALITY.md).
-    if config.method == "rtn" or bits == 8 or config.block_size > SEARCH_MAX_BLOCK:
+    if bits == 8 or config.rounding == "rtn":  # 8-bit rounding error is already ~16x below 4-bit's
         return quantize_rtn(w, bits, config.block_size, config.symmetric)
     return quantize_search(w, bits, config.block_size, config.symmetric)
 

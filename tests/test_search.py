@@ -65,3 +65,12 @@ def test_output_is_a_valid_matmulnbits_weight(symmetric):
 def test_bits_checked():
     with pytest.raises(ValueError, match="bits"):
         quantize_search(np.ones((2, 32), np.float32), bits=3)
+
+
+def test_export_rounding_choice():
+    from edge_infer.quantize.rewrite import QuantConfig
+
+    assert QuantConfig(bits=4, block_size=32).rounding == "search"
+    assert QuantConfig(bits=4, block_size=16).rounding == "search"
+    assert QuantConfig(bits=4, block_size=64).rounding == "rtn"  # measured worse with the search
+    assert QuantConfig(bits=4, block_size=32, method="rtn").rounding == "rtn"
