@@ -41,7 +41,7 @@ def all_logits(session: ort.InferenceSession, spec: DecoderSpec, ids: list[int],
     return session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0][0][-n:]
 
 
-def _session(path_or_bytes, light: bool = False) -> ort.InferenceSession:
+def _session(path: str, light: bool = False) -> ort.InferenceSession:
     """light: a session run on a few prompts once (the fp32 reference), where packing hundreds of MB
     of weights for faster matmuls costs more than it saves."""
     so = ort.SessionOptions()
@@ -49,7 +49,7 @@ def _session(path_or_bytes, light: bool = False) -> ort.InferenceSession:
     if light:
         so.add_session_config_entry("session.disable_prepacking", "1")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 def _prompt_ids(source: Source, max_length: int) -> list[list[int]]:

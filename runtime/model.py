@@ -47,7 +47,6 @@ class Model:
     def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None,
                  allow_spinning: bool = True, shared_threads: bool = False):
         self.manifest = manifest
-        self.shared_threads = shared_threads
         folder = manifest.folder
         graph_path = folder / manifest.graph_file
         check_external_data(graph_path)
@@ -56,6 +55,7 @@ class Model:
         traits = ModelTraits(dtype=manifest.dtype, contrib_ops=contrib, quant_bits=int(bits) if bits else None)
         self.plan: DevicePlan = resolve(device, available_providers(), traits)
         options = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
+        self.shared_threads = not options.use_per_session_threads  # also True once the process has the pool
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(graph_path), options,
