@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from edge_infer.runtime.errors import UserError
 
 if TYPE_CHECKING:
-    import onnxruntime
+    from edge_infer.devices.ort import ort as onnxruntime
 
 CPU = "CPUExecutionProvider"
 
@@ -182,7 +182,7 @@ def _names(have: set[str]) -> str:
 
 def available_providers() -> list[str]:
     """The providers this onnxruntime build has, in its own order."""
-    import onnxruntime
+    from edge_infer.devices.ort import ort as onnxruntime
 
     return list(onnxruntime.get_available_providers())
 
@@ -216,7 +216,7 @@ def share_threads(threads: int | None = None) -> int:
     1.8x slower), and without spinning every run pays the threads' wake-up.
     """
     global _shared_pool_threads
-    import onnxruntime
+    from edge_infer.devices.ort import ort as onnxruntime
 
     _check_threads(threads)
     if _shared_pool_threads is None:
@@ -247,7 +247,7 @@ def cpu_session_options(threads: int | None = None, *, allow_spinning: bool = Tr
     Once that pool exists, onnxruntime refuses sessions with a pool of their own, so every
     later session joins it too (with the pool's size, whatever `threads` says).
     """
-    import onnxruntime
+    from edge_infer.devices.ort import ort as onnxruntime
 
     _check_threads(threads)
     options = onnxruntime.SessionOptions()

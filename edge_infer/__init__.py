@@ -6,16 +6,53 @@
         print(chunk.text, end="")
 
 Loading and generating import onnxruntime, numpy, tokenizers and jinja2 only.
+
+The public names resolve lazily (PEP 562 module `__getattr__`): importing any
+`edge_infer.*` module runs this file, and `edge-infer --help`, `export` or
+`quantize` must not pay for an onnxruntime session or jinja2 they never use.
 """
 
-from edge_infer.runtime.errors import ContextLengthError, ModelFileError, UserError
-from edge_infer.runtime.generate import Chunk, FinishReason, Timings, generate, stream_generate
-from edge_infer.runtime.model import Model, load
-from edge_infer.runtime.sampling import SamplingParams
-from edge_infer.runtime.speculative import SpeculativeConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "load", "generate", "stream_generate", "Model", "Chunk", "FinishReason", "Timings", "SamplingParams",
-    "SpeculativeConfig", "UserError", "ModelFileError", "ContextLengthError", "__version__",
-]
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "load": "edge_infer.runtime.model",
+    "Model": "edge_infer.runtime.model",
+    "generate": "edge_infer.runtime.generate",
+    "stream_generate": "edge_infer.runtime.generate",
+    "Chunk": "edge_infer.runtime.generate",
+    "FinishReason": "edge_infer.runtime.generate",
+    "Timings": "edge_infer.runtime.generate",
+    "SamplingParams": "edge_infer.runtime.sampling",
+    "SpeculativeConfig": "edge_infer.runtime.speculative",
+    "UserError": "edge_infer.runtime.errors",
+    "ModelFileError": "edge_infer.runtime.errors",
+    "ContextLengthError": "edge_infer.runtime.errors",
+}
+
+__all__ = [*_PUBLIC, "__version__"]
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time names load on first use
+    from edge_infer.runtime.errors import ContextLengthError, ModelFileError, UserError
+    from edge_infer.runtime.generate import Chunk, FinishReason, Timings, generate, stream_generate
+    from edge_infer.runtime.model import Model, load
+    from edge_infer.runtime.sampling import SamplingParams
+    from edge_infer.runtime.speculative import SpeculativeConfig
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edge_infer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

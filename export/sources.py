@@ -14,7 +14,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from edge_infer.export.checkpoint import WeightSource, open_hf_folder
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.runtime.errors import ModelFileError, UserError
 
 
 @dataclass
@@ -99,6 +99,10 @@ def _open_hf(folder: Path) -> Source:
 
 
 def _open_gguf(path: Path) -> Source:
+    try:
+        import gguf  # noqa: F401  (an extra: the base install reads no GGUF)
+    except ImportError:
+        raise UserError(f"{path}: reading GGUF files needs the `gguf` package: pip install 'edge-infer[gguf]'") from None
     from edge_infer.export.gguf_source import gguf_source
     from edge_infer.export.gguf_tokenizer import tokenizer_from_gguf
 

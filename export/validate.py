@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+from edge_infer.devices.ort import ort
 
 from edge_infer.export.progress import Progress
 from edge_infer.export.sources import Source

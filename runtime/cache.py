@@ -9,7 +9,7 @@ next forward pass because attention only reads the first `offset` positions.
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
+from edge_infer.devices.ort import ort
 
 from edge_infer.runtime.errors import ContextLengthError
 from edge_infer.runtime.manifest import Manifest

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+from edge_infer.devices.ort import ort
 
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
 from edge_infer.runtime.cache import ConcatKVCache, KVCache

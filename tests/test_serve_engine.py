@@ -253,16 +253,20 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(path, tmp_path):
         assert url, "no startup line"
         headers = {"Authorization": "Bearer k-123"}
         wait_until(lambda: _ok(url + "/health"), timeout=20)
-        result = {}
+        result = {"lines": []}
+        streaming = threading.Event()
 
         def stream():
             body = {"prompt": "The quick", "max_tokens": 100, "stream": True}
             with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=20) as r:
-                result["lines"] = [ln for ln in r.iter_lines() if ln]
+                for ln in r.iter_lines():
+                    if ln:
+                        result["lines"].append(ln)
+                        streaming.set()
 
         t = threading.Thread(target=stream)
         t.start()
-        time.sleep(0.2)
+        assert streaming.wait(20), "the stream never started"  # SIGTERM lands mid-stream, however loaded the machine
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         t.join(10)
