@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.edge-infer-installed
 DEMO   := demo-model
 QUESTION ?= Which city is the capital of France?
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench test-genai
 
 venv: $(STAMP)
 
@@ -33,3 +33,13 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# onnxruntime-genai opens our exports: its own venv (it pins its onnxruntime), then the interop tests.
+GENAI_VENV := .venv-genai
+$(GENAI_VENV)/.installed:
+	test -x $(GENAI_VENV)/bin/python || $(PYTHON) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/python -m pip install -q onnxruntime-genai==0.18.0 numpy==2.4.6
+	touch $@
+
+test-genai: $(STAMP) $(GENAI_VENV)/.installed
+	EDGE_INFER_GENAI_PYTHON=$(GENAI_VENV)/bin/python $(BIN)/python -m pytest -q tests/test_genai_interop.py

@@ -122,6 +122,11 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         if route != "direct":
             body["graph"]["ops"] = "optimum-onnx export (standard ops)"
             body["graph"]["kv_cache"] = "past and present as separate tensors, concatenated each step"
+        if route == "direct":
+            from edge_infer.export.genai_interop import write_genai_files
+
+            body["graph"]["genai"] = write_genai_files(tmp, body, GRAPH_FILE)
+            progress.note(f"onnxruntime-genai: {body['graph']['genai']}")
         write_manifest(tmp, body)
     progress.done(f"exported to {out}")
     return out
