@@ -39,10 +39,18 @@ from edge_infer.cli_speculative import speculative_from_options, speculative_opt
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: cores].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="info logs one line per request (no prompt text); debug adds access logs.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve on Ray Serve replicas (a local Ray cluster, or RAY_ADDRESS / --ray-address); "
+                   "needs the cluster extra.")
+@click.option("--replicas", type=click.IntRange(1, 256), default=2, show_default=True,
+              help="With --ray: engines, each a Ray Serve deployment over the same model folder.")
+@click.option("--routing", type=click.Choice(["prefix", "round-robin"]), default="prefix", show_default=True,
+              help="With --ray: send a request to the replica holding its prompt prefix (fallback: least loaded).")
+@click.option("--ray-address", default=None, help="With --ray: a running Ray cluster to join [default: start one].")
 @speculative_options
 def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_queue, prefill_chunk,
           default_max_tokens, allowed_host, cors_origin, model_name, shutdown_grace, device, threads, log_level,
-          **speculative_kw):
+          use_ray, replicas, routing, ray_address, **speculative_kw):
     """Serve MODEL over an OpenAI-compatible HTTP API (chat and text completions, streaming).
 
     With --speculative, a request that decodes alone has its guesses verified several at a time;
@@ -72,6 +80,10 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
                                  shutdown_grace_s=shutdown_grace)
     server_config.validate()  # before loading anything: a refused bind costs nothing
     engine_config.validate()
+    if use_ray:
+        _serve_on_ray(model, server_config, engine_config, replicas, routing, ray_address, device, threads,
+                      speculative_kw)
+        return
 
     import edge_infer
     from edge_infer.serve.app import build_app
@@ -93,3 +105,30 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
     click.echo(f"serving '{server_config.model_id}' at http://{shown}:{sock.getsockname()[1]}/v1"
                + (" (API key required)" if server_config.api_key else ""), err=True)
     serve_forever(app, engine, sock, log_level)
+
+
+def _serve_on_ray(model, server_config, engine_config, replicas, routing, address, device, threads, speculative_kw):
+    import dataclasses
+    import importlib.util
+
+    from edge_infer.runtime.errors import UserError
+
+    if importlib.util.find_spec("ray") is None:
+        raise UserError("--ray needs Ray Serve: pip install 'edge-infer[cluster]'")
+    if speculative_kw.get("speculative") == "draft":
+        raise UserError("--ray serves --speculative lookup or off; a draft model per replica is not supported yet")
+    if not (Path(model) / "manifest.json").is_file():
+        raise UserError(f"{model}: not a model folder (no manifest.json); export one with `edge-infer export`")
+    from edge_infer.runtime.speculative import speculative_config
+    from edge_infer.serve.cluster import ClusterConfig, serve_cluster
+
+    engine = dataclasses.asdict(engine_config)
+    engine["speculative"] = speculative_config(speculative_kw.get("speculative"),
+                                               num_speculative=speculative_kw.get("num_speculative"))
+    config = ClusterConfig(model=str(Path(model).resolve()), replicas=replicas, routing=routing,
+                           threads=threads or 1, device=device, server=dataclasses.asdict(server_config),
+                           engine=engine)
+    config.validate()
+    click.echo(f"serving '{server_config.model_id}' on Ray Serve: {replicas} replicas ({routing} routing) at "
+               f"http://{server_config.host}:{server_config.port}/v1", err=True)
+    serve_cluster(config, server_config.host, server_config.port, address)
