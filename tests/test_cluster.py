@@ -61,7 +61,7 @@ def test_rendezvous_moves_only_the_keys_of_a_missing_replica():
     before = {k: rank_replicas(k, 3) for k in keys}
     spread = {r[0] for r in before.values()}
     assert spread == {0, 1, 2}
-    for k, order in before.items():  # without replica 2, keys homed elsewhere stay home
+    for order in before.values():  # without replica 2, keys homed elsewhere stay home
         fallback = [i for i in order if i != 2][0]
         assert fallback == (order[0] if order[0] != 2 else order[1])
 
@@ -225,7 +225,7 @@ def test_kill_9_of_a_replica_during_8_streams_ends_cleanly_and_recovers(cluster,
     for t in threads:
         t.join(180)
     assert all(r is not None for r in results), "a stream hung"
-    for text, error, seconds in results:
+    for _, error, seconds in results:
         assert seconds < 180
         assert error is None or "replica" in error or "Connection" in error, error
     assert sum(error is None and len(text) > 0 for text, error, _ in results) >= 4  # the other replica's streams
