@@ -240,3 +240,17 @@ def _replica_pid(index: int) -> int:
         if f"replica-{index}" in line and "ServeReplica" in line:
             return int(line.split()[0])
     pytest.fail(f"no process for replica-{index}: {out[-2000:]}")
+
+
+def test_app_builder_for_serve_run_and_config_files(model_dir):
+    from ray.serve import Application
+
+    from edge_infer.runtime.errors import UserError
+    from edge_infer.serve.cluster import app_builder
+
+    app = app_builder({"model": str(model_dir), "replicas": "3", "routing": "round-robin", "parallel": "2"})
+    assert isinstance(app, Application)
+    with pytest.raises(UserError, match="model=PATH"):
+        app_builder({"replicas": "2"})
+    with pytest.raises(UserError, match="--routing"):
+        app_builder({"model": str(model_dir), "routing": "random"})
