@@ -31,6 +31,12 @@ are held without decoding at all, so they cost O(1) per token however long.
 
 Cost per token: one or two tokenizer.decode calls over a few tokens (never more
 than about 2 * MAX_HELD_TOKENS, plus a byte-fallback run once when it closes).
+
+Why not `tokenizers.decoders.DecodeStream` (tried with tokenizers 0.22.2 behind this class's
+API, 2026-12-01): it fails 8 behavioural cases of tests/test_detokenize.py: byte-fallback runs
+with an invalid byte (<0x41><0x80>, <0xC3><0xA9><0x80>) stream different text from the full
+decode, and random byte-fallback streams raise "Invalid prefix encountered while decoding
+stream" (an exception mid-generation). So this one stays.
 """
 
 from __future__ import annotations
