@@ -217,6 +217,10 @@ class EngineReplica:
         self.engine.start()
         log.info("replica %d ready: %s", index, m.describe_device())
 
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Refuse new requests; running ones get grace_s to finish, then end with an error event."""
+        self.engine.begin_shutdown(grace_s)
+
     def check_health(self) -> None:
         if not self.engine.alive:
             raise RuntimeError("the engine's scheduler is not running")
@@ -286,6 +290,15 @@ class Router:
         self.replicas = replicas
         self.picker = Picker(len(replicas), routing, saturated_at=parallel)
         self.routed = [0] * len(replicas)
+
+    async def drain(self, grace_s: float) -> int:
+        """Shutdown, step one: every engine stops admitting and finishes (or cleanly ends) its
+        streams within grace_s; returns once no request is in flight here (or grace_s + 2 s passed)."""
+        await asyncio.gather(*(r.begin_shutdown.remote(grace_s) for r in self.replicas), return_exceptions=True)
+        deadline = time.monotonic() + grace_s + 2
+        while sum(self.picker.in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return sum(self.picker.in_flight)
 
     def __serve_build_asgi_app__(self):
         """Ray calls this on the router replica after __init__: one catch-all route."""
@@ -445,5 +458,10 @@ def serve_cluster(config: ClusterConfig, host: str, port: int, address: str | No
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        serve.shutdown()  # drains running streams within each deployment's graceful timeout
+        grace = float((config.engine or {}).get("shutdown_grace_s", 5.0))
+        try:  # streams finish (or end with an error event) before Ray tears the deployments down
+            serve.get_app_handle(APP_NAME).drain.remote(grace).result(timeout_s=grace + 30)
+        except Exception as e:  # noqa: BLE001 - a cluster already failing still shuts down
+            log.warning("drain before shutdown failed: %s", e)
+        serve.shutdown()
         ray.shutdown()

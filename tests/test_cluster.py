@@ -102,11 +102,13 @@ def cluster(model_dir, tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "edge_infer.cli", "serve", str(model_dir), "--ray", "--replicas", "2",
-                             "--threads", "1", "--parallel", "4", "--port", str(port), "--api-key-file", str(key_file)],
+                             "--threads", "1", "--parallel", "4", "--port", str(port), "--api-key-file", str(key_file),
+                             "--shutdown-grace", "60"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for_replicas(url, 2, timeout=240, proc=proc, log=log)
+        _PROCS[url] = proc
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -117,6 +119,9 @@ def cluster(model_dir, tmp_path_factory):
             proc.wait()
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=60)
         log.close()
+
+
+_PROCS: dict = {}  # url -> the `edge-infer serve --ray` process (the last test stops it)
 
 
 def _health(url: str) -> dict:
@@ -254,3 +259,29 @@ def test_app_builder_for_serve_run_and_config_files(model_dir):
         app_builder({"replicas": "2"})
     with pytest.raises(UserError, match="--routing"):
         app_builder({"model": str(model_dir), "routing": "random"})
+
+
+def test_sigterm_drains_running_streams_then_exits_0(cluster):
+    """Runs last in this module: it stops the cluster the other tests used."""
+    proc = _PROCS[cluster]
+    lines: list[str] = []
+    streaming = threading.Event()
+
+    def stream() -> None:
+        body = {"model": "smollm2-int4", "prompt": "Once upon a time", "max_tokens": 48, "stream": True}
+        with httpx.stream("POST", cluster + "/v1/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    streaming.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert streaming.wait(60), "the stream never started"
+    proc.send_signal(signal.SIGTERM)
+    t.join(120)
+    assert lines[-1] == "data: [DONE]"
+    finish = json.loads(lines[-2][len("data: "):])["choices"][0]["finish_reason"]
+    assert finish == "length"  # all 48 tokens, not cut by the shutdown
+    assert proc.wait(timeout=90) == 0
