@@ -18,6 +18,7 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from edge_infer.runtime.cache import KVCache
+from edge_infer.runtime.constrain import Constraint, GrammarMatcher, constraint_from
 from edge_infer.runtime.detokenize import StreamDetokenizer
 from edge_infer.runtime.errors import ContextLengthError, UserError
 from edge_infer.runtime.model import Model
@@ -121,27 +122,50 @@ def prefill(model: Model, ids: list[int], cache: KVCache, chunk: int = PREFILL_C
 
 
 def generate_step(model: Model, ids: list[int], cache: KVCache, sampler: Sampler,
-                  max_tokens: int) -> Iterator[int]:
-    """Yield up to max_tokens sampled ids. Reuses whatever prefix of `ids` the cache already holds."""
+                  max_tokens: int, matcher: GrammarMatcher | None = None) -> Iterator[int]:
+    """Yield up to max_tokens sampled ids. Reuses whatever prefix of `ids` the cache already holds.
+
+    With a grammar `matcher`, each step's logits are masked before the sampler (penalties included)
+    sees them; tokens the grammar forces after a sampled one are yielded without sampling and fed to
+    the model together in one pass; generation ends when the grammar is complete.
+    """
     reuse = min(cache.common_prefix(ids), len(ids) - 1)  # at least one token must run to get logits
     cache.trim(reuse)
     logits = prefill(model, ids[reuse:], cache)
     tokens = list(ids)
     n_prompt = len(ids)
-    for step in range(max_tokens):
+    eos = model.tokenizer.eos_ids
+    n = 0
+    while True:
+        if matcher is not None:
+            logits = matcher.mask(logits)  # (vocab,) a masked copy
         token = sampler(logits, tokens, n_prompt)
-        tokens.append(token)
-        yield token
-        if step + 1 == max_tokens or token in model.tokenizer.eos_ids:
+        feed = [token]
+        if matcher is not None and token not in eos:
+            matcher.accept(token)
+            for forced in matcher.forced()[:max_tokens - n - 1]:
+                matcher.accept(forced)
+                feed.append(forced)
+        for t in feed:
+            tokens.append(t)
+            n += 1
+            yield t
+        if n >= max_tokens or token in eos or (matcher is not None and matcher.finished):
             return
-        logits = model.forward(np.array([[token]], dtype=np.int64), cache)[0, -1]  # (vocab,)
+        logits = model.forward(np.array([feed], dtype=np.int64), cache)[0, -1]  # (vocab,)
 
 
 def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = None,
                     sampling: SamplingParams | None = None, stop: Sequence[str] = (),
                     cache: KVCache | None = None, speculative: SpeculativeConfig | str | None = None,
-                    draft_cache: KVCache | None = None, **sampling_kw) -> Iterator[Chunk]:
+                    draft_cache: KVCache | None = None, response_format: dict | Constraint | None = None,
+                    grammar: str | dict | Constraint | None = None, **sampling_kw) -> Iterator[Chunk]:
     """Stream the completion of `prompt` as Chunks; the last one carries finish_reason and timings.
+
+    `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
+    or `grammar` (a Lark grammar, or {"type": "regex", "regex": ...}) constrain the output
+    (runtime/constrain.py); finish_reason is "stop" only once the grammar is complete. A constrained
+    generation decodes one token per pass (plus forced tokens): speculation is not used for it.
 
     `speculative`: None or "off" (plain decoding), "lookup", or a SpeculativeConfig (needed for a
     draft model); the output is the same as plain decoding's (identical ids when greedy).
@@ -157,6 +181,7 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     elif sampling_kw:
         raise UserError("pass either sampling=SamplingParams(...) or sampling keywords, not both")
     sampler = make_sampler(sampling)
+    constraint = constraint_from(response_format, grammar, model=model)  # a bad grammar fails before any work
     if isinstance(stop, str):
         stop = [stop]
     stops = StopMatcher(list(stop))
@@ -168,8 +193,9 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     n = 0
     finish, stopped = FinishReason.LENGTH, False
     stats = SpecStats()
-    if speculative is None:
-        steps = generate_step(model, ids, cache, sampler, budget)
+    matcher = constraint.matcher(model) if constraint is not None else None
+    if speculative is None or matcher is not None:
+        steps = generate_step(model, ids, cache, sampler, budget, matcher)
     else:
         steps = speculative_step(model, ids, cache, sampler, budget, speculative, stats, draft_cache)
     for token in steps:
@@ -194,6 +220,8 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
         else:
             tail += stops.flush()
     steps.close()  # a stop string or eos ended the loop early: release the generator now
+    if matcher is not None and matcher.finished:
+        finish = FinishReason.STOP  # the grammar is complete
     yield Chunk(tail, None, finish, _timings(clock, len(ids), n, cached, stats))
 
 
