@@ -170,8 +170,29 @@ def constraint_from(response_format: Mapping | None = None, grammar: Any = None,
         spec = response_format.get("json_schema", response_format)
         if not isinstance(spec, Mapping) or "schema" not in spec:
             raise UserError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
-        return json_schema_constraint(spec["schema"], tok)
+        schema = spec["schema"]
+        if spec.get("strict") is True:  # OpenAI's strict mode: objects list every property they may have
+            schema = closed(schema)
+        return json_schema_constraint(schema, tok)
     raise UserError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+
+
+def closed(schema: Any) -> Any:
+    """A copy of `schema` whose objects allow no properties beyond those listed, unless they say otherwise
+    (OpenAI's strict mode; a small model otherwise keeps inventing keys)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (closed(v) if k in ("items", "anyOf", "oneOf", "allOf", "prefixItems", "not") else v)
+           for k, v in schema.items()}
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: closed(v) for name, v in schema[key].items()}
+    is_object = schema.get("type") == "object" or "properties" in schema
+    if is_object and "additionalProperties" not in schema and "patternProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
 
 
 class GrammarMatcher:
@@ -245,10 +266,30 @@ def apply_mask(logits: np.ndarray, bitmask_row: np.ndarray) -> np.ndarray:
 
 
 class MaskPool:
-    """Fill several matchers' masks on llguidance's own thread pool (one call, GIL released)."""
+    """Fill several matchers' masks on llguidance's own thread pool (one call, GIL released).
+
+    `submit` does it on a helper thread, so the masks of a batched step are computed while the
+    model runs that step (the next-token mask depends only on the tokens already accepted).
+    """
 
     def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
         self._executor = _llguidance().LLExecutor()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="edge-infer-masks")
+
+    def submit(self, matchers: list[GrammarMatcher]):
+        """A Future of the (len(matchers), words) int32 masks."""
+        bitmask = np.full((len(matchers), (matchers[0].vocab + 31) // 32), -1, dtype=np.int32)
+
+        def run() -> np.ndarray:
+            self.fill(matchers, bitmask)
+            return bitmask
+
+        return self._thread.submit(run)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)
 
     def fill(self, matchers: list[GrammarMatcher], bitmask: np.ndarray) -> None:
         """bitmask: (n, words) int32, C-contiguous; row i gets matchers[i]'s mask."""

@@ -25,6 +25,7 @@ from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams, Sampler, make_sampler
 from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, speculative_config, speculative_step
 from edge_infer.runtime.stops import StopMatcher
+from edge_infer.runtime.tools import parse_reply, tool_prompt
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 PREFILL_CHUNK = 512
@@ -34,6 +35,7 @@ DEFAULT_MAX_TOKENS = 256
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # an eos token or a stop string
     LENGTH = "length"  # max_tokens reached, or the context is full
+    TOOL_CALLS = "tool_calls"  # the reply is tool calls (Chunk.tool_calls)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Chunk:
     token: int | None  # the id sampled this step (None on the final flush)
     finish_reason: FinishReason | None = None
     timings: Timings | None = None
+    tool_calls: tuple = ()  # the final chunk of a request with tools: runtime.tools.ToolCall, parsed from the reply
 
 
 @dataclass
@@ -159,13 +162,17 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
                     sampling: SamplingParams | None = None, stop: Sequence[str] = (),
                     cache: KVCache | None = None, speculative: SpeculativeConfig | str | None = None,
                     draft_cache: KVCache | None = None, response_format: dict | Constraint | None = None,
-                    grammar: str | dict | Constraint | None = None, **sampling_kw) -> Iterator[Chunk]:
+                    grammar: str | dict | Constraint | None = None, tools: list[dict] | None = None,
+                    tool_choice: str | dict | None = None, parallel_tool_calls: bool = True,
+                    **sampling_kw) -> Iterator[Chunk]:
     """Stream the completion of `prompt` as Chunks; the last one carries finish_reason and timings.
 
     `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
     or `grammar` (a Lark grammar, or {"type": "regex", "regex": ...}) constrain the output
     (runtime/constrain.py); finish_reason is "stop" only once the grammar is complete. A constrained
     generation decodes one token per pass (plus forced tokens): speculation is not used for it.
+    `tools` (OpenAI's shape) with `tool_choice` and `parallel_tool_calls`: the tools go into the prompt
+    (runtime/tools.py) and the final chunk carries the parsed `tool_calls` (finish_reason "tool_calls").
 
     `speculative`: None or "off" (plain decoding), "lookup", or a SpeculativeConfig (needed for a
     draft model); the output is the same as plain decoding's (identical ids when greedy).
@@ -182,6 +189,12 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
         raise UserError("pass either sampling=SamplingParams(...) or sampling keywords, not both")
     sampler = make_sampler(sampling)
     constraint = constraint_from(response_format, grammar, model=model)  # a bad grammar fails before any work
+    plan = None
+    if tools is not None:
+        prompt, plan = tool_prompt(model, prompt, tools, tool_choice, parallel_tool_calls)
+        if plan.constraint is not None and constraint is not None:
+            raise UserError("a constrained tool_choice cannot be combined with response_format or grammar")
+        constraint = constraint or plan.constraint
     if isinstance(stop, str):
         stop = [stop]
     stops = StopMatcher(list(stop))
@@ -190,6 +203,7 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     budget = plan_max_tokens(model, len(ids), max_tokens, cache.max_length)
     cached = min(cache.common_prefix(ids), len(ids) - 1)
     detok = StreamDetokenizer(model.tokenizer.backend)
+    reply: list[str] = []  # the whole text, when tool calls are parsed from it
     n = 0
     finish, stopped = FinishReason.LENGTH, False
     stats = SpecStats()
@@ -207,6 +221,8 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
             finish = FinishReason.STOP
             break
         text, stopped = stops.feed(detok.add(token))
+        if plan is not None:
+            reply.append(text)
         if text or not stopped:
             yield Chunk(text, token)
         if stopped:
@@ -222,7 +238,11 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     steps.close()  # a stop string or eos ended the loop early: release the generator now
     if matcher is not None and matcher.finished:
         finish = FinishReason.STOP  # the grammar is complete
-    yield Chunk(tail, None, finish, _timings(clock, len(ids), n, cached, stats))
+    calls: tuple = ()
+    if plan is not None and finish == FinishReason.STOP:
+        calls = tuple(parse_reply("".join(reply) + tail, plan)[1])
+        finish = FinishReason.TOOL_CALLS if calls else finish
+    yield Chunk(tail, None, finish, _timings(clock, len(ids), n, cached, stats), calls)
 
 
 def _timings(clock: _Clock, n_prompt: int, n_gen: int, cached: int, spec: SpecStats) -> Timings:

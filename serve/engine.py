@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from edge_infer.runtime.constrain import MaskPool
 from edge_infer.runtime.errors import UserError
 from edge_infer.runtime.generate import plan_max_tokens
 from edge_infer.runtime.speculative import check_draft, verify
@@ -91,6 +92,7 @@ class Engine:
         self._stop = False  # set by stop(): end everything and leave the loop
         self._drain_deadline: float | None = None  # set by begin_shutdown(): refuse new, end active at it
         self.metrics.slots_total.set(config.parallel)
+        self._masks: MaskPool | None = None  # made at the first constrained request
         self.speculative = config.speculative
         self.draft_cache = None  # one draft cache, synced to whichever request speculates (prefix reuse)
         if self.speculative is not None and self.speculative.draft is not None:
@@ -116,6 +118,8 @@ class Engine:
             max_tokens = min(default or self.max_length, self.max_length - n_prompt)
         handle = Handle(request.request_id, self._wake)
         seq = Sequence(request, max_tokens, emit, handle, self.model.tokenizer.backend, self.model.tokenizer.eos_ids)
+        if request.constraint is not None:  # its own grammar state from the first token, prefix-cache hit or not
+            seq.matcher = request.constraint.matcher(self.model)
         with self._cond:
             if self._stop or self._drain_deadline is not None:
                 raise ShuttingDown("the server is shutting down and takes no new requests")
@@ -239,7 +243,7 @@ class Engine:
             if not prefill.pending and not prefill.done:
                 decode.append(prefill)  # its first token is out; it joins this turn's decode step
         decode = [q for q in decode if not q.done]
-        if len(decode) == 1 and self.speculative is not None:
+        if len(decode) == 1 and self.speculative is not None and decode[0].matcher is None:
             self._speculate(decode[0])
         elif decode:
             self._decode_step(decode)
@@ -295,17 +299,23 @@ class Engine:
         view = self._views.get((start, stop))
         if view is None:
             view = self._views[(start, stop)] = self.cache.rows(start, stop)
+        # Grammar masks for the constrained rows, computed on a helper thread while the model runs.
+        constrained = [q for q in decode if q.matcher is not None]
+        if constrained and self._masks is None:
+            self._masks = MaskPool()
+        pending = self._masks.submit([q.matcher for q in constrained]) if constrained else None
         logits = self.model.decode_batch(tokens, view, lengths)  # (batch, vocab)
+        masks = dict(zip(map(id, constrained), pending.result())) if pending else {}  # id(seq) -> (words,)
         for i, slot in enumerate(self.slots[start:stop]):
             seq = rows.get(slot.index)
             if seq is not None:
                 slot.row.offset += 1
                 slot.row.tokens.append(seq.next_token)
-                self._update(seq, logits[i])
+                self._update(seq, logits[i], masks.get(id(seq)))
 
-    def _update(self, seq: Sequence, logits: np.ndarray) -> None:
+    def _update(self, seq: Sequence, logits: np.ndarray, mask: np.ndarray | None = None) -> None:
         """Sample the next token from logits (vocab,), emit its text, end the sequence if it is done."""
-        self._take(seq, seq.sample(logits))
+        self._take(seq, seq.sample(logits, mask))
 
     def _take(self, seq: Sequence, token: int) -> bool:
         """Record a chosen token: emit its text, end the sequence if it is done (returns True then)."""

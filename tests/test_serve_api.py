@@ -142,7 +142,8 @@ def test_models_route(client):
     ({"temperature": 5}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"tools": [{"type": "function"}]}, "tools"),
     ({"frobnicate": 1}, "frobnicate"), ({"messages": []}, "messages"), ({"seed": "x"}, "seed"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"), ({"logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"), ({"logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"top_k": -1}, "top_k"),
 ])
 def test_bad_parameters_are_400_naming_the_field(server, extra, param):
