@@ -232,10 +232,15 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
                 yield sse(APIError(event.status, event.message, type="server_error", code=event.code).body())
         yield DONE
 
+    from edge_infer.serve.anthropic import add_routes  # /v1/messages: the Anthropic Messages API
+
+    add_routes(app, engine, config, read_json, EventQueue, EventStream, _watch_disconnect)
+
     app.add_middleware(KeyGuard, config=config)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"])
     app.add_middleware(HostGuard, config=config, metrics=metrics)
     return app
 

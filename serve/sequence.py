@@ -51,6 +51,7 @@ class Finished:
     usage: Usage
     time_to_first_token: float  # seconds from submit (queue wait included)
     decode_tokens_per_s: float
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass(frozen=True)
@@ -158,4 +159,4 @@ class Sequence:
         first = self.first_at or time.perf_counter()
         span = (self.last_at or first) - first
         rate = (self.generated - 1) / span if self.generated > 1 and span > 0 else 0.0
-        return Finished(reason, self.usage(), first - self.arrived, rate)
+        return Finished(reason, self.usage(), first - self.arrived, rate, self.stops.matched)
