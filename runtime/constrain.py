@@ -203,6 +203,7 @@ class GrammarMatcher:
         self.constraint = constraint
         self.vocab = vocab
         self._m = llg.LLMatcher(tokenizer, constraint.grammar, log_level=0)
+        self.eos = frozenset(tokenizer.eos_tokens)
         if self._m.is_error():
             raise UserError(f"invalid {constraint.kind}: {self._m.get_error()}")
         self.bitmask = np.full((1, (vocab + 31) // 32), -1, dtype=np.int32)  # (1, words): one bit per token id
@@ -253,6 +254,37 @@ class GrammarMatcher:
     @property
     def accepting(self) -> bool:
         return self._m.is_accepting()
+
+
+def constrain_guesses(matcher: GrammarMatcher, guesses: list[int], qs) -> tuple[list[int], object, list]:
+    """Speculation under a grammar: keep the leading guesses the grammar accepts, and the mask for
+    each verification row (row i follows guesses[:i]). The matcher ends where it started (rolled
+    back); the tokens finally accepted are then consumed one by one as usual.
+
+    Returns (guesses, qs, masks): masks[i] is (words,) for row i, len(guesses) + 1 of them.
+    """
+    guesses = guesses[:matcher.validate(guesses)]
+    for i, g in enumerate(guesses):  # nothing follows an eos; it ends the grammar without being consumed
+        if g in matcher.eos:
+            guesses = guesses[:i + 1]
+            break
+    masks = []
+    consumed = 0
+    for g in guesses:
+        matcher.fill()
+        masks.append(matcher.bitmask[0].copy())
+        if g not in matcher.eos:
+            matcher.accept(g)
+            consumed += 1
+    matcher.fill()
+    masks.append(matcher.bitmask[0].copy())
+    matcher.rollback(consumed)
+    return guesses, (qs[:len(guesses)] if qs is not None else None), masks
+
+
+def mask_rows(rows: np.ndarray, masks: list) -> np.ndarray:
+    """rows: (k + 1, vocab) verification logits; each row masked by its own (words,) mask."""
+    return np.stack([apply_mask(rows[i], masks[i]) for i in range(rows.shape[0])])
 
 
 def apply_mask(logits: np.ndarray, bitmask_row: np.ndarray) -> np.ndarray:

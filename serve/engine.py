@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from edge_infer.runtime.constrain import MaskPool
+from edge_infer.runtime.constrain import MaskPool, constrain_guesses, mask_rows
 from edge_infer.runtime.errors import UserError
 from edge_infer.runtime.generate import plan_max_tokens
 from edge_infer.runtime.speculative import check_draft, verify
@@ -243,7 +243,7 @@ class Engine:
             if not prefill.pending and not prefill.done:
                 decode.append(prefill)  # its first token is out; it joins this turn's decode step
         decode = [q for q in decode if not q.done]
-        if len(decode) == 1 and self.speculative is not None and decode[0].matcher is None:
+        if len(decode) == 1 and self.speculative is not None:
             self._speculate(decode[0])
         elif decode:
             self._decode_step(decode)
@@ -260,10 +260,14 @@ class Engine:
                                   use_lookup=config.mode == "lookup" or config.use_lookup, draft=config.draft,
                                   draft_cache=self.draft_cache, draft_cost=config.draft_cost)
         guesses, qs = seq.guesser.propose(seq.context, limit) if limit > 0 else ([], None)
+        if seq.matcher is not None:  # only guesses the grammar accepts are verified, against masked rows
+            guesses, qs, masks = constrain_guesses(seq.matcher, guesses, qs)
         start = row.offset
         x = np.array([[seq.next_token] + guesses], dtype=np.int64)  # (1, k + 1)
         clock = time.perf_counter()
         rows = self.model.forward(x, row, logits_to_keep=len(guesses) + 1)[0]  # (k + 1, vocab)
+        if seq.matcher is not None:
+            rows = mask_rows(rows, masks)
         seq.guesser.costs.target_pass(len(guesses) + 1, time.perf_counter() - clock)
         accepted, nxt = verify(rows, guesses, qs, seq.context, seq.n_prompt, seq.sampler)
         row.trim(start + 1 + accepted)  # keep the fed token and the accepted guesses

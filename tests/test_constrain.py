@@ -146,3 +146,26 @@ def test_cli_structured_options(tiny_exports, tmp_path):
                        (["--json-schema", str(lark)], "not valid JSON")):
         r = runner.invoke(main, ["run", folder, "hi", *args])
         assert r.exit_code == 2 and text in r.output and "Traceback" not in r.output, r.output
+
+
+def test_constrain_guesses_cuts_at_the_first_refused_guess_and_rolls_back(model):
+    """Speculative guesses under a grammar: the valid prefix (an eos ends it) and one mask per verification row;
+    the matcher is left where it was, so the accepted tokens are then consumed as usual."""
+    from edge_infer.runtime.constrain import constrain_guesses, regex_constraint
+
+    m = regex_constraint("[0-9]{3}").matcher(model)
+    enc = model.tokenizer.encode
+    digits = [t for t in enc("123", add_special_tokens=False)]
+    eos = min(model.tokenizer.eos_ids)
+    m.accept(digits[0])
+    guesses, qs, masks = constrain_guesses(m, digits[1:] + enc("x", add_special_tokens=False), None)
+    assert guesses == digits[1:] and qs is None and len(masks) == len(guesses) + 1
+    assert m.validate(digits[1:]) == len(digits) - 1  # rolled back: the same guesses are valid again
+    for g in digits[1:]:
+        m.accept(g)
+    assert m.accepting
+    m2 = regex_constraint("[0-9]{3}x?").matcher(model)  # accepting after 3 digits, not finished
+    for t in digits:
+        m2.accept(t)
+    guesses, _, masks = constrain_guesses(m2, [eos, digits[0]], None)
+    assert guesses == [eos] and len(masks) == 2 and m2.accepting  # nothing after an eos; state unchanged
