@@ -59,12 +59,18 @@ def _llguidance():
 class Constraint:
     """A validated grammar in llguidance's format, and what it was made from."""
 
-    kind: str  # json_schema | json_object | regex | lark
+    kind: str  # json_schema | json_object | regex | lark | tool_call
     grammar: str  # llguidance's grammar JSON
     schema: dict | None = None  # json_schema: the schema, for validating the result
+    trigger: int | None = None  # a token id: the grammar runs only after it (runtime.tools.TriggeredMatcher)
 
-    def matcher(self, model) -> "GrammarMatcher":
-        return GrammarMatcher(self, grammar_tokenizer(model), model.manifest.geometry.vocab_size)
+    def matcher(self, model):
+        inner = GrammarMatcher(self, grammar_tokenizer(model), model.manifest.geometry.vocab_size)
+        if self.trigger is None:
+            return inner
+        from edge_infer.runtime.tools import TriggeredMatcher
+
+        return TriggeredMatcher(inner, self.trigger)
 
 
 def grammar_tokenizer(model):
@@ -256,29 +262,40 @@ class GrammarMatcher:
         return self._m.is_accepting()
 
 
-def constrain_guesses(matcher: GrammarMatcher, guesses: list[int], qs) -> tuple[list[int], object, list]:
+def constrain_guesses(matcher, guesses: list[int], qs) -> tuple[list[int], object, list]:
     """Speculation under a grammar: keep the leading guesses the grammar accepts, and the mask for
     each verification row (row i follows guesses[:i]). The matcher ends where it started (rolled
     back); the tokens finally accepted are then consumed one by one as usual.
 
     Returns (guesses, qs, masks): masks[i] is (words,) for row i, len(guesses) + 1 of them.
+    A lazy grammar (runtime.tools.TriggeredMatcher) not yet triggered allows everything up to the
+    trigger; a triggered one is checked by its inner grammar, up to where that grammar completes.
     """
-    guesses = guesses[:matcher.validate(guesses)]
-    for i, g in enumerate(guesses):  # nothing follows an eos; it ends the grammar without being consumed
-        if g in matcher.eos:
+    lazy = hasattr(matcher, "inner")
+    everything = np.full(matcher.bitmask.shape[1], -1, dtype=np.int32)  # (words,) all allowed
+    if lazy and not matcher.active:
+        guesses = guesses[:matcher.validate(guesses)]
+        return guesses, (qs[:len(guesses)] if qs is not None else None), [everything] * (len(guesses) + 1)
+    target = matcher.inner if lazy else matcher
+    guesses = guesses[:target.validate(guesses)]
+    masks, consumed = [], 0
+    for i, g in enumerate(guesses):
+        target.fill()
+        masks.append(target.bitmask[0].copy())
+        if g in target.eos:  # nothing follows an eos; it ends the grammar without being consumed
             guesses = guesses[:i + 1]
             break
-    masks = []
-    consumed = 0
-    for g in guesses:
-        matcher.fill()
-        masks.append(matcher.bitmask[0].copy())
-        if g not in matcher.eos:
-            matcher.accept(g)
-            consumed += 1
-    matcher.fill()
-    masks.append(matcher.bitmask[0].copy())
-    matcher.rollback(consumed)
+        target.accept(g)
+        consumed += 1
+        if target.finished:  # complete: a lazy grammar lets anything follow, a plain one only eos
+            guesses = guesses[:i + 1]
+            break
+    if lazy and target.finished:
+        masks.append(everything)
+    else:
+        target.fill()
+        masks.append(target.bitmask[0].copy())
+    target.rollback(consumed)
     return guesses, (qs[:len(guesses)] if qs is not None else None), masks
 
 

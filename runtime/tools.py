@@ -10,8 +10,11 @@ Two formats, chosen by the model's chat template:
              {"name": ..., "parameters": {...}}                        (Llama 3 JSON)
              [TOOL_CALLS] [{"name": ..., "arguments": {...}}]          (Mistral)
            With tool_choice "required" or a named function the reply is
-           constrained to <tool_call> blocks; with "auto" it is left free and
-           parsed.
+           constrained to <tool_call> blocks. With "auto", when the
+           vocabulary has <tool_call> as one token (Qwen, Hermes), the grammar
+           is triggered lazily: free text until the model emits that token,
+           then the call body is constrained up to </tool_call>, then free
+           again (`TriggeredMatcher`); otherwise the reply is parsed as is.
   generic  any other template (the default model's among them): the tools are
            described in a system message and the reply is constrained to
            either one JSON object {"tool_calls": [{"name", "arguments"}, ...]}
@@ -32,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from edge_infer.runtime.constrain import Constraint, closed, json_schema_constraint, lark_constraint
+from edge_infer.runtime.constrain import JSON_OPTIONS, Constraint, closed, json_schema_constraint, lark_constraint
 from edge_infer.runtime.errors import UserError
 
 MAX_TOOLS = 128
@@ -137,8 +140,12 @@ def plan_tools(functions: Sequence[Function], choice: str, parallel: bool, templ
     if not plan.active:
         return plan
     chosen = [f for f in functions if choice in ("auto", "required") or f.name == choice]
+    trigger = None
+    if fmt == "native" and choice == "auto" and tokenizer is not None:
+        ids = tokenizer.tokenize_str("<tool_call>", parse_special=True)
+        trigger = ids[0] if len(ids) == 1 else None  # a single (special) token: a clean place to switch on
     try:
-        constraint = _constraint(chosen, choice, parallel, fmt, tokenizer)
+        constraint = _constraint(chosen, choice, parallel, fmt, tokenizer, trigger)
     except UserError as e:
         raise UserError(f"tools: {e}") from None
     return ToolPlan(plan.functions, choice, parallel, fmt, constraint)
@@ -159,20 +166,88 @@ def _calls_schema(functions: Sequence[Function], parallel: bool) -> dict:
             "additionalProperties": False}
 
 
-def _constraint(functions: Sequence[Function], choice: str, parallel: bool, fmt: str, tokenizer) -> Constraint | None:
+def _constraint(functions: Sequence[Function], choice: str, parallel: bool, fmt: str, tokenizer,
+                trigger: int | None = None) -> Constraint | None:
     if fmt == "generic":
         schema = _calls_schema(functions, parallel)
         if choice != "auto":
             return json_schema_constraint(schema, tokenizer)
         # Either the calls object or text that does not start with "{" (nor with whitespace).
-        lark = f"start: calls | TEXT\ncalls: %json {json.dumps(schema)}\nTEXT: /[^{{\\s](?s:.*)/\n"
+        lark = f"start: calls | TEXT\ncalls: %json {json.dumps(_json_style(schema))}\nTEXT: /[^{{\\s](?s:.*)/\n"
         return lark_constraint(lark, tokenizer)
+    call = json.dumps(_json_style(_call_schema(functions)))
     if choice == "auto":
-        return None  # the model's own syntax, parsed afterwards
-    call = json.dumps(_call_schema(functions))
+        if trigger is None:
+            return None  # the model's own syntax, parsed afterwards
+        # The body of one call, after the <tool_call> token (TriggeredMatcher runs it lazily).
+        body = lark_constraint(f'start: "\\n"? %json {call} "\\n"? "</tool_call>"\n', tokenizer)
+        return Constraint("tool_call", body.grammar, trigger=trigger)
     repeat = "+" if parallel else ""
     lark = f'start: call{repeat}\ncall: "<tool_call>\\n" %json {call} "\\n</tool_call>\\n"\n'
     return lark_constraint(lark, tokenizer)
+
+
+class TriggeredMatcher:
+    """A grammar that switches on at a trigger token and off again when it completes.
+
+    Before the trigger (and after each completed call) every token is allowed; from the token after
+    the trigger, the inner GrammarMatcher masks and consumes. It never finishes by itself (the
+    reply goes on, or ends with eos), so parallel calls are several triggered blocks. Speculation
+    (runtime.constrain.constrain_guesses) only runs on it while it is active, cut at the end.
+    """
+
+    def __init__(self, inner, trigger: int):
+        self.inner, self.trigger = inner, trigger
+        self.vocab, self.eos, self.bitmask = inner.vocab, inner.eos, inner.bitmask
+        self.active = False
+
+    @property
+    def raw(self):
+        return self.inner.raw
+
+    def fill(self, bitmask=None, index: int = 0) -> None:
+        if self.active:
+            self.inner.fill(bitmask, index)
+        else:
+            (self.bitmask if bitmask is None else bitmask)[index].fill(-1)
+
+    def mask(self, logits, bitmask_row=None):
+        return self.inner.mask(logits, bitmask_row) if self.active else logits
+
+    def accept(self, token: int) -> None:
+        if not self.active:
+            self.active = token == self.trigger
+            return
+        self.inner.accept(token)
+        if self.inner.finished:  # the call is complete: free text (or another call) may follow
+            self.inner.raw.reset()
+            self.active = False
+
+    def validate(self, tokens: list[int]) -> int:
+        """Guesses up to (and including) the trigger while inactive; the inner grammar's while active."""
+        if not self.active:
+            return next((i + 1 for i, t in enumerate(tokens) if t == self.trigger), len(tokens))
+        return self.inner.validate(tokens)
+
+    def forced(self) -> list[int]:
+        return self.inner.forced() if self.active else []
+
+    def rollback(self, n: int) -> None:
+        if self.active:
+            self.inner.rollback(n)
+
+    @property
+    def finished(self) -> bool:
+        return False
+
+    @property
+    def accepting(self) -> bool:
+        return not self.active
+
+
+def _json_style(schema: dict) -> dict:
+    """JSON embedded in a Lark grammar written like response_format's (no free whitespace)."""
+    return {**schema, "x-guidance": JSON_OPTIONS}
 
 
 def tool_messages(messages: list[dict], plan: ToolPlan) -> tuple[list[dict], dict]:

@@ -304,7 +304,7 @@ class Engine:
         if view is None:
             view = self._views[(start, stop)] = self.cache.rows(start, stop)
         # Grammar masks for the constrained rows, computed on a helper thread while the model runs.
-        constrained = [q for q in decode if q.matcher is not None]
+        constrained = [q for q in decode if q.matcher is not None and getattr(q.matcher, "active", True)]
         if constrained and self._masks is None:
             self._masks = MaskPool()
         pending = self._masks.submit([q.matcher for q in constrained]) if constrained else None
