@@ -169,8 +169,8 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
 
     `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
     or `grammar` (a Lark grammar, or {"type": "regex", "regex": ...}) constrain the output
-    (runtime/constrain.py); finish_reason is "stop" only once the grammar is complete. A constrained
-    generation decodes one token per pass (plus forced tokens): speculation is not used for it.
+    (runtime/constrain.py); finish_reason is "stop" only once the grammar is complete. Tokens the grammar
+    forces are fed in one pass (plain decoding); with speculation, guesses are checked against the grammar.
     `tools` (OpenAI's shape) with `tool_choice` and `parallel_tool_calls`: the tools go into the prompt
     (runtime/tools.py) and the final chunk carries the parsed `tool_calls` (finish_reason "tool_calls").
 
@@ -208,10 +208,11 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     finish, stopped = FinishReason.LENGTH, False
     stats = SpecStats()
     matcher = constraint.matcher(model) if constraint is not None else None
-    if speculative is None or matcher is not None:
+    if speculative is None:
         steps = generate_step(model, ids, cache, sampler, budget, matcher)
     else:
-        steps = speculative_step(model, ids, cache, sampler, budget, speculative, stats, draft_cache)
+        steps = speculative_step(model, ids, cache, sampler, budget, speculative, stats, draft_cache,
+                                 matcher=matcher)
     for token in steps:
         now = time.perf_counter()
         clock.first = clock.first or now

@@ -169,3 +169,16 @@ def test_constrain_guesses_cuts_at_the_first_refused_guess_and_rolls_back(model)
         m2.accept(t)
     guesses, _, masks = constrain_guesses(m2, [eos, digits[0]], None)
     assert guesses == [eos] and len(masks) == 2 and m2.accepting  # nothing after an eos; state unchanged
+
+
+@pytest.mark.parametrize("grammar", [{"response_format": FORMAT},
+                                     {"grammar": {"type": "regex", "regex": "(Paris is ){2,3}[a-z]{1,8}"}}])
+def test_speculation_under_a_grammar_gives_the_plain_constrained_output(model, grammar):
+    """Prompt lookup proposes guesses from the prompt; the grammar cuts them, masks each verification row and
+    rolls back with the cache. Greedy on fp32: the ids equal plain constrained decoding's."""
+    prompt = 'Paris is Paris is {"color": "red", "ok": true, "n": 3}'
+    plain = list(stream_generate(model, prompt, max_tokens=70, **grammar))
+    spec = list(stream_generate(model, prompt, max_tokens=70, speculative="lookup", **grammar))
+    assert [c.token for c in spec] == [c.token for c in plain]
+    assert spec[-1].finish_reason == plain[-1].finish_reason == FinishReason.STOP
+    assert spec[-1].timings.target_passes > 0
