@@ -79,15 +79,17 @@ class _Tok:
 
 def mask_cost(tok_model, trajectories, vocab: int, rounds: int) -> dict:
     """Per-step ms of fill (llguidance) and apply (numpy), over the trajectories' steps."""
-    fills, applies = [], []
+    fills, applies, fill_cpu = [], [], []
     logits = np.random.default_rng(0).standard_normal(vocab).astype(np.float32)  # (vocab,)
     for _ in range(rounds):
         for schema, ids in trajectories:
             m = constraint_from(fmt(schema), model=tok_model).matcher(tok_model)
             for t in ids:
+                c0 = time.thread_time()
                 t0 = time.perf_counter()
                 m.fill()
                 t1 = time.perf_counter()
+                fill_cpu.append(time.thread_time() - c0)
                 apply_mask(logits, m.bitmask[0])
                 t2 = time.perf_counter()
                 fills.append(t1 - t0)
@@ -96,7 +98,23 @@ def mask_cost(tok_model, trajectories, vocab: int, rounds: int) -> dict:
                     break
     return {"steps": len(fills), "fill_ms_median": 1e3 * statistics.median(fills),
             "fill_ms_mean": 1e3 * statistics.fmean(fills), "fill_ms_p95": 1e3 * sorted(fills)[int(.95 * len(fills))],
-            "apply_ms_median": 1e3 * statistics.median(applies)}
+            "apply_ms_median": 1e3 * statistics.median(applies),
+            "fill_cpu_ms_mean": 1e3 * statistics.fmean(fill_cpu)}
+
+
+def decode_step(model, steps: int = 60) -> dict:
+    """One-token decode steps at about 200 tokens of context: wall and CPU (all threads) ms per step."""
+    cache = model.new_cache()
+    ids = model.tokenizer.encode("The history of the city. " * 40, add_special_tokens=False)[:200]
+    model.forward(np.array([ids], dtype=np.int64), cache)
+    walls, cpus = [], []
+    token = 42
+    for _ in range(steps):
+        c0, t0 = time.process_time(), time.perf_counter()
+        model.forward(np.array([[token]], dtype=np.int64), cache)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return {"wall_ms_median": 1e3 * statistics.median(walls), "cpu_ms_median": 1e3 * statistics.median(cpus)}
 
 
 def synthetic_tokenizer(src: Path, size: int, dst: Path) -> Path:
@@ -122,13 +140,14 @@ def engine_run(model, batch: int, response_format, max_tokens: int) -> dict:
     try:
         prompts = [f"Request {i}: list twelve rows of made-up records as JSON." for i in range(batch)]
         constraint = constraint_from(response_format, model=model) if response_format else None
-        done = threading.Barrier(batch + 1)
+        done = threading.Event()
         results: list[Finished] = []
 
-        def emit(event) -> None:
+        def emit(event) -> None:  # on the engine thread: never block it
             if not hasattr(event, "text"):
                 results.append(event)
-                done.wait()
+                if len(results) == batch:
+                    done.set()
 
         ids = [edge_infer.runtime.generate.encode_prompt(model, [{"role": "user", "content": p}]) for p in prompts]
         t0 = time.perf_counter()
@@ -152,6 +171,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--schemas", type=int, default=12)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-engine", action="store_true", help="Only the mask and decode-step costs.")
     a = ap.parse_args()
     model = edge_infer.load(a.model, device="cpu")
     import llguidance
@@ -162,6 +182,8 @@ def main() -> None:
     print(f"{len(traj)} constrained replies, {sum(len(t) for _, t in traj)} tokens")
     from edge_infer.runtime.constrain import grammar_tokenizer
 
+    result["decode_step"] = decode_step(model)
+    print("decode step:", result["decode_step"])
     result["mask_49k"] = mask_cost(model, traj, result["vocab"], a.rounds)
     with tempfile.TemporaryDirectory() as tmp:
         big = synthetic_tokenizer(Path(a.model) / model.manifest.tokenizer.file, 128_256, Path(tmp) / "t.json")
@@ -184,7 +206,7 @@ def main() -> None:
     result["mask_batch8_pool_ms_median"] = 1e3 * statistics.median(times)
     grammar_tokenizer(model)
     runs = []
-    for rnd in range(a.rounds):  # alternate, so drift on a shared machine hits both sides
+    for rnd in range(0 if a.no_engine else a.rounds):  # alternate, so drift on a shared machine hits both sides
         for batch in (1, 8):
             for rf in (None, fmt(LONG)):
                 r = engine_run(model, batch, rf, 128)
