@@ -266,9 +266,9 @@ class Engine:
         x = np.array([[seq.next_token] + guesses], dtype=np.int64)  # (1, k + 1)
         clock = time.perf_counter()
         rows = self.model.forward(x, row, logits_to_keep=len(guesses) + 1)[0]  # (k + 1, vocab)
+        seq.guesser.costs.target_pass(len(guesses) + 1, time.perf_counter() - clock)
         if seq.matcher is not None:
             rows = mask_rows(rows, masks)
-        seq.guesser.costs.target_pass(len(guesses) + 1, time.perf_counter() - clock)
         accepted, nxt = verify(rows, guesses, qs, seq.context, seq.n_prompt, seq.sampler)
         row.trim(start + 1 + accepted)  # keep the fed token and the accepted guesses
         emitted = guesses[:accepted] + [nxt]
