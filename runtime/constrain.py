@@ -145,6 +145,10 @@ def constraint_from(response_format: Mapping | None = None, grammar: Any = None,
     grammar: a Lark grammar string, or {"type": "regex" | "lark", "regex" | "lark": text}.
     model: when given, the grammar is also checked against its tokenizer.
     """
+    if response_format is None and grammar is None:
+        return None  # (no llguidance tokenizer is built for requests without a grammar)
+    if isinstance(response_format, Mapping) and response_format.get("type") == "text" and grammar is None:
+        return None
     tok = grammar_tokenizer(model) if model is not None else None
     if response_format is not None and grammar is not None:
         raise UserError("pass either response_format or grammar, not both")

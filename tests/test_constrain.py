@@ -182,3 +182,9 @@ def test_speculation_under_a_grammar_gives_the_plain_constrained_output(model, g
     assert [c.token for c in spec] == [c.token for c in plain]
     assert spec[-1].finish_reason == plain[-1].finish_reason == FinishReason.STOP
     assert spec[-1].timings.target_passes > 0
+
+
+def test_requests_without_a_grammar_build_no_grammar_tokenizer(tiny_exports):
+    m = edge_infer.load(tiny_exports("llama", "fp32"), device="cpu", threads=1)
+    edge_infer.generate(m, "Paris is", max_tokens=2, response_format={"type": "text"})
+    assert getattr(m, "_grammar_tokenizer", None) is None  # built on first use only (0.6 s at 49k words)
