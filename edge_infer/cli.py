@@ -161,13 +161,22 @@ def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, accu
 @click.option("--raw", is_flag=True, help="Send PROMPT as plain text, not as a chat message.")
 @click.option("--system", default=None, help="System message (chat models).")
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Timings on stderr.")
+@click.option("--json-schema", "json_schema", type=click.Path(dir_okay=False), default=None,
+              help="Constrain the output to JSON matching the schema in this file.")
+@click.option("--json", "json_object", is_flag=True, help="Constrain the output to a JSON object.")
+@click.option("--regex", default=None, help="Constrain the output to this regular expression.")
+@click.option("--grammar", "lark", type=click.Path(dir_okay=False), default=None,
+              help="Constrain the output to the Lark grammar in this file.")
 @sampling_options
 @speculative_options
-def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, **kw):
+def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, json_schema, json_object, regex, lark,
+        **kw):
     """Generate from PROMPT ('-' reads stdin) and stream the text to stdout."""
     from edge_infer.runtime.generate import stream_generate
+    from edge_infer.structured_cli import constraint_options
 
     sampling = _sampling(kw)
+    structured = constraint_options(json_schema, json_object, regex, lark)
     if prompt == "-":
         prompt = sys.stdin.read()
     m = _load(model, device, threads, quiet=not stats, shared_threads=wants_shared_threads(kw))
@@ -177,7 +186,7 @@ def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, **
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     last = None
     for chunk in stream_generate(m, messages or prompt, max_tokens=max_tokens, sampling=sampling, stop=stop,
-                                 speculative=speculative):
+                                 speculative=speculative, **structured):
         if chunk.text:
             click.echo(chunk.text, nl=False)
         last = chunk

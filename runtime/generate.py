@@ -18,12 +18,14 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from edge_infer.runtime.cache import KVCache
+from edge_infer.runtime.constrain import Constraint, GrammarMatcher, constraint_from
 from edge_infer.runtime.detokenize import StreamDetokenizer
 from edge_infer.runtime.errors import ContextLengthError, UserError
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams, Sampler, make_sampler
 from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, speculative_config, speculative_step
 from edge_infer.runtime.stops import StopMatcher
+from edge_infer.runtime.tools import parse_reply, tool_prompt
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 PREFILL_CHUNK = 512
@@ -33,6 +35,7 @@ DEFAULT_MAX_TOKENS = 256
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # an eos token or a stop string
     LENGTH = "length"  # max_tokens reached, or the context is full
+    TOOL_CALLS = "tool_calls"  # the reply is tool calls (Chunk.tool_calls)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Chunk:
     token: int | None  # the id sampled this step (None on the final flush)
     finish_reason: FinishReason | None = None
     timings: Timings | None = None
+    tool_calls: tuple = ()  # the final chunk of a request with tools: runtime.tools.ToolCall, parsed from the reply
 
 
 @dataclass
@@ -121,27 +125,54 @@ def prefill(model: Model, ids: list[int], cache: KVCache, chunk: int = PREFILL_C
 
 
 def generate_step(model: Model, ids: list[int], cache: KVCache, sampler: Sampler,
-                  max_tokens: int) -> Iterator[int]:
-    """Yield up to max_tokens sampled ids. Reuses whatever prefix of `ids` the cache already holds."""
+                  max_tokens: int, matcher: GrammarMatcher | None = None) -> Iterator[int]:
+    """Yield up to max_tokens sampled ids. Reuses whatever prefix of `ids` the cache already holds.
+
+    With a grammar `matcher`, each step's logits are masked before the sampler (penalties included)
+    sees them; tokens the grammar forces after a sampled one are yielded without sampling and fed to
+    the model together in one pass; generation ends when the grammar is complete.
+    """
     reuse = min(cache.common_prefix(ids), len(ids) - 1)  # at least one token must run to get logits
     cache.trim(reuse)
     logits = prefill(model, ids[reuse:], cache)
     tokens = list(ids)
     n_prompt = len(ids)
-    for step in range(max_tokens):
+    eos = model.tokenizer.eos_ids
+    n = 0
+    while True:
+        if matcher is not None:
+            logits = matcher.mask(logits)  # (vocab,) a masked copy
         token = sampler(logits, tokens, n_prompt)
-        tokens.append(token)
-        yield token
-        if step + 1 == max_tokens or token in model.tokenizer.eos_ids:
+        feed = [token]
+        if matcher is not None and token not in eos:
+            matcher.accept(token)
+            for forced in matcher.forced()[:max_tokens - n - 1]:
+                matcher.accept(forced)
+                feed.append(forced)
+        for t in feed:
+            tokens.append(t)
+            n += 1
+            yield t
+        if n >= max_tokens or token in eos or (matcher is not None and matcher.finished):
             return
-        logits = model.forward(np.array([[token]], dtype=np.int64), cache)[0, -1]  # (vocab,)
+        logits = model.forward(np.array([feed], dtype=np.int64), cache)[0, -1]  # (vocab,)
 
 
 def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = None,
                     sampling: SamplingParams | None = None, stop: Sequence[str] = (),
                     cache: KVCache | None = None, speculative: SpeculativeConfig | str | None = None,
-                    draft_cache: KVCache | None = None, **sampling_kw) -> Iterator[Chunk]:
+                    draft_cache: KVCache | None = None, response_format: dict | Constraint | None = None,
+                    grammar: str | dict | Constraint | None = None, tools: list[dict] | None = None,
+                    tool_choice: str | dict | None = None, parallel_tool_calls: bool = True,
+                    **sampling_kw) -> Iterator[Chunk]:
     """Stream the completion of `prompt` as Chunks; the last one carries finish_reason and timings.
+
+    `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
+    or `grammar` (a Lark grammar, or {"type": "regex", "regex": ...}) constrain the output
+    (runtime/constrain.py); finish_reason is "stop" only once the grammar is complete. Tokens the grammar
+    forces are fed in one pass (plain decoding); with speculation, guesses are checked against the grammar.
+    `tools` (OpenAI's shape) with `tool_choice` and `parallel_tool_calls`: the tools go into the prompt
+    (runtime/tools.py) and the final chunk carries the parsed `tool_calls` (finish_reason "tool_calls").
 
     `speculative`: None or "off" (plain decoding), "lookup", or a SpeculativeConfig (needed for a
     draft model); the output is the same as plain decoding's (identical ids when greedy).
@@ -157,6 +188,13 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     elif sampling_kw:
         raise UserError("pass either sampling=SamplingParams(...) or sampling keywords, not both")
     sampler = make_sampler(sampling)
+    constraint = constraint_from(response_format, grammar, model=model)  # a bad grammar fails before any work
+    plan = None
+    if tools is not None:
+        prompt, plan = tool_prompt(model, prompt, tools, tool_choice, parallel_tool_calls)
+        if plan.constraint is not None and constraint is not None:
+            raise UserError("a constrained tool_choice cannot be combined with response_format or grammar")
+        constraint = constraint or plan.constraint
     if isinstance(stop, str):
         stop = [stop]
     stops = StopMatcher(list(stop))
@@ -165,13 +203,16 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     budget = plan_max_tokens(model, len(ids), max_tokens, cache.max_length)
     cached = min(cache.common_prefix(ids), len(ids) - 1)
     detok = StreamDetokenizer(model.tokenizer.backend)
+    reply: list[str] = []  # the whole text, when tool calls are parsed from it
     n = 0
     finish, stopped = FinishReason.LENGTH, False
     stats = SpecStats()
+    matcher = constraint.matcher(model) if constraint is not None else None
     if speculative is None:
-        steps = generate_step(model, ids, cache, sampler, budget)
+        steps = generate_step(model, ids, cache, sampler, budget, matcher)
     else:
-        steps = speculative_step(model, ids, cache, sampler, budget, speculative, stats, draft_cache)
+        steps = speculative_step(model, ids, cache, sampler, budget, speculative, stats, draft_cache,
+                                 matcher=matcher)
     for token in steps:
         now = time.perf_counter()
         clock.first = clock.first or now
@@ -181,6 +222,8 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
             finish = FinishReason.STOP
             break
         text, stopped = stops.feed(detok.add(token))
+        if plan is not None:
+            reply.append(text)
         if text or not stopped:
             yield Chunk(text, token)
         if stopped:
@@ -194,7 +237,13 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
         else:
             tail += stops.flush()
     steps.close()  # a stop string or eos ended the loop early: release the generator now
-    yield Chunk(tail, None, finish, _timings(clock, len(ids), n, cached, stats))
+    if matcher is not None and matcher.finished:
+        finish = FinishReason.STOP  # the grammar is complete
+    calls: tuple = ()
+    if plan is not None and finish == FinishReason.STOP:
+        calls = tuple(parse_reply("".join(reply) + tail, plan)[1])
+        finish = FinishReason.TOOL_CALLS if calls else finish
+    yield Chunk(tail, None, finish, _timings(clock, len(ids), n, cached, stats), calls)
 
 
 def _timings(clock: _Clock, n_prompt: int, n_gen: int, cached: int, spec: SpecStats) -> Timings:

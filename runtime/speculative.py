@@ -182,10 +182,14 @@ def verify(rows: np.ndarray, guesses: list[int], qs: list[np.ndarray] | None, to
 
 def speculative_step(model: Model, ids: list[int], cache: KVCache, sampler: Sampler, max_tokens: int,
                      config: SpeculativeConfig, stats: SpecStats | None = None,
-                     draft_cache: KVCache | None = None, ignore_eos: bool = False) -> Iterator[int]:
+                     draft_cache: KVCache | None = None, ignore_eos: bool = False,
+                     matcher=None) -> Iterator[int]:
     """Like generate_step: yield up to max_tokens ids, stopping after an eos id, but verify guesses
     in batches. `draft_cache` (mode "draft") lets a caller keep the draft's prefix across turns;
-    `ignore_eos` (benchmarks) runs on past eos ids."""
+    `ignore_eos` (benchmarks) runs on past eos ids. With a grammar `matcher` (runtime/constrain.py)
+    guesses are cut where the grammar refuses them, every verification row is masked, and the
+    matcher rolls back with the cache: only accepted tokens are consumed."""
+    from edge_infer.runtime.constrain import constrain_guesses, mask_rows
     from edge_infer.runtime.generate import prefill
 
     stats = stats if stats is not None else SpecStats()
@@ -205,13 +209,17 @@ def speculative_step(model: Model, ids: list[int], cache: KVCache, sampler: Samp
 
     logits = prefill(model, ids[reuse:], cache)  # (vocab,)
     tokens = list(ids)
-    token = sampler(logits, tokens, n_prompt)
+    token = sampler(logits if matcher is None else matcher.mask(logits), tokens, n_prompt)
+    if matcher is not None and token not in eos:
+        matcher.accept(token)
     tokens.append(token)
     yield token
     produced = 1
-    while produced < max_tokens and token not in eos:
+    while produced < max_tokens and token not in eos and not (matcher is not None and matcher.finished):
         assert cache.offset == len(tokens) - 1, "the target cache holds every token but the last"
         guesses, qs = guesser.propose(tokens, max_tokens - produced - 1)  # a round yields up to k + 1
+        if matcher is not None:
+            guesses, qs, masks = constrain_guesses(matcher, guesses, qs)
 
         stats.target_passes += 1
         start = cache.offset
@@ -219,6 +227,8 @@ def speculative_step(model: Model, ids: list[int], cache: KVCache, sampler: Samp
         clock = time.perf_counter()
         rows = model.forward(x, cache, logits_to_keep=len(guesses) + 1)[0]  # (k + 1, vocab)
         guesser.costs.target_pass(len(guesses) + 1, time.perf_counter() - clock)
+        if matcher is not None:
+            rows = mask_rows(rows, masks)
         accepted, nxt = verify(rows, guesses, qs, tokens, n_prompt, sampler)
         cache.trim(start + 1 + accepted)  # keep `token` and the accepted guesses; drop the rest
         stats.proposed += len(guesses)
@@ -227,9 +237,11 @@ def speculative_step(model: Model, ids: list[int], cache: KVCache, sampler: Samp
         guesser.record(guesses, accepted, emitted)
 
         for token in emitted:
+            if matcher is not None and token not in eos:
+                matcher.accept(token)
             tokens.append(token)
             yield token
             produced += 1
-            if produced == max_tokens or token in eos:
+            if produced == max_tokens or token in eos or (matcher is not None and matcher.finished):
                 return
 

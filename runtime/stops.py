@@ -34,6 +34,7 @@ class StopMatcher:
         self._first_chars = frozenset(s[0] for s in self.stops)
         self._held = ""
         self.stopped = False  # a stop string was hit (by feed or by flush)
+        self.matched: str | None = None  # which one (the Anthropic API reports it)
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Add a delta; return (text safe to emit, whether a stop string was hit).
@@ -50,7 +51,7 @@ class StopMatcher:
         pending = self._earliest_partial(text, before=len(text) if match is None else match)
         if match is not None and pending is None:
             self._held = ""
-            self.stopped = True
+            self.stopped, self.matched = True, self._stop_at(text, match)
             return text[:match], True
         keep_from = len(text) if pending is None else pending
         self._held = text[keep_from:]
@@ -65,9 +66,12 @@ class StopMatcher:
         text, self._held = self._held, ""
         match = self._earliest_match(text) if text else None
         if match is not None:
-            self.stopped = True
+            self.stopped, self.matched = True, self._stop_at(text, match)
             return text[:match]
         return text
+
+    def _stop_at(self, text: str, i: int) -> str:
+        return next(s for s in self.stops if text.startswith(s, i))
 
     def _earliest_match(self, text: str) -> int | None:
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -24,15 +25,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from edge_infer.runtime.errors import ContextLengthError, UserError
-from edge_infer.runtime.generate import encode_prompt
+from edge_infer.runtime.errors import ContextLengthError
 from edge_infer.serve.config import EngineConfig, ServerConfig
 from edge_infer.serve.engine import Engine, QueueFull, ShuttingDown
 from edge_infer.serve.guards import HostGuard, KeyGuard
 from edge_infer.serve.metrics import Metrics
-from edge_infer.serve.protocol import (DONE, APIError, ChunkWriter, ParsedRequest, bad, completion_body, new_id,
+from edge_infer.serve.protocol import (DONE, APIError, ChunkWriter, ParsedRequest, completion_body, new_id,
                                        parse_chat, parse_completion, sse)
 from edge_infer.serve.sequence import Delta, Failed, Finished, GenerationRequest
+from edge_infer.serve.structured import ReplyStream, prepare, split_reply
 
 log = logging.getLogger("edge_infer.serve")
 
@@ -160,13 +161,14 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
 
     async def generate(request: Request, parsed: ParsedRequest):
         field = "messages" if parsed.kind == "chat" else "prompt"
-        try:
-            ids = await run_in_threadpool(encode_prompt, model, parsed.prompt)
-        except UserError as e:
-            raise bad(field, str(e)) from None
+        prepared = await run_in_threadpool(functools.partial(
+            prepare, model, parsed.prompt, kind=parsed.kind, response_format=parsed.response_format,
+            tools=parsed.tools, tool_choice=parsed.tool_choice, parallel_tool_calls=parsed.parallel_tool_calls))
+        ids = prepared.ids
         rid = new_id(parsed.kind)
         events = EventQueue()
-        gen = GenerationRequest(tuple(ids), parsed.max_tokens, parsed.sampling, parsed.stop, rid)
+        gen = GenerationRequest(tuple(ids), parsed.max_tokens, parsed.sampling, parsed.stop, rid,
+                                constraint=prepared.constraint)
         try:
             handle = engine.submit(gen, events.push)
         except ContextLengthError as e:
@@ -178,10 +180,10 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
         except ShuttingDown as e:
             raise APIError(503, str(e), type="server_error", code="server_shutting_down") from None
         if parsed.stream:
-            return EventStream(stream_chunks(parsed, rid, events), handle.cancel)
-        return await collect(request, parsed, rid, events, handle)
+            return EventStream(stream_chunks(parsed, rid, events, prepared.plan), handle.cancel)
+        return await collect(request, parsed, rid, events, handle, prepared.plan)
 
-    async def collect(request: Request, parsed: ParsedRequest, rid: str, events: EventQueue, handle):
+    async def collect(request: Request, parsed: ParsedRequest, rid: str, events: EventQueue, handle, plan=None):
         parts: list[str] = []
         final = None
         async with anyio.create_task_group() as tg:
@@ -200,20 +202,29 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
             return Response(status_code=499)  # the client is gone; nobody reads this
         if isinstance(final, Failed):
             raise APIError(final.status, final.message, type="server_error", code=final.code)
-        return completion_body(parsed.kind, rid, config.model_id, "".join(parts), final.finish_reason, final.usage)
+        content, calls, finish = split_reply("".join(parts), final.finish_reason, plan)
+        return completion_body(parsed.kind, rid, config.model_id, content, finish, final.usage, calls)
 
-    async def stream_chunks(parsed: ParsedRequest, rid: str, events: EventQueue) -> AsyncIterator[bytes]:
+    async def stream_chunks(parsed: ParsedRequest, rid: str, events: EventQueue, plan=None) -> AsyncIterator[bytes]:
         writer = ChunkWriter(parsed.kind, rid, config.model_id, parsed.include_usage)
+        reply = ReplyStream(plan)
         first = writer.start()
         if first:
             yield first
         async for event in events.events():
             if isinstance(event, Delta):
-                yield writer.delta(event.text)
+                text = reply.feed(event.text)
+                if text:
+                    yield writer.delta(text)
             elif isinstance(event, Finished):
                 if event.finish_reason == "cancelled":
                     return
-                yield writer.delta("", event.finish_reason)
+                text, calls, finish = reply.finish(event.finish_reason)
+                if text:
+                    yield writer.delta(text)
+                for chunk in writer.tool_calls(calls):
+                    yield chunk
+                yield writer.delta("", finish)
                 tail = writer.usage(event.usage)
                 if tail:
                     yield tail
@@ -221,10 +232,15 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
                 yield sse(APIError(event.status, event.message, type="server_error", code=event.code).body())
         yield DONE
 
+    from edge_infer.serve.anthropic import add_routes  # /v1/messages: the Anthropic Messages API
+
+    add_routes(app, engine, config, read_json, EventQueue, EventStream, _watch_disconnect)
+
     app.add_middleware(KeyGuard, config=config)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"])
     app.add_middleware(HostGuard, config=config, metrics=metrics)
     return app
 

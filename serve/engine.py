@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from edge_infer.runtime.constrain import MaskPool, constrain_guesses, mask_rows
 from edge_infer.runtime.errors import UserError
 from edge_infer.runtime.generate import plan_max_tokens
 from edge_infer.runtime.speculative import check_draft, verify
@@ -91,6 +92,7 @@ class Engine:
         self._stop = False  # set by stop(): end everything and leave the loop
         self._drain_deadline: float | None = None  # set by begin_shutdown(): refuse new, end active at it
         self.metrics.slots_total.set(config.parallel)
+        self._masks: MaskPool | None = None  # made at the first constrained request
         self.speculative = config.speculative
         self.draft_cache = None  # one draft cache, synced to whichever request speculates (prefix reuse)
         if self.speculative is not None and self.speculative.draft is not None:
@@ -116,6 +118,8 @@ class Engine:
             max_tokens = min(default or self.max_length, self.max_length - n_prompt)
         handle = Handle(request.request_id, self._wake)
         seq = Sequence(request, max_tokens, emit, handle, self.model.tokenizer.backend, self.model.tokenizer.eos_ids)
+        if request.constraint is not None:  # its own grammar state from the first token, prefix-cache hit or not
+            seq.matcher = request.constraint.matcher(self.model)
         with self._cond:
             if self._stop or self._drain_deadline is not None:
                 raise ShuttingDown("the server is shutting down and takes no new requests")
@@ -256,11 +260,15 @@ class Engine:
                                   use_lookup=config.mode == "lookup" or config.use_lookup, draft=config.draft,
                                   draft_cache=self.draft_cache, draft_cost=config.draft_cost)
         guesses, qs = seq.guesser.propose(seq.context, limit) if limit > 0 else ([], None)
+        if seq.matcher is not None:  # only guesses the grammar accepts are verified, against masked rows
+            guesses, qs, masks = constrain_guesses(seq.matcher, guesses, qs)
         start = row.offset
         x = np.array([[seq.next_token] + guesses], dtype=np.int64)  # (1, k + 1)
         clock = time.perf_counter()
         rows = self.model.forward(x, row, logits_to_keep=len(guesses) + 1)[0]  # (k + 1, vocab)
         seq.guesser.costs.target_pass(len(guesses) + 1, time.perf_counter() - clock)
+        if seq.matcher is not None:
+            rows = mask_rows(rows, masks)
         accepted, nxt = verify(rows, guesses, qs, seq.context, seq.n_prompt, seq.sampler)
         row.trim(start + 1 + accepted)  # keep the fed token and the accepted guesses
         emitted = guesses[:accepted] + [nxt]
@@ -295,17 +303,23 @@ class Engine:
         view = self._views.get((start, stop))
         if view is None:
             view = self._views[(start, stop)] = self.cache.rows(start, stop)
+        # Grammar masks for the constrained rows, computed on a helper thread while the model runs.
+        constrained = [q for q in decode if q.matcher is not None and getattr(q.matcher, "active", True)]
+        if constrained and self._masks is None:
+            self._masks = MaskPool()
+        pending = self._masks.submit([q.matcher for q in constrained]) if constrained else None
         logits = self.model.decode_batch(tokens, view, lengths)  # (batch, vocab)
+        masks = dict(zip(map(id, constrained), pending.result())) if pending else {}  # id(seq) -> (words,)
         for i, slot in enumerate(self.slots[start:stop]):
             seq = rows.get(slot.index)
             if seq is not None:
                 slot.row.offset += 1
                 slot.row.tokens.append(seq.next_token)
-                self._update(seq, logits[i])
+                self._update(seq, logits[i], masks.get(id(seq)))
 
-    def _update(self, seq: Sequence, logits: np.ndarray) -> None:
+    def _update(self, seq: Sequence, logits: np.ndarray, mask: np.ndarray | None = None) -> None:
         """Sample the next token from logits (vocab,), emit its text, end the sequence if it is done."""
-        self._take(seq, seq.sample(logits))
+        self._take(seq, seq.sample(logits, mask))
 
     def _take(self, seq: Sequence, token: int) -> bool:
         """Record a chosen token: emit its text, end the sequence if it is done (returns True then)."""

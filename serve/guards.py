@@ -6,8 +6,9 @@ The stack, outermost first:
               that does not name this server (DNS rebinding), even on /health
   CORS        only when --cors-origin names origins (never a wildcard); it
               answers preflights, which carry no key
-  KeyGuard    every route but /health needs `Authorization: Bearer KEY` when a
-              key is set (constant-time compare); POST bodies must be JSON and
+  KeyGuard    every route but /health needs `Authorization: Bearer KEY` (or
+              `x-api-key: KEY`, as Anthropic's clients send it) when a key is
+              set (constant-time compare); POST bodies must be JSON and
               at most max_body_bytes by their Content-Length
 """
 
@@ -74,7 +75,8 @@ class KeyGuard:
             return await self.app(scope, receive, send)
         if self._key is not None and scope.get("path") not in OPEN_PATHS and not self._authorized(scope):
             await send_error(send, APIError(
-                401, "a valid API key is required: send 'Authorization: Bearer KEY'", code="invalid_api_key",
+                401, "a valid API key is required: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+                code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"}))
             return
         if scope.get("method") == "POST":
@@ -93,6 +95,9 @@ class KeyGuard:
         await self.app(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
+        api_key = _header(scope, b"x-api-key")
+        if api_key is not None:
+            return hmac.compare_digest(api_key.strip().encode("latin-1"), self._key)
         value = _header(scope, b"authorization") or ""
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer":

@@ -9,6 +9,7 @@ default; unknown fields are refused (a typo must not silently do nothing).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -19,17 +20,15 @@ from typing import Any
 from edge_infer.runtime.sampling import SamplingParams
 from edge_infer.runtime.stops import MAX_STOP_CHARS
 
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_MESSAGES = 4096
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "seed")
 _COMMON = {"model", "max_tokens", "stop", "stream", "stream_options", "n", *_SAMPLING}
-_IGNORED = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
-            "parallel_tool_calls"}
+_IGNORED = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
 # Features we do not have: accepted only at these "off" values.
-_CHAT_OFF = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []),
-             "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
-             "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
+_CHAT_OFF = {"logprobs": (None, False), "top_logprobs": (None, 0), "functions": (None, []),
+             "function_call": (None, "none", "auto"), "logit_bias": (None, {}), "modalities": (None, ["text"]),
              "audio": (None,), "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,)}
 _COMPLETION_OFF = {"logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
                    "logit_bias": (None, {})}
@@ -61,19 +60,30 @@ class ParsedRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    response_format: Any = None  # checked and compiled by runtime.constrain.constraint_from
+    tools: Any = None  # checked by runtime.tools
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
 
 
 def parse_chat(body: dict, max_stops: int, vocab_size: int) -> ParsedRequest:
-    _check_fields(body, _COMMON | {"messages", "max_completion_tokens"}, _CHAT_OFF)
+    _check_fields(body, _COMMON | {"messages", "max_completion_tokens", "response_format", "tools", "tool_choice",
+                                   "parallel_tool_calls"}, _CHAT_OFF)
     messages = _messages(body.get("messages"))
     max_tokens = _max_tokens(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _max_tokens(body, "max_tokens")
-    return _parsed("chat", messages, max_tokens, body, max_stops, vocab_size)
+    parsed = _parsed("chat", messages, max_tokens, body, max_stops, vocab_size)
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise bad("parallel_tool_calls", f"parallel_tool_calls must be true or false, got {parallel!r}")
+    tools = body.get("tools") or None
+    return dataclasses.replace(parsed, tools=tools, tool_choice=body.get("tool_choice"),
+                               parallel_tool_calls=parallel)
 
 
 def parse_completion(body: dict, max_stops: int, vocab_size: int) -> ParsedRequest:
-    _check_fields(body, _COMMON | {"prompt"}, _COMPLETION_OFF)
+    _check_fields(body, _COMMON | {"prompt", "response_format"}, _COMPLETION_OFF)
     return _parsed("completion", _prompt(body.get("prompt"), vocab_size), _max_tokens(body, "max_tokens"),
                    body, max_stops, vocab_size)
 
@@ -94,8 +104,11 @@ def _parsed(kind: str, prompt: Any, max_tokens: int | None, body: dict, max_stop
         include_usage = options.get("include_usage") is True
         if not stream:
             raise bad("stream_options", "stream_options is only allowed with stream: true")
+    response_format = body.get("response_format")
+    if response_format is not None and not isinstance(response_format, dict):
+        raise bad("response_format", "response_format must be an object such as {'type': 'json_object'}")
     return ParsedRequest(kind, prompt, max_tokens, _sampling(body, vocab_size), _stops(body.get("stop"), max_stops),
-                         bool(stream), include_usage)
+                         bool(stream), include_usage, response_format)
 
 
 def _check_fields(body: dict, honoured: set[str], off: dict[str, tuple]) -> None:
@@ -175,14 +188,41 @@ def _messages(messages: Any) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(where, f"{where} must be an object with role and content")
-        extra = set(m) - {"role", "content", "name"}
+        extra = set(m) - {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
         if extra:
-            raise bad(where, f"{where} has field(s) {', '.join(sorted(extra))}; tool calls and other message "
-                      f"features are not supported (role, content and name are)")
+            raise bad(where, f"{where} has field(s) {', '.join(sorted(extra))}; a message has role, content, name, "
+                      f"and tool_calls (assistant) or tool_call_id (tool)")
         role = m.get("role")
         if role not in CHAT_ROLES:
             raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
-        out.append({"role": CHAT_ROLES[role], "content": _content(m.get("content"), where)})
+        message = {"role": CHAT_ROLES[role]}
+        if role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = _tool_calls(m["tool_calls"], where)
+            message["content"] = _content(m["content"], where) if m.get("content") is not None else ""
+        else:
+            message["content"] = _content(m.get("content"), where)
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise bad(f"{where}.tool_call_id", f"{where}.tool_call_id must be the id of the call it answers")
+            message["tool_call_id"] = m["tool_call_id"]
+        if isinstance(m.get("name"), str) and role == "tool":
+            message["name"] = m["name"]
+        out.append(message)
+    return out
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant message's tool_calls: [{id, type: function, function: {name, arguments (a JSON string)}}]."""
+    if not isinstance(calls, list):
+        raise bad(f"{where}.tool_calls", f"{where}.tool_calls must be a list")
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), str)):
+            raise bad(f"{where}.tool_calls[{j}]", f"{where}.tool_calls[{j}] must be {{'id': ..., 'type': 'function', "
+                      f"'function': {{'name': ..., 'arguments': '<JSON>'}}}}")
+        out.append({"id": str(c.get("id", "")), "type": "function",
+                    "function": {"name": f["name"], "arguments": f["arguments"]}})
     return out
 
 
@@ -229,11 +269,15 @@ def usage_body(usage) -> dict:
             "total_tokens": usage.total_tokens, "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
-def completion_body(kind: str, rid: str, model: str, text: str, finish: str, usage) -> dict:
+def completion_body(kind: str, rid: str, model: str, text: str | None, finish: str, usage,
+                    tool_calls: list | None = None) -> dict:
+    """tool_calls: runtime.tools.ToolCall objects (chat only); with them, content may be None."""
     created = int(time.time())
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = [c.openai() for c in tool_calls]
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [choice], "usage": usage_body(usage)}
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
@@ -266,6 +310,20 @@ class ChunkWriter:
             delta = {"content": text} if text else {}
             return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
         return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}])
+
+    def tool_calls(self, calls: list) -> list[bytes]:
+        """Each call as OpenAI streams it: a chunk with its id and name, then chunks of its arguments."""
+        out = []
+        for i, c in enumerate(calls):
+            head = {"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+            out.append(self._chunk([{"index": 0, "delta": {"tool_calls": [head]}, "logprobs": None,
+                                     "finish_reason": None}]))
+            step = max(1, len(c.arguments) // 2 + 1)
+            for k in range(0, len(c.arguments), step):
+                piece = {"index": i, "function": {"arguments": c.arguments[k:k + step]}}
+                out.append(self._chunk([{"index": 0, "delta": {"tool_calls": [piece]}, "logprobs": None,
+                                         "finish_reason": None}]))
+        return out
 
     def usage(self, usage) -> bytes | None:
         return self._chunk([], usage_body(usage)) if self.include_usage else None

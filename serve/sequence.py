@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 from edge_infer.runtime.detokenize import StreamDetokenizer
 from edge_infer.runtime.generate import FinishReason
@@ -26,6 +26,7 @@ class GenerationRequest:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     request_id: str = ""
+    constraint: Any = None  # runtime.constrain.Constraint: the output grammar (response_format, tool calls)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Finished:
     usage: Usage
     time_to_first_token: float  # seconds from submit (queue wait included)
     decode_tokens_per_s: float
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass(frozen=True)
@@ -106,13 +108,17 @@ class Sequence:
         self.last_at: float | None = None
         self.done = False
         self.guesser = None  # runtime.speculative_guess.Guesser, made when the engine first speculates for it
+        self.matcher = None  # runtime.constrain.GrammarMatcher, set by the engine for a constrained request
 
     @property
     def n_prompt(self) -> int:
         return len(self.prompt)
 
-    def sample(self, logits) -> int:
-        """logits: (vocab,) for the position after the last fed token."""
+    def sample(self, logits, mask=None) -> int:
+        """logits: (vocab,) for the position after the last fed token; mask: (words,) this step's grammar
+        bitmask when the engine computed it already (else the matcher computes it here)."""
+        if self.matcher is not None:
+            logits = self.matcher.mask(logits, mask)  # before penalties and sampling
         return self.sampler(logits, self.context, self.n_prompt)
 
     def accept(self, token: int) -> tuple[str, FinishReason | None]:
@@ -128,9 +134,13 @@ class Sequence:
         self.context.append(token)
         if token in self.eos_ids:
             return self._flush("", FinishReason.STOP)
+        if self.matcher is not None:
+            self.matcher.accept(token)
         text, stopped = self.stops.feed(self.detok.add(token))
         if stopped:
             return text, FinishReason.STOP
+        if self.matcher is not None and self.matcher.finished:  # the grammar is complete
+            return self._flush(text, FinishReason.STOP)
         if self.generated >= self.max_tokens:
             return self._flush(text, FinishReason.LENGTH)
         return text, None
@@ -149,4 +159,4 @@ class Sequence:
         first = self.first_at or time.perf_counter()
         span = (self.last_at or first) - first
         rate = (self.generated - 1) / span if self.generated > 1 and span > 0 else 0.0
-        return Finished(reason, self.usage(), first - self.arrived, rate)
+        return Finished(reason, self.usage(), first - self.arrived, rate, self.stops.matched)

@@ -142,7 +142,8 @@ def test_models_route(client):
     ({"temperature": 5}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"tools": [{"type": "function"}]}, "tools"),
     ({"frobnicate": 1}, "frobnicate"), ({"messages": []}, "messages"), ({"seed": "x"}, "seed"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"), ({"logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"), ({"logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"top_k": -1}, "top_k"),
 ])
 def test_bad_parameters_are_400_naming_the_field(server, extra, param):
@@ -232,7 +233,8 @@ def test_no_route_takes_file_paths_or_manages_models(server):
     routes = {(tuple(sorted(r.methods)), r.path) for r in server.app.routes if hasattr(r, "methods")}
     assert routes == {(("GET",), "/health"), (("GET",), "/metrics"), (("GET",), "/v1/models"),
                       (("GET",), "/v1/models/{model_id:path}"), (("POST",), "/v1/chat/completions"),
-                      (("POST",), "/v1/completions")}
+                      (("POST",), "/v1/completions"), (("POST",), "/v1/messages"),
+                      (("POST",), "/v1/messages/count_tokens")}
 
 
 def test_metrics_and_request_log_without_prompt_text(server, client, caplog):

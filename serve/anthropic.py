@@ -1,0 +1,277 @@
+"""The Anthropic Messages API: POST /v1/messages and /v1/messages/count_tokens over the same engine.
+
+A request is translated into the OpenAI-shaped messages and tools the rest of
+the server speaks (system -> a system message; text blocks -> content;
+tool_use blocks -> an assistant message's tool_calls; tool_result blocks ->
+tool messages), prepared like a chat request (template, tools, grammar), and
+submitted to the engine. The reply goes back as content blocks (text,
+tool_use) with Anthropic's stop reasons, or streamed as Anthropic's events:
+message_start, content_block_start / content_block_delta / content_block_stop
+for each block, message_delta (stop reason, output tokens), message_stop.
+Errors use Anthropic's shape {"type": "error", "error": {"type", "message"}}.
+Authentication, Host checks and body limits are the server's middleware, as
+for the OpenAI routes (`x-api-key` is accepted there alongside Bearer).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from edge_infer.runtime.errors import ContextLengthError
+from edge_infer.serve.engine import QueueFull, ShuttingDown
+from edge_infer.serve.protocol import APIError, _sampling, _stops, bad
+from edge_infer.serve.sequence import Delta, Failed, Finished, GenerationRequest
+from edge_infer.serve.structured import ReplyStream, prepare, split_reply
+
+_FIELDS = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",
+           "tools", "tool_choice", "metadata", "service_tier"}
+_COUNT_FIELDS = {"model", "messages", "system", "tools", "tool_choice"}
+_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    kind = _ERROR_TYPES.get(e.status, "api_error")
+    return JSONResponse({"type": "error", "error": {"type": kind, "message": e.message}}, status_code=e.status,
+                        headers=e.headers)
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, block in enumerate(content):
+            if not (isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str)):
+                raise bad(f"{where}[{j}]", f"{where}[{j}] must be a text block {{'type': 'text', 'text': ...}}")
+            parts.append(block["text"])
+        return "".join(parts)
+    raise bad(where, f"{where} must be a string or a list of text blocks")
+
+
+def to_chat(body: dict) -> tuple[list[dict], Any, Any, bool]:
+    """(messages, tools, tool_choice, parallel) in the OpenAI shapes, from a Messages API body."""
+    out: list[dict] = []
+    if body.get("system") is not None:
+        out.append({"role": "system", "content": _text(body["system"], "system")})
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "messages must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or set(m) - {"role", "content"}:
+            raise bad(where, f"{where} must be {{'role': 'user' | 'assistant', 'content': ...}}")
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise bad(f"{where}.content", f"{where}.content must be a string or a list of content blocks")
+        text, calls, results = [], [], 0
+        for j, block in enumerate(content):
+            at = f"{where}.content[{j}]"
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text" and isinstance(block.get("text"), str):
+                text.append(block["text"])
+            elif kind == "tool_use" and m["role"] == "assistant" and isinstance(block.get("name"), str):
+                calls.append({"id": str(block.get("id", "")), "type": "function",
+                              "function": {"name": block["name"],
+                                           "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}})
+            elif kind == "tool_result" and m["role"] == "user" and isinstance(block.get("tool_use_id"), str):
+                result = _text(block.get("content", ""), f"{at}.content")
+                if block.get("is_error"):
+                    result = "error: " + result
+                out.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": result})
+                results += 1
+            else:
+                raise bad(at, f"{at} must be a text block, a tool_use block (assistant) or a tool_result block "
+                              f"(user); images and documents are not supported")
+        if calls:
+            out.append({"role": "assistant", "content": "".join(text), "tool_calls": calls})
+        elif text or not results:
+            out.append({"role": m["role"], "content": "".join(text)})
+    return out, *_tools(body)
+
+
+def _tools(body: dict) -> tuple[Any, Any, bool]:
+    tools = body.get("tools")
+    if tools is None:
+        return None, None, True
+    if not isinstance(tools, list):
+        raise bad("tools", "tools must be a list of {name, description, input_schema}")
+    converted = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or set(t) - {
+                "name", "description", "input_schema", "type", "cache_control"}:
+            raise bad(f"tools[{i}]", f"tools[{i}] must be {{'name': ..., 'description': ..., 'input_schema': {{...}}}}")
+        converted.append({"type": "function", "function": {
+            "name": t["name"], "description": t.get("description", ""),
+            "parameters": t.get("input_schema", {"type": "object", "properties": {}})}})
+    choice = body.get("tool_choice") or {"type": "auto"}
+    if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
+        raise bad("tool_choice", "tool_choice must be {'type': 'auto' | 'any' | 'tool' | 'none'}")
+    parallel = not choice.get("disable_parallel_tool_use", False)
+    kind = choice["type"]
+    if kind == "tool":
+        if not isinstance(choice.get("name"), str):
+            raise bad("tool_choice", "tool_choice of type 'tool' needs a name")
+        return converted, {"type": "function", "function": {"name": choice["name"]}}, parallel
+    return converted, {"auto": "auto", "any": "required", "none": "none"}[kind], parallel
+
+
+def _check(body: dict, allowed: set[str]) -> None:
+    unknown = sorted(k for k in body if k not in allowed)
+    if unknown:
+        raise bad(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}; this server honours "
+                  f"{', '.join(sorted(allowed))}")
+
+
+def blocks(content: str | None, calls: list) -> list[dict]:
+    out = [{"type": "text", "text": content}] if content else []
+    out += [{"type": "tool_use", "id": "toolu_" + c.id.removeprefix("call_"), "name": c.name,
+             "input": json.loads(c.arguments)} for c in calls]
+    return out or [{"type": "text", "text": ""}]
+
+
+def _event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
+def add_routes(app, engine, config, read_json, EventQueue, EventStream, watch) -> None:
+    """Register the Messages API on `app` (called by serve.app.create_app)."""
+    import anyio
+
+    model = engine.model
+    vocab = model.manifest.geometry.vocab_size
+
+    async def parse(request: Request, allowed: set[str]):
+        body = await read_json(request, config.max_body_bytes)
+        _check(body, allowed)
+        messages, tools, choice, parallel = to_chat(body)
+        prepared = await run_in_threadpool(lambda: prepare(model, messages, kind="chat", tools=tools,
+                                                           tool_choice=choice, parallel_tool_calls=parallel))
+        return body, prepared
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request):
+        try:
+            _, prepared = await parse(request, _COUNT_FIELDS)
+        except APIError as e:
+            return error_response(e)
+        return {"input_tokens": len(prepared.ids)}
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        try:
+            return await create(request)
+        except APIError as e:
+            return error_response(e)
+
+    async def create(request: Request):
+        body, prepared = await parse(request, _FIELDS)
+        max_tokens = body.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise bad("max_tokens", f"max_tokens is required and must be a positive integer, got {max_tokens!r}")
+        sampling = _sampling({k: body[k] for k in ("temperature", "top_p", "top_k") if body.get(k) is not None},
+                             vocab)
+        stops = _stops(body.get("stop_sequences"), config.max_stops)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise bad("stream", "stream must be true or false")
+        rid = "msg_" + uuid.uuid4().hex[:24]
+        events = EventQueue()
+        gen = GenerationRequest(tuple(prepared.ids), max_tokens, sampling, stops, rid, constraint=prepared.constraint)
+        try:
+            handle = engine.submit(gen, events.push)
+        except ContextLengthError as e:
+            raise bad("max_tokens", str(e)) from None
+        except QueueFull as e:
+            raise APIError(429, str(e), headers={"Retry-After": "1"}) from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e)) from None
+        name = body.get("model") if isinstance(body.get("model"), str) else config.model_id
+        head = {"id": rid, "type": "message", "role": "assistant", "model": name}
+        if stream:
+            return EventStream(stream_events(head, len(prepared.ids), events, prepared.plan), handle.cancel)
+        parts, final = [], None
+        async with anyio.create_task_group() as tg:
+            def gone() -> None:
+                handle.cancel()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch, request.receive, gone)
+            async for event in events.events():
+                if isinstance(event, Delta):
+                    parts.append(event.text)
+                else:
+                    final = event
+            tg.cancel_scope.cancel()
+        if final is None or (isinstance(final, Finished) and final.finish_reason == "cancelled"):
+            return Response(status_code=499)
+        if isinstance(final, Failed):
+            raise APIError(final.status, final.message)
+        content, calls, finish = split_reply("".join(parts), final.finish_reason, prepared.plan)
+        return {**head, "content": blocks(content, calls), **_stop(finish, final), "usage": _usage(final.usage)}
+
+    async def stream_events(head: dict, n_prompt: int, events, plan) -> AsyncIterator[bytes]:
+        yield _event("message_start", {"type": "message_start", "message": {
+            **head, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": n_prompt, "output_tokens": 0}}})
+        reply = ReplyStream(plan)
+        index, text_open = 0, False
+        async for event in events.events():
+            if isinstance(event, Delta):
+                text = reply.feed(event.text)
+                if text:
+                    if not text_open:
+                        yield _event("content_block_start", {"type": "content_block_start", "index": index,
+                                                             "content_block": {"type": "text", "text": ""}})
+                        text_open = True
+                    yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                         "delta": {"type": "text_delta", "text": text}})
+            elif isinstance(event, Finished):
+                if event.finish_reason == "cancelled":
+                    return
+                text, calls, finish = reply.finish(event.finish_reason)
+                if text:
+                    if not text_open:
+                        yield _event("content_block_start", {"type": "content_block_start", "index": index,
+                                                             "content_block": {"type": "text", "text": ""}})
+                        text_open = True
+                    yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                         "delta": {"type": "text_delta", "text": text}})
+                if text_open:
+                    yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+                    index += 1
+                for block in blocks(None, calls) if calls else []:
+                    args = json.dumps(block["input"], ensure_ascii=False)
+                    yield _event("content_block_start", {"type": "content_block_start", "index": index,
+                                                         "content_block": {**block, "input": {}}})
+                    yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                         "delta": {"type": "input_json_delta", "partial_json": args}})
+                    yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+                    index += 1
+                yield _event("message_delta", {"type": "message_delta", "delta": _stop(finish, event),
+                                               "usage": {"output_tokens": event.usage.completion_tokens}})
+                yield _event("message_stop", {"type": "message_stop"})
+            else:
+                yield _event("error", {"type": "error", "error": {"type": "api_error", "message": event.message}})
+
+
+def _stop(finish: str, final: Finished) -> dict:
+    if final.stop_sequence is not None and finish == "stop":
+        return {"stop_reason": "stop_sequence", "stop_sequence": final.stop_sequence}
+    return {"stop_reason": _STOP.get(finish, "end_turn"), "stop_sequence": None}
+
+
+def _usage(usage) -> dict:
+    # As Anthropic counts: input_tokens excludes the prompt tokens read from the (prefix) cache.
+    return {"input_tokens": usage.prompt_tokens - usage.cached_tokens, "output_tokens": usage.completion_tokens,
+            "cache_read_input_tokens": usage.cached_tokens, "cache_creation_input_tokens": 0}
