@@ -127,7 +127,8 @@ def test_manifest_contents(tiny_exports):
     assert raw["quantization"]["bits"] == 4 and raw["quantization"]["block_size"] == 32
     assert raw["tokenizer"]["eos_token_ids"] == [2]
     assert 0.5 < raw["validation"]["top1_agreement"] <= 1.0
-    assert set(raw["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja"}
+    assert set(raw["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja",
+                                 "genai_config.json", "model.genai.onnx", "tokenizer_config.json"}
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in raw["files"].values())
 
 
