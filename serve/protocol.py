@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from edge_infer.runtime.errors import UserError, check_text
 from edge_infer.runtime.sampling import SamplingParams
 from edge_infer.runtime.stops import MAX_STOP_CHARS
 
@@ -110,6 +111,14 @@ def _check_fields(body: dict, honoured: set[str], off: dict[str, tuple]) -> None
             raise bad(name, f"{name} is not supported by this server; leave it out", code="unsupported_parameter")
 
 
+def _text(value: str, param: str) -> str:
+    """Text that is valid Unicode; a lone surrogate ("\\ud800" in the JSON) is a 400 naming the field."""
+    try:
+        return check_text(value, param)
+    except UserError as e:
+        raise bad(param, str(e), code="invalid_unicode") from None
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -159,9 +168,10 @@ def _stops(stop: Any, max_stops: int) -> tuple[str, ...]:
         raise bad("stop", "stop must be a string or a list of strings")
     if len(items) > max_stops:
         raise bad("stop", f"stop has {len(items)} strings; at most {max_stops} are allowed")
-    for s in items:
+    for i, s in enumerate(items):
         if not s or len(s) > MAX_STOP_CHARS:
             raise bad("stop", f"each stop string must be 1 to {MAX_STOP_CHARS} characters long")
+        _text(s, "stop" if isinstance(stop, str) else f"stop[{i}]")
     return tuple(items)
 
 
@@ -182,20 +192,22 @@ def _messages(messages: Any) -> list[dict]:
         role = m.get("role")
         if role not in CHAT_ROLES:
             raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if "name" in m and isinstance(m["name"], str):
+            _text(m["name"], f"{where}.name")
         out.append({"role": CHAT_ROLES[role], "content": _content(m.get("content"), where)})
     return out
 
 
 def _content(content: Any, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _text(content, f"{where}.content")
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise bad(f"{where}.content[{j}]", f"{where}.content[{j}] must be a text part "
                           f"{{'type': 'text', 'text': ...}}; images, audio and files are not supported")
-            parts.append(part["text"])
+            parts.append(_text(part["text"], f"{where}.content[{j}].text"))
         return "".join(parts)
     raise bad(f"{where}.content", f"{where}.content must be a string or a list of text parts")
 
@@ -207,7 +219,7 @@ def _prompt(prompt: Any, vocab_size: int) -> str | list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise bad("prompt", "prompt is empty")
-        return prompt
+        return _text(prompt, "prompt")
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         if not all(0 <= t < vocab_size for t in prompt):
             raise bad("prompt", f"prompt token ids must be in [0, {vocab_size})")
