@@ -293,7 +293,10 @@ def inspect(model, no_verify, as_json):
 
     from edge_infer.runtime.manifest import load_manifest
 
+    from edge_infer.runtime.model import check_external_data
+
     m = load_manifest(model, verify=not no_verify)
+    check_external_data(m.folder / m.graph_file)  # the same file-safety checks as `run`
     if as_json:
         click.echo(json.dumps(m.raw, indent=2))
         return

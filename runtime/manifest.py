@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_infer.runtime.errors import ModelFileError
+from edge_infer.runtime.manifest_schema import check_raw
 
 MANIFEST = "manifest.json"
 FORMAT = "edge-infer"
@@ -48,6 +49,16 @@ class TokenizerSpec:
 
 
 @dataclass(frozen=True)
+class GenerationDefaults:
+    max_new_tokens: int | None = None  # what an export suggests when a request names no max_tokens
+    source_defaults: dict[str, Any] = field(default_factory=dict)  # the source's generation_config.json
+
+    @classmethod
+    def from_manifest(cls, raw: dict[str, Any]) -> GenerationDefaults:
+        return cls(raw.get("max_new_tokens"), dict(raw.get("source_defaults") or {}))
+
+
+@dataclass(frozen=True)
 class Manifest:
     folder: Path
     geometry: Geometry
@@ -57,7 +68,7 @@ class Manifest:
     dtype: str  # weights and activations: fp32 | fp16
     quantization: dict[str, Any]
     tokenizer: TokenizerSpec
-    generation: dict[str, Any]
+    generation: GenerationDefaults
     source: dict[str, Any]
     validation: dict[str, Any]
     files: dict[str, dict[str, Any]]
@@ -117,6 +128,7 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             f"{path}: manifest format version {version!r} is not supported by this edge-infer "
             f"(it reads version {FORMAT_VERSION}); re-export the model or upgrade edge-infer"
         )
+    check_raw(path, raw)  # every field typed and in range before anything is built from it
     try:
         m = _parse(folder, raw)
     except (KeyError, TypeError, ValueError) as e:
@@ -148,7 +160,7 @@ def _parse(folder: Path, raw: dict) -> Manifest:
     return Manifest(
         folder=folder, geometry=geometry, graph_file=str(gr["file"]), inputs=tuple(gr["inputs"]),
         outputs=tuple(gr["outputs"]), dtype=str(gr["dtype"]), quantization=dict(raw.get("quantization", {})),
-        tokenizer=tok, generation=dict(raw.get("generation", {})), source=dict(raw.get("source", {})),
+        tokenizer=tok, generation=GenerationDefaults.from_manifest(raw.get("generation", {})), source=dict(raw.get("source", {})),
         validation=dict(raw.get("validation", {})), files=dict(files), raw=raw,
     )
 
