@@ -29,7 +29,8 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from edge_infer.export.gguf_limits import GeometryClaims, TensorExtent, block_ids, check_geometry, check_layout
+from edge_infer.export.gguf_limits import (GeometryClaims, TensorExtent, block_ids, check_geometry, check_layout,
+                                          check_weight_types)
 from edge_infer.runtime.errors import ModelFileError
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -380,6 +381,7 @@ def gguf_to_hf(g: GGUFFile) -> tuple[dict, dict[str, GGUFTensor | np.ndarray], d
         layers, hidden, heads, kv_heads, head_dim, _meta(g, f"{arch}.feed_forward_length", int), vocab,
         _meta(g, f"{arch}.context_length", int), float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", num)),
         float(_meta(g, f"{arch}.rope.freq_base", num, 10000.0))), len(g.tensors), block_ids(g.tensors))
+    check_weight_types(g.path, {name: t.ggml_type for name, t in g.tensors.items()})
     config = {
         "model_type": arch, "architectures": [_HF_CLASS[arch]],
         "hidden_size": hidden,

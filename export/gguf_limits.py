@@ -121,3 +121,14 @@ def block_ids(names: list[str] | set[str] | dict) -> set[int]:
             n = parts[1]
             out.add(int(n) if n.isascii() and len(n) <= 7 else MAX_LAYERS * 1000)
     return out
+
+
+INTEGER_TYPES = ("I8", "I16", "I32", "I64")
+
+
+def check_weight_types(path: str, types: dict[str, str]) -> None:
+    """A language model's weights are floats or quantized blocks, never integer tensors: an integer type
+    of the same byte size as the real one (F32 -> I32) is the one type change the layout cannot show."""
+    bad = [f"{name} ({t})" for name, t in types.items() if t in INTEGER_TYPES]
+    if bad:
+        raise _fail(path, f"weights stored as integers: {', '.join(bad[:4])}; no supported model has them")

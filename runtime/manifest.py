@@ -77,7 +77,7 @@ class Manifest:
     @property
     def kv_layout(self) -> str:
         """"shared": one max_length buffer bound as past and present; "concat": optimum-style growth."""
-        return str(self.raw.get("graph", {}).get("kv_layout", "shared"))
+        return str(self.raw.get("graph", {}).get("kv_layout") or "shared")
 
     @property
     def quant_scheme(self) -> str:
@@ -117,8 +117,8 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             "Create one with `edge-infer export SRC -o OUT`."
         )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a duplicate key, a 5,000-digit number
         raise ModelFileError(f"{path}: not valid JSON ({e}); re-export the model") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an edge-infer manifest")
@@ -128,6 +128,11 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             f"{path}: manifest format version {version!r} is not supported by this edge-infer "
             f"(it reads version {FORMAT_VERSION}); re-export the model or upgrade edge-infer"
         )
+    try:  # a lone surrogate (a "\ud800" escape) anywhere would break printing and tokenizing later
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ModelFileError(f"{path}: holds text that is not valid Unicode (at character {e.start} of its "
+                             "values); re-export the model") from None
     check_raw(path, raw)  # every field typed and in range before anything is built from it
     try:
         m = _parse(folder, raw)
@@ -136,6 +141,13 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     if verify:
         verify_files(m)
     return m
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return out
 
 
 def _parse(folder: Path, raw: dict) -> Manifest:

@@ -56,7 +56,7 @@ def parse(kind: str, path: str) -> None:
         from edge_infer.runtime.tokenizer import Tokenizer
 
         tok = Tokenizer(Path(path), TokenizerSpec("tokenizer.json", None, (), None))
-        tok.decode(tok.encode(SAMPLE + "a" * 5000))
+        tok.decode(tok.encode(SAMPLE + "a" * 5000 + "b"))
     else:
         raise ValueError(kind)
 
