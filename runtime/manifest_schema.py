@@ -51,7 +51,7 @@ class _Section:
     def fail(self, key: str, problem: str) -> None:
         raise SchemaError(f"{self.path}: {key} {problem}; re-export the model")
 
-    def int(self, key: str, low: int, high: int, optional: bool = False) -> int | None:
+    def integer(self, key: str, low: int, high: int, optional: bool = False) -> int | None:
         v = self.d.get(key)
         if v is None and optional:
             return None
@@ -59,7 +59,7 @@ class _Section:
             self.fail(f"{self.name}.{key}", f"is {_show(v)}, expected an integer from {low} to {high}")
         return v
 
-    def str(self, key: str, optional: bool = False, choices: tuple[str, ...] = ()) -> str | None:
+    def text(self, key: str, optional: bool = False, choices: tuple[str, ...] = ()) -> str | None:
         v = self.d.get(key)
         if v is None and optional:
             return None
@@ -83,24 +83,24 @@ def _show(v: Any) -> str:
 def check_raw(path: Path, raw: dict) -> None:
     """Every field the runtime reads, typed and in range, and consistent with the others."""
     m = _Section(path, raw, "model")
-    m.str("architecture")
-    layers = m.int("num_layers", 1, MAX_LAYERS)
-    heads = m.int("num_heads", 1, MAX_HEADS)
-    kv_heads = m.int("num_kv_heads", 1, MAX_HEADS)
-    m.int("head_dim", 1, MAX_HEAD_DIM)
-    m.int("hidden_size", 1, MAX_HIDDEN)
-    vocab = m.int("vocab_size", 1, MAX_VOCAB)
-    m.int("max_length", 2, MAX_LENGTH)
-    m.int("context_length", 1, MAX_LENGTH)
-    m.int("sliding_window", 1, MAX_LENGTH, optional=True)
-    m.int("intermediate_size", 1, 1 << 20, optional=True)
+    m.text("architecture")
+    layers = m.integer("num_layers", 1, MAX_LAYERS)
+    heads = m.integer("num_heads", 1, MAX_HEADS)
+    kv_heads = m.integer("num_kv_heads", 1, MAX_HEADS)
+    m.integer("head_dim", 1, MAX_HEAD_DIM)
+    m.integer("hidden_size", 1, MAX_HIDDEN)
+    vocab = m.integer("vocab_size", 1, MAX_VOCAB)
+    m.integer("max_length", 2, MAX_LENGTH)
+    m.integer("context_length", 1, MAX_LENGTH)
+    m.integer("sliding_window", 1, MAX_LENGTH, optional=True)
+    m.integer("intermediate_size", 1, 1 << 20, optional=True)
     if heads % kv_heads:
         m.fail("model.num_heads", f"{heads} is not a multiple of model.num_kv_heads {kv_heads}")
 
     g = _Section(path, raw, "graph")
-    g.str("file")
-    g.str("dtype", choices=_DTYPES)
-    g.str("kv_layout", optional=True, choices=_KV_LAYOUTS)
+    g.text("file")
+    g.text("dtype", choices=_DTYPES)
+    g.text("kv_layout", optional=True, choices=_KV_LAYOUTS)
     inputs, outputs = g.str_list("inputs"), g.str_list("outputs")
     for kind, names, prefix in (("inputs", inputs, "past_key_values"), ("outputs", outputs, "present")):
         want = {f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")}
@@ -111,10 +111,10 @@ def check_raw(path: Path, raw: dict) -> None:
         g.fail("graph", "must have an input_ids input and a logits output")
 
     t = _Section(path, raw, "tokenizer")
-    t.str("file")
-    t.str("chat_template_file", optional=True)
+    t.text("file")
+    t.text("chat_template_file", optional=True)
     for key in ("bos_token_id", "pad_token_id"):
-        t.int(key, 0, vocab - 1, optional=True)
+        t.integer(key, 0, vocab - 1, optional=True)
     eos = t.d.get("eos_token_ids", [])
     if not isinstance(eos, list) or not all(_is_int(i) and 0 <= i < vocab for i in eos):
         t.fail("tokenizer.eos_token_ids", f"is {_show(eos)}, expected a list of token ids in [0, {vocab})")
@@ -134,12 +134,12 @@ def check_raw(path: Path, raw: dict) -> None:
             _Section(path, raw, name)
     if "quantization" in raw:
         q = _Section(path, raw, "quantization")
-        q.int("bits", 2, 8, optional=True)
-        q.int("block_size", 1, 4096, optional=True)
-        q.str("scheme", optional=True)
+        q.integer("bits", 2, 8, optional=True)
+        q.integer("block_size", 1, 4096, optional=True)
+        q.text("scheme", optional=True)
     if "generation" in raw:
         gen = _Section(path, raw, "generation")
-        gen.int("max_new_tokens", 1, MAX_LENGTH, optional=True)
+        gen.integer("max_new_tokens", 1, MAX_LENGTH, optional=True)
         defaults = gen.d.get("source_defaults")
         if defaults is not None:
             _check_source_defaults(gen, defaults)
@@ -164,7 +164,7 @@ def _check_source_defaults(gen: _Section, defaults: Any) -> None:
         gen.fail(f"{where}.do_sample", f"is {_show(defaults['do_sample'])}, expected true or false")
 
 
-def check_graph_io(graph_path: Path, geometry, dtype: str, inputs, outputs) -> None:
+def check_graph_io(graph_path: Path, geometry, inputs, outputs) -> None:
     """The graph's own inputs and outputs against the manifest: names, and the KV shapes
     (batch, num_kv_heads, sequence, head_dim) where the graph fixes them."""
     have_in = {i.name: i.shape for i in inputs}
