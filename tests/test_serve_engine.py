@@ -262,7 +262,14 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(path, tmp_path):
 
         t = threading.Thread(target=stream)
         t.start()
-        time.sleep(0.2)
+
+        def streaming() -> bool:  # SIGTERM while the stream runs (a fixed sleep raced on a loaded machine)
+            try:
+                return httpx.get(url + "/health", timeout=1).json().get("busy", 0) >= 1 or "lines" in result
+            except httpx.HTTPError:
+                return False
+
+        wait_until(streaming, timeout=20)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         t.join(10)
