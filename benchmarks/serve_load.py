@@ -10,6 +10,11 @@ Scenarios (the targets of the serve issue):
   prefix      a ~1,000-token conversation: first-turn TTFT vs second-turn TTFT (prefix cache)
   mixed       16 clients for --mixed-seconds: varied prompt lengths, 10% cancelled mid-stream,
               5% over the context; error counts and server RSS over time
+  soak        16 clients for --soak-seconds (issue 10): streaming and not, cancellations, bad
+              requests interleaved (invalid JSON, lone surrogates, another model's name, bad
+              parameters, over-context, over-size bodies: each must get its intended 4xx), long and
+              short prompts; every greedy answer compared with its solo run on the idle server;
+              server RSS, threads, /health and its stderr (tracebacks) watched throughout
 
 Bounded: every request has max_tokens, every scenario a fixed count or duration, and the
 server only ever listens on 127.0.0.1. Token times are SSE chunk arrival times (one chunk
@@ -29,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -263,6 +269,137 @@ async def mixed(client: httpx.AsyncClient, server: psutil.Process, clients: int,
     }
 
 
+BAD_REQUESTS = [  # (name, raw body or None for a JSON body, JSON body, expected status, expected error code)
+    ("invalid_json", b'{"messages": [', None, 400, "invalid_json"),
+    ("lone_surrogate", b'{"model":"m","messages":[{"role":"user","content":"a\\ud800b"}],"max_tokens":4}', None,
+     400, "invalid_unicode"),
+    ("other_model", None, {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "model_not_found"),
+    ("bad_temperature", None, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 5},
+     400, "invalid_value"),
+    ("unknown_field", None, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "frobnicate": 1},
+     400, "unknown_parameter"),
+    ("empty_messages", None, {"model": "m", "messages": []}, 400, "invalid_value"),
+    ("too_large", None, {"model": "m", "messages": [{"role": "user", "content": "x" * (1 << 20)}]}, 413,
+     "request_too_large"),
+]
+
+
+async def bad_request(client: httpx.AsyncClient, rng: random.Random, max_length: int) -> tuple[str, bool]:
+    """One malformed request; (name, whether it got exactly its intended status and code)."""
+    if rng.random() < 0.2:  # over the context: a valid request that cannot fit
+        r = await chat(client, [{"role": "user", "content": words(max_length * 2, rng)}], 16, stream=False)
+        return "over_context", r.status == 400 and r.error == "context_length_exceeded"
+    name, raw, body, status, code = rng.choice(BAD_REQUESTS)
+    try:
+        if raw is not None:
+            resp = await client.post("/v1/chat/completions", content=raw,
+                                     headers={"Content-Type": "application/json"})
+        else:
+            resp = await client.post("/v1/chat/completions", json=body)
+        got = resp.json().get("error", {}).get("code")
+        return name, resp.status_code == status and got == code
+    except (httpx.HTTPError, json.JSONDecodeError):
+        return name, False
+
+
+def greedy_prompts(n: int = 12) -> list[tuple[list[dict], int]]:
+    """Short and long greedy prompts with their max_tokens, each answered solo before the soak."""
+    out = []
+    for i in range(n):
+        rng = random.Random(5000 + i)
+        size = (8, 40, 200, 500)[i % 4]
+        text = STORIES[i % len(STORIES)] if size == 8 else f"Summarize this in one line: {words(size, rng)}"
+        out.append(([{"role": "user", "content": text}], (16, 32, 48)[(i // 4) % 3]))
+    return out
+
+
+async def soak(client: httpx.AsyncClient, server: psutil.Process, clients: int, seconds: float,
+               max_length: int, log: list[str], n_greedy: int) -> dict:
+    counts: dict[str, int] = {}
+    rss: list[tuple[float, float]] = []
+    threads: list[int] = []
+    health_fail = 0
+    prompts = greedy_prompts(n_greedy)
+    solo = []
+    for messages, n in prompts:  # on the idle server, one at a time
+        r = await chat(client, messages, n, stream=False)
+        assert r.status == 200, r.error
+        solo.append(r.text)
+    mismatches: list[dict] = []
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+
+    def count(key: str) -> None:
+        counts[key] = counts.get(key, 0) + 1
+
+    async def worker(k: int) -> None:
+        rng = random.Random(100 + k)
+        while time.perf_counter() < deadline:
+            roll = rng.random()
+            if roll < 0.12:
+                name, ok = await bad_request(client, rng, max_length)
+                count(f"bad_{name}_{'intended' if ok else 'UNEXPECTED'}")
+                continue
+            stream = rng.random() < 0.6
+            if roll < 0.55:  # greedy, compared with its solo answer (unless cancelled)
+                i = rng.randrange(len(prompts))
+                messages, n = prompts[i]
+                cancel = rng.randint(1, 8) if stream and rng.random() < 0.15 else None
+                r = await chat(client, messages, n, stream=stream, cancel_after=cancel)
+                kind = "greedy"
+            else:  # sampled, a random length
+                size = rng.choice((5, 20, 120, 300, 700, 1200))
+                messages = [{"role": "user", "content": f"Client {k}: " + words(size, rng)}]
+                cancel = rng.randint(1, 12) if stream and rng.random() < 0.15 else None
+                r = await chat(client, messages, rng.randint(8, 96), stream=stream, cancel_after=cancel,
+                               temperature=0.8, seed=rng.randint(0, 10**6))
+                kind = "sampled"
+            if r.cancelled:
+                count("cancelled")
+            elif r.status == 429:
+                count("busy_429")
+            elif r.status == 200 and not r.error:
+                count(f"ok_{kind}")
+                if kind == "greedy":
+                    if r.text == solo[i]:
+                        count("greedy_equal_to_solo")
+                    else:
+                        mismatches.append({"prompt": i, "solo": solo[i][:80], "got": r.text[:80]})
+            else:
+                count(f"error_{r.status}_{r.error[:60]}")
+
+    async def watch() -> None:
+        nonlocal health_fail
+        while time.perf_counter() < deadline:
+            rss.append((time.perf_counter() - t0, server.memory_info().rss / 2**20))
+            threads.append(server.num_threads())
+            try:
+                if (await client.get("/health")).status_code != 200:
+                    health_fail += 1
+            except httpx.HTTPError:
+                health_fail += 1
+            await asyncio.sleep(2.0)
+
+    await asyncio.gather(watch(), *[worker(k) for k in range(clients)])
+    warm = min(60.0, seconds * 0.25)
+    after = [m for t, m in rss if t >= warm]
+    health = (await client.get("/health")).json()
+    tracebacks = [line for line in log if "Traceback" in line or "Exception in" in line]
+    return {
+        "seconds": seconds, "clients": clients, "counts": dict(sorted(counts.items())),
+        "requests": sum(v for k, v in counts.items() if k != "greedy_equal_to_solo"),
+        "unintended_errors": sum(v for k, v in counts.items() if k.startswith("error_") or "UNEXPECTED" in k),
+        "greedy_compared": counts.get("greedy_equal_to_solo", 0) + len(mismatches),
+        "greedy_mismatches": len(mismatches), "mismatch_examples": mismatches[:5],
+        "rss_start_mib": rss[0][1], "rss_after_warmup_mib": after[0], "rss_end_mib": after[-1],
+        "rss_max_mib": max(m for _, m in rss), "rss_growth_after_warmup_mib": after[-1] - after[0],
+        "warmup_s": warm, "threads_min_max": [min(threads), max(threads)], "health_failures": health_fail,
+        "health_after": health.get("status"), "server_tracebacks": len(tracebacks),
+        "traceback_lines": tracebacks[:5], "server_alive": server.is_running(),
+    }
+
+
 # -- driver --------------------------------------------------------------------------
 
 
@@ -270,7 +407,7 @@ def start_server(model: str, parallel: int, max_length: int, prefill_chunk: int,
                  extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "edge_infer.cli", "serve", model, "--host", "127.0.0.1", "--port", "0",
            "--parallel", str(parallel), "--max-length", str(max_length), "--prefill-chunk", str(prefill_chunk),
-           "--log-level", "warning", *extra]
+           "--log-level", "warning", "--model-name", "m", *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -278,8 +415,17 @@ def start_server(model: str, parallel: int, max_length: int, prefill_chunk: int,
         print(line.rstrip(), file=sys.stderr)
         m = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
         if m:
+            threading.Thread(target=_drain, args=(proc,), daemon=True).start()
             return proc, m.group(1)
     raise SystemExit(f"the server did not start (exit {proc.wait()})")
+
+
+SERVER_LOG: list[str] = []  # the server's stderr after startup (kept drained so it never blocks)
+
+
+def _drain(proc: subprocess.Popen) -> None:
+    for line in proc.stderr:
+        SERVER_LOG.append(line.rstrip())
 
 
 async def run(args, url: str, proc: subprocess.Popen) -> dict:
@@ -304,6 +450,10 @@ async def run(args, url: str, proc: subprocess.Popen) -> dict:
         if "mixed" in args.scenarios:
             out["mixed"] = await mixed(client, psutil.Process(proc.pid), 16, args.mixed_seconds, args.max_length)
             print(json.dumps({"mixed": out["mixed"]}), file=sys.stderr)
+        if "soak" in args.scenarios:
+            out["soak"] = await soak(client, psutil.Process(proc.pid), 16, args.soak_seconds, args.max_length,
+                                     SERVER_LOG, args.greedy_prompts)
+            print(json.dumps({"soak": out["soak"]}), file=sys.stderr)
     return out
 
 
@@ -316,10 +466,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128, help="per stream in the throughput scenario")
     ap.add_argument("--rounds", type=int, default=3, help="throughput rounds (solo runs, then together)")
     ap.add_argument("--mixed-seconds", type=float, default=180.0)
+    ap.add_argument("--soak-seconds", type=float, default=600.0)
+    ap.add_argument("--greedy-prompts", type=int, default=12, help="soak: greedy prompts answered solo first")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--scenarios", default="throughput,ttft,prefix,mixed")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
+    if not 1 <= args.soak_seconds <= 3600:
+        raise SystemExit("--soak-seconds must be 1..3600")
     if not 1 <= args.mixed_seconds <= 1800 or not 1 <= args.max_tokens <= 1024 or not 1 <= args.rounds <= 10:
         raise SystemExit("--mixed-seconds must be 1..1800, --max-tokens 1..1024 and --rounds 1..10")
     proc, url = start_server(args.model, args.parallel, args.max_length, args.prefill_chunk, args.threads)

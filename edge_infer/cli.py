@@ -30,8 +30,8 @@ class Group(click.Group):
             sys.exit(130)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
-        except Exception as e:
-            if os.environ.get("EDGE_INFER_DEBUG"):
+        except BaseException as e:  # also a library panic (tokenizers' PanicException is a BaseException)
+            if os.environ.get("EDGE_INFER_DEBUG") or isinstance(e, GeneratorExit):
                 raise
             click.echo(f"internal error: {type(e).__name__}: {e} (set EDGE_INFER_DEBUG=1 for a traceback)", err=True)
             sys.exit(EXIT_INTERNAL)
@@ -175,10 +175,15 @@ def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, js
     from edge_infer.runtime.generate import stream_generate
     from edge_infer.structured_cli import constraint_options
 
+    from edge_infer.runtime.errors import check_text
+
     sampling = _sampling(kw)
     structured = constraint_options(json_schema, json_object, regex, lark)
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _read_stdin()
+    check_text(prompt, "PROMPT")  # an undecodable argv byte arrives as a lone surrogate: refused, exit 2
+    for i, s in enumerate([system or ""] + list(stop)):
+        check_text(s, "--system" if i == 0 else "--stop")
     m = _load(model, device, threads, quiet=not stats, shared_threads=wants_shared_threads(kw))
     speculative = speculative_from_options(kw, m, device, threads)
     messages = None
@@ -193,6 +198,16 @@ def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, js
     click.echo()
     if stats and last and last.timings:
         _print_timings(last)
+
+
+def _read_stdin() -> str:
+    from edge_infer.runtime.errors import UserError
+
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"standard input is not valid UTF-8 (byte 0x{data[e.start]:02x} at {e.start})") from None
 
 
 def _print_timings(chunk) -> None:
@@ -214,6 +229,7 @@ def _print_timings(chunk) -> None:
 def chat(model, system, stats, max_tokens, stop, device, threads, **kw):
     """Interactive multi-turn chat using the model's chat template (/exit or Ctrl-D ends)."""
     from edge_infer.runtime.chat import ChatSession
+    from edge_infer.runtime.errors import UserError, check_text
 
     sampling = _sampling(kw)
     m = _load(model, device, threads, shared_threads=wants_shared_threads(kw))
@@ -221,9 +237,14 @@ def chat(model, system, stats, max_tokens, stop, device, threads, **kw):
     session = ChatSession(m, system=system, max_tokens=max_tokens, sampling=sampling, stop=stop,
                           speculative=speculative)
     click.echo("Type a message; /reset clears the history, /exit or Ctrl-D quits.", err=True)
+    if hasattr(sys.stdin, "reconfigure"):  # a bad byte becomes a surrogate that check_text names; next lines still read
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input(">>> ")
+        except UnicodeDecodeError:
+            click.echo("error: that line is not valid UTF-8; type it again", err=True)
+            continue
         except EOFError:
             click.echo()
             return
@@ -233,6 +254,11 @@ def chat(model, system, stats, max_tokens, stop, device, threads, **kw):
             session.reset()
             continue
         if not line.strip():
+            continue
+        try:
+            check_text(line, "that message")
+        except UserError as e:  # one bad line (an undecodable paste) does not end the chat
+            click.echo(f"error: {e}", err=True)
             continue
         last = None
         for chunk in session.send(line):
@@ -276,7 +302,10 @@ def inspect(model, no_verify, as_json):
 
     from edge_infer.runtime.manifest import load_manifest
 
+    from edge_infer.runtime.model import check_external_data
+
     m = load_manifest(model, verify=not no_verify)
+    check_external_data(m.folder / m.graph_file)  # the same file-safety checks as `run`
     if as_json:
         click.echo(json.dumps(m.raw, indent=2))
         return

@@ -7,6 +7,7 @@ unpickling runs arbitrary code (CVE-2025-32434), so we never do it.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -45,27 +46,21 @@ class SafetensorsFile:
             if n > MAX_HEADER or 8 + n > size:
                 raise ModelFileError(f"{path}: corrupt safetensors header (header size {n}, file size {size})")
             try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
+            except (ValueError, RecursionError) as e:  # also a duplicate key, a 5,000-digit number
                 raise ModelFileError(f"{path}: corrupt safetensors header ({e})") from None
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
+        if not isinstance(header, dict):
+            raise ModelFileError(f"{path}: corrupt safetensors header (a JSON object was expected)")
         self.data_start = 8 + n
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             if name == "__metadata__":
+                if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                    raise ModelFileError(f"{path}: corrupt safetensors __metadata__ (string values expected)")
                 continue
-            try:
-                dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ModelFileError(f"{path}: corrupt safetensors entry for '{name}'") from None
-            if dtype not in _DTYPES:
-                raise ModelFileError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
-            itemsize = 2 if dtype == "BF16" else np.dtype(_DTYPES[dtype]).itemsize
-            count = int(np.prod(shape)) if shape else 1
-            if begin < 0 or end < begin or end - begin != count * itemsize or self.data_start + end > size:
-                raise ModelFileError(f"{path}: tensor '{name}' lies outside the file or has the wrong size "
-                                     "(truncated download?)")
-            self.entries[name] = (dtype, shape, begin, end)
+            self.entries[name] = _entry(path, name, info, size - self.data_start)
+        _check_packed(path, self.entries, size - self.data_start)
 
     def get(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self.entries[name]
@@ -76,7 +71,61 @@ class SafetensorsFile:
         return raw.astype(np.float32)
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all distinct (json.loads would keep the last of two silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DuplicateKey(f"duplicate key {dup!r}")
+    return out
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _entry(path: Path, name: str, info: object, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    """One tensor's (dtype, shape, begin, end), every field typed and inside the data section."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ModelFileError(f"{path}: corrupt safetensors entry for '{name}' (dtype, shape, data_offsets expected)")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise ModelFileError(f"{path}: tensor '{name}' has unsupported dtype {str(dtype)[:40]!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ModelFileError(f"{path}: tensor '{name}' has a bad shape {str(shape)[:60]} "
+                             "(at most 8 non-negative integers)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise ModelFileError(f"{path}: tensor '{name}' has bad data_offsets {str(offsets)[:60]}")
+    begin, end = offsets
+    itemsize = 2 if dtype == "BF16" else np.dtype(_DTYPES[dtype]).itemsize
+    count = math.prod(shape)  # Python ints: no silent int64 overflow
+    if begin < 0 or end < begin or end - begin != count * itemsize or end > data_size:
+        raise ModelFileError(f"{path}: tensor '{name}' lies outside the file or has the wrong size "
+                             "(truncated download?)")
+    return dtype, tuple(shape), begin, end
+
+
+def _check_packed(path: Path, entries: dict[str, tuple[str, tuple[int, ...], int, int]], data_size: int) -> None:
+    """Tensors back to back from the start of the data section to the end of the file, as every writer
+    lays them out (the safetensors library refuses anything else too): no overlaps, no holes."""
+    expected = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != expected:
+            raise ModelFileError(f"{path}: tensor '{name}' starts at data offset {begin}, expected {expected} "
+                                 "(tensors overlap or leave a gap); the file is corrupt")
+        expected = end
+    if expected != data_size:
+        raise ModelFileError(f"{path}: the tensors end at data offset {expected} but the data section has "
+                             f"{data_size} bytes; the file is corrupt")
+
+
 class SafetensorsSource:
+
     def __init__(self, files: list[SafetensorsFile]):
         self._where = {name: f for f in files for name in f.entries}
 

@@ -29,6 +29,8 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
+from edge_infer.export.gguf_limits import (GeometryClaims, TensorExtent, block_ids, check_geometry, check_layout,
+                                          check_weight_types)
 from edge_infer.runtime.errors import ModelFileError
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -308,6 +310,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
             raise _fail(path, f"tensors '{prev_name}' and '{name}' overlap in the data section")
         prev_end, prev_name = offset + nbytes, name
         tensors[name] = GGUFTensor(name, shape, tname, mm[start:start + nbytes], path)
+    check_layout(path, [TensorExtent(i[0], i[2], i[3], i[4]) for i in infos], data_start, size, alignment)
     tensors = {info[0]: tensors[info[0]] for info in infos}  # keep the file's order
     return GGUFFile(path, version, metadata, tensors, alignment)
 
@@ -374,6 +377,11 @@ def gguf_to_hf(g: GGUFFile) -> tuple[dict, dict[str, GGUFTensor | np.ndarray], d
     embd = g.tensors.get("token_embd.weight")
     vocab = _meta(g, f"{arch}.vocab_size", int, len(tokens) if isinstance(tokens, list)
                   else embd.shape[0] if embd is not None else 0)
+    check_geometry(g.path, arch, GeometryClaims(
+        layers, hidden, heads, kv_heads, head_dim, _meta(g, f"{arch}.feed_forward_length", int), vocab,
+        _meta(g, f"{arch}.context_length", int), float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", num)),
+        float(_meta(g, f"{arch}.rope.freq_base", num, 10000.0))), len(g.tensors), block_ids(g.tensors))
+    check_weight_types(g.path, {name: t.ggml_type for name, t in g.tensors.items()})
     config = {
         "model_type": arch, "architectures": [_HF_CLASS[arch]],
         "hidden_size": hidden,

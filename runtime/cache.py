@@ -13,6 +13,7 @@ from edge_infer.devices.ort import ort
 
 from edge_infer.runtime.errors import ContextLengthError
 from edge_infer.runtime.manifest import Manifest
+from edge_infer.runtime.manifest_schema import check_kv_memory
 
 
 class KVCache:
@@ -24,6 +25,8 @@ class KVCache:
                 f"cache length {self.max_length} must be between 1 and the exported max_length {g.max_length}"
             )
         self.batch = batch
+        check_kv_memory(manifest.folder, manifest.kv_bytes(batch, self.max_length),
+                        f"a KV cache of {batch} x {self.max_length} positions")
         self._allocate(g, np.float16 if manifest.dtype == "fp16" else np.float32)
 
     def _allocate(self, g, dtype) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from edge_infer.runtime.cache import KVCache
 from edge_infer.runtime.constrain import Constraint, GrammarMatcher, constraint_from
 from edge_infer.runtime.detokenize import StreamDetokenizer
-from edge_infer.runtime.errors import ContextLengthError, UserError
+from edge_infer.runtime.errors import ContextLengthError, UserError, check_text
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams, Sampler, make_sampler
 from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, speculative_config, speculative_step
@@ -75,7 +75,7 @@ def encode_prompt(model: Model, prompt: Prompt) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise UserError("prompt is empty")
-        return model.tokenizer.encode(prompt, add_special_tokens=True)
+        return model.tokenizer.encode(check_text(prompt, "prompt"), add_special_tokens=True)
     items = list(prompt)
     if not items:
         raise UserError("prompt is empty")
@@ -88,6 +88,10 @@ def encode_prompt(model: Model, prompt: Prompt) -> list[int]:
     if all(isinstance(m, dict) for m in items):
         if model.chat_template is None:
             raise UserError("this model has no chat template; pass a plain string prompt instead of messages")
+        for i, m in enumerate(items):
+            for key, value in m.items():
+                if isinstance(value, str):
+                    check_text(value, f"messages[{i}].{key}")
         text = model.chat_template.render(items, add_generation_prompt=True)
         return model.tokenizer.encode(text, add_special_tokens=False)
     raise UserError("prompt must be a string, a list of token ids, or a list of {'role', 'content'} messages")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_infer.runtime.errors import ModelFileError
+from edge_infer.runtime.manifest_schema import check_raw
 
 MANIFEST = "manifest.json"
 FORMAT = "edge-infer"
@@ -48,6 +49,16 @@ class TokenizerSpec:
 
 
 @dataclass(frozen=True)
+class GenerationDefaults:
+    max_new_tokens: int | None = None  # what an export suggests when a request names no max_tokens
+    source_defaults: dict[str, Any] = field(default_factory=dict)  # the source's generation_config.json
+
+    @classmethod
+    def from_manifest(cls, raw: dict[str, Any]) -> GenerationDefaults:
+        return cls(raw.get("max_new_tokens"), dict(raw.get("source_defaults") or {}))
+
+
+@dataclass(frozen=True)
 class Manifest:
     folder: Path
     geometry: Geometry
@@ -57,7 +68,7 @@ class Manifest:
     dtype: str  # weights and activations: fp32 | fp16
     quantization: dict[str, Any]
     tokenizer: TokenizerSpec
-    generation: dict[str, Any]
+    generation: GenerationDefaults
     source: dict[str, Any]
     validation: dict[str, Any]
     files: dict[str, dict[str, Any]]
@@ -66,7 +77,7 @@ class Manifest:
     @property
     def kv_layout(self) -> str:
         """"shared": one max_length buffer bound as past and present; "concat": optimum-style growth."""
-        return str(self.raw.get("graph", {}).get("kv_layout", "shared"))
+        return str(self.raw.get("graph", {}).get("kv_layout") or "shared")
 
     @property
     def quant_scheme(self) -> str:
@@ -106,8 +117,8 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             "Create one with `edge-infer export SRC -o OUT`."
         )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a duplicate key, a 5,000-digit number
         raise ModelFileError(f"{path}: not valid JSON ({e}); re-export the model") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an edge-infer manifest")
@@ -117,6 +128,12 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             f"{path}: manifest format version {version!r} is not supported by this edge-infer "
             f"(it reads version {FORMAT_VERSION}); re-export the model or upgrade edge-infer"
         )
+    try:  # a lone surrogate (a "\ud800" escape) anywhere would break printing and tokenizing later
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ModelFileError(f"{path}: holds text that is not valid Unicode (at character {e.start} of its "
+                             "values); re-export the model") from None
+    check_raw(path, raw)  # every field typed and in range before anything is built from it
     try:
         m = _parse(folder, raw)
     except (KeyError, TypeError, ValueError) as e:
@@ -124,6 +141,13 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     if verify:
         verify_files(m)
     return m
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return out
 
 
 def _parse(folder: Path, raw: dict) -> Manifest:
@@ -148,7 +172,7 @@ def _parse(folder: Path, raw: dict) -> Manifest:
     return Manifest(
         folder=folder, geometry=geometry, graph_file=str(gr["file"]), inputs=tuple(gr["inputs"]),
         outputs=tuple(gr["outputs"]), dtype=str(gr["dtype"]), quantization=dict(raw.get("quantization", {})),
-        tokenizer=tok, generation=dict(raw.get("generation", {})), source=dict(raw.get("source", {})),
+        tokenizer=tok, generation=GenerationDefaults.from_manifest(raw.get("generation", {})), source=dict(raw.get("source", {})),
         validation=dict(raw.get("validation", {})), files=dict(files), raw=raw,
     )
 

@@ -19,7 +19,8 @@ from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu
 from edge_infer.runtime.cache import ConcatKVCache, KVCache
 from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.runtime.errors import ContextLengthError, ModelFileError, UserError
-from edge_infer.runtime.manifest import Manifest, load_manifest
+from edge_infer.runtime.manifest import MANIFEST, Manifest, load_manifest
+from edge_infer.runtime.manifest_schema import check_graph_io, check_kv_memory
 from edge_infer.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("edge_infer")
@@ -50,6 +51,7 @@ class Model:
         folder = manifest.folder
         graph_path = folder / manifest.graph_file
         check_external_data(graph_path)
+        check_kv_memory(folder / MANIFEST, manifest.kv_bytes(), f"max_length {manifest.geometry.max_length}")
         bits = manifest.quantization.get("bits")
         contrib = manifest.kv_layout == "shared" or bool(bits)  # GroupQueryAttention / MatMulNBits
         traits = ModelTraits(dtype=manifest.dtype, contrib_ops=contrib, quant_bits=int(bits) if bits else None)
@@ -62,6 +64,7 @@ class Model:
                                                 providers=self.plan.session_providers())
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelFileError(f"{graph_path}: onnxruntime could not load it on {self.plan.device} ({e})") from None
+        check_graph_io(graph_path, manifest.geometry, self.session.get_inputs(), self.session.get_outputs())
         self.providers = self.session.get_providers()
         if self.providers[0] != self.plan.providers[0]:
             raise UserError(f"requested {self.plan.providers[0]} but onnxruntime runs {self.providers[0]}")

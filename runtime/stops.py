@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import UserError
+from .errors import UserError, check_text
 
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
@@ -102,6 +102,7 @@ def _validate(stop: Sequence[str] | str | None) -> tuple[str, ...]:
     for i, s in enumerate(stop):
         if not isinstance(s, str):
             raise UserError(f"stop[{i}] must be a string, got {type(s).__name__}")
+        check_text(s, f"stop[{i}]")
         if not s:
             raise UserError(f"stop[{i}] is an empty string; remove it or give at least one character")
         if len(s) > MAX_STOP_CHARS:

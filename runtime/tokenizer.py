@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.runtime.errors import ModelFileError, TokenizerError, check_text, is_interrupt
 from edge_infer.runtime.manifest import TokenizerSpec
 
 
@@ -14,9 +14,13 @@ class Tokenizer:
     def __init__(self, path: Path, spec: TokenizerSpec):
         try:
             self.backend = _HFTokenizer.from_file(str(path))
-        except Exception as e:  # the library raises a bare Exception on bad JSON
-            raise ModelFileError(f"{path}: cannot be read as a tokenizer ({e})") from None
+        except BaseException as e:  # a bare Exception on bad JSON; a PanicException (BaseException) on worse
+            if is_interrupt(e):
+                raise
+            raise ModelFileError(f"{path}: cannot be read as a tokenizer ({type(e).__name__}: "
+                                 f"{str(e)[:300]})") from None
         self.spec = spec
+        self.path = path
         self.eos_ids = frozenset(spec.eos_token_ids)
 
     @property
@@ -25,7 +29,21 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids for `text`; special-token text such as `<|im_start|>` maps to its single id."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        check_text(text, "the text to tokenize")
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except BaseException as e:  # the library panics (PanicException is a BaseException)
+            raise self._failed("encode", e) from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        try:
+            return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        except BaseException as e:
+            raise self._failed("decode", e) from None
+
+    def _failed(self, what: str, e: BaseException) -> BaseException:
+        if is_interrupt(e):
+            return e
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return TokenizerError(f"{self.path}: the model's tokenizer failed to {what} this text "
+                              f"({type(e).__name__}: {detail}); the tokenizer file is faulty for this input")

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from edge_infer.runtime.errors import ContextLengthError
+from edge_infer.runtime.errors import ContextLengthError, TokenizerError, UserError
 from edge_infer.serve.config import EngineConfig, ServerConfig
 from edge_infer.serve.engine import Engine, QueueFull, ShuttingDown
 from edge_infer.serve.guards import HostGuard, KeyGuard
@@ -144,26 +144,43 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
 
     @app.get("/v1/models/{model_id:path}")
     async def one_model(model_id: str):
-        if model_id != config.model_id:
+        if not config.serves(model_id):
             raise APIError(404, f"no model named {model_id!r}; this server serves {config.model_id!r}",
                            type="invalid_request_error", param="model", code="model_not_found")
         return model_card()
 
+    async def read_body(request: Request) -> dict:
+        body = await read_json(request, config.max_body_bytes)
+        name = body.get("model")
+        if isinstance(name, str) and not config.serves(name):  # absent: the one model served
+            shown = name.encode("utf-8", "backslashreplace").decode()
+            raise APIError(404, f"The model '{shown}' does not exist; this server serves '{config.model_id}' "
+                           "(GET /v1/models)", type="invalid_request_error", param="model", code="model_not_found")
+        return body
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        parsed = parse_chat(await read_json(request, config.max_body_bytes), config.max_stops, vocab)
+        parsed = parse_chat(await read_body(request), config.max_stops, vocab)
         return await generate(request, parsed)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        parsed = parse_completion(await read_json(request, config.max_body_bytes), config.max_stops, vocab)
+        parsed = parse_completion(await read_body(request), config.max_stops, vocab)
         return await generate(request, parsed)
 
     async def generate(request: Request, parsed: ParsedRequest):
         field = "messages" if parsed.kind == "chat" else "prompt"
-        prepared = await run_in_threadpool(functools.partial(
-            prepare, model, parsed.prompt, kind=parsed.kind, response_format=parsed.response_format,
-            tools=parsed.tools, tool_choice=parsed.tool_choice, parallel_tool_calls=parsed.parallel_tool_calls))
+        try:
+            prepared = await run_in_threadpool(functools.partial(
+                prepare, model, parsed.prompt, kind=parsed.kind, response_format=parsed.response_format,
+                tools=parsed.tools, tool_choice=parsed.tool_choice, parallel_tool_calls=parsed.parallel_tool_calls))
+        except TokenizerError as e:  # the model's tokenizer broke on this text: ours to fix, retrying won't help
+            log.error("tokenizer failed on %s: %s", request.url.path, e)
+            raise APIError(500, "the model's tokenizer failed on this text; the model's tokenizer.json is faulty "
+                           "for this input", type="server_error", code=e.code,
+                           headers={"x-should-retry": "false"}) from None
+        except UserError as e:
+            raise bad(field, str(e)) from None
         ids = prepared.ids
         rid = new_id(parsed.kind)
         events = EventQueue()

@@ -33,6 +33,8 @@ from edge_infer.cli_speculative import speculative_from_options, speculative_opt
 @click.option("--cors-origin", multiple=True,
               help="Origin allowed to call from a browser, e.g. http://localhost:3000 (repeatable; no wildcards).")
 @click.option("--model-name", default=None, help="The model id clients see [default: the folder's name].")
+@click.option("--model-alias", multiple=True,
+              help="Another name requests may give as \"model\" (repeatable); any other name is a 404.")
 @click.option("--shutdown-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds running requests get to finish on SIGTERM.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, dml, ... (see `edge-infer devices`).")
@@ -49,8 +51,8 @@ from edge_infer.cli_speculative import speculative_from_options, speculative_opt
 @click.option("--ray-address", default=None, help="With --ray: a running Ray cluster to join [default: start one].")
 @speculative_options
 def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_queue, prefill_chunk,
-          default_max_tokens, allowed_host, cors_origin, model_name, shutdown_grace, device, threads, log_level,
-          use_ray, replicas, routing, ray_address, **speculative_kw):
+          default_max_tokens, allowed_host, cors_origin, model_name, model_alias, shutdown_grace, device, threads,
+          log_level, use_ray, replicas, routing, ray_address, **speculative_kw):
     """Serve MODEL over an OpenAI-compatible HTTP API (chat and text completions, streaming).
 
     With --speculative, a request that decodes alone has its guesses verified several at a time;
@@ -74,7 +76,7 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
 
     server_config = ServerConfig(model_id=model_name or model_id_for(model), host=host, port=port,
                                  api_key=api_key or None, allowed_hosts=tuple(allowed_host),
-                                 cors_origins=tuple(cors_origin))
+                                 cors_origins=tuple(cors_origin), model_aliases=tuple(model_alias))
     engine_config = EngineConfig(parallel=parallel, max_queue=max_queue, max_length=max_length,
                                  prefill_chunk=prefill_chunk, default_max_tokens=default_max_tokens,
                                  shutdown_grace_s=shutdown_grace)

@@ -64,6 +64,11 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()  # exact origins; empty = no CORS headers at all
     max_body_bytes: int = MAX_BODY_BYTES
     max_stops: int = MAX_STOPS
+    model_aliases: tuple[str, ...] = ()  # other names a request's "model" may give (--model-alias)
+
+    def serves(self, name: str) -> bool:
+        """Whether a request naming model `name` is for this server (OpenAI answers 404 otherwise)."""
+        return name == self.model_id or name in self.model_aliases
 
     def validate(self) -> None:
         if not is_loopback(self.host) and not self.api_key:

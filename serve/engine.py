@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from edge_infer.runtime.constrain import MaskPool, constrain_guesses, mask_rows
-from edge_infer.runtime.errors import UserError
+from edge_infer.runtime.errors import UserError, is_interrupt
 from edge_infer.runtime.generate import plan_max_tokens
 from edge_infer.runtime.speculative import check_draft, verify
 from edge_infer.runtime.speculative_guess import Guesser
@@ -180,8 +180,10 @@ class Engine:
                 prefill, decode = self._schedule()
             try:
                 self._execute(prefill, decode)
-            except Exception:  # a failed run must not take the server down; fail its requests
-                log.exception("model step failed")
+            except BaseException as e:  # a failed run (even a library panic, a BaseException) must not take the
+                if is_interrupt(e):  # server down: fail its requests, keep scheduling the others
+                    raise
+                log.error("model step failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, UserError))
                 for seq in ([prefill] if prefill else []) + decode:
                     for slot in self.slots:
                         if slot.seq is seq:

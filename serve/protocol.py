@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from edge_infer.runtime.errors import UserError, check_text
 from edge_infer.runtime.sampling import SamplingParams
 from edge_infer.runtime.stops import MAX_STOP_CHARS
 
@@ -123,6 +124,14 @@ def _check_fields(body: dict, honoured: set[str], off: dict[str, tuple]) -> None
             raise bad(name, f"{name} is not supported by this server; leave it out", code="unsupported_parameter")
 
 
+def _text(value: str, param: str) -> str:
+    """Text that is valid Unicode; a lone surrogate ("\\ud800" in the JSON) is a 400 naming the field."""
+    try:
+        return check_text(value, param)
+    except UserError as e:
+        raise bad(param, str(e), code="invalid_unicode") from None
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -172,9 +181,10 @@ def _stops(stop: Any, max_stops: int) -> tuple[str, ...]:
         raise bad("stop", "stop must be a string or a list of strings")
     if len(items) > max_stops:
         raise bad("stop", f"stop has {len(items)} strings; at most {max_stops} are allowed")
-    for s in items:
+    for i, s in enumerate(items):
         if not s or len(s) > MAX_STOP_CHARS:
             raise bad("stop", f"each stop string must be 1 to {MAX_STOP_CHARS} characters long")
+        _text(s, "stop" if isinstance(stop, str) else f"stop[{i}]")
     return tuple(items)
 
 
@@ -196,6 +206,8 @@ def _messages(messages: Any) -> list[dict]:
         if role not in CHAT_ROLES:
             raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
         message = {"role": CHAT_ROLES[role]}
+        if "name" in m and isinstance(m["name"], str):
+            _text(m["name"], f"{where}.name")
         if role == "assistant" and m.get("tool_calls"):
             message["tool_calls"] = _tool_calls(m["tool_calls"], where)
             message["content"] = _content(m["content"], where) if m.get("content") is not None else ""
@@ -204,7 +216,7 @@ def _messages(messages: Any) -> list[dict]:
         if role == "tool":
             if not isinstance(m.get("tool_call_id"), str):
                 raise bad(f"{where}.tool_call_id", f"{where}.tool_call_id must be the id of the call it answers")
-            message["tool_call_id"] = m["tool_call_id"]
+            message["tool_call_id"] = _text(m["tool_call_id"], f"{where}.tool_call_id")
         if isinstance(m.get("name"), str) and role == "tool":
             message["name"] = m["name"]
         out.append(message)
@@ -221,6 +233,8 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
         if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), str)):
             raise bad(f"{where}.tool_calls[{j}]", f"{where}.tool_calls[{j}] must be {{'id': ..., 'type': 'function', "
                       f"'function': {{'name': ..., 'arguments': '<JSON>'}}}}")
+        _text(f["name"], f"{where}.tool_calls[{j}].function.name")
+        _text(f["arguments"], f"{where}.tool_calls[{j}].function.arguments")
         out.append({"id": str(c.get("id", "")), "type": "function",
                     "function": {"name": f["name"], "arguments": f["arguments"]}})
     return out
@@ -228,14 +242,14 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
 
 def _content(content: Any, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _text(content, f"{where}.content")
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise bad(f"{where}.content[{j}]", f"{where}.content[{j}] must be a text part "
                           f"{{'type': 'text', 'text': ...}}; images, audio and files are not supported")
-            parts.append(part["text"])
+            parts.append(_text(part["text"], f"{where}.content[{j}].text"))
         return "".join(parts)
     raise bad(f"{where}.content", f"{where}.content must be a string or a list of text parts")
 
@@ -247,7 +261,7 @@ def _prompt(prompt: Any, vocab_size: int) -> str | list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise bad("prompt", "prompt is empty")
-        return prompt
+        return _text(prompt, "prompt")
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         if not all(0 <= t < vocab_size for t in prompt):
             raise bad("prompt", f"prompt token ids must be in [0, {vocab_size})")
