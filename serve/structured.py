@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edge_infer.runtime.constrain import Constraint, constraint_from
-from edge_infer.runtime.errors import UserError
+from edge_infer.runtime.errors import TokenizerError, UserError
 from edge_infer.runtime.generate import encode_prompt
 from edge_infer.runtime.tools import ToolCall, ToolPlan, parse_reply, tool_prompt
 from edge_infer.serve.protocol import bad
@@ -33,6 +33,8 @@ def prepare(model, prompt, *, kind: str, response_format=None, tools=None, tool_
     if tools:
         try:
             ids, plan = tool_prompt(model, prompt, tools, tool_choice, parallel_tool_calls)
+        except TokenizerError:
+            raise  # the model's own file is at fault: a 5xx, answered by the app
         except UserError as e:
             param = "tool_choice" if "tool_choice" in str(e) else "tools" if "tools" in str(e) else field
             raise bad(param, str(e)) from None
@@ -46,6 +48,8 @@ def prepare(model, prompt, *, kind: str, response_format=None, tools=None, tool_
             raise bad("tool_choice", "tool_choice needs tools")
         try:
             ids = encode_prompt(model, prompt)
+        except TokenizerError:
+            raise
         except UserError as e:
             raise bad(field, str(e)) from None
     return Prepared(ids, constraint, plan)
