@@ -114,15 +114,16 @@ class GGUFTensor:
         return out if self.row_order is None else out[self.row_order]
 
     def blocks(self) -> QuantBlocks | None:
-        """The exact blockwise form of a 2-D Q4_0, Q4_1, Q8_0, Q4_K or Q6_K tensor; None for other tensors."""
-        if len(self.shape) != 2 or self.ggml_type not in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"):
+        """The exact blockwise form of a 2-D Q4_0, Q4_1, Q8_0 tensor or of a type in
+        gguf_kquants.EXACT (Q2_K to Q6_K, Q5_0, Q5_1); None for other tensors."""
+        from edge_infer.export.gguf_kquants import EXACT
+
+        if len(self.shape) != 2 or self.ggml_type not in ("Q4_0", "Q4_1", "Q8_0", *EXACT):
             return None
         n, k = self.shape
-        if self.ggml_type in ("Q4_K", "Q6_K"):
-            from edge_infer.export import gguf_kquants
-
-            bits, block = (4, 32) if self.ggml_type == "Q4_K" else (8, 16)
-            q, scales, zps = getattr(gguf_kquants, self.ggml_type.lower())(self.raw, n, k)
+        if self.ggml_type in EXACT:
+            decode, bits, block = EXACT[self.ggml_type]
+            q, scales, zps = decode(self.raw, n, k)
             out = QuantBlocks(bits, block, q, scales, zps)
             return out if self.row_order is None else out.take_rows(self.row_order)
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[self.ggml_type]]

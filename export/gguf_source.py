@@ -24,6 +24,12 @@ class GGUFWeights:
         t = self._tensors[name]  # a GGUFTensor or a view of one (gguf_arch: Shifted, _Concat)
         return t.dequantize() if hasattr(t, "dequantize") else np.asarray(t, dtype=np.float32)
 
+    def source_type(self, name: str) -> str:
+        """The ggml type of a weight ("Q4_K"; "Q4_K+Q6_K" when stacked from several tensors)."""
+        t = self._tensors[name]
+        parts = getattr(t, "parts", None) or (getattr(t, "tensor", t),)
+        return "+".join(sorted({getattr(p, "ggml_type", "F32") for p in parts}))
+
     def blocks(self, name: str):
         t = self._tensors[name]
         return t.blocks() if hasattr(t, "blocks") and len(t.shape) == 2 else None
