@@ -16,9 +16,14 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as QT
 
 from tiny import CHATML, make_tokenizer
+
+# Byte offsets of the f16 scale fields in a block, for types gguf cannot quantize to.
+F16_FIELDS = {QT.Q4_K: [0, 2], QT.Q6_K: [208], QT.Q5_K: [0, 2], QT.Q3_K: [108], QT.Q2_K: [80, 82],
+              QT.IQ4_NL: [0], QT.IQ4_XS: [0]}
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
              "gemma2": "gemma2", "gemma3_text": "gemma3"}
@@ -48,9 +53,24 @@ def _llama3_factors(cfg, rope_dim: int) -> list[float]:
     return out
 
 
+def random_blocks(shape, qtype: QT, rng) -> np.ndarray:
+    """Random but valid blocks of `qtype` (bytes with small f16 scales); Q8_0 is quantized from noise."""
+    if qtype == QT.Q8_0:
+        return gguf.quants.quantize(rng.normal(0, 0.3, shape).astype(np.float32), qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    n, k = shape
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    for pos in F16_FIELDS[qtype]:
+        raw[..., pos:pos + 2] = rng.uniform(0.0005, 0.004, (n, k // block)).astype(np.float16).view(
+            np.uint8).reshape(n, k // block, 2)
+    return raw.reshape(n, -1)
+
+
 def write_gguf(kind: str, model, path: Path, qtype: QT = QT.F32) -> Path:
     """`model` (a transformers CausalLM of family `kind`) as llama.cpp's converter would write it.
-    2-D weights get `qtype` (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: what gguf.quants can write)."""
+    2-D weights get `qtype`: F32, or what gguf.quants can write (F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)
+    from the model's weights; K-quants as random valid blocks (gguf cannot write them), so the file
+    then holds other weights than the model: compare exports of the file with each other."""
     cfg = model.config
     arch = GGUF_ARCH[kind]
     n_layers, heads, kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -119,8 +139,14 @@ def write_gguf(kind: str, model, path: Path, qtype: QT = QT.F32) -> Path:
         assert name is not None, hf_name
         tensors[f"{name}.{suffix}"] = data
     tensors.update(extra)
+    rng = np.random.default_rng(11)
     for name, data in tensors.items():
-        if data.ndim == 2 and qtype != QT.F32:
+        if data.ndim == 2 and qtype in F16_FIELDS:  # gguf cannot write these: random valid blocks
+            # llama.cpp falls back to other types where rows are not a multiple of 256; embeddings and output Q8_0
+            fits = data.shape[1] % 256 == 0 and name not in ("token_embd.weight", "output.weight")
+            kind_here = qtype if fits else QT.Q8_0
+            w.add_tensor(name, random_blocks(data.shape, kind_here, rng), raw_dtype=kind_here)
+        elif data.ndim == 2 and qtype != QT.F32:
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, data.astype(np.float32))

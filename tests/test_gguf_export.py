@@ -15,9 +15,7 @@ RNG = np.random.default_rng(1)
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 96, 2
 
 
-# Byte offsets of the f16 scale fields in a block, for types gguf cannot quantize to.
-F16_FIELDS = {QT.Q4_K: [0, 2], QT.Q6_K: [208], QT.Q5_K: [0, 2], QT.Q3_K: [108], QT.Q2_K: [80, 82],
-              QT.IQ4_NL: [0], QT.IQ4_XS: [0]}
+from gguf_convert import F16_FIELDS  # noqa: E402  (byte offsets of each block's f16 scales)
 
 
 def kquant_bytes(shape, qtype: QT) -> np.ndarray:

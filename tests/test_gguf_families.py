@@ -9,6 +9,8 @@ transformers' GGUF loader reads no rope scaling, soft-caps or attention scalar f
 config fields as overrides; the weights all come from the file.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,25 @@ def test_family_from_gguf(kind, tmp_path):
                                err_msg=f"{kind}: transformers reads the test GGUF back differently")
     out = export_model(path, tmp_path / "fp32", ExportOptions(quant="fp32", max_length=128, validate=False))
     check_against(ref, edge_infer.load(out, device="cpu"), kind)
+
+
+@pytest.mark.parametrize("kind", ["phi3", "qwen3", "gemma3_text"])
+def test_int4_export_of_a_k_quant_file_computes_its_weights(kind, tmp_path):
+    """Fused phi3 qkv / gate_up, qwen3 q/k norms, gemma's shifted norms: a Q4_K file (Q8_0 where rows are
+    not a multiple of 256, and the embedding) exported to int4 computes what the fp32 export of the same file computes."""
+    from gguf.constants import GGMLQuantizationType as QT
+
+    folder = make_checkpoint(kind, tmp_path / "hf", hidden_size=256, intermediate_size=256)
+    path = write_gguf(kind, load_reference(folder), tmp_path / "k.gguf", qtype=QT.Q4_K)
+    fp32 = export_model(path, tmp_path / "fp32", ExportOptions(quant="fp32", max_length=64, validate=False))
+    int4 = export_model(path, tmp_path / "int4", ExportOptions(quant="int4", max_length=64, accuracy_level=0,
+                                                               validate=False))
+    report = json.loads((int4 / "manifest.json").read_text())["quantization"]["gguf_tensors"]["tensors"]
+    linear = {k: v for k, v in report.items() if k.startswith("layers.") and "norm" not in k}
+    assert linear and all(v.endswith(": exact") for v in linear.values()), report
+    assert report["embed.weight"] == "Q8_0: exact"
+    a, b = edge_infer.load(fp32, device="cpu"), edge_infer.load(int4, device="cpu")
+    ids = np.array([PROMPT])
+    la = a.forward(ids, a.new_cache(), logits_to_keep=len(PROMPT))[0]
+    lb = b.forward(ids, b.new_cache(), logits_to_keep=len(PROMPT))[0]
+    np.testing.assert_allclose(lb, la, atol=2e-4 * np.abs(la).max(), err_msg=kind)
