@@ -99,3 +99,18 @@ def test_int4_export_of_a_k_quant_file_computes_its_weights(kind, tmp_path):
     la = a.forward(ids, a.new_cache(), logits_to_keep=len(PROMPT))[0]
     lb = b.forward(ids, b.new_cache(), logits_to_keep=len(PROMPT))[0]
     np.testing.assert_allclose(lb, la, atol=2e-4 * np.abs(la).max(), err_msg=kind)
+
+
+def test_readme_table_names_these_tests():
+    """Every GGUF family and rope-variant cell of the README's table is a test that exists."""
+    import re
+    from pathlib import Path
+
+    from test_rope_variants import VARIANTS
+
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text(encoding="utf-8")
+    section = text[text.index("### GGUF files"):]
+    families = re.findall(r"test_family_from_gguf\[(\w+)\]", section)
+    assert families and set(families) == set(FAMILIES)
+    variants = re.findall(r"\[(hf|gguf)-(\w+)\]", section)
+    assert {v for _, v in variants} == set(VARIANTS) and {r for r, _ in variants} == {"hf", "gguf"}
