@@ -17,6 +17,8 @@ What differs per family (facts from llama.cpp's converter and its hparams loader
              1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 46-layer 27B), as llama.cpp hardcodes
     gemma3   gemma2's norms plus q/k norms; every 6th layer full, the others sliding with rope base
              10000 (rope.freq_base_swa when present); linear rope scaling on full layers only
+    gpt2     learned positions (position_embd), LayerNorms with bias, fused attn_qkv; the converter stores
+             the Conv1D weights transposed to (out, in) and writes the tied head again as `output`
 Rope scaling metadata (rope.scaling.type linear / yarn / longrope) maps to Hugging Face's
 `rope_scaling` for every family; `rope_freqs.weight` becomes the internal "factors" kind.
 """
@@ -117,7 +119,7 @@ FAMILIES: dict[str, Family] = {
                                      "self_attn.q_norm", "self_attn.k_norm"),
                      norm_shift=1.0, extra=_gemma3),
 }
-SUPPORTED_ARCHS = tuple(FAMILIES)
+SUPPORTED_ARCHS = (*FAMILIES, "gpt2")
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,6 +213,8 @@ def _rope_scaling(g: GGUFFile, arch: str, rope_dim: int, context: int) -> tuple[
 def gguf_to_hf(g: GGUFFile) -> tuple[dict, dict[str, Any], dict]:
     """(transformers-style config, HF weight name -> lazily read tensor, tokenizer metadata)."""
     arch = _meta(g, "general.architecture", str)
+    if arch == "gpt2":
+        return _gpt2(g)
     if arch not in FAMILIES:
         raise unsupported_arch(g.path, arch)
     fam = FAMILIES[arch]
@@ -357,3 +361,92 @@ class _Concat:
 
         parts = [p.blocks() for p in self.parts]
         return None if any(b is None for b in parts) else concat_blocks(parts)
+
+
+@dataclass(frozen=True, eq=False)
+class _Transposed:
+    """A 2-D GGUF weight (out, in) seen as GPT-2's Conv1D (in, out); its blocks do not survive."""
+
+    tensor: GGUFTensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.tensor.shape))
+
+    @property
+    def ggml_type(self) -> str:
+        return self.tensor.ggml_type
+
+    def dequantize(self) -> np.ndarray:
+        return np.ascontiguousarray(self.tensor.dequantize().T)
+
+    def blocks(self):
+        return None
+
+
+_GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
+             "output": "lm_head"}
+_GPT2_BLOCK = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+               "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def _gpt2(g: GGUFFile) -> tuple[dict, dict[str, Any], dict]:
+    hidden = _meta(g, "gpt2.embedding_length", int)
+    heads = _meta(g, "gpt2.attention.head_count", int)
+    layers = _meta(g, "gpt2.block_count", int)
+    if min(hidden, heads, layers) <= 0 or hidden % heads:
+        raise _fail(g.path, f"inconsistent geometry: hidden {hidden}, heads {heads}, layers {layers}")
+    embd = g.tensors.get("token_embd.weight")
+    if embd is None or len(embd.shape) != 2:
+        raise _fail(g.path, "missing tensors: token_embd.weight", "the file is incomplete: convert it again")
+    ffn = _meta(g, "gpt2.feed_forward_length", int, 4 * hidden)
+    config = {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": hidden, "n_head": heads,
+        "n_layer": layers, "n_inner": ffn, "n_positions": _meta(g, "gpt2.context_length", int),
+        "layer_norm_epsilon": float(_meta(g, "gpt2.attention.layer_norm_epsilon", (int, float), 1e-5)),
+        "activation_function": "gelu_new", "vocab_size": embd.shape[0],
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "bos_token_id": _meta(g, "tokenizer.ggml.bos_token_id", int, None),
+        "eos_token_id": _meta(g, "tokenizer.ggml.eos_token_id", int, None),
+        "pad_token_id": _meta(g, "tokenizer.ggml.padding_token_id", int, None),
+    }
+    conv = {"attn.c_attn": (hidden, 3 * hidden), "attn.c_proj": (hidden, hidden), "mlp.c_fc": (hidden, ffn),
+            "mlp.c_proj": (ffn, hidden)}
+    weights: dict[str, Any] = {}
+    unknown = []
+    for name, t in g.tensors.items():
+        parts = name.split(".")
+        stem, suffix = ".".join(parts[:-1]), parts[-1]
+        if stem in _GPT2_TOP and suffix in ("weight", "bias"):
+            hf = f"{_GPT2_TOP[stem]}.{suffix}"
+        elif (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < layers
+              and parts[2] in _GPT2_BLOCK and suffix in ("weight", "bias")):
+            hf = f"transformer.h.{parts[1]}.{_GPT2_BLOCK[parts[2]]}.{suffix}"
+        else:
+            unknown.append(name)
+            continue
+        module = ".".join(hf.split(".")[3:-1])
+        if module in _CONV1D and suffix == "weight":
+            t = _Transposed(t)
+            want = conv[module]
+        elif module in _CONV1D:
+            want = (conv[module][1],)
+        elif hf.startswith("transformer.wpe"):
+            want = (config["n_positions"], hidden)
+        elif hf.startswith(("transformer.wte", "lm_head")):
+            want = (config["vocab_size"], hidden)
+        else:
+            want = (hidden,)
+        if t.shape != want:
+            raise _fail(g.path, f"tensor '{name}' has shape {t.shape}, expected {want} from the metadata")
+        weights[hf] = t
+    if unknown:
+        raise _fail(g.path, f"unexpected tensors for architecture 'gpt2': {', '.join(unknown[:8])}",
+                    "this variant is not supported")
+    required = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"] + [
+        f"transformer.h.{i}.{m}.{x}" for i in range(layers) for m in _GPT2_BLOCK.values() for x in ("weight", "bias")]
+    missing = [n for n in required if n not in weights]
+    if missing:
+        raise _fail(g.path, f"missing tensors: {', '.join(missing[:8])}", "the file is incomplete: convert it again")
+    return config, weights, {k: v for k, v in g.metadata.items() if k.startswith("tokenizer.")}

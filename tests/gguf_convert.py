@@ -25,7 +25,7 @@ from tiny import CHATML, make_tokenizer
 F16_FIELDS = {QT.Q4_K: [0, 2], QT.Q6_K: [208], QT.Q5_K: [0, 2], QT.Q3_K: [108], QT.Q2_K: [80, 82],
               QT.IQ4_NL: [0], QT.IQ4_XS: [0]}
 
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+GGUF_ARCH = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
              "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 
@@ -73,6 +73,8 @@ def write_gguf(kind: str, model, path: Path, qtype: QT = QT.F32) -> Path:
     then holds other weights than the model: compare exports of the file with each other."""
     cfg = model.config
     arch = GGUF_ARCH[kind]
+    if kind == "gpt2":
+        return _write_gpt2(model, path)
     n_layers, heads, kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     w = gguf.GGUFWriter(str(path), arch)
@@ -150,6 +152,37 @@ def write_gguf(kind: str, model, path: Path, qtype: QT = QT.F32) -> Path:
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, data.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _write_gpt2(model, path: Path) -> Path:
+    """GPT-2: Conv1D weights transposed to (out, in); the tied head written again as `output`."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_name("tiny-gpt2")
+    w.add_context_length(cfg.n_positions)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_head_count(cfg.n_head)
+    w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    _add_tokenizer(w)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)
+    for hf_name, t in model.state_dict().items():
+        if hf_name.endswith(".attn.bias") or hf_name.endswith(".attn.masked_bias") or hf_name == "lm_head.weight":
+            continue
+        data = t.detach().float().numpy()
+        if hf_name.endswith((".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")):
+            data = np.ascontiguousarray(data.T)
+        stem, suffix = hf_name.rsplit(".", 1)
+        name = f"{names.get_name(stem)}.{suffix}"
+        w.add_tensor(name, data)
+        if name == "token_embd.weight":
+            w.add_tensor("output.weight", data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -30,10 +30,11 @@ FAMILIES = {  # kind -> config overrides of tests/tiny.py's tiny model
     "phi3": {},
     "gemma2": {},
     "gemma3_text": {"num_hidden_layers": 6},  # layers 0-4 sliding, layer 5 full (llama.cpp's pattern)
+    "gpt2": {},  # learned positions, transposed Conv1D weights, the tied head written again as `output`
 }
 # Config fields transformers' GGUF loader does not read from the file.
 NOT_READ = ("rope_scaling", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-            "original_max_position_embeddings", "partial_rotary_factor", "pad_token_id", "head_dim")
+            "original_max_position_embeddings", "partial_rotary_factor", "pad_token_id", "head_dim", "n_positions")
 
 
 def logits(model, ids):
@@ -82,7 +83,8 @@ def test_family_from_gguf(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["phi3", "qwen3", "gemma3_text"])
 def test_int4_export_of_a_k_quant_file_computes_its_weights(kind, tmp_path):
     """Fused phi3 qkv / gate_up, qwen3 q/k norms, gemma's shifted norms: a Q4_K file (Q8_0 where rows are
-    not a multiple of 256, and the embedding) exported to int4 computes what the fp32 export of the same file computes."""
+    not a multiple of 256, the embedding and the head) exported to int4 computes what the fp32 export of
+    the same file computes."""
     from gguf.constants import GGMLQuantizationType as QT
 
     folder = make_checkpoint(kind, tmp_path / "hf", hidden_size=256, intermediate_size=256)
