@@ -140,6 +140,22 @@ class Shifted:
         return None
 
 
+# Config fields transformers' GGUF loader (4.57) does not read from the file (llama.cpp reads them from
+# metadata or hardcodes them); export validation passes them to it from our reading of the file.
+TRANSFORMERS_UNREAD = ("rope_scaling", "original_max_position_embeddings", "partial_rotary_factor", "head_dim",
+                       "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "layer_types",
+                       "rope_local_base_freq", "n_positions")
+
+
+def transformers_overrides(config: dict) -> tuple[dict, str | None]:
+    """(config overrides for transformers' GGUF loader, None) or ({}, why it cannot load this file right)."""
+    if (config.get("rope_scaling") or {}).get("rope_type") == "factors":
+        return {}, "transformers' GGUF loader cannot apply Llama 3 scaling given as rope_freqs.weight factors"
+    unread = {k: config[k] for k in TRANSFORMERS_UNREAD if config.get(k) is not None}
+    unread["pad_token_id"] = config.get("pad_token_id")  # no padding id in the file: none (not a class default)
+    return unread, None
+
+
 def _meta(g: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
     if key not in g.metadata:
         if default is ...:
