@@ -52,3 +52,12 @@ def test_rope_variant(name, route, tmp_path):
     out = export_model(src, tmp_path / "out", ExportOptions(quant="fp32", max_length=max_length, validate=False))
     prompt = [int(x) for x in np.random.default_rng(3).integers(3, 350, n)]
     check(ref, edge_infer.load(out, device="cpu"), prompt, f"{name} ({route})")
+
+
+def test_rotary_dimension_groupqueryattention_cannot_take_is_refused(tmp_path):
+    from edge_infer.runtime.errors import ModelFileError
+
+    folder = make_checkpoint("phi3", tmp_path / "hf", partial_rotary_factor=0.5)  # head dim 16: rotary 8
+    with pytest.raises(ModelFileError, match="rotary dimension 8 .head dim 16. is not supported"):
+        export_model(folder, tmp_path / "out", ExportOptions(quant="fp32", max_length=64, validate=False))
+    assert not (tmp_path / "out").exists()
