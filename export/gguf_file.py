@@ -29,8 +29,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from edge_infer.export.gguf_limits import (GeometryClaims, TensorExtent, block_ids, check_geometry, check_layout,
-                                          check_weight_types)
+from edge_infer.export.gguf_limits import (TensorExtent, check_layout)
 from edge_infer.runtime.errors import ModelFileError
 
 SUPPORTED_VERSIONS = (2, 3)
@@ -116,15 +115,16 @@ class GGUFTensor:
         return out if self.row_order is None else out[self.row_order]
 
     def blocks(self) -> QuantBlocks | None:
-        """The exact blockwise form of a 2-D Q4_0, Q4_1, Q8_0, Q4_K or Q6_K tensor; None for other tensors."""
-        if len(self.shape) != 2 or self.ggml_type not in ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"):
+        """The exact blockwise form of a 2-D Q4_0, Q4_1, Q8_0 tensor or of a type in
+        gguf_kquants.EXACT (Q2_K to Q6_K, Q5_0, Q5_1); None for other tensors."""
+        from edge_infer.export.gguf_kquants import EXACT
+
+        if len(self.shape) != 2 or self.ggml_type not in ("Q4_0", "Q4_1", "Q8_0", *EXACT):
             return None
         n, k = self.shape
-        if self.ggml_type in ("Q4_K", "Q6_K"):
-            from edge_infer.export import gguf_kquants
-
-            bits, block = (4, 32) if self.ggml_type == "Q4_K" else (8, 16)
-            q, scales, zps = getattr(gguf_kquants, self.ggml_type.lower())(self.raw, n, k)
+        if self.ggml_type in EXACT:
+            decode, bits, block = EXACT[self.ggml_type]
+            q, scales, zps = decode(self.raw, n, k)
             out = QuantBlocks(bits, block, q, scales, zps)
             return out if self.row_order is None else out.take_rows(self.row_order)
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[self.ggml_type]]
@@ -317,17 +317,6 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
 
 # ---------------------------------------------------------------- GGUF -> Hugging Face names
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-
-
 def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
     """Row order that undoes llama.cpp's rotary permutation of attn_q / attn_k.
 
@@ -339,110 +328,9 @@ def unpermute_rows(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, half, 2).swapaxes(1, 2).reshape(rows)  # (rows,)
 
 
-def _meta(g: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    if key not in g.metadata:
-        if default is ...:
-            raise _fail(g.path, f"metadata key '{key}' is missing", "the file is incomplete: convert it again")
-        return default
-    value = g.metadata[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise _fail(g.path, f"metadata key '{key}' is {value!r}, expected {kind}")
-    return value
+def gguf_to_hf(g: GGUFFile):
+    """(transformers-style config, HF weight name -> lazily read tensor, tokenizer metadata);
+    the per-family mapping lives in export/gguf_arch.py."""
+    from edge_infer.export.gguf_arch import gguf_to_hf as to_hf
 
-
-def gguf_to_hf(g: GGUFFile) -> tuple[dict, dict[str, GGUFTensor | np.ndarray], dict]:
-    """(transformers-style config, HF weight name -> lazily read tensor, tokenizer metadata)."""
-    arch = _meta(g, "general.architecture", str)
-    if arch not in SUPPORTED_ARCHS:
-        raise _fail(g.path, f"architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})",
-                    "use a model of a supported architecture")
-    num = (int, float)
-    hidden = _meta(g, f"{arch}.embedding_length", int)
-    heads = _meta(g, f"{arch}.attention.head_count", int)
-    kv_heads = _meta(g, f"{arch}.attention.head_count_kv", int, heads)
-    layers = _meta(g, f"{arch}.block_count", int)
-    if min(hidden, heads, kv_heads, layers) <= 0 or heads % kv_heads or hidden % heads:
-        raise _fail(g.path, f"inconsistent geometry: hidden {hidden}, heads {heads}, kv heads {kv_heads}, "
-                    f"layers {layers}")
-    head_dim = _meta(g, f"{arch}.attention.key_length", int, hidden // heads)
-    rope_dim = _meta(g, f"{arch}.rope.dimension_count", int, head_dim)
-    if rope_dim != head_dim:
-        raise _fail(g.path, f"partial rotary embedding ({rope_dim} of {head_dim} dims) is not supported",
-                    "use a model with full rotary embeddings")
-    scaling = _meta(g, f"{arch}.rope.scaling.type", str, "none")
-    if scaling != "none" or "rope_freqs.weight" in g.tensors:
-        raise _fail(g.path, "rope scaling (rope.scaling.type or rope_freqs.weight) is not supported yet",
-                    "use a model without rope scaling")
-    tokens = g.metadata.get("tokenizer.ggml.tokens")
-    embd = g.tensors.get("token_embd.weight")
-    vocab = _meta(g, f"{arch}.vocab_size", int, len(tokens) if isinstance(tokens, list)
-                  else embd.shape[0] if embd is not None else 0)
-    check_geometry(g.path, arch, GeometryClaims(
-        layers, hidden, heads, kv_heads, head_dim, _meta(g, f"{arch}.feed_forward_length", int), vocab,
-        _meta(g, f"{arch}.context_length", int), float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", num)),
-        float(_meta(g, f"{arch}.rope.freq_base", num, 10000.0))), len(g.tensors), block_ids(g.tensors))
-    check_weight_types(g.path, {name: t.ggml_type for name, t in g.tensors.items()})
-    config = {
-        "model_type": arch, "architectures": [_HF_CLASS[arch]],
-        "hidden_size": hidden,
-        "intermediate_size": _meta(g, f"{arch}.feed_forward_length", int),
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "head_dim": head_dim, "hidden_act": "silu",
-        "rms_norm_eps": float(_meta(g, f"{arch}.attention.layer_norm_rms_epsilon", num)),
-        "rope_theta": float(_meta(g, f"{arch}.rope.freq_base", num, 10000.0)),
-        "max_position_embeddings": _meta(g, f"{arch}.context_length", int),
-        "vocab_size": vocab,
-        "tie_word_embeddings": "output.weight" not in g.tensors,
-        "attention_bias": "blk.0.attn_q.bias" in g.tensors,
-        "bos_token_id": _meta(g, "tokenizer.ggml.bos_token_id", int, None),
-        "eos_token_id": _meta(g, "tokenizer.ggml.eos_token_id", int, None),
-        "pad_token_id": _meta(g, "tokenizer.ggml.padding_token_id", int, None),
-        "torch_dtype": "float32",
-    }
-    q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
-    ffn = config["intermediate_size"]
-    expected = {  # HF name stem -> numpy shape of its weight (bias: the first entry)
-        "model.embed_tokens": (vocab, hidden), "model.norm": (hidden,), "lm_head": (vocab, hidden),
-        "input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
-        "self_attn.q_proj": (q_rows, hidden), "self_attn.k_proj": (kv_rows, hidden),
-        "self_attn.v_proj": (kv_rows, hidden), "self_attn.o_proj": (hidden, q_rows),
-        "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden), "mlp.down_proj": (hidden, ffn),
-    }
-
-    weights: dict[str, GGUFTensor | np.ndarray] = {}
-    unknown = []
-    for name, t in g.tensors.items():
-        parts = name.split(".")
-        stem, suffix = ".".join(parts[:-1]), parts[-1]
-        layer = None
-        if stem in _TOP:
-            hf_stem = _TOP[stem]
-        elif (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK
-              and int(parts[1]) < layers):
-            layer, hf_stem = int(parts[1]), _BLOCK[parts[2]]
-        else:
-            unknown.append(name)
-            continue
-        if suffix not in ("weight", "bias"):
-            unknown.append(name)
-            continue
-        want = expected[hf_stem] if suffix == "weight" else expected[hf_stem][:1]
-        if t.shape != want:
-            raise _fail(g.path, f"tensor '{name}' has shape {t.shape}, expected {want} from the metadata")
-        if arch == "llama" and hf_stem in ("self_attn.q_proj", "self_attn.k_proj"):
-            n = heads if hf_stem == "self_attn.q_proj" else kv_heads
-            t = t.with_row_order(unpermute_rows(t.shape[0], n))
-        prefix = "" if layer is None else f"model.layers.{layer}."
-        weights[f"{prefix}{hf_stem}.{suffix}"] = t
-    if unknown:
-        raise _fail(g.path, f"unexpected tensors for architecture '{arch}': {', '.join(unknown[:8])}",
-                    "this variant is not supported")
-    required = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.{i}.{stem}.weight" for i in range(layers) for stem in _BLOCK.values()]
-    if arch == "qwen2":
-        required += [f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(layers) for p in "qkv"]
-    missing = [n for n in required if n not in weights]
-    if missing:
-        raise _fail(g.path, f"missing tensors: {', '.join(missing[:8])}", "the file is incomplete: convert it again")
-    tokenizer = {k: v for k, v in g.metadata.items() if k.startswith("tokenizer.")}
-    return config, weights, tokenizer
+    return to_hf(g)

@@ -29,7 +29,7 @@ MAX_FFN = 1 << 20
 MAX_VOCAB = 1 << 22  # 4M tokens
 MIN_CONTEXT = 16  # below this a chat template alone does not fit
 MAX_CONTEXT = 1 << 24  # 16M positions
-TENSORS_PER_LAYER = 9  # attn_norm, q, k, v, output, ffn_norm, gate, up, down
+TENSORS_PER_LAYER = 6  # the leanest family (phi3: attn_norm, fused qkv, output, ffn_norm, fused gate+up, down)
 _ADVICE = "the file is damaged or not a model this reader supports: download or convert it again"
 
 

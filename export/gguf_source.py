@@ -21,12 +21,18 @@ class GGUFWeights:
         return set(self._tensors)
 
     def get(self, name: str) -> np.ndarray:
+        t = self._tensors[name]  # a GGUFTensor or a view of one (gguf_arch: Shifted, _Concat)
+        return t.dequantize() if hasattr(t, "dequantize") else np.asarray(t, dtype=np.float32)
+
+    def source_type(self, name: str) -> str:
+        """The ggml type of a weight ("Q4_K"; "Q4_K+Q6_K" when stacked from several tensors)."""
         t = self._tensors[name]
-        return t.dequantize() if isinstance(t, GGUFTensor) else np.asarray(t, dtype=np.float32)
+        parts = getattr(t, "parts", None) or (getattr(t, "tensor", t),)
+        return "+".join(sorted({getattr(p, "ggml_type", "F32") for p in parts}))
 
     def blocks(self, name: str):
         t = self._tensors[name]
-        return t.blocks() if isinstance(t, GGUFTensor) and len(t.shape) == 2 else None
+        return t.blocks() if hasattr(t, "blocks") and len(t.shape) == 2 else None
 
 
 def gguf_source(path: Path) -> tuple[dict, GGUFWeights, dict]:

@@ -99,6 +99,7 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], max_length:
 
     rope_caches = {}
     if spec.rope is not None:
+        _check_rotary_dim(spec)
         cos, sin = cos_sin_cache(spec.rope, max_length)
         rope_caches["full"] = (b.weight("cos_cache", cos), b.weight("sin_cache", sin))
         if spec.local_rope is not None:
@@ -151,6 +152,17 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], max_length:
     model.ir_version = 10
     io = GraphIO(tuple(i.name for i in inputs), tuple(o.name for o in outputs))
     return model, io
+
+
+def _check_rotary_dim(spec: DecoderSpec) -> None:
+    """GroupQueryAttention rotates the first rotary_dim values of each head (partial rotary
+    when rotary_dim < head_dim), and its kernels need rotary_dim / 2 to be a multiple of 8."""
+    dim = spec.rope.rotary_dim
+    if dim > spec.head_dim or dim % 16:
+        from edge_infer.runtime.errors import ModelFileError
+
+        raise ModelFileError(f"rotary dimension {dim} (head dim {spec.head_dim}) is not supported: onnxruntime's "
+                             "GroupQueryAttention needs a multiple of 16 no larger than the head dim")
 
 
 def _norm(b: _Builder, spec: DecoderSpec, weights, key: str, x: str, name: str) -> str:

@@ -87,10 +87,11 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     kv_mib = 2 * spec.num_layers * spec.num_kv_heads * max_length * spec.head_dim * (2 if options.quant == "fp16" else 4)
     progress.note(f"max_length {max_length} (model context {spec.max_position_embeddings}): "
                   f"KV cache {kv_mib / 2**20:.0f} MiB per sequence")
-    weights, blocks = {}, {}
+    weights, blocks, recipe = {}, {}, {}
     if route == "direct":
         progress.stage("loading weights")
-        weights, blocks = materialize(arch.recipe(spec, source.config), source.weights)
+        recipe = arch.recipe(spec, source.config)
+        weights, blocks = materialize(recipe, source.weights)
 
     with atomic_folder(out, options.force) as tmp:
         if route == "direct":
@@ -105,6 +106,15 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         if options.quant in ("int8", "int4"):
             reference = model
             model, quant_info = _quantize(model, spec, blocks, options, progress)
+        if source.kind == "gguf":
+            from edge_infer.export.gguf_report import import_report, summary_lines
+
+            float_kept = {n for n, o in (("embed.weight", options.embeddings), ("lm_head.weight", options.lm_head))
+                          if o == "fp"}
+            quant_info["gguf_tensors"] = import_report(recipe, source.weights, set(quant_info.pop("_kept", ())),
+                                                       options.quant, float_kept)
+            for line in summary_lines(quant_info["gguf_tensors"]):
+                progress.note(f"GGUF {line}")
         progress.stage("writing model")
         save_graph(model, tmp)
         del model
@@ -191,6 +201,7 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
         info["mixed_source_types"] = mixed
         progress.note(f"{len(mixed)} fused weights combine source tensors of different quantization types; "
                       "they are quantized once from the exact float weights")
+    info["_kept"] = sorted(pre)  # read by gguf_report, not written to the manifest
     if pre:
         info["source_blocks"] = f"{len(pre)} weights kept their source quantization where bits and block size matched"
     return q, info
@@ -221,6 +232,8 @@ def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,
         if not (exact_split or (target and ql.bits > target and gguf_import != "requantize")):
             continue
         split = split_minimum(ql)
+        if split is not None and not exact_split and ql.block_size != block_size:
+            continue  # a minimum per block is added back at the export's block size only: round once instead
         if split is not None:
             keep = gguf_import == "exact" or (gguf_import == "mixed" and canonical.endswith(MLP_WEIGHTS))
             if canonical in names or not keep:  # (the embedding gather has no residual branch)

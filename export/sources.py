@@ -108,7 +108,7 @@ def _open_gguf(path: Path) -> Source:
 
     config, weights, meta = gguf_source(path)
     tokenizer, info = tokenizer_from_gguf(meta)
-    eos = tuple(i for i in (info.eos_id,) if i is not None)
+    eos = info.end_ids or tuple(i for i in (info.eos_id,) if i is not None)
     config = dict(config)
     config.setdefault("eos_token_id", info.eos_id)
     config.setdefault("bos_token_id", info.bos_id)

@@ -88,8 +88,20 @@ def _against_source(graph: Path, source: Source, spec: DecoderSpec, prompts, pro
     import torch
 
     if source.kind == "gguf":
-        hf = AutoModelForCausalLM.from_pretrained(str(source.path.parent), gguf_file=source.path.name,
-                                                  torch_dtype=torch.float32)
+        from edge_infer.export.gguf_arch import transformers_overrides
+
+        overrides, why_not = transformers_overrides(source.config)
+        if why_not:
+            progress.note(f"source comparison skipped: {why_not}")
+            return {"source_comparison": f"skipped: {why_not}"}
+        from transformers import AutoConfig
+
+        where = dict(pretrained_model_name_or_path=str(source.path.parent), gguf_file=source.path.name)
+        config = AutoConfig.from_pretrained(**where)
+        for key, value in overrides.items():  # set after the class's __init__: a field it lacks is kept aside
+            setattr(config, key, value)
+        hf = AutoModelForCausalLM.from_pretrained(**where, config=config, torch_dtype=torch.float32,
+                                                  attn_implementation="eager")  # sdpa drops Gemma's soft-cap
     else:
         hf = AutoModelForCausalLM.from_pretrained(str(source.path), torch_dtype=torch.float32,
                                                   attn_implementation="eager")

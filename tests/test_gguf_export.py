@@ -15,6 +15,9 @@ RNG = np.random.default_rng(1)
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 96, 2
 
 
+from gguf_convert import F16_FIELDS  # noqa: E402  (byte offsets of each block's f16 scales)
+
+
 def kquant_bytes(shape, qtype: QT) -> np.ndarray:
     """Random but valid K-quant blocks (gguf cannot quantize to K-quants): random bytes, small f16 scales."""
     from gguf.constants import GGML_QUANT_SIZES
@@ -22,7 +25,7 @@ def kquant_bytes(shape, qtype: QT) -> np.ndarray:
     block, size = GGML_QUANT_SIZES[qtype]
     n, k = shape
     raw = RNG.integers(0, 256, (n, k // block, size), dtype=np.uint8)
-    for pos in ([0, 2] if qtype == QT.Q4_K else [208]):
+    for pos in F16_FIELDS[qtype]:
         scales = RNG.uniform(0.0005, 0.004, (n, k // block)).astype(np.float16)
         raw[..., pos:pos + 2] = scales.view(np.uint8).reshape(n, k // block, 2)
     return raw.reshape(n, -1)
@@ -63,7 +66,7 @@ def write_llama_gguf(path, types: dict[str, QT], hidden=64, ffn=96):
     for name, shape in shapes.items():
         data = RNG.normal(0, 0.3, shape).astype(np.float32) if len(shape) == 2 else RNG.uniform(0.5, 1.5, shape).astype(np.float32)
         qtype = QT.F32 if len(shape) == 1 else types.get(name.split(".")[-2], QT.Q4_1)
-        if qtype in (QT.Q4_K, QT.Q6_K):
+        if qtype in F16_FIELDS:
             w.add_tensor(name, kquant_bytes(shape, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)

@@ -303,7 +303,9 @@ def test_gguf_to_hf_maps_a_tiny_qwen2(tmp_path):
 
 
 def test_gguf_to_hf_refuses_unknown_arch_and_tensors(tmp_path):
-    with pytest.raises(ModelFileError, match=r"architecture 'tiny' is not supported \(supported: llama, qwen2\)"):
+    with pytest.raises(ModelFileError, match=r"architecture 'tiny' is not supported from GGUF \(supported: llama, "
+                       r"qwen2, qwen3, phi3, gemma2, gemma3, gpt2\); a Hugging Face folder of the same model may export "
+                       r"through the optimum route"):
         write_tiny(tmp_path / "t.gguf")
         gguf_to_hf(read_gguf(tmp_path / "t.gguf"))
     g = tiny_llama(tmp_path, extra={"blk.0.attn_q_norm.weight": (16,)})

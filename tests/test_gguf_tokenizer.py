@@ -113,7 +113,7 @@ def test_bos_added_once_only_when_asked():
 @pytest.mark.parametrize("overrides, message", [
     ({"tokenizer.ggml.pre": "mystery"}, "pre-tokenizer 'mystery' (tokenizer.ggml.pre) is not supported; supported: "
                                         + ", ".join(sorted(PRE_TOKENIZERS))),
-    ({"tokenizer.ggml.model": "llama"}, "tokenizer model 'llama' is not supported yet"),
+    ({"tokenizer.ggml.model": "bert"}, "tokenizer model 'bert' is not supported (supported: 'gpt2'"),
     ({"tokenizer.ggml.model": None}, "'tokenizer.ggml.model' is NoneType, expected str"),
     ({"tokenizer.ggml.merges": ["h e", "hel"]}, "merge 1 ('hel') is not two tokens separated by one space"),
     ({"tokenizer.ggml.merges": ["h zz"]}, "the BPE merges do not fit the vocabulary"),

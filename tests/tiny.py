@@ -37,26 +37,30 @@ def make_config(kind: str, vocab: int, **over):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   bos_token_id=0, eos_token_id=2, pad_token_id=0)
     common.update(over)
+
+    def make(cls, **family):  # the test's overrides win over the family defaults
+        return cls(**{**common, **family, **over})
+
     if kind == "llama":
-        return transformers.LlamaConfig(**common, rope_scaling={
+        return make(transformers.LlamaConfig, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64})
     if kind == "mistral":
-        return transformers.MistralConfig(**common, sliding_window=7)
+        return make(transformers.MistralConfig, sliding_window=7)
     if kind == "qwen2":
-        return transformers.Qwen2Config(**common)
+        return make(transformers.Qwen2Config)
     if kind == "qwen3":
-        return transformers.Qwen3Config(**common, head_dim=16)
+        return make(transformers.Qwen3Config, head_dim=16)
     if kind == "phi3":
-        return transformers.Phi3Config(**common)
+        return make(transformers.Phi3Config)
     if kind == "gemma2":
-        return transformers.Gemma2Config(**common, head_dim=16, sliding_window=7, query_pre_attn_scalar=16,
-                                         attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+        return make(transformers.Gemma2Config, head_dim=16, sliding_window=7, query_pre_attn_scalar=16,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
     if kind == "gemma3_text":
-        return transformers.Gemma3TextConfig(**common, head_dim=16, sliding_window=7, query_pre_attn_scalar=16,
-                                             rope_scaling={"rope_type": "linear", "factor": 2.0})
+        return make(transformers.Gemma3TextConfig, head_dim=16, sliding_window=7, query_pre_attn_scalar=16,
+                    rope_scaling={"rope_type": "linear", "factor": 2.0})
     if kind == "stablelm":  # no direct builder: exported through optimum-onnx
-        return transformers.StableLmConfig(**common)
+        return make(transformers.StableLmConfig)
     if kind == "gpt2":
         return transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                        bos_token_id=0, eos_token_id=2)

@@ -11,7 +11,8 @@ import numpy as np
 from edge_infer.export.spec import RopeSpec
 from edge_infer.runtime.errors import ModelFileError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# "factors" is not a Hugging Face type: it carries a GGUF's rope_freqs.weight (see export/rope.py).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "factors")
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,9 @@ def eos_ids(config: dict) -> tuple[int, ...]:
 
 
 def rope_of(config: dict, head_dim: int, theta_key: str = "rope_theta", default_theta: float = 10000.0) -> RopeSpec:
-    scaling = config.get("rope_scaling") or {}
+    scaling = dict(config.get("rope_scaling") or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    rope_type = "longrope" if rope_type == "su" else rope_type  # Phi-3's early name
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelFileError(
             f"config.json: rope_scaling type '{rope_type}' is not supported yet "
@@ -62,10 +64,50 @@ def rope_of(config: dict, head_dim: int, theta_key: str = "rope_theta", default_
         )
     factor = float(config.get("partial_rotary_factor", 1.0) or 1.0)
     rotary_dim = int(head_dim * factor)
-    items = tuple(sorted((k, v) for k, v in scaling.items() if k != "type")) if rope_type != "default" else ()
+    items: dict = {}
     if rope_type != "default":
-        items = tuple(sorted(dict(items, rope_type=rope_type).items()))
-    return RopeSpec(theta=float(config.get(theta_key) or default_theta), rotary_dim=rotary_dim, scaling=items)
+        items = {k: tuple(v) if isinstance(v, list) else v for k, v in scaling.items() if k != "type"}
+        items["rope_type"] = rope_type
+    if rope_type == "yarn":
+        items.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
+        items["attention_factor"] = _yarn_attention_factor(items)
+    elif rope_type == "longrope":
+        items.update(_longrope_fields(config, items, rotary_dim))
+    elif rope_type == "factors" and len(items.get("factors", ())) != rotary_dim // 2:
+        raise ModelFileError(f"rope frequency factors: {len(items.get('factors', ()))} values for a rotary "
+                             f"dimension of {rotary_dim} (expected {rotary_dim // 2})")
+    return RopeSpec(theta=float(config.get(theta_key) or default_theta), rotary_dim=rotary_dim,
+                    scaling=tuple(sorted(items.items())))
+
+
+def _yarn_attention_factor(s: dict) -> float:
+    """YaRN's cos/sin multiplier as transformers infers it: 0.1 ln(factor) + 1 (mscale variants too)."""
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = float(s["factor"])
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(factor, float(s["mscale"])) / mscale(factor, float(s["mscale_all_dim"]))
+    return mscale(factor)
+
+
+def _longrope_fields(config: dict, s: dict, rotary_dim: int) -> dict:
+    """LongRoPE: the original context and the cos/sin multiplier (Phi-3.5 / Phi-4-mini)."""
+    for key in ("long_factor", "short_factor"):
+        if len(s.get(key) or ()) != rotary_dim // 2:
+            raise ModelFileError(f"config.json: rope_scaling.{key} must hold {rotary_dim // 2} values "
+                                 f"(half the rotary dimension {rotary_dim})")
+    maximum = float(need(config, "max_position_embeddings"))
+    original = config.get("original_max_position_embeddings") or s.get("original_max_position_embeddings")
+    factor = maximum / float(original) if original else float(s.get("factor") or 1.0)
+    original = float(original or maximum)
+    attn = s.get("attention_factor")
+    if attn is None:
+        attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"original_max_position_embeddings": int(original), "attention_factor": float(attn)}
 
 
 def layer_types_of(config: dict, n_layers: int) -> tuple[str, ...]:
