@@ -31,7 +31,8 @@ class Outcome:
 def parse(kind: str, path: str) -> None:
     """What `export`, `run` and `inspect` do first with a file of this kind."""
     if kind == "gguf":
-        from edge_infer.export.gguf_file import SUPPORTED_ARCHS, gguf_to_hf, read_gguf
+        from edge_infer.export.gguf_arch import SUPPORTED_ARCHS
+        from edge_infer.export.gguf_file import gguf_to_hf, read_gguf
 
         g = read_gguf(path)
         if g.metadata.get("general.architecture") in SUPPORTED_ARCHS:
