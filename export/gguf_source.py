@@ -6,6 +6,7 @@ place them into MatMulNBits without dequantizing and re-rounding.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,27 @@ class GGUFWeights:
 
     def get(self, name: str) -> np.ndarray:
         t = self._tensors[name]
-        return t.dequantize() if isinstance(t, GGUFTensor) else np.asarray(t, dtype=np.float32)
+        if not isinstance(t, GGUFTensor):
+            return np.asarray(t, dtype=np.float32)
+        out = t.dequantize()
+        _release(t)
+        return out
 
     def blocks(self, name: str):
         t = self._tensors[name]
-        return t.blocks() if isinstance(t, GGUFTensor) and len(t.shape) == 2 else None
+        if not (isinstance(t, GGUFTensor) and len(t.shape) == 2):
+            return None
+        out = t.blocks()
+        _release(t)
+        return out
+
+
+def _release(t: GGUFTensor) -> None:
+    """Unmap the file's pages once a tensor is read (they stay in the page cache): touched pages of
+    a map count in the process's RSS, so a big file read tensor by tensor would end up resident."""
+    m = getattr(t.raw, "_mmap", None)
+    if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
 
 
 def gguf_source(path: Path) -> tuple[dict, GGUFWeights, dict]:

@@ -16,7 +16,7 @@ import onnx
 
 from edge_infer.export.arch import load_arch
 from edge_infer.export.atomic import atomic_folder, check_target
-from edge_infer.export.checkpoint import materialize
+from edge_infer.export.checkpoint import LazyWeights
 from edge_infer.export.graph import GraphIO, build_decoder
 from edge_infer.export.progress import Progress
 from edge_infer.export.sources import Source, open_source
@@ -28,6 +28,7 @@ QUANTS = ("fp32", "fp16", "int8", "int4")
 DEFAULT_MAX_LENGTH = 4096
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+FLOAT_GRAPH = "float.onnx"  # the float graph of an int8/int4 export, beside it until the folder is finished
 VERSION = "0.1.0"
 # How GGUF blocks with a minimum per block (Q4_1, Q4_K) are imported; measured on the default
 # model (perplexity vs fp32 / decode speed vs exact, benchmarks/QUALITY.md and RESULTS.md):
@@ -87,26 +88,20 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     kv_mib = 2 * spec.num_layers * spec.num_kv_heads * max_length * spec.head_dim * (2 if options.quant == "fp16" else 4)
     progress.note(f"max_length {max_length} (model context {spec.max_position_embeddings}): "
                   f"KV cache {kv_mib / 2**20:.0f} MiB per sequence")
-    weights, blocks = {}, {}
-    if route == "direct":
-        progress.stage("loading weights")
-        weights, blocks = materialize(arch.recipe(spec, source.config), source.weights)
-
     with atomic_folder(out, options.force) as tmp:
         if route == "direct":
-            progress.stage("building graph")
-            model, io = build_decoder(spec, weights, max_length, dtype="fp16" if options.quant == "fp16" else "fp32")
+            model, io, quant_info, reference = _build_streamed(arch, spec, source, max_length, options, tmp, progress)
         else:
             model = optimum_route.export_graph(source.path, options.quant, progress)
             io = GraphIO(tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}),
                          tuple(o.name for o in model.graph.output))
-        quant_info: dict[str, Any] = {"scheme": options.quant}
-        reference = None
-        if options.quant in ("int8", "int4"):
-            reference = model
-            model, quant_info = _quantize(model, spec, blocks, options, progress)
-        progress.stage("writing model")
-        save_graph(model, tmp)
+            quant_info: dict[str, Any] = {"scheme": options.quant}
+            reference = None
+            if options.quant in ("int8", "int4"):
+                reference = model
+                model, quant_info = _quantize(model, spec, {}, options, progress)
+            progress.stage("writing model")
+            save_graph(model, tmp)
         del model
         _write_tokenizer(source, tmp)
         validation = {}
@@ -114,7 +109,8 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             from edge_infer.export.validate import validate_export
 
             validation = validate_export(tmp, source, spec, reference, max_length, progress)
-        del reference, weights
+        del reference
+        _remove_float_graph(tmp)
         progress.stage("writing manifest")
         body = _manifest_body(spec, source, io, options, quant_info, max_length, validation)
         body["graph"]["route"] = route
@@ -150,8 +146,54 @@ def resolve_max_length(spec: DecoderSpec, requested: int | None) -> int:
     return requested
 
 
-def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: ExportOptions,
-              progress: Progress) -> tuple[onnx.ModelProto, dict]:
+def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, options: ExportOptions,
+                    tmp: Path, progress: Progress) -> tuple[onnx.ModelProto, GraphIO, dict, Path | None]:
+    """Build (and quantize) the direct route's graph one tensor at a time, straight into `tmp`.
+
+    Weights are read from the memory-mapped source when the builder asks for them and go to
+    the external-data file at once; the protobuf keeps offsets only. An int8/int4 export first
+    writes the float graph beside the model (FLOAT_GRAPH, removed before the folder is
+    finished), then quantizes it tensor by tensor from that file into the model's data file;
+    the float graph is also validation's reference. Returns (graph proto, io, quantization
+    record, path of the float reference graph or None).
+    """
+    from edge_infer.quantize.external import DataFile, save_streamed
+
+    quantized = options.quant in ("int8", "int4")
+    weights = LazyWeights(arch.recipe(spec, source.config), source.weights)
+    graph_file = FLOAT_GRAPH if quantized else GRAPH_FILE
+    progress.stage("building graph (weights streamed to disk)")
+    data = DataFile(tmp / (graph_file + ".data"))
+    try:
+        model, io = build_decoder(spec, weights, max_length, dtype="fp16" if options.quant == "fp16" else "fp32",
+                                  store=data)
+        save_streamed(model, tmp / graph_file, data)
+    finally:
+        data.close()
+    if not quantized:
+        return model, io, {"scheme": options.quant}, None
+    pre = _LazySourceBlocks(weights, 4 if options.quant == "int4" else 8, options)
+    out = DataFile(tmp / DATA_FILE)
+    try:
+        q, info = _quantize(model, spec, pre, options, progress, folder=tmp, sink=out)
+        del model
+        progress.stage("writing model")
+        save_streamed(q, tmp / GRAPH_FILE, out, tmp)
+    finally:
+        out.close()
+    return q, io, info, tmp / FLOAT_GRAPH
+
+
+def _remove_float_graph(folder: Path) -> None:
+    for name in (FLOAT_GRAPH, FLOAT_GRAPH + ".data"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: ExportOptions,
+              progress: Progress, folder: Path | None = None, sink=None) -> tuple[onnx.ModelProto, dict]:
+    """Quantize `model`; `blocks` is a dict of source blocks (canonical name -> blocks) or a
+    `_LazySourceBlocks`. With `folder` and `sink` (a quantize.external.DataFile), float weights
+    are read from their external data in `folder` and new tensors go to `sink` one by one."""
     from edge_infer.quantize.rewrite import QuantConfig, quantize_graph, quantize_summary
 
     bits = 4 if options.quant == "int4" else 8
@@ -160,12 +202,24 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
                          lm_head=options.lm_head, method=options.rounding)
     config.validate()
     embed_bits = {"int8": 8, "int4": 4}.get(config.embeddings_choice(), 0)
-    pre, minimums = _source_blocks(blocks, bits, embed_bits, options.block_size, options.gguf_import)
+    if isinstance(blocks, _LazySourceBlocks):
+        pre, minimums = blocks, blocks.minimums
+        blocks.embed_bits = embed_bits
+    else:
+        pre, minimums = _source_blocks(blocks, bits, embed_bits, options.block_size, options.gguf_import)
     progress.stage(f"quantizing to {options.quant} (block {options.block_size}, "
                    f"{'symmetric' if options.symmetric else 'asymmetric'})")
     bar = progress.bar("quantize", total=None)
-    q = quantize_graph(model, config, prequantized=pre or None, progress=bar.update)
+    stream = {}
+    if folder is not None:
+        from edge_infer.quantize.external import read_tensor
+
+        stream = dict(loader=lambda t: read_tensor(t, folder), sink=lambda t: sink.move(t, folder))
+    q = quantize_graph(model, config, prequantized=pre or None, progress=bar.update, **stream)
     bar.close()
+    n_pre = len(pre)
+    if isinstance(blocks, _LazySourceBlocks):
+        blocks = blocks.seen
     if minimums:
         from edge_infer.quantize.block_offsets import add_block_offsets
 
@@ -186,9 +240,47 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
         info["mixed_source_types"] = mixed
         progress.note(f"{len(mixed)} fused weights combine source tensors of different quantization types; "
                       "they are quantized once from the exact float weights")
-    if pre:
-        info["source_blocks"] = f"{len(pre)} weights kept their source quantization where bits and block size matched"
+    if n_pre:
+        info["source_blocks"] = f"{n_pre} weights kept their source quantization where bits and block size matched"
     return q, info
+
+
+class _LazySourceBlocks:
+    """The GGUF blocks the rewrite may use, computed per weight when the rewrite asks for it
+    (`get`), so the blocks of the whole model are never in memory together. Fills `minimums`
+    (residuals for quantize.block_offsets) and `seen` (canonical name -> source blocks, or None
+    for mixed types, with the arrays dropped) as it goes, for the quantization record."""
+
+    def __init__(self, weights: LazyWeights, bits: int, options: ExportOptions):
+        self.weights, self.bits, self.options = weights, bits, options
+        self.embed_bits = 8
+        self.minimums: dict[str, np.ndarray] = {}
+        self.seen: dict[str, object] = {}
+        self.used = 0
+        names = {"model.embed_tokens.weight": "embed.weight", "lm_head.weight": "lm_head.weight"}
+        self._canonical = {**{f"model.{c}": c for c in weights}, **names}
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self.used
+
+    def get(self, name: str, default=None):
+        canonical = self._canonical.get(name)
+        if canonical is None or canonical not in self.weights:
+            return default
+        found, b = self.weights.blocks(canonical)
+        if not found:
+            return default
+        self.seen[canonical] = None if b is None else True
+        if b is None:
+            return default
+        o = self.options
+        pre, minimums = _source_blocks({canonical: b}, self.bits, self.embed_bits, o.block_size, o.gguf_import)
+        self.minimums.update(minimums)
+        self.used += len(pre)
+        return pre.get(name, default)
 
 
 def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,

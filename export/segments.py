@@ -1,0 +1,111 @@
+"""Run a big graph a segment at a time, so its weights never sit in memory together.
+
+Validation compares an int8/int4 export against the float graph of the same weights. At 1B
+parameters that float graph is 4.3 GB: an onnxruntime session over it holds all of it (and a
+memory map of its external data counts in RSS just the same). Instead the graph's nodes, in
+their topological order, are cut into consecutive segments of at most `max_bytes` of weights;
+each segment becomes a small model whose inputs are the graph inputs and earlier values it
+reads and whose outputs are the values later segments (or the graph's outputs) need. The
+segments run one after another on every prompt, each session freed before the next is made,
+and the values between them are a few hidden states per prompt. The logits equal the whole
+graph's up to onnxruntime's float rounding (the same kernels, fused per segment instead of
+across the whole graph).
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+DEFAULT_MAX_BYTES = 256 << 20
+
+
+def _nbytes(t: TensorProto) -> int:
+    count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+    return count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def plan_segments(graph: onnx.GraphProto, max_bytes: int = DEFAULT_MAX_BYTES) -> list[list[onnx.NodeProto]]:
+    """Consecutive runs of nodes whose initializers add up to at most `max_bytes` (a single node
+    with more weights than that gets a segment of its own)."""
+    sizes = {t.name: _nbytes(t) for t in graph.initializer}
+    segments: list[list[onnx.NodeProto]] = [[]]
+    held: set[str] = set()
+    total = 0
+    for node in graph.node:
+        new = {n for n in node.input if n in sizes and n not in held}
+        extra = sum(sizes[n] for n in new)
+        if segments[-1] and total + extra > max_bytes:
+            segments.append([])
+            held, total = set(), 0
+            new = {n for n in node.input if n in sizes}
+            extra = sum(sizes[n] for n in new)
+        segments[-1].append(node)
+        held |= new
+        total += extra
+    return segments
+
+
+def run_segmented(graph_path: Path, feeds: list[dict[str, np.ndarray]], outputs: list[str],
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[list[np.ndarray]], int]:
+    """`outputs` of the graph at `graph_path` (external data beside it) for each feed, computed
+    segment by segment; returns (per feed, the output arrays in order) and the segment count."""
+    model = onnx.load(str(graph_path), load_external_data=False)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name: i for i in graph.input}
+    segments = plan_segments(graph, max_bytes)
+    # Which segment reads each value last, so values are dropped once no later segment needs them.
+    last_use: dict[str, int] = {name: len(segments) for name in outputs}
+    for k, nodes in enumerate(segments):
+        for node in nodes:
+            for name in node.input:
+                if name and name not in inits:
+                    last_use[name] = max(last_use.get(name, -1), k)
+    values = [dict(f) for f in feeds]
+    path = graph_path.parent / f".segment-{graph_path.stem}.onnx"
+    try:
+        for k, nodes in enumerate(segments):
+            produced = {o for node in nodes for o in node.output if o}
+            needed = [n for node in nodes for n in node.input if n and n not in inits and n not in produced]
+            needed = list(dict.fromkeys(needed))
+            wanted = [o for node in nodes for o in node.output if o and last_use.get(o, -1) > k]
+            inputs = [graph_inputs[n] if n in graph_inputs else
+                      helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(values[0][n].dtype), None)
+                      for n in needed]
+            out_info = []
+            for o in wanted:
+                vi = onnx.ValueInfoProto()
+                vi.name = o
+                out_info.append(vi)
+            used = {n for node in nodes for n in node.input}
+            sub = helper.make_graph(nodes, f"segment_{k}", inputs, out_info,
+                                    initializer=[inits[n] for n in inits if n in used])
+            sub_model = helper.make_model(sub, opset_imports=list(model.opset_import), producer_name="edge-infer")
+            sub_model.ir_version = model.ir_version
+            onnx.save_model(sub_model, str(path))  # external data resolves beside it, as for the graph
+            del sub_model, sub
+            session = _light_session(str(path))
+            for v in values:
+                v.update(zip(wanted, session.run(wanted, {n: v[n] for n in needed})))
+                for name in [n for n in v if last_use.get(n, -1) <= k and n not in outputs]:
+                    del v[name]
+            del session
+            gc.collect()
+    finally:
+        path.unlink(missing_ok=True)
+    return [[v[o] for o in outputs] for v in values], len(segments)
+
+
+def _light_session(path: str) -> ort.InferenceSession:
+    """A session run a few times on little input: no weight prepacking, basic graph optimizations."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
