@@ -22,6 +22,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from edge_infer.quantize.external import read_tensor
+
 DEFAULT_MAX_BYTES = 256 << 20
 
 
@@ -68,44 +70,45 @@ def run_segmented(graph_path: Path, feeds: list[dict[str, np.ndarray]], outputs:
                 if name and name not in inits:
                     last_use[name] = max(last_use.get(name, -1), k)
     values = [dict(f) for f in feeds]
-    path = graph_path.parent / f".segment-{graph_path.stem}.onnx"
-    try:
-        for k, nodes in enumerate(segments):
-            produced = {o for node in nodes for o in node.output if o}
-            needed = [n for node in nodes for n in node.input if n and n not in inits and n not in produced]
-            needed = list(dict.fromkeys(needed))
-            wanted = [o for node in nodes for o in node.output if o and last_use.get(o, -1) > k]
-            inputs = [graph_inputs[n] if n in graph_inputs else
-                      helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(values[0][n].dtype), None)
-                      for n in needed]
-            out_info = []
-            for o in wanted:
-                vi = onnx.ValueInfoProto()
-                vi.name = o
-                out_info.append(vi)
-            used = {n for node in nodes for n in node.input}
-            sub = helper.make_graph(nodes, f"segment_{k}", inputs, out_info,
-                                    initializer=[inits[n] for n in inits if n in used])
-            sub_model = helper.make_model(sub, opset_imports=list(model.opset_import), producer_name="edge-infer")
-            sub_model.ir_version = model.ir_version
-            onnx.save_model(sub_model, str(path))  # external data resolves beside it, as for the graph
-            del sub_model, sub
-            session = _light_session(str(path))
-            for v in values:
-                v.update(zip(wanted, session.run(wanted, {n: v[n] for n in needed})))
-                for name in [n for n in v if last_use.get(n, -1) <= k and n not in outputs]:
-                    del v[name]
-            del session
-            gc.collect()
-    finally:
-        path.unlink(missing_ok=True)
+    folder = graph_path.parent
+    for k, nodes in enumerate(segments):
+        produced = {o for node in nodes for o in node.output if o}
+        needed = [n for node in nodes for n in node.input if n and n not in inits and n not in produced]
+        needed = list(dict.fromkeys(needed))
+        wanted = [o for node in nodes for o in node.output if o and last_use.get(o, -1) > k]
+        inputs = [graph_inputs[n] if n in graph_inputs else
+                  helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(values[0][n].dtype), None)
+                  for n in needed]
+        used = [n for n in dict.fromkeys(n for node in nodes for n in node.input) if n in inits]
+        # Weights stored outside the protobuf become inputs fed from arrays read for this segment
+        # only: nothing is written next to the graph, and onnxruntime uses the arrays as they are.
+        external = [n for n in used if inits[n].data_location == TensorProto.EXTERNAL]
+        weights = {n: read_tensor(inits[n], folder) for n in external}
+        inputs += [helper.make_tensor_value_info(n, inits[n].data_type, list(inits[n].dims)) for n in external]
+        out_info = []
+        for o in wanted:
+            vi = onnx.ValueInfoProto()
+            vi.name = o
+            out_info.append(vi)
+        sub = helper.make_graph(nodes, f"segment_{k}", inputs, out_info,
+                                initializer=[inits[n] for n in used if n not in weights])
+        sub_model = helper.make_model(sub, opset_imports=list(model.opset_import), producer_name="edge-infer")
+        sub_model.ir_version = model.ir_version
+        session = _light_session(sub_model.SerializeToString())
+        del sub_model, sub
+        for v in values:
+            v.update(zip(wanted, session.run(wanted, {**{n: v[n] for n in needed}, **weights})))
+            for name in [n for n in v if last_use.get(n, -1) <= k and n not in outputs]:
+                del v[name]
+        del session, weights
+        gc.collect()
     return [[v[o] for o in outputs] for v in values], len(segments)
 
 
-def _light_session(path: str) -> ort.InferenceSession:
+def _light_session(model: bytes) -> ort.InferenceSession:
     """A session run a few times on little input: no weight prepacking, basic graph optimizations."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.disable_prepacking", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
