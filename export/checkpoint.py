@@ -158,9 +158,17 @@ class LazyWeights(Mapping):
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ModelFileError(f"checkpoint is missing weights the architecture needs: {shown}")
         self.recipe, self.source = recipe, source
+        # Weights the export takes from the source's quantized blocks and never reads in float
+        # (set by the pipeline): asking for one gives a zero-strided stand-in of the right shape,
+        # which the graph builder records without computing or writing any values.
+        self.placeholders: set[str] = set()
 
     def __getitem__(self, name: str) -> np.ndarray:
         t = self.recipe[name]
+        if name in self.placeholders:
+            shapes = [self.source.shape(s) for s in t.sources]
+            shape = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
+            return np.broadcast_to(np.zeros((), np.float32), shape)  # strides all 0: no memory
         parts = [self.source.get(s) for s in t.sources]
         w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         del parts
@@ -171,6 +179,16 @@ class LazyWeights(Mapping):
 
     def __len__(self) -> int:
         return len(self.recipe)
+
+    def block_formats(self, name: str) -> list | None:
+        """The (bits, block size, has minimum) of each source tensor's blocks, read from the tensor
+        types only; None when some source has no blocks or the weight is transformed."""
+        t = self.recipe[name]
+        fmt = getattr(self.source, "block_format", None)
+        if t.transform is not None or fmt is None:
+            return None
+        formats = [fmt(s) for s in t.sources]
+        return None if any(f is None for f in formats) else formats
 
     def blocks(self, name: str) -> tuple[bool, object]:
         """(True, the weight's concatenated source blocks or None for mixed types) when every source

@@ -162,17 +162,24 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
     quantized = options.quant in ("int8", "int4")
     weights = LazyWeights(arch.recipe(spec, source.config), source.weights)
     graph_file = FLOAT_GRAPH if quantized else GRAPH_FILE
+    if quantized:
+        pre = _LazySourceBlocks(weights, 4 if options.quant == "int4" else 8, options)
+        pre.embed_bits = {"int8": 8, "int4": 4}.get(options.embeddings, 0)
+        if not options.validate:  # the float graph is then only the quantizer's input: skip what it will not read
+            weights.placeholders = {name for name in weights if pre.predict(name)}
+        if weights.placeholders:
+            progress.note(f"{len(weights.placeholders)} weights go from the source's blocks straight to the "
+                          "quantized graph (no float copy written)")
     progress.stage("building graph (weights streamed to disk)")
     data = DataFile(tmp / (graph_file + ".data"))
     try:
         model, io = build_decoder(spec, weights, max_length, dtype="fp16" if options.quant == "fp16" else "fp32",
                                   store=data)
-        save_streamed(model, tmp / graph_file, data)
+        save_streamed(model, tmp / graph_file, data, placeholders=True)
     finally:
         data.close()
     if not quantized:
         return model, io, {"scheme": options.quant}, None
-    pre = _LazySourceBlocks(weights, 4 if options.quant == "int4" else 8, options)
     out = DataFile(tmp / DATA_FILE)
     try:
         q, info = _quantize(model, spec, pre, options, progress, folder=tmp, sink=out)
@@ -261,6 +268,24 @@ class _LazySourceBlocks:
         self._canonical = {**{f"model.{c}": c for c in weights}, **names}
 
     def __bool__(self) -> bool:
+        return True
+
+    def predict(self, canonical: str) -> bool:
+        """Whether `get` will return blocks for this weight, from the source tensor types alone:
+        the same rules as `_source_blocks`, so a weight predicted here is never read in float."""
+        formats = self.weights.block_formats(canonical)
+        if not formats or any(f[:2] != formats[0][:2] for f in formats):
+            return False  # no blocks, or mixed types (quantized from the float weights)
+        bits, block, has_min = formats[0][0], formats[0][1], any(f[2] for f in formats)
+        top = canonical in ("embed.weight", "lm_head.weight")
+        target = self.embed_bits if top else self.bits
+        exact_split = bits == target and block % self.options.block_size == 0
+        if not (exact_split or (target and bits > target and self.options.gguf_import != "requantize")):
+            return False
+        if has_min:
+            keep = self.options.gguf_import == "exact" or (
+                self.options.gguf_import == "mixed" and canonical.endswith(MLP_WEIGHTS))
+            return keep and not top
         return True
 
     def __len__(self) -> int:

@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 INLINE_BELOW = 1024  # bytes; as save_graph's size_threshold
 PAGE = 4096  # tensors of a MiB or more start on a page (onnxruntime maps those)
 SMALL_ALIGN = 64
+PLACEHOLDER = "(not written)"  # location of an initializer whose values were never stored
 
 
 class DataFile:
@@ -59,6 +60,18 @@ class DataFile:
         self.offset += a.nbytes
         return t
 
+    def placeholder(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> TensorProto:
+        """An initializer whose values are never written (a weight the export takes from quantized
+        source blocks instead); reading it is an error."""
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        t.dims.extend(shape)
+        t.data_location = TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", PLACEHOLDER
+        return t
+
     def move(self, t: TensorProto, folder: Path) -> TensorProto:
         """`t` (inline, or external relative to `folder`) stored in this file instead."""
         if t.data_location != TensorProto.EXTERNAL and _nbytes(t) < INLINE_BELOW:
@@ -81,6 +94,8 @@ def read_tensor(t: TensorProto, folder: Path) -> np.ndarray:
         return numpy_helper.to_array(t)
     info = {e.key: e.value for e in t.external_data}
     location = info.get("location", "")
+    if location == PLACEHOLDER:
+        raise ValueError(f"initializer {t.name} was not written (its source blocks were to be used instead)")
     if not location or os.path.isabs(location) or ".." in Path(location).parts:
         raise ValueError(f"initializer {t.name}: external data location {location!r} is not inside the folder")
     dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
@@ -96,17 +111,19 @@ def read_tensor(t: TensorProto, folder: Path) -> np.ndarray:
     return out
 
 
-def save_streamed(model: onnx.ModelProto, graph_path: Path, data: DataFile, folder: Path | None = None) -> None:
+def save_streamed(model: onnx.ModelProto, graph_path: Path, data: DataFile, folder: Path | None = None,
+                  placeholders: bool = False) -> None:
     """Write `model` to `graph_path`: every initializer not yet in `data` (inline ones from later
     rewrites, or external ones in another file under `folder`) is appended to `data` first, so the
-    protobuf written holds offsets only. Closes `data`."""
+    protobuf written holds offsets only (`placeholders`: initializers never written may stay, as in
+    a float graph only the quantizer reads). Closes `data`."""
     folder = Path(folder) if folder is not None else Path(graph_path).parent
     own = data.path.name
     inits = model.graph.initializer
     for i in range(len(inits)):
         t = inits[i]
         info = {e.key: e.value for e in t.external_data} if t.data_location == TensorProto.EXTERNAL else {}
-        if info.get("location") == own and data.path.parent == Path(graph_path).parent:
+        if info.get("location") == own or (placeholders and info.get("location") == PLACEHOLDER):
             continue
         moved = data.move(t, folder)
         if moved is not t:
