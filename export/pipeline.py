@@ -3,6 +3,11 @@
 The folder is written atomically: everything goes into a hidden temporary
 sibling, the manifest is written last, and only then is the folder renamed into
 place. An export that fails or is killed leaves nothing that loads.
+
+The direct route streams (`_build_streamed`): weights are read from the memory-mapped
+source one at a time, each initializer is appended to the external-data file as it is
+built, and quantization reads the float graph back from disk tensor by tensor, so memory
+holds about one weight rather than the model (a 1B model: under 1 GB instead of 19 GB).
 """
 
 from __future__ import annotations
