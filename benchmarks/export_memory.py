@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--edge-infer", default=str(Path(__file__).resolve().parent.parent / ".venv/bin/edge-infer"))
     ap.add_argument("--label", default="")
     ap.add_argument("--genai-python", default=None)
+    ap.add_argument("--edge-args", default="", help="extra edge-infer export options, e.g. '--rounding rtn'")
     ap.add_argument("--validate", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="where outputs go (removed after each run)")
@@ -98,9 +99,9 @@ def main() -> None:
         if src is None:
             continue
         for validate in {"both": (False, True), "yes": (True,), "no": (False,)}[args.validate]:
-            runs.append((f"edge-infer {args.label}".strip(), kind, validate,
+            runs.append((f"edge-infer {args.label} {args.edge_args}".strip(), kind, validate,
                          [args.edge_infer, "export", str(src), "-o", str(work / "out"), "--quant", "int4", "--force"]
-                         + ([] if validate else ["--no-validate"])))
+                         + ([] if validate else ["--no-validate"]) + args.edge_args.split()))
     if args.genai_python and args.hf is not None:
         runs.append(("onnxruntime-genai builder", "HF fp16 folder", False,
                      [args.genai_python, "-m", "onnxruntime_genai.models.builder", "-i", str(args.hf),

@@ -11,7 +11,7 @@ import mmap
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -102,6 +102,9 @@ class SafetensorsSource:
     def blocks(self, name: str):
         return None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].entries[name][1]
+
 
 def open_hf_folder(folder: Path) -> tuple[dict, SafetensorsSource]:
     """config.json and the safetensors weights of a checkpoint folder."""
@@ -158,17 +161,21 @@ class LazyWeights(Mapping):
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ModelFileError(f"checkpoint is missing weights the architecture needs: {shown}")
         self.recipe, self.source = recipe, source
-        # Weights the export takes from the source's quantized blocks and never reads in float
-        # (set by the pipeline): asking for one gives a zero-strided stand-in of the right shape,
-        # which the graph builder records without computing or writing any values.
-        self.placeholders: set[str] = set()
+        # When set, weights without a transform come back as `Deferred`: nothing is read until
+        # someone needs the values (the quantizer, or validation), and then one weight at a time.
+        self.deferred = False
 
     def __getitem__(self, name: str) -> np.ndarray:
         t = self.recipe[name]
-        if name in self.placeholders:
-            shapes = [self.source.shape(s) for s in t.sources]
-            shape = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
-            return np.broadcast_to(np.zeros((), np.float32), shape)  # strides all 0: no memory
+        shape_of = getattr(self.source, "shape", None)
+        if self.deferred and t.transform is None and shape_of is not None:
+            shapes = [tuple(shape_of(s)) for s in t.sources]
+            shape = (sum(s[0] for s in shapes),) + shapes[0][1:]
+            return Deferred(lambda: self.compute(name), shape)
+        return self.compute(name)
+
+    def compute(self, name: str) -> np.ndarray:
+        t = self.recipe[name]
         parts = [self.source.get(s) for s in t.sources]
         w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         del parts
@@ -179,16 +186,6 @@ class LazyWeights(Mapping):
 
     def __len__(self) -> int:
         return len(self.recipe)
-
-    def block_formats(self, name: str) -> list | None:
-        """The (bits, block size, has minimum) of each source tensor's blocks, read from the tensor
-        types only; None when some source has no blocks or the weight is transformed."""
-        t = self.recipe[name]
-        fmt = getattr(self.source, "block_format", None)
-        if t.transform is not None or fmt is None:
-            return None
-        formats = [fmt(s) for s in t.sources]
-        return None if any(f is None for f in formats) else formats
 
     def blocks(self, name: str) -> tuple[bool, object]:
         """(True, the weight's concatenated source blocks or None for mixed types) when every source
@@ -210,3 +207,35 @@ def concat_blocks(parts: list):
     return type(first)(bits=first.bits, block_size=first.block_size,
                        q=np.concatenate([p.q for p in parts]), scales=np.concatenate([p.scales for p in parts]),
                        zero_points=np.concatenate([p.zero_points for p in parts]))
+
+
+class Deferred:
+    """A float weight not read yet: the graph builder's `.T` and `.astype` are recorded, and the values
+    are made from the source when they are needed (`materialize`), e.g. by the quantizer, one weight
+    at a time. Anything else asked of it (numpy functions, other attributes) materializes it first."""
+
+    def __init__(self, compute: Callable[[], np.ndarray], shape: tuple[int, ...], dtype=np.float32,
+                 transposed: bool = False):
+        self.compute, self.shape, self.dtype, self.transposed = compute, tuple(shape), np.dtype(dtype), transposed
+        self.ndim = len(self.shape)
+
+    @property
+    def T(self) -> Deferred:  # noqa: N802 (numpy's name)
+        return Deferred(self.compute, self.shape[::-1], self.dtype, not self.transposed)
+
+    def astype(self, dtype, copy: bool = True) -> Deferred:
+        return Deferred(self.compute, self.shape, dtype, self.transposed)
+
+    def materialize(self) -> np.ndarray:
+        w = self.compute()
+        w = w.T if self.transposed else w
+        if w.shape != self.shape:
+            raise ValueError(f"deferred weight has shape {w.shape}, expected {self.shape}")
+        return w.astype(self.dtype, copy=False)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self.materialize()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __getattr__(self, name: str):
+        return getattr(self.materialize(), name)

@@ -42,19 +42,6 @@ class GGUFWeights:
         t = self._tensors[name]
         return tuple(t.shape) if isinstance(t, GGUFTensor) else np.shape(t)
 
-    def block_format(self, name: str) -> tuple[int, int, bool] | None:
-        """(bits, block size, whether blocks carry a float minimum) of the blocks `blocks(name)` returns,
-        from the tensor type alone (no data read); None where it returns None."""
-        t = self._tensors[name]
-        if not (isinstance(t, GGUFTensor) and len(t.shape) == 2):
-            return None
-        return _BLOCK_FORMATS.get(t.ggml_type)
-
-
-# What GGUFTensor.blocks() gives per type: Q4_1 and Q4_K store a minimum per block (float zero points).
-_BLOCK_FORMATS = {"Q4_0": (4, 32, False), "Q8_0": (8, 32, False), "Q4_1": (4, 32, True),
-                  "Q4_K": (4, 32, True), "Q6_K": (8, 16, False)}
-
 
 def _release(t: GGUFTensor) -> None:
     """Unmap the file's pages once a tensor is read (they stay in the page cache): touched pages of

@@ -53,8 +53,8 @@ class _Builder:
 
     def _emit(self, name: str, a: np.ndarray) -> None:
         """One initializer: into the store's data file right away (the graph keeps its offset), or inline."""
-        if self.store is not None and a.ndim and a.size and not any(a.strides):  # a stand-in (checkpoint.LazyWeights)
-            self.inits.append(self.store.placeholder(name, a.dtype, a.shape))
+        if self.store is not None and not isinstance(a, np.ndarray):  # a weight not read yet (checkpoint.Deferred)
+            self.inits.append(self.store.defer(name, a))
             return
         a = a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (ascontiguousarray makes scalars 1-D)
         self.inits.append(self.store.add(name, a) if self.store is not None else numpy_helper.from_array(a, name))

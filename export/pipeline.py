@@ -5,16 +5,16 @@ sibling, the manifest is written last, and only then is the folder renamed into
 place. An export that fails or is killed leaves nothing that loads.
 
 The direct route streams (`_build_streamed`): weights are read from the memory-mapped
-source one at a time, each initializer is appended to the external-data file as it is
-built, and quantization reads the float graph back from disk tensor by tensor, so memory
-holds about one weight rather than the model (a 1B model: under 1 GB instead of 19 GB).
+source one at a time, when they are needed, and each tensor is appended to the
+external-data file as it is made, so memory holds about one weight rather than the model
+(a 1B model: about 1-2 GB instead of 19 GB).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -29,11 +29,14 @@ from edge_infer.export.spec import DecoderSpec
 from edge_infer.runtime.errors import UserError
 from edge_infer.runtime.manifest import write_manifest
 
+if TYPE_CHECKING:
+    from edge_infer.export.segments import StoredGraph
+
 QUANTS = ("fp32", "fp16", "int8", "int4")
 DEFAULT_MAX_LENGTH = 4096
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-FLOAT_GRAPH = "float.onnx"  # the float graph of an int8/int4 export, beside it until the folder is finished
+FLOAT_DATA = "float.onnx.data"  # small float tensors of an int8/int4 export's float graph, until it is finished
 VERSION = "0.1.0"
 # How GGUF blocks with a minimum per block (Q4_1, Q4_K) are imported; measured on the default
 # model (perplexity vs fp32 / decode speed vs exact, benchmarks/QUALITY.md and RESULTS.md):
@@ -152,60 +155,57 @@ def resolve_max_length(spec: DecoderSpec, requested: int | None) -> int:
 
 
 def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, options: ExportOptions,
-                    tmp: Path, progress: Progress) -> tuple[onnx.ModelProto, GraphIO, dict, Path | None]:
+                    tmp: Path, progress: Progress) -> tuple[onnx.ModelProto, GraphIO, dict, StoredGraph | None]:
     """Build (and quantize) the direct route's graph one tensor at a time, straight into `tmp`.
 
-    Weights are read from the memory-mapped source when the builder asks for them and go to
-    the external-data file at once; the protobuf keeps offsets only. An int8/int4 export first
-    writes the float graph beside the model (FLOAT_GRAPH, removed before the folder is
-    finished), then quantizes it tensor by tensor from that file into the model's data file;
-    the float graph is also validation's reference. Returns (graph proto, io, quantization
-    record, path of the float reference graph or None).
+    fp32/fp16: each weight is read from the memory-mapped source when the builder asks for it
+    and appended to the external-data file at once; the protobuf keeps offsets only.
+    int8/int4: the float graph is built with its weights deferred (checkpoint.Deferred): nothing
+    is read until the quantizer asks for a weight, which is then read, quantized and written
+    to the model's data file before the next one (weights taken from GGUF blocks are never read
+    in float at all). Only small or transformed float tensors go to FLOAT_DATA, removed before
+    the folder is finished. The float graph stays the validation reference (read again from the
+    source, segment by segment). Returns (graph proto, io, quantization record, that reference
+    or None).
     """
+    from edge_infer.export.segments import StoredGraph
     from edge_infer.quantize.external import DataFile, save_streamed
 
     quantized = options.quant in ("int8", "int4")
     weights = LazyWeights(arch.recipe(spec, source.config), source.weights)
-    graph_file = FLOAT_GRAPH if quantized else GRAPH_FILE
-    if quantized:
-        pre = _LazySourceBlocks(weights, 4 if options.quant == "int4" else 8, options)
-        pre.embed_bits = {"int8": 8, "int4": 4}.get(options.embeddings, 0)
-        if not options.validate:  # the float graph is then only the quantizer's input: skip what it will not read
-            weights.placeholders = {name for name in weights if pre.predict(name)}
-        if weights.placeholders:
-            progress.note(f"{len(weights.placeholders)} weights go from the source's blocks straight to the "
-                          "quantized graph (no float copy written)")
+    weights.deferred = quantized
     progress.stage("building graph (weights streamed to disk)")
-    data = DataFile(tmp / (graph_file + ".data"))
+    data = DataFile(tmp / (FLOAT_DATA if quantized else DATA_FILE))
     try:
         model, io = build_decoder(spec, weights, max_length, dtype="fp16" if options.quant == "fp16" else "fp32",
                                   store=data)
-        save_streamed(model, tmp / graph_file, data, placeholders=True)
+        if not quantized:
+            save_streamed(model, tmp / GRAPH_FILE, data)
+            return model, io, {"scheme": options.quant}, None
     finally:
         data.close()
-    if not quantized:
-        return model, io, {"scheme": options.quant}, None
+    reference = StoredGraph(model, tmp, data.deferred)
+    pre = _LazySourceBlocks(weights, 4 if options.quant == "int4" else 8, options)
     out = DataFile(tmp / DATA_FILE)
     try:
-        q, info = _quantize(model, spec, pre, options, progress, folder=tmp, sink=out)
-        del model
+        q, info = _quantize(model, spec, pre, options, progress, read=reference.read,
+                            sink=lambda t: out.move(t, tmp, data.deferred))
         progress.stage("writing model")
-        save_streamed(q, tmp / GRAPH_FILE, out, tmp)
+        save_streamed(q, tmp / GRAPH_FILE, out, tmp, data.deferred)
     finally:
         out.close()
-    return q, io, info, tmp / FLOAT_GRAPH
+    return q, io, info, reference
 
 
 def _remove_float_graph(folder: Path) -> None:
-    for name in (FLOAT_GRAPH, FLOAT_GRAPH + ".data"):
-        (folder / name).unlink(missing_ok=True)
+    (folder / FLOAT_DATA).unlink(missing_ok=True)
 
 
 def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: ExportOptions,
-              progress: Progress, folder: Path | None = None, sink=None) -> tuple[onnx.ModelProto, dict]:
+              progress: Progress, read=None, sink=None) -> tuple[onnx.ModelProto, dict]:
     """Quantize `model`; `blocks` is a dict of source blocks (canonical name -> blocks) or a
-    `_LazySourceBlocks`. With `folder` and `sink` (a quantize.external.DataFile), float weights
-    are read from their external data in `folder` and new tensors go to `sink` one by one."""
+    `_LazySourceBlocks`. Streaming: `read(tensor)` gives a float weight stored outside the
+    protobuf, and `sink(tensor)` moves each new tensor to the data file (quantize_graph)."""
     from edge_infer.quantize.rewrite import QuantConfig, quantize_graph, quantize_summary
 
     bits = 4 if options.quant == "int4" else 8
@@ -222,12 +222,7 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
     progress.stage(f"quantizing to {options.quant} (block {options.block_size}, "
                    f"{'symmetric' if options.symmetric else 'asymmetric'})")
     bar = progress.bar("quantize", total=None)
-    stream = {}
-    if folder is not None:
-        from edge_infer.quantize.external import read_tensor
-
-        stream = dict(loader=lambda t: read_tensor(t, folder), sink=lambda t: sink.move(t, folder))
-    q = quantize_graph(model, config, prequantized=pre or None, progress=bar.update, **stream)
+    q = quantize_graph(model, config, prequantized=pre or None, progress=bar.update, loader=read, sink=sink)
     bar.close()
     n_pre = len(pre)
     if isinstance(blocks, _LazySourceBlocks):
@@ -273,24 +268,6 @@ class _LazySourceBlocks:
         self._canonical = {**{f"model.{c}": c for c in weights}, **names}
 
     def __bool__(self) -> bool:
-        return True
-
-    def predict(self, canonical: str) -> bool:
-        """Whether `get` will return blocks for this weight, from the source tensor types alone:
-        the same rules as `_source_blocks`, so a weight predicted here is never read in float."""
-        formats = self.weights.block_formats(canonical)
-        if not formats or any(f[:2] != formats[0][:2] for f in formats):
-            return False  # no blocks, or mixed types (quantized from the float weights)
-        bits, block, has_min = formats[0][0], formats[0][1], any(f[2] for f in formats)
-        top = canonical in ("embed.weight", "lm_head.weight")
-        target = self.embed_bits if top else self.bits
-        exact_split = bits == target and block % self.options.block_size == 0
-        if not (exact_split or (target and bits > target and self.options.gguf_import != "requantize")):
-            return False
-        if has_min:
-            keep = self.options.gguf_import == "exact" or (
-                self.options.gguf_import == "mixed" and canonical.endswith(MLP_WEIGHTS))
-            return keep and not top
         return True
 
     def __len__(self) -> int:

@@ -15,7 +15,10 @@ across the whole graph).
 from __future__ import annotations
 
 import gc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -53,11 +56,28 @@ def plan_segments(graph: onnx.GraphProto, max_bytes: int = DEFAULT_MAX_BYTES) ->
     return segments
 
 
-def run_segmented(graph_path: Path, feeds: list[dict[str, np.ndarray]], outputs: list[str],
+@dataclass(frozen=True)
+class StoredGraph:
+    """A graph whose initializers are inline, external data in `folder`, or deferred (computed
+    from the model's source when read, see quantize.external.DataFile.defer)."""
+
+    model: onnx.ModelProto
+    folder: Path
+    deferred: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, graph_path: Path) -> StoredGraph:
+        return cls(onnx.load(str(graph_path), load_external_data=False), Path(graph_path).parent)
+
+    def read(self, t: TensorProto) -> np.ndarray:
+        return read_tensor(t, self.folder, self.deferred)
+
+
+def run_segmented(stored: StoredGraph, feeds: list[dict[str, np.ndarray]], outputs: list[str],
                   max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[list[np.ndarray]], int]:
-    """`outputs` of the graph at `graph_path` (external data beside it) for each feed, computed
-    segment by segment; returns (per feed, the output arrays in order) and the segment count."""
-    model = onnx.load(str(graph_path), load_external_data=False)
+    """`outputs` of the stored graph for each feed, computed segment by segment; returns (per
+    feed, the output arrays in order) and the segment count."""
+    model = stored.model
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     graph_inputs = {i.name: i for i in graph.input}
@@ -70,7 +90,6 @@ def run_segmented(graph_path: Path, feeds: list[dict[str, np.ndarray]], outputs:
                 if name and name not in inits:
                     last_use[name] = max(last_use.get(name, -1), k)
     values = [dict(f) for f in feeds]
-    folder = graph_path.parent
     for k, nodes in enumerate(segments):
         produced = {o for node in nodes for o in node.output if o}
         needed = [n for node in nodes for n in node.input if n and n not in inits and n not in produced]
@@ -83,7 +102,7 @@ def run_segmented(graph_path: Path, feeds: list[dict[str, np.ndarray]], outputs:
         # Weights stored outside the protobuf become inputs fed from arrays read for this segment
         # only: nothing is written next to the graph, and onnxruntime uses the arrays as they are.
         external = [n for n in used if inits[n].data_location == TensorProto.EXTERNAL]
-        weights = {n: read_tensor(inits[n], folder) for n in external}
+        weights = {n: stored.read(inits[n]) for n in external}
         inputs += [helper.make_tensor_value_info(n, inits[n].data_type, list(inits[n].dims)) for n in external]
         out_info = []
         for o in wanted:

@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from edge_infer.export.progress import Progress
+from edge_infer.export.segments import StoredGraph, run_segmented
 from edge_infer.export.sources import Source
 from edge_infer.export.spec import DecoderSpec
 
@@ -68,10 +69,11 @@ def _prompt_ids(source: Source, max_length: int) -> list[list[int]]:
     return [ids for ids in out if ids]
 
 
-def validate_export(folder: Path, source: Source, spec: DecoderSpec, reference: onnx.ModelProto | Path | None,
+def validate_export(folder: Path, source: Source, spec: DecoderSpec,
+                    reference: onnx.ModelProto | Path | StoredGraph | None,
                     max_length: int, progress: Progress) -> dict:
-    """`reference`: the float graph of an int8/int4 export (a proto, or the path of a graph whose
-    weights are external data beside it), or None to compare an fp32/fp16 export with transformers."""
+    """`reference`: the float graph of an int8/int4 export (a proto, the path of a graph whose
+    weights are external data beside it, or a StoredGraph), or None to compare an fp32/fp16 export with transformers."""
     progress.stage("validating")
     prompts = _prompt_ids(source, max_length)
     if reference is None:
@@ -138,7 +140,7 @@ def compare_graphs(graph: Path, reference: onnx.ModelProto | Path, spec, tokeniz
     return _against_reference(graph, reference, spec, [p for p in prompts if p], progress)
 
 
-def _against_reference(graph: Path, reference: onnx.ModelProto | Path, spec: DecoderSpec, prompts,
+def _against_reference(graph: Path, reference: onnx.ModelProto | Path | StoredGraph, spec: DecoderSpec, prompts,
                        progress: Progress) -> dict:
     # The quantized graph first, on its own: its session is freed before the reference runs.
     quant = _session(str(graph))
@@ -151,9 +153,9 @@ def _against_reference(graph: Path, reference: onnx.ModelProto | Path, spec: Dec
             # external data. It consumes `reference`: its tensors now point at that file.
             path = Path(tmp) / "ref.onnx"
             onnx.save_model(reference, str(path), save_as_external_data=True, location="ref.onnx.data")
-        else:
-            path = Path(reference)
-        ref, n_segments = _reference_logits(path, spec, prompts)
+            reference = path
+        stored = StoredGraph.load(reference) if isinstance(reference, (str, Path)) else reference
+        ref, n_segments = _reference_logits(stored, spec, prompts)
     agree, total, kls = 0, 0, []
     for a, b, ids in zip(ref, ours, prompts):
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
@@ -168,10 +170,8 @@ def _against_reference(graph: Path, reference: onnx.ModelProto | Path, spec: Dec
                              f"segment(s) of <= {REFERENCE_SEGMENT_BYTES >> 20} MiB of weights each"}
 
 
-def _reference_logits(path: Path, spec, prompts) -> tuple[list[np.ndarray], int]:
-    """Every position's logits of the float graph at `path`, run segment by segment (bounded memory)."""
-    from edge_infer.export.segments import run_segmented
-
+def _reference_logits(stored: StoredGraph, spec, prompts) -> tuple[list[np.ndarray], int]:
+    """Every position's logits of the float graph, run segment by segment (bounded memory)."""
     feeds = []
     for ids in prompts:
         n = len(ids)
@@ -183,7 +183,7 @@ def _reference_logits(path: Path, spec, prompts) -> tuple[list[np.ndarray], int]
             feed[f"past_key_values.{i}.key"] = empty
             feed[f"past_key_values.{i}.value"] = empty
         feeds.append(feed)
-    outs, n_segments = run_segmented(path, feeds, ["logits"], REFERENCE_SEGMENT_BYTES)
+    outs, n_segments = run_segmented(stored, feeds, ["logits"], REFERENCE_SEGMENT_BYTES)
     return [o[0][0][-len(ids):] for o, ids in zip(outs, prompts)], n_segments
 
 

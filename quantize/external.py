@@ -18,7 +18,9 @@ file, aligned so onnxruntime can map them.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -27,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 INLINE_BELOW = 1024  # bytes; as save_graph's size_threshold
 PAGE = 4096  # tensors of a MiB or more start on a page (onnxruntime maps those)
 SMALL_ALIGN = 64
-PLACEHOLDER = "(not written)"  # location of an initializer whose values were never stored
+PLACEHOLDER = "(deferred)"  # location of an initializer whose values are computed when read
 
 
 class DataFile:
@@ -37,6 +39,7 @@ class DataFile:
         self.path = Path(path)
         self._f = open(self.path, "wb")
         self.offset = 0
+        self.deferred: dict[str, Any] = {}
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
         a = np.asarray(array)
@@ -60,23 +63,26 @@ class DataFile:
         self.offset += a.nbytes
         return t
 
-    def placeholder(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> TensorProto:
-        """An initializer whose values are never written (a weight the export takes from quantized
-        source blocks instead); reading it is an error."""
+    def defer(self, name: str, values) -> TensorProto:
+        """An initializer whose values are made only when read: `values` is an array-like that
+        computes them (np.asarray(values)), e.g. a weight still in the model's source file. The
+        proto points nowhere (location PLACEHOLDER); `read_tensor(t, folder, self.deferred)`
+        and `save_streamed(..., deferred=self.deferred)` resolve it."""
         t = TensorProto()
         t.name = name
-        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-        t.dims.extend(shape)
+        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(values.dtype))
+        t.dims.extend(values.shape)
         t.data_location = TensorProto.EXTERNAL
         entry = t.external_data.add()
         entry.key, entry.value = "location", PLACEHOLDER
+        self.deferred[name] = values
         return t
 
-    def move(self, t: TensorProto, folder: Path) -> TensorProto:
-        """`t` (inline, or external relative to `folder`) stored in this file instead."""
+    def move(self, t: TensorProto, folder: Path, deferred: Mapping[str, Any] | None = None) -> TensorProto:
+        """`t` (inline, external relative to `folder`, or deferred) stored in this file instead."""
         if t.data_location != TensorProto.EXTERNAL and _nbytes(t) < INLINE_BELOW:
             return t
-        return self.add(t.name, read_tensor(t, folder))
+        return self.add(t.name, read_tensor(t, folder, deferred))
 
     def close(self) -> None:
         self._f.close()
@@ -88,14 +94,17 @@ class DataFile:
         self.close()
 
 
-def read_tensor(t: TensorProto, folder: Path) -> np.ndarray:
-    """The array of an initializer, reading external data from `folder` (one tensor's bytes)."""
+def read_tensor(t: TensorProto, folder: Path, deferred: Mapping[str, Any] | None = None) -> np.ndarray:
+    """The array of an initializer, reading external data from `folder` (one tensor's bytes) or
+    computing a deferred one (see DataFile.defer)."""
     if t.data_location != TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
     info = {e.key: e.value for e in t.external_data}
     location = info.get("location", "")
     if location == PLACEHOLDER:
-        raise ValueError(f"initializer {t.name} was not written (its source blocks were to be used instead)")
+        if deferred is None or t.name not in deferred:
+            raise ValueError(f"initializer {t.name} is deferred and nothing here computes it")
+        return np.asarray(deferred[t.name])
     if not location or os.path.isabs(location) or ".." in Path(location).parts:
         raise ValueError(f"initializer {t.name}: external data location {location!r} is not inside the folder")
     dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
@@ -112,20 +121,20 @@ def read_tensor(t: TensorProto, folder: Path) -> np.ndarray:
 
 
 def save_streamed(model: onnx.ModelProto, graph_path: Path, data: DataFile, folder: Path | None = None,
-                  placeholders: bool = False) -> None:
+                  deferred: Mapping[str, Any] | None = None) -> None:
     """Write `model` to `graph_path`: every initializer not yet in `data` (inline ones from later
     rewrites, or external ones in another file under `folder`) is appended to `data` first, so the
-    protobuf written holds offsets only (`placeholders`: initializers never written may stay, as in
-    a float graph only the quantizer reads). Closes `data`."""
+    protobuf written holds offsets only. Deferred initializers are computed from `deferred` (or, if
+    they are `data`'s own, left deferred: a graph that only feeds the quantizer). Closes `data`."""
     folder = Path(folder) if folder is not None else Path(graph_path).parent
     own = data.path.name
     inits = model.graph.initializer
     for i in range(len(inits)):
         t = inits[i]
         info = {e.key: e.value for e in t.external_data} if t.data_location == TensorProto.EXTERNAL else {}
-        if info.get("location") == own or (placeholders and info.get("location") == PLACEHOLDER):
+        if info.get("location") == own or (info.get("location") == PLACEHOLDER and t.name in data.deferred):
             continue
-        moved = data.move(t, folder)
+        moved = data.move(t, folder, deferred)
         if moved is not t:
             inits[i].CopyFrom(moved)
     data.close()
