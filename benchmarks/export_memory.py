@@ -7,7 +7,8 @@ For each source it runs `edge-infer export SRC -o TMP --quant int4` with and wit
 validation, and (with --genai-python) onnxruntime-genai's model builder on the HF folder
 (`-p int4 -e cpu`, block 32, accuracy level 4, as benchmarks/peers.py builds it). Peak RSS is
 the child's own `ru_maxrss` from `os.wait4` (resident memory, file-backed pages included),
-read once the process ends; no sampling. A second RSS column samples the process's
+read once the process ends; no sampling. CPU seconds (user + sys, all threads) come from the
+same rusage: on a shared, loaded machine they compare tools more fairly than wall time. A second RSS column samples the process's
 anonymous memory (RssAnon) every 50 ms to separate heap from mapped files. The stage timings
 of each edge-infer run come from its progress output. Results append to --out (JSON), and a
 Markdown table is printed.
@@ -67,6 +68,7 @@ def measure(cmd: list[str], log: Path) -> dict:
         t.join()
     seconds = time.perf_counter() - start
     return {"rc": os.waitstatus_to_exitcode(status), "seconds": round(seconds, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
             "peak_rss_mib": round(usage.ru_maxrss / 1024), "peak_anon_mib": round(peak_anon[0] / 1024)}
 
 
@@ -124,11 +126,11 @@ def main() -> None:
         old = json.loads(args.out.read_text()) if args.out.exists() else []
         args.out.write_text(json.dumps(old + rows, indent=1))
     print(f"\nCPU: {cpu_name()}\n")
-    print("| tool | source | validation | peak RSS (MiB) | peak anon RSS (MiB) | time (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| tool | source | validation | peak RSS (MiB) | peak anon RSS (MiB) | wall (s) | CPU user+sys (s) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tool']} | {r['source']} | {'yes' if r['validate'] else 'no'} | {r['peak_rss_mib']} | "
-              f"{r['peak_anon_mib']} | {r['seconds']}{'' if r['rc'] == 0 else ' (failed)'} |")
+              f"{r['peak_anon_mib']} | {r['seconds']}{'' if r['rc'] == 0 else ' (failed)'} | {r['cpu_seconds']} |")
 
 
 if __name__ == "__main__":

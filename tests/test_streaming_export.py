@@ -154,12 +154,17 @@ def test_blocks_used_as_they_are_are_never_read_in_float(tmp_path, gguf_import):
     """Without validation the float graph skips weights the quantizer takes from the GGUF's blocks.
     Over every block kind (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, a fused qkv of mixed types) and import mode,
     the result still equals the in-memory export bit for bit (a wrong guess would fail to read)."""
+    import test_gguf_export
     from gguf.constants import GGMLQuantizationType as QT
-    from test_gguf_export import write_llama_gguf
 
-    path = write_llama_gguf(tmp_path / "m.gguf", {"attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K,
-                                                  "attn_output": QT.Q4_0, "ffn_gate": QT.Q4_1, "ffn_up": QT.Q4_1,
-                                                  "ffn_down": QT.Q6_K, "token_embd": QT.Q8_0}, hidden=256, ffn=256)
+    state = test_gguf_export.RNG.bit_generator.state  # (that module's tests draw from its RNG in order)
+    try:
+        path = test_gguf_export.write_llama_gguf(
+            tmp_path / "m.gguf", {"attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q6_K, "attn_output": QT.Q4_0,
+                                  "ffn_gate": QT.Q4_1, "ffn_up": QT.Q4_1, "ffn_down": QT.Q6_K, "token_embd": QT.Q8_0},
+            hidden=256, ffn=256)
+    finally:
+        test_gguf_export.RNG.bit_generator.state = state
     options = ExportOptions(quant="int4", max_length=64, gguf_import=gguf_import, validate=False)
     streamed = export_model(path, tmp_path / "streamed", options)
     _in_memory_export(path, tmp_path / "memory", options)
