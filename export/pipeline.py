@@ -174,7 +174,7 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
     quantized = options.quant in ("int8", "int4")
     weights = LazyWeights(arch.recipe(spec, source.config), source.weights)
     weights.deferred = quantized
-    progress.stage("building graph (weights streamed to disk)")
+    progress.stage("building graph" + ("" if quantized else " (weights streamed to disk)"))
     data = DataFile(tmp / (FLOAT_DATA if quantized else DATA_FILE))
     try:
         model, io = build_decoder(spec, weights, max_length, dtype="fp16" if options.quant == "fp16" else "fp32",
