@@ -1,17 +1,18 @@
-"""Peak RSS and wall time of exports, each in its own process, measured side by side.
+"""Peak RSS, CPU and wall time of exports, each in its own process, measured side by side.
 
     python benchmarks/export_memory.py --gguf M.gguf --hf HF_FOLDER --out results.json \
-        [--edge-infer .venv/bin/edge-infer] [--label after] [--genai-python PY] [--cases gguf,hf]
+        [--edge-infer .venv/bin/edge-infer] [--label after] [--edge-args "--rounding rtn"] \
+        [--validate both|yes|no] [--genai-python PY]
 
 For each source it runs `edge-infer export SRC -o TMP --quant int4` with and without
 validation, and (with --genai-python) onnxruntime-genai's model builder on the HF folder
 (`-p int4 -e cpu`, block 32, accuracy level 4, as benchmarks/peers.py builds it). Peak RSS is
 the child's own `ru_maxrss` from `os.wait4` (resident memory, file-backed pages included),
 read once the process ends; no sampling. CPU seconds (user + sys, all threads) come from the
-same rusage: on a shared, loaded machine they compare tools more fairly than wall time. A second RSS column samples the process's
-anonymous memory (RssAnon) every 50 ms to separate heap from mapped files. The stage timings
-of each edge-infer run come from its progress output. Results append to --out (JSON), and a
-Markdown table is printed.
+same rusage: on a shared, loaded machine they compare tools more fairly than wall time. A
+second RSS column samples the process's anonymous memory (RssAnon) every 50 ms to separate
+heap from mapped files. The stage timings of each edge-infer run come from its progress
+output. Results append to --out (JSON), and a Markdown table is printed.
 """
 
 from __future__ import annotations

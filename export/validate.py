@@ -163,7 +163,8 @@ def _against_reference(graph: Path, reference: onnx.ModelProto | Path | StoredGr
         kls.append(_kl(a, b))
     kl = float(np.concatenate(kls).mean())
     progress.note(f"quantized vs fp32: top-1 agreement {agree}/{total} ({agree / total:.1%}), mean KL {kl:.4f} "
-                  f"(fp32 reference run in {n_segments} segment(s) of <= {REFERENCE_SEGMENT_BYTES >> 20} MiB of weights)")
+                  f"(fp32 reference run in {n_segments} segment(s) of <= {REFERENCE_SEGMENT_BYTES >> 20} MiB "
+                  "of weights)")
     return {"reference": "fp32 export of the same weights", "top1_agreement": agree / total,
             "mean_kl": kl, "positions": total,
             "reference_run": f"whole graph, every position of {len(prompts)} prompts, run in {n_segments} "

@@ -308,7 +308,8 @@ def _obtain(
         return _round(dequantize(pre), job.bits, config)
     if tensor.data_location == TensorProto.EXTERNAL:
         if loader is None:
-            raise UserError(f"initializer {job.weight} is stored externally: load the model with its external data first")
+            raise UserError(f"initializer {job.weight} is stored externally: "
+                            "load the model with its external data first")
         w = loader(tensor)
     else:
         w = numpy_helper.to_array(tensor)
