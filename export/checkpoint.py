@@ -238,4 +238,6 @@ class Deferred:
         return a if dtype is None else a.astype(dtype, copy=False)
 
     def __getattr__(self, name: str):
+        if name.startswith("__"):  # numpy probes __array_struct__ etc.: let it use __array__
+            raise AttributeError(name)
         return getattr(self.materialize(), name)
