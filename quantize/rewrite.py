@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -323,9 +325,12 @@ RTN_ROWS = 4096  # rows rounded at a time: rounding's temporaries stay a few tim
 def _round(w: np.ndarray, bits: int, config: QuantConfig) -> QuantizedLinear:
     if not (bits == 8 or config.rounding == "rtn"):
         return quantize_search(w, bits, config.block_size, config.symmetric)  # (works in slices of rows)
-    # 8-bit rounding error is already ~16x below 4-bit's. Rows are independent: round slice by slice.
-    parts = [quantize_rtn(w[i:i + RTN_ROWS], bits, config.block_size, config.symmetric)
-             for i in range(0, w.shape[0], RTN_ROWS)]
+    # 8-bit rounding error is already ~16x below 4-bit's. Rows are independent: round slice by slice,
+    # on a small thread pool (numpy releases the GIL), as quantize_search does.
+    starts = range(0, w.shape[0], RTN_ROWS)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(lambda i: quantize_rtn(w[i:i + RTN_ROWS], bits, config.block_size, config.symmetric),
+                              starts))
     if len(parts) == 1:
         return parts[0]
     zps = [p.zero_points for p in parts]
