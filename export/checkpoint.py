@@ -10,8 +10,9 @@ import json
 import math
 import mmap
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -67,8 +68,20 @@ class SafetensorsFile:
         raw = np.frombuffer(self._map, dtype=_DTYPES[dtype], count=(end - begin) // np.dtype(_DTYPES[dtype]).itemsize,
                             offset=self.data_start + begin).reshape(shape)
         if dtype == "BF16":  # bfloat16 is the top half of a float32
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
+            out = (raw.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out = raw.astype(np.float32)
+        del raw
+        self._release(self.data_start + begin, self.data_start + end)
+        return out
+
+    def _release(self, start: int, end: int) -> None:
+        """Unmap the pages just read (they stay in the page cache): touched pages of a map count in
+        the process's RSS until unmapped, and a 2 GB checkpoint read tensor by tensor would
+        otherwise end up wholly resident."""
+        if isinstance(self._map, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            start -= start % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._map)) - start)
 
 
 class DuplicateKey(ValueError):
@@ -138,6 +151,9 @@ class SafetensorsSource:
     def blocks(self, name: str):
         return None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].entries[name][1]
+
 
 def open_hf_folder(folder: Path) -> tuple[dict, SafetensorsSource]:
     """config.json and the safetensors weights of a checkpoint folder."""
@@ -167,26 +183,69 @@ def open_hf_folder(folder: Path) -> tuple[dict, SafetensorsSource]:
 
 
 def materialize(recipe: dict[str, Take], source: WeightSource) -> tuple[dict[str, np.ndarray], dict]:
-    """Canonical float32 weights, plus quantized source blocks for weights that kept them.
+    """Canonical float32 weights, plus quantized source blocks for weights that kept them, all in memory.
 
     The second dict maps a canonical name to its concatenated source blocks, so a
     GGUF's Q4_0/Q4_1/Q8_0 weights can reach MatMulNBits without a second rounding.
+    The export streams instead (`LazyWeights`); this eager form suits small models and tests.
     """
-    have = source.names()
-    missing = sorted({s for t in recipe.values() for s in t.sources} - have)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelFileError(f"checkpoint is missing weights the architecture needs: {shown}")
+    lazy = LazyWeights(recipe, source)
     weights, blocks = {}, {}
-    for name, t in recipe.items():
-        parts = [source.get(s) for s in t.sources]
-        w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        weights[name] = t.transform(w) if t.transform else w
-        if t.transform is None:
-            qb = [source.blocks(s) for s in t.sources]
-            if all(q is not None for q in qb):
-                blocks[name] = qb[0] if len(qb) == 1 else concat_blocks(qb)  # None: mixed types
+    for name in recipe:
+        weights[name] = lazy[name]
+        found, b = lazy.blocks(name)
+        if found:
+            blocks[name] = b
     return weights, blocks
+
+
+class LazyWeights(Mapping):
+    """Canonical float32 weights computed from the source when asked, never kept: a graph builder
+    that takes each weight once holds one at a time (the source stays memory-mapped)."""
+
+    def __init__(self, recipe: dict[str, Take], source: WeightSource):
+        have = source.names()
+        missing = sorted({s for t in recipe.values() for s in t.sources} - have)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ModelFileError(f"checkpoint is missing weights the architecture needs: {shown}")
+        self.recipe, self.source = recipe, source
+        # When set, weights without a transform come back as `Deferred`: nothing is read until
+        # someone needs the values (the quantizer, or validation), and then one weight at a time.
+        self.deferred = False
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self.recipe[name]
+        shape_of = getattr(self.source, "shape", None)
+        if self.deferred and t.transform is None and shape_of is not None:
+            shapes = [tuple(shape_of(s)) for s in t.sources]
+            shape = (sum(s[0] for s in shapes),) + shapes[0][1:]
+            return Deferred(lambda: self.compute(name), shape)
+        return self.compute(name)
+
+    def compute(self, name: str) -> np.ndarray:
+        t = self.recipe[name]
+        parts = [self.source.get(s) for s in t.sources]
+        w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        del parts
+        return t.transform(w) if t.transform else w
+
+    def __iter__(self):
+        return iter(self.recipe)
+
+    def __len__(self) -> int:
+        return len(self.recipe)
+
+    def blocks(self, name: str) -> tuple[bool, object]:
+        """(True, the weight's concatenated source blocks or None for mixed types) when every source
+        tensor kept quantized blocks; (False, None) when it has none (float sources, a transform)."""
+        t = self.recipe[name]
+        if t.transform is not None:
+            return False, None
+        qb = [self.source.blocks(s) for s in t.sources]
+        if not all(q is not None for q in qb):
+            return False, None
+        return True, (qb[0] if len(qb) == 1 else concat_blocks(qb))  # None: mixed types
 
 
 def concat_blocks(parts: list):
@@ -197,3 +256,37 @@ def concat_blocks(parts: list):
     return type(first)(bits=first.bits, block_size=first.block_size,
                        q=np.concatenate([p.q for p in parts]), scales=np.concatenate([p.scales for p in parts]),
                        zero_points=np.concatenate([p.zero_points for p in parts]))
+
+
+class Deferred:
+    """A float weight not read yet: the graph builder's `.T` and `.astype` are recorded, and the values
+    are made from the source when they are needed (`materialize`), e.g. by the quantizer, one weight
+    at a time. Anything else asked of it (numpy functions, other attributes) materializes it first."""
+
+    def __init__(self, compute: Callable[[], np.ndarray], shape: tuple[int, ...], dtype=np.float32,
+                 transposed: bool = False):
+        self.compute, self.shape, self.dtype, self.transposed = compute, tuple(shape), np.dtype(dtype), transposed
+        self.ndim = len(self.shape)
+
+    @property
+    def T(self) -> Deferred:  # noqa: N802 (numpy's name)
+        return Deferred(self.compute, self.shape[::-1], self.dtype, not self.transposed)
+
+    def astype(self, dtype, copy: bool = True) -> Deferred:
+        return Deferred(self.compute, self.shape, dtype, self.transposed)
+
+    def materialize(self) -> np.ndarray:
+        w = self.compute()
+        w = w.T if self.transposed else w
+        if w.shape != self.shape:
+            raise ValueError(f"deferred weight has shape {w.shape}, expected {self.shape}")
+        return w.astype(self.dtype, copy=False)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self.materialize()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # numpy probes __array_struct__ etc.: let it use __array__
+            raise AttributeError(name)
+        return getattr(self.materialize(), name)

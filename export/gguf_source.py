@@ -6,6 +6,7 @@ place them into MatMulNBits without dequantizing and re-rounding.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,11 @@ class GGUFWeights:
 
     def get(self, name: str) -> np.ndarray:
         t = self._tensors[name]  # a GGUFTensor or a view of one (gguf_arch: Shifted, _Concat)
-        return t.dequantize() if hasattr(t, "dequantize") else np.asarray(t, dtype=np.float32)
+        if not hasattr(t, "dequantize"):
+            return np.asarray(t, dtype=np.float32)
+        out = t.dequantize()
+        _release(t)
+        return out
 
     def source_type(self, name: str) -> str:
         """The ggml type of a weight ("Q4_K"; "Q4_K+Q6_K" when stacked from several tensors)."""
@@ -32,7 +37,25 @@ class GGUFWeights:
 
     def blocks(self, name: str):
         t = self._tensors[name]
-        return t.blocks() if hasattr(t, "blocks") and len(t.shape) == 2 else None
+        if not (hasattr(t, "blocks") and len(t.shape) == 2):
+            return None
+        out = t.blocks()
+        _release(t)
+        return out
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        t = self._tensors[name]
+        return tuple(t.shape) if hasattr(t, "shape") else np.shape(t)
+
+
+def _release(t) -> None:
+    """Unmap the file's pages once a tensor is read (they stay in the page cache): touched pages of
+    a map count in the process's RSS, so a big file read tensor by tensor would end up resident.
+    `t` is a GGUFTensor or a view of some (gguf_arch: Shifted, _Concat)."""
+    for part in getattr(t, "parts", None) or (getattr(t, "tensor", t),):
+        m = getattr(getattr(part, "raw", None), "_mmap", None)
+        if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+            m.madvise(mmap.MADV_DONTNEED)
 
 
 def gguf_source(path: Path) -> tuple[dict, GGUFWeights, dict]:

@@ -19,6 +19,7 @@ the new keys in place (no copy per step). Linear layers are plain MatMuls over
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_infer.export.rope import cos_sin_cache
 from edge_infer.export.spec import DecoderSpec
+from edge_infer.quantize.external import DataFile
 
 OPSET = 21
 MS = "com.microsoft"
@@ -41,16 +43,24 @@ class GraphIO:
 class _Builder:
     """Collects nodes and initializers; names every node as a path."""
 
-    def __init__(self, dtype: np.dtype):
+    def __init__(self, dtype: np.dtype, store: DataFile | None = None):
         self.dtype = np.dtype(dtype)
         self.onnx_dtype = helper.np_dtype_to_tensor_dtype(self.dtype)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._consts: dict[tuple, str] = {}
+        self.store = store
+
+    def _emit(self, name: str, a: np.ndarray) -> None:
+        """One initializer: into the store's data file right away (the graph keeps its offset), or inline."""
+        if self.store is not None and not isinstance(a, np.ndarray):  # a weight not read yet (checkpoint.Deferred)
+            self.inits.append(self.store.defer(name, a))
+            return
+        a = a if a.flags.c_contiguous else np.ascontiguousarray(a)  # (ascontiguousarray makes scalars 1-D)
+        self.inits.append(self.store.add(name, a) if self.store is not None else numpy_helper.from_array(a, name))
 
     def weight(self, name: str, array: np.ndarray, keep_dtype: bool = False) -> str:
-        a = array if keep_dtype else array.astype(self.dtype)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(a), name))
+        self._emit(name, array if keep_dtype else array.astype(self.dtype, copy=False))
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -58,7 +68,7 @@ class _Builder:
         key = (a.dtype.str, a.shape, a.tobytes())
         if key not in self._consts:
             name = f"const.{len(self._consts)}"
-            self.inits.append(numpy_helper.from_array(a, name))
+            self._emit(name, a)
             self._consts[key] = name
         return self._consts[key]
 
@@ -72,10 +82,14 @@ class _Builder:
         return self.op(op_type, inputs, name, **kw)[0]
 
 
-def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], max_length: int,
-                  dtype: str = "fp32") -> tuple[onnx.ModelProto, GraphIO]:
-    """The decoder graph for `spec` with `weights` (canonical names, float32 arrays)."""
-    b = _Builder(np.float16 if dtype == "fp16" else np.float32)
+def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_length: int,
+                  dtype: str = "fp32", store: DataFile | None = None) -> tuple[onnx.ModelProto, GraphIO]:
+    """The decoder graph for `spec` with `weights` (canonical names, float32 arrays).
+
+    With a `store`, each initializer goes to its external-data file as soon as it is built and
+    `weights` may be a lazy mapping: the graph then never holds more than one weight's array.
+    """
+    b = _Builder(np.float16 if dtype == "fp16" else np.float32, store)
     kv_shape = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
     present_shape = ["batch", spec.num_kv_heads, "present_sequence_length", spec.head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),

@@ -3,20 +3,25 @@
 The folder is written atomically: everything goes into a hidden temporary
 sibling, the manifest is written last, and only then is the folder renamed into
 place. An export that fails or is killed leaves nothing that loads.
+
+The direct route streams (`_build_streamed`): weights are read from the memory-mapped
+source one at a time, when they are needed, and each tensor is appended to the
+external-data file as it is made, so memory holds about one weight rather than the model
+(a 1B model: about 1-2 GB instead of 19 GB).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from edge_infer.export.arch import load_arch
 from edge_infer.export.atomic import atomic_folder, check_target
-from edge_infer.export.checkpoint import materialize
+from edge_infer.export.checkpoint import LazyWeights
 from edge_infer.export.graph import GraphIO, build_decoder
 from edge_infer.export.progress import Progress
 from edge_infer.export.sources import Source, open_source
@@ -24,10 +29,14 @@ from edge_infer.export.spec import DecoderSpec
 from edge_infer.runtime.errors import UserError
 from edge_infer.runtime.manifest import write_manifest
 
+if TYPE_CHECKING:
+    from edge_infer.export.segments import StoredGraph
+
 QUANTS = ("fp32", "fp16", "int8", "int4")
 DEFAULT_MAX_LENGTH = 4096
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+FLOAT_DATA = "float.onnx.data"  # small float tensors of an int8/int4 export's float graph, until it is finished
 VERSION = "0.1.0"
 # How GGUF blocks with a minimum per block (Q4_1, Q4_K) are imported; measured on the default
 # model (perplexity vs fp32 / decode speed vs exact, benchmarks/QUALITY.md and RESULTS.md):
@@ -87,36 +96,30 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     kv_mib = 2 * spec.num_layers * spec.num_kv_heads * max_length * spec.head_dim * (2 if options.quant == "fp16" else 4)
     progress.note(f"max_length {max_length} (model context {spec.max_position_embeddings}): "
                   f"KV cache {kv_mib / 2**20:.0f} MiB per sequence")
-    weights, blocks, recipe = {}, {}, {}
-    if route == "direct":
-        progress.stage("loading weights")
-        recipe = arch.recipe(spec, source.config)
-        weights, blocks = materialize(recipe, source.weights)
-
     with atomic_folder(out, options.force) as tmp:
         if route == "direct":
-            progress.stage("building graph")
-            model, io = build_decoder(spec, weights, max_length, dtype="fp16" if options.quant == "fp16" else "fp32")
+            model, io, quant_info, reference = _build_streamed(arch, spec, source, max_length, options, tmp, progress)
         else:
             model = optimum_route.export_graph(source.path, options.quant, progress)
             io = GraphIO(tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}),
                          tuple(o.name for o in model.graph.output))
-        quant_info: dict[str, Any] = {"scheme": options.quant}
-        reference = None
-        if options.quant in ("int8", "int4"):
-            reference = model
-            model, quant_info = _quantize(model, spec, blocks, options, progress)
-        if source.kind == "gguf":
+            quant_info: dict[str, Any] = {"scheme": options.quant}
+            reference = None
+            if options.quant in ("int8", "int4"):
+                reference = model
+                model, quant_info = _quantize(model, spec, {}, options, progress)
+            progress.stage("writing model")
+            save_graph(model, tmp)
+        if source.kind == "gguf" and route == "direct":
             from edge_infer.export.gguf_report import import_report, summary_lines
 
             float_kept = {n for n, o in (("embed.weight", options.embeddings), ("lm_head.weight", options.lm_head))
                           if o == "fp"}
-            quant_info["gguf_tensors"] = import_report(recipe, source.weights, set(quant_info.pop("_kept", ())),
-                                                       options.quant, float_kept)
+            quant_info["gguf_tensors"] = import_report(arch.recipe(spec, source.config), source.weights,
+                                                       set(quant_info.pop("_kept", ())), options.quant, float_kept)
             for line in summary_lines(quant_info["gguf_tensors"]):
                 progress.note(f"GGUF {line}")
-        progress.stage("writing model")
-        save_graph(model, tmp)
+        quant_info.pop("_kept", None)  # working state of the report, not part of the manifest
         del model
         _write_tokenizer(source, tmp)
         validation = {}
@@ -124,7 +127,8 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             from edge_infer.export.validate import validate_export
 
             validation = validate_export(tmp, source, spec, reference, max_length, progress)
-        del reference, weights
+        del reference
+        _remove_float_graph(tmp)
         progress.stage("writing manifest")
         body = _manifest_body(spec, source, io, options, quant_info, max_length, validation)
         body["graph"]["route"] = route
@@ -165,8 +169,58 @@ def resolve_max_length(spec: DecoderSpec, requested: int | None) -> int:
     return requested
 
 
-def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: ExportOptions,
-              progress: Progress) -> tuple[onnx.ModelProto, dict]:
+def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, options: ExportOptions,
+                    tmp: Path, progress: Progress) -> tuple[onnx.ModelProto, GraphIO, dict, StoredGraph | None]:
+    """Build (and quantize) the direct route's graph one tensor at a time, straight into `tmp`.
+
+    fp32/fp16: each weight is read from the memory-mapped source when the builder asks for it
+    and appended to the external-data file at once; the protobuf keeps offsets only.
+    int8/int4: the float graph is built with its weights deferred (checkpoint.Deferred): nothing
+    is read until the quantizer asks for a weight, which is then read, quantized and written
+    to the model's data file before the next one (weights taken from GGUF blocks are never read
+    in float at all). Only small or transformed float tensors go to FLOAT_DATA, removed before
+    the folder is finished. The float graph stays the validation reference (read again from the
+    source, segment by segment). Returns (graph proto, io, quantization record, that reference
+    or None).
+    """
+    from edge_infer.export.segments import StoredGraph
+    from edge_infer.quantize.external import DataFile, save_streamed
+
+    quantized = options.quant in ("int8", "int4")
+    weights = LazyWeights(arch.recipe(spec, source.config), source.weights)
+    weights.deferred = quantized
+    progress.stage("building graph" + ("" if quantized else " (weights streamed to disk)"))
+    data = DataFile(tmp / (FLOAT_DATA if quantized else DATA_FILE))
+    try:
+        model, io = build_decoder(spec, weights, max_length, dtype="fp16" if options.quant == "fp16" else "fp32",
+                                  store=data)
+        if not quantized:
+            save_streamed(model, tmp / GRAPH_FILE, data)
+            return model, io, {"scheme": options.quant}, None
+    finally:
+        data.close()
+    reference = StoredGraph(model, tmp, data.deferred)
+    pre = _LazySourceBlocks(weights, 4 if options.quant == "int4" else 8, options)
+    out = DataFile(tmp / DATA_FILE)
+    try:
+        q, info = _quantize(model, spec, pre, options, progress, read=reference.read,
+                            sink=lambda t: out.move(t, tmp, data.deferred))
+        progress.stage("writing model")
+        save_streamed(q, tmp / GRAPH_FILE, out, tmp, data.deferred)
+    finally:
+        out.close()
+    return q, io, info, reference
+
+
+def _remove_float_graph(folder: Path) -> None:
+    (folder / FLOAT_DATA).unlink(missing_ok=True)
+
+
+def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: ExportOptions,
+              progress: Progress, read=None, sink=None) -> tuple[onnx.ModelProto, dict]:
+    """Quantize `model`; `blocks` is a dict of source blocks (canonical name -> blocks) or a
+    `_LazySourceBlocks`. Streaming: `read(tensor)` gives a float weight stored outside the
+    protobuf, and `sink(tensor)` moves each new tensor to the data file (quantize_graph)."""
     from edge_infer.quantize.rewrite import QuantConfig, quantize_graph, quantize_summary
 
     bits = 4 if options.quant == "int4" else 8
@@ -175,12 +229,19 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
                          lm_head=options.lm_head, method=options.rounding)
     config.validate()
     embed_bits = {"int8": 8, "int4": 4}.get(config.embeddings_choice(), 0)
-    pre, minimums = _source_blocks(blocks, bits, embed_bits, options.block_size, options.gguf_import)
+    if isinstance(blocks, _LazySourceBlocks):
+        pre, minimums = blocks, blocks.minimums
+        blocks.embed_bits = embed_bits
+    else:
+        pre, minimums = _source_blocks(blocks, bits, embed_bits, options.block_size, options.gguf_import)
     progress.stage(f"quantizing to {options.quant} (block {options.block_size}, "
                    f"{'symmetric' if options.symmetric else 'asymmetric'})")
     bar = progress.bar("quantize", total=None)
-    q = quantize_graph(model, config, prequantized=pre or None, progress=bar.update)
+    q = quantize_graph(model, config, prequantized=pre or None, progress=bar.update, loader=read, sink=sink)
     bar.close()
+    n_pre = len(pre)
+    if isinstance(blocks, _LazySourceBlocks):
+        blocks = blocks.seen
     if minimums:
         from edge_infer.quantize.block_offsets import add_block_offsets
 
@@ -201,10 +262,51 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks: dict, options: 
         info["mixed_source_types"] = mixed
         progress.note(f"{len(mixed)} fused weights combine source tensors of different quantization types; "
                       "they are quantized once from the exact float weights")
-    info["_kept"] = sorted(pre)  # read by gguf_report, not written to the manifest
-    if pre:
-        info["source_blocks"] = f"{len(pre)} weights kept their source quantization where bits and block size matched"
+    info["_kept"] = sorted(pre.kept if isinstance(pre, _LazySourceBlocks) else pre)  # read by gguf_report
+    if n_pre:
+        info["source_blocks"] = f"{n_pre} weights kept their source quantization where bits and block size matched"
     return q, info
+
+
+class _LazySourceBlocks:
+    """The GGUF blocks the rewrite may use, computed per weight when the rewrite asks for it
+    (`get`), so the blocks of the whole model are never in memory together. Fills `minimums`
+    (residuals for quantize.block_offsets) and `seen` (canonical name -> source blocks, or None
+    for mixed types, with the arrays dropped) as it goes, for the quantization record."""
+
+    def __init__(self, weights: LazyWeights, bits: int, options: ExportOptions):
+        self.weights, self.bits, self.options = weights, bits, options
+        self.embed_bits = 8
+        self.minimums: dict[str, np.ndarray] = {}
+        self.seen: dict[str, object] = {}
+        self.kept: set[str] = set()  # graph names whose source blocks were used as they are
+        self.used = 0
+        names = {"model.embed_tokens.weight": "embed.weight", "lm_head.weight": "lm_head.weight"}
+        self._canonical = {**{f"model.{c}": c for c in weights}, **names}
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self.used
+
+    def get(self, name: str, default=None):
+        canonical = self._canonical.get(name)
+        if canonical is None or canonical not in self.weights:
+            return default
+        found, b = self.weights.blocks(canonical)
+        if not found:
+            return default
+        self.seen[canonical] = None if b is None else True
+        if b is None:
+            return default
+        o = self.options
+        pre, minimums = _source_blocks({canonical: b}, self.bits, self.embed_bits, o.block_size, o.gguf_import)
+        self.minimums.update(minimums)
+        self.used += len(pre)
+        if name in pre:
+            self.kept.add(name)
+        return pre.get(name, default)
 
 
 def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,

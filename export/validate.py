@@ -2,12 +2,15 @@
 
 fp32: the exported graph against the source model in transformers (when the
 `export` extra is installed), max |logit difference| over every position of a
-few prompts. int8/int4: against the fp32 graph of the same weights, top-1
-agreement and mean KL divergence over every position.
+few prompts, for models up to TRANSFORMERS_MAX_PARAMS (transformers holds the whole
+model in fp32). int8/int4: against the fp32 graph of the same weights, top-1 agreement
+and mean KL divergence over every position; that graph is run segment by segment
+(export/segments.py), so memory stays bounded at any model size.
 """
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from pathlib import Path
 
@@ -16,9 +19,13 @@ import onnx
 from edge_infer.devices.ort import ort
 
 from edge_infer.export.progress import Progress
+from edge_infer.export.segments import StoredGraph, run_segmented
 from edge_infer.export.sources import Source
 from edge_infer.export.spec import DecoderSpec
 
+REFERENCE_SEGMENT_BYTES = 256 << 20
+# fp32/fp16 exports are compared with transformers (which loads the whole model in fp32) up to this size.
+TRANSFORMERS_MAX_PARAMS = 300_000_000
 PROMPTS = (
     "The capital of France is Paris. It is known for the Eiffel Tower, museums and cafes.",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
@@ -62,8 +69,11 @@ def _prompt_ids(source: Source, max_length: int) -> list[list[int]]:
     return [ids for ids in out if ids]
 
 
-def validate_export(folder: Path, source: Source, spec: DecoderSpec, reference: onnx.ModelProto | None,
+def validate_export(folder: Path, source: Source, spec: DecoderSpec,
+                    reference: onnx.ModelProto | Path | StoredGraph | None,
                     max_length: int, progress: Progress) -> dict:
+    """`reference`: the float graph of an int8/int4 export (a proto, the path of a graph whose
+    weights are external data beside it, or a StoredGraph), or None to compare an fp32/fp16 export with transformers."""
     progress.stage("validating")
     prompts = _prompt_ids(source, max_length)
     if reference is None:
@@ -87,6 +97,14 @@ def _against_source(graph: Path, source: Source, spec: DecoderSpec, prompts, pro
         return {"source_comparison": msg}
     import torch
 
+    params = _parameter_count(graph)
+    if params > TRANSFORMERS_MAX_PARAMS:
+        msg = (f"skipped: the model has {params / 1e6:.0f}M parameters; transformers would hold all of them in "
+               f"fp32 beside the graph's own session (the comparison runs up to {TRANSFORMERS_MAX_PARAMS / 1e6:.0f}M)."
+               " Validate at that size on a smaller model of the same family, or export int8/int4, which is "
+               "compared with the float graph segment by segment")
+        progress.note(f"source comparison {msg}")
+        return {"source_comparison": msg}
     if source.kind == "gguf":
         from edge_infer.export.gguf_arch import transformers_overrides
 
@@ -125,7 +143,7 @@ def _is_fp16(session: ort.InferenceSession) -> bool:
     return any("float16" in i.type for i in session.get_inputs())
 
 
-def compare_graphs(graph: Path, reference: onnx.ModelProto, spec, tokenizer, max_length: int,
+def compare_graphs(graph: Path, reference: onnx.ModelProto | Path, spec, tokenizer, max_length: int,
                    progress: Progress) -> dict:
     """Top-1 agreement and KL of `graph` against `reference` on the validation prompts.
     `spec` needs num_layers, num_kv_heads, head_dim and vocab_size (a DecoderSpec or a manifest Geometry)."""
@@ -134,27 +152,57 @@ def compare_graphs(graph: Path, reference: onnx.ModelProto, spec, tokenizer, max
     return _against_reference(graph, reference, spec, [p for p in prompts if p], progress)
 
 
-def _against_reference(graph: Path, reference: onnx.ModelProto, spec: DecoderSpec, prompts,
+def _against_reference(graph: Path, reference: onnx.ModelProto | Path | StoredGraph, spec: DecoderSpec, prompts,
                        progress: Progress) -> dict:
+    # The quantized graph first, on its own: its session is freed before the reference runs.
     quant = _session(str(graph))
-    # The reference goes to a file beside the graph (removed below): writing its weights as external
-    # data takes under a second where serializing them into one protobuf took 2-3 s at 540 MB.
-    # It consumes `reference`: its tensors now point at that file.
+    ours = [all_logits(quant, spec, ids) for ids in prompts]
+    del quant
+    gc.collect()
     with tempfile.TemporaryDirectory(prefix=".edge-infer-ref-", dir=graph.parent) as tmp:
-        path = Path(tmp) / "ref.onnx"
-        onnx.save_model(reference, str(path), save_as_external_data=True, location="ref.onnx.data")
-        ref = _session(str(path), light=True)
-        agree, total, kls = 0, 0, []
-        for ids in prompts:
-            a = all_logits(ref, spec, ids)
-            b = all_logits(quant, spec, ids)
-            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            total += len(ids)
-            kls.append(_kl(a, b))
+        if isinstance(reference, onnx.ModelProto):
+            # A proto in memory goes to a file beside the graph (removed below) with its weights as
+            # external data. It consumes `reference`: its tensors now point at that file.
+            path = Path(tmp) / "ref.onnx"
+            onnx.save_model(reference, str(path), save_as_external_data=True, location="ref.onnx.data")
+            reference = path
+        stored = StoredGraph.load(reference) if isinstance(reference, (str, Path)) else reference
+        ref, n_segments = _reference_logits(stored, spec, prompts)
+    agree, total, kls = 0, 0, []
+    for a, b, ids in zip(ref, ours, prompts):
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(ids)
+        kls.append(_kl(a, b))
     kl = float(np.concatenate(kls).mean())
-    progress.note(f"quantized vs fp32: top-1 agreement {agree}/{total} ({agree / total:.1%}), mean KL {kl:.4f}")
+    progress.note(f"quantized vs fp32: top-1 agreement {agree}/{total} ({agree / total:.1%}), mean KL {kl:.4f} "
+                  f"(fp32 reference run in {n_segments} segment(s) of <= {REFERENCE_SEGMENT_BYTES >> 20} MiB "
+                  "of weights)")
     return {"reference": "fp32 export of the same weights", "top1_agreement": agree / total,
-            "mean_kl": kl, "positions": total}
+            "mean_kl": kl, "positions": total,
+            "reference_run": f"whole graph, every position of {len(prompts)} prompts, run in {n_segments} "
+                             f"segment(s) of <= {REFERENCE_SEGMENT_BYTES >> 20} MiB of weights each"}
+
+
+def _reference_logits(stored: StoredGraph, spec, prompts) -> tuple[list[np.ndarray], int]:
+    """Every position's logits of the float graph, run segment by segment (bounded memory)."""
+    feeds = []
+    for ids in prompts:
+        n = len(ids)
+        feed = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), np.int64),
+                "logits_to_keep": np.array([n], dtype=np.int64),
+                "position_ids": np.arange(n, dtype=np.int64)[None, :]}
+        empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
+        for i in range(spec.num_layers):
+            feed[f"past_key_values.{i}.key"] = empty
+            feed[f"past_key_values.{i}.value"] = empty
+        feeds.append(feed)
+    outs, n_segments = run_segmented(stored, feeds, ["logits"], REFERENCE_SEGMENT_BYTES)
+    return [o[0][0][-len(ids):] for o, ids in zip(outs, prompts)], n_segments
+
+
+def _parameter_count(graph: Path) -> int:
+    model = onnx.load(str(graph), load_external_data=False)
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if len(t.dims) >= 2)
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:

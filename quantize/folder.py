@@ -15,8 +15,9 @@ from pathlib import Path
 import onnx
 
 from edge_infer.export.atomic import atomic_folder
-from edge_infer.export.pipeline import save_graph
+from edge_infer.export.pipeline import DATA_FILE
 from edge_infer.export.progress import Progress
+from edge_infer.quantize.external import DataFile, read_tensor, save_streamed
 from edge_infer.quantize.rewrite import QuantConfig, quantize_graph, quantize_summary
 from edge_infer.runtime.errors import UserError
 from edge_infer.runtime.manifest import load_manifest, write_manifest
@@ -36,24 +37,31 @@ def quantize_folder(src: str | Path, out: str | Path, config: QuantConfig, valid
         raise UserError("the output folder must differ from the input folder")
     graph_path = src / manifest.graph_file
     check_external_data(graph_path)
-    progress.stage("loading graph")
-    model = onnx.load(str(graph_path), load_external_data=True)
+    progress.stage("reading graph")
+    # Weights stay on disk: each is read when its turn comes and its quantized form goes straight to
+    # the new data file (quantize.external), so memory holds one tensor, not the model.
+    model = onnx.load(str(graph_path), load_external_data=False)
     scheme = f"int{config.bits}"
-    progress.stage(f"quantizing to {scheme} (block {config.block_size}, "
-                   f"{'symmetric' if config.symmetric else 'asymmetric'})")
-    bar = progress.bar("quantize", total=None)
-    quantized = quantize_graph(model, config, progress=bar.update)
-    bar.close()
     with atomic_folder(out, force) as tmp:
-        progress.stage("writing model")
-        save_graph(quantized, tmp)
-        del quantized
+        progress.stage(f"quantizing to {scheme} (block {config.block_size}, "
+                       f"{'symmetric' if config.symmetric else 'asymmetric'})")
+        bar = progress.bar("quantize", total=None)
+        data = DataFile(tmp / DATA_FILE)
+        try:
+            quantized = quantize_graph(model, config, progress=bar.update, loader=lambda t: read_tensor(t, src),
+                                       sink=lambda t: data.move(t, src))
+            bar.close()
+            progress.stage("writing model")
+            save_streamed(quantized, tmp / manifest.graph_file, data, src)
+        finally:
+            data.close()
+        del quantized, model
         for name in (manifest.tokenizer.file, manifest.tokenizer.chat_template_file):
             if name:
                 shutil.copyfile(src / name, tmp / name)
         validation = {}
         if validate:
-            validation = _validate(tmp / manifest.graph_file, model, manifest, progress)
+            validation = _validate(tmp / manifest.graph_file, graph_path, manifest, progress)
         body = {k: v for k, v in manifest.raw.items() if k not in ("format", "format_version", "files")}
         summary = quantize_summary(onnx.load(str(tmp / manifest.graph_file), load_external_data=False))
         body["quantization"] = {"scheme": scheme, **asdict(config), "exclude": list(config.exclude),
@@ -66,7 +74,7 @@ def quantize_folder(src: str | Path, out: str | Path, config: QuantConfig, valid
     return out
 
 
-def _validate(graph: Path, reference: onnx.ModelProto, manifest, progress: Progress) -> dict:
+def _validate(graph: Path, reference: Path, manifest, progress: Progress) -> dict:
     from edge_infer.export.validate import compare_graphs
 
     from edge_infer.runtime.tokenizer import Tokenizer

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -137,14 +139,22 @@ def quantize_graph(
     config: QuantConfig,
     prequantized: Mapping[str, QuantizedLinear] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    loader: Callable[[TensorProto], np.ndarray] | None = None,
+    sink: Callable[[TensorProto], TensorProto] | None = None,
 ) -> onnx.ModelProto:
     """A copy of `model` with its linear layers (and embedding/lm_head) block-quantized.
 
     `prequantized` maps a float weight initializer's name to blocks imported from
     elsewhere (GGUF), oriented (N, K) = (out, in); they are used verbatim when
     their bits and block size match what the config asks for that tensor, and
-    dequantized then re-quantized (logged and recorded) when they do not.
+    dequantized then re-quantized (logged and recorded) when they do not. It may be
+    a lazy mapping: only `.get(name)` is called, once per weight, when that weight's turn comes.
     `progress(done, total)` is called after each tensor.
+
+    Streaming (quantize.external): `loader` reads an externally stored float initializer,
+    and `sink` takes each new initializer as it is made and returns the proto to keep
+    (its bytes moved to a data file), so only one weight is in memory at a time.
     """
     config.validate()
     prequantized = prequantized or {}
@@ -163,13 +173,16 @@ def quantize_graph(
     for done, job in enumerate(jobs, start=1):
         tensor = inits[job.weight]
         dtype = _FLOAT_TYPES[tensor.data_type]
-        ql = _obtain(job, tensor, config, prequantized, requantized)
+        ql = _obtain(job, tensor, config, prequantized, requantized, loader)
         names, tensors = nbits_initializers(ql, job.weight, dtype)
         for t in tensors:
             if t.name in inits:
                 raise UserError(f"cannot quantize {job.weight}: the graph already has an initializer named {t.name}")
+            if sink is not None:
+                t = sink(t)
             inits[t.name] = t
             graph.initializer.append(t)
+        del tensors
         if job.matmul is not None:
             node = job.matmul
             node_name = node.name + "NBits" if node.name.endswith("MatMul") else node.name + "/MatMulNBits"
@@ -180,7 +193,7 @@ def quantize_graph(
             new_nodes[node.output[0]] = [nbits_node]
         if job.gather is not None:
             sub_nodes, sub_inits = _embedding_nodes(job.gather, ql, names, dtype)
-            graph.initializer.extend(sub_inits)
+            graph.initializer.extend(sub_inits if sink is None else [sink(t) for t in sub_inits])
             new_nodes[job.gather.output[0]] = sub_nodes
         if progress is not None:
             progress(done, len(jobs))
@@ -276,6 +289,7 @@ def _obtain(
     config: QuantConfig,
     prequantized: Mapping[str, QuantizedLinear],
     requantized: list[str],
+    loader: Callable[[TensorProto], np.ndarray] | None = None,
 ) -> QuantizedLinear:
     """The quantized (N, K) weight for a job: imported blocks when they fit, else rounded here."""
     dims = tuple(tensor.dims)
@@ -295,15 +309,34 @@ def _obtain(
         requantized.append(job.weight)
         return _round(dequantize(pre), job.bits, config)
     if tensor.data_location == TensorProto.EXTERNAL:
-        raise UserError(f"initializer {job.weight} is stored externally: load the model with its external data first")
-    w = numpy_helper.to_array(tensor).astype(np.float32)  # (K, N) or (V, D)
+        if loader is None:
+            raise UserError(f"initializer {job.weight} is stored externally: "
+                            "load the model with its external data first")
+        w = loader(tensor)
+    else:
+        w = numpy_helper.to_array(tensor)
+    w = w.astype(np.float32, copy=False)  # (K, N) or (V, D)
     return _round(w.T if job.transposed else w, job.bits, config)
 
 
+RTN_ROWS = 4096  # rows rounded at a time: rounding's temporaries stay a few times one slice, not the tensor
+
+
 def _round(w: np.ndarray, bits: int, config: QuantConfig) -> QuantizedLinear:
-    if bits == 8 or config.rounding == "rtn":  # 8-bit rounding error is already ~16x below 4-bit's
-        return quantize_rtn(w, bits, config.block_size, config.symmetric)
-    return quantize_search(w, bits, config.block_size, config.symmetric)
+    if not (bits == 8 or config.rounding == "rtn"):
+        return quantize_search(w, bits, config.block_size, config.symmetric)  # (works in slices of rows)
+    # 8-bit rounding error is already ~16x below 4-bit's. Rows are independent: round slice by slice,
+    # on a small thread pool (numpy releases the GIL), as quantize_search does.
+    starts = range(0, w.shape[0], RTN_ROWS)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(lambda i: quantize_rtn(w[i:i + RTN_ROWS], bits, config.block_size, config.symmetric),
+                              starts))
+    if len(parts) == 1:
+        return parts[0]
+    zps = [p.zero_points for p in parts]
+    return QuantizedLinear(bits=bits, block_size=config.block_size, q=np.concatenate([p.q for p in parts]),
+                           scales=np.concatenate([p.scales for p in parts]),
+                           zero_points=None if zps[0] is None else np.concatenate(zps), k=parts[0].k)
 
 
 def _embedding_nodes(
