@@ -61,11 +61,24 @@ def qnn_devices() -> list:
     return [d for d in ort.get_ep_devices() if d.ep_name == "QNN"]
 
 
+def strict_plan(plan: DevicePlan) -> DevicePlan:
+    """`plan` without the CPU fallback when an accelerator runs it: every node must run there."""
+    from edge_infer.devices.providers import DevicePlan
+
+    if plan.providers[0] == "CPUExecutionProvider":
+        return plan
+    reasons = tuple(r for r in plan.reasons if not r.startswith("cpu: fallback only"))
+    reasons += (f"cpu: fallback disabled (session.disable_cpu_ep_fallback=1): every node runs on {plan.device} "
+                "or the model does not load",)
+    return DevicePlan(plan.device, plan.providers[:1], plan.provider_options[:1], reasons)
+
+
 def session_for(path: str, plan: DevicePlan, options, strict: bool):
     """An InferenceSession for `path` on `plan` (options: onnxruntime SessionOptions)."""
     from edge_infer.devices.ort import ort
 
     accelerator = plan.providers[0] != "CPUExecutionProvider"
+    strict = strict or (accelerator and "CPUExecutionProvider" not in plan.providers)
     if accelerator and strict:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     if plan.providers[0] == QNN_EP:

@@ -62,7 +62,10 @@ PROVIDERS: tuple[Provider, ...] = (
              "Intel NPU / GPU / CPU (openvino:NPU|GPU|CPU); standard ONNX ops only", {"device_type": "AUTO:NPU,GPU,CPU"}),
     Provider("qnn", "QNNExecutionProvider", "npu", "none", True,
              "pip install onnxruntime-qnn (a plugin for onnxruntime >= 1.24.2; `make qnn-venv`)",
-             "Qualcomm Hexagon NPU (HTP; simulated on x86 Linux); standard ops, static shapes", {"backend_type": "htp"}),
+             "Qualcomm Hexagon NPU (HTP; simulated on x86 Linux); standard ops, static shapes",
+             # The HTP computes float graphs in fp16; the QNN provider then needs a SoC model (60: a
+             # Snapdragon 8 Gen 3 class HTP). Without these options an fp32 graph fails to finalize.
+             {"backend_type": "htp", "enable_htp_fp16_precision": "1", "soc_model": "60"}),
     Provider("cpu", CPU, "cpu", "all", False, "every onnxruntime build has it",
              "any CPU; int4/int8 (MatMulNBits) and fp32 models"),
 )  # fmt: skip

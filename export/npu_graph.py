@@ -53,6 +53,7 @@ SHARED_PREFIXES = ("model.", "lm_head.", "rope.")  # initializers both graphs re
 class StaticShape:
     max_length: int  # P: cache positions
     sequence_length: int  # S: new tokens per pass
+    lookup: str = "gather"  # table rows by "gather", or "onehot" (Equal + MatMul) for providers without Gather
 
 
 def check_supported(spec: DecoderSpec, max_length: int) -> None:
@@ -190,12 +191,14 @@ def build_static_decoder(spec: DecoderSpec, bank: WeightBank, shape: StaticShape
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, [1, kv, P, hd]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, [1, kv, S, hd]))
 
-    # Additive mask (1, 1, group * S, P + S): the caller's mask, and causal order among the new tokens.
-    causal = np.ones((S, P + S), dtype=bool)
-    causal[:, P:] = np.tril(np.ones((S, S), dtype=bool))
-    allowed = g.one("Cast", ["attention_mask"], "/model/attn_mask/Cast", to=TensorProto.BOOL)  # (1, P + S)
-    allowed = g.one("And", [allowed, g.const(causal, bool)], "/model/attn_mask/And")  # (S, P + S)
-    bias = g.one("Where", [allowed, g.const(0.0, np.float32), g.const(NEG, np.float32)], "/model/attn_mask/Where")
+    # Additive mask (1, 1, group * S, P + S): the caller's mask, and causal order among the new tokens,
+    # in arithmetic (QNN's HTP refuses Where): (allowed - 1) * 1e9 with allowed in {0, 1}.
+    causal = np.ones((S, P + S), dtype=np.float32)
+    causal[:, P:] = np.tril(np.ones((S, S), dtype=np.float32))
+    allowed = g.one("Cast", ["attention_mask"], "/model/attn_mask/Cast", to=TensorProto.FLOAT)  # (1, P + S)
+    allowed = g.one("Mul", [allowed, g.const(causal, np.float32)], "/model/attn_mask/Mul_causal")  # (S, P + S)
+    bias = g.one("Mul", [g.one("Sub", [allowed, g.const(1.0, np.float32)], "/model/attn_mask/Sub"),
+                         g.const(-NEG, np.float32)], "/model/attn_mask/Mul_big")
     group = heads // kv
     if group > 1:
         bias = g.one("Tile", [bias, g.const([group, 1])], "/model/attn_mask/Tile")  # (group * S, P + S)
@@ -205,11 +208,11 @@ def build_static_decoder(spec: DecoderSpec, bank: WeightBank, shape: StaticShape
     cos, sin = cos_sin_cache(spec.rope, P)  # (P, head_dim / 2)
     cos_t = g.add(bank.plain("rope.cos", np.concatenate([cos, cos], axis=-1)))  # (P, head_dim)
     sin_t = g.add(bank.plain("rope.sin", np.concatenate([sin, sin], axis=-1)))
-    rope = tuple(g.one("Unsqueeze", [g.one("Gather", [t, "position_ids"], f"/model/rope/Gather_{n}", axis=0),
+    rope = tuple(g.one("Unsqueeze", [_lookup(g, t, "position_ids", P, f"/model/rope/{n}", shape.lookup),
                                       g.const([1])], f"/model/rope/Unsqueeze_{n}") for n, t in (("cos", cos_t), ("sin", sin_t)))
 
     embed = g.add(bank.plain("model.embed_tokens.weight", bank.weights["embed.weight"]))  # (vocab, hidden)
-    x = g.one("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather", axis=0)  # (1, S, hidden)
+    x = _lookup(g, embed, "input_ids", spec.vocab_size, "/model/embed_tokens", shape.lookup)  # (1, S, hidden)
     if spec.embed_scale is not None:
         x = g.one("Mul", [x, g.const(spec.embed_scale, np.float32)], "/model/embed_tokens/Mul")
 
@@ -243,6 +246,15 @@ def build_static_decoder(spec: DecoderSpec, bank: WeightBank, shape: StaticShape
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edge-infer")
     model.ir_version = 10
     return model
+
+
+def _lookup(g: _Graph, table: str, idx: str, rows: int, name: str, how: str) -> str:
+    """Rows of `table` (rows, width) at `idx` (1, S): (1, S, width)."""
+    if how == "gather":
+        return g.one("Gather", [table, idx], name + "/Gather", axis=0)
+    hit = g.one("Equal", [g.one("Unsqueeze", [idx, g.const([-1])], name + "/Unsqueeze"), g.const(np.arange(rows))],
+                name + "/Equal")  # (1, S, rows)
+    return g.one("MatMul", [g.one("Cast", [hit], name + "/Cast", to=TensorProto.FLOAT), table], name + "/MatMul")
 
 
 def _norm(g: _Graph, spec: DecoderSpec, key: str, x: str, name: str) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
-from edge_infer.devices.accelerators import session_for
+from edge_infer.devices.accelerators import session_for, strict_plan
 from edge_infer.runtime.cache import KVCache
 from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.runtime.errors import ContextLengthError, ModelFileError, UserError
@@ -96,7 +96,8 @@ class StaticModel(Model):
         self.static = StaticPlan.from_manifest(manifest)
         folder = manifest.folder
         traits = ModelTraits(dtype=manifest.dtype, contrib_ops=False, static_shapes=True)
-        self.plan: DevicePlan = resolve(device, available_providers(), traits)
+        self.plan: DevicePlan = strict_plan(resolve(device, available_providers(), traits)) if strict else \
+            resolve(device, available_providers(), traits)
         sessions = []
         for g in (self.static.prefill, self.static.decode):
             path = folder / g.file
