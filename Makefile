@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.edge-infer-installed
 DEMO   := demo-model
 QUESTION ?= Which city is the capital of France?
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench npu-venv qnn-venv test-npu
 
 venv: $(STAMP)
 
@@ -33,3 +33,35 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# NPU providers, each in an environment of its own (README "NPU"). Both environments take every
+# other package from .venv through a .pth line placed after their own site-packages, so their
+# onnxruntime wins: .venv-npu holds onnxruntime-openvino (a whole onnxruntime build, it cannot sit
+# beside the onnxruntime wheel), .venv-qnn the QNN plugin for .venv's onnxruntime 1.32.
+NPU_VENV := .venv-npu
+QNN_VENV := .venv-qnn
+OPENVINO := onnxruntime-openvino==1.24.1
+QNN      := onnxruntime-qnn==2.7.0
+MAIN_SITE = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+$(NPU_VENV)/.installed: $(STAMP)
+	test -x $(NPU_VENV)/bin/python || $(PYTHON) -m venv $(NPU_VENV)
+	$(NPU_VENV)/bin/python -m pip install -q --no-deps $(OPENVINO)
+	echo "import site; site.addsitedir('$(MAIN_SITE)')" > \
+		"$$($(NPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_edge_infer_main.pth"
+	touch $@
+
+$(QNN_VENV)/.installed: $(STAMP)
+	test -x $(QNN_VENV)/bin/python || $(PYTHON) -m venv $(QNN_VENV)
+	$(QNN_VENV)/bin/python -m pip install -q --no-deps $(QNN)
+	echo "import site; site.addsitedir('$(MAIN_SITE)')" > \
+		"$$($(QNN_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_edge_infer_main.pth"
+	touch $@
+
+npu-venv: $(NPU_VENV)/.installed
+qnn-venv: $(QNN_VENV)/.installed
+
+# The provider tests: OpenVINO (CPU device) and QNN (HTP, simulated), CPU fallback disabled.
+test-npu: npu-venv qnn-venv
+	$(NPU_VENV)/bin/python -m pytest -q -rs tests/test_npu_providers.py
+	$(QNN_VENV)/bin/python -m pytest -q -rs tests/test_npu_providers.py

@@ -76,8 +76,10 @@ def export_npu(src, out, options, progress: Progress | None = None) -> Path:
         pipeline._write_tokenizer(source, tmp)
         quant = {"scheme": options.quant}
         if options.quant != "fp32":
-            quant.update(bits=4 if options.quant == "int4" else 8, block_size=options.block_size, symmetric=True,
-                         format="DequantizeLinear (opset 21) with block_size, symmetric, no zero point",
+            int4 = options.quant == "int4"
+            quant.update(bits=4 if int4 else 8, block_size=options.block_size, symmetric=not int4,
+                         format="DequantizeLinear (opset 21) with block_size, " + (
+                             "uint4 with zero points, searched scales" if int4 else "int8 symmetric"),
                          quantized_weights=bank.quantized, lm_head="int8 blocks", embeddings="fp32 (Gather)")
         body = pipeline._manifest_body(spec, source, io, options, quant, max_length, {})
         body["graph"].update(

@@ -27,8 +27,9 @@ Pieces, all standard ONNX (opset 21):
     rotate-half by Split/Neg/Concat;
   * grouped-query attention: the query heads of one kv head are stacked along the sequence
     axis, (1, kv_heads, group * S, head_dim), so nothing repeats the keys; every tensor is 4-D;
-  * int4 / int8 weights: DequantizeLinear with block_size (symmetric, no zero point) feeding
-    MatMul; the embedding gather stays float, the lm_head is int8 blocks.
+  * int4 / int8 weights: DequantizeLinear with block_size feeding MatMul (int4: uint4 with
+    zero points and searched scales, as the default export rounds; int8: symmetric); the
+    embedding gather stays float, the lm_head is int8 blocks.
 """
 
 from __future__ import annotations
@@ -98,8 +99,17 @@ class WeightBank:
         k = w_in_out.shape[0]
         if bits is None or k % self.block_size:
             return self.plain(name, w_in_out), False
-        q, scale = quantize_blocks(w_in_out, bits, self.block_size)  # (K, N), (K / block, N)
-        self._made[name] = [_int_tensor(name + ".q", q, bits), numpy_helper.from_array(scale, name + ".scale")]
+        if bits == 4:  # searched scales and uint4 zero points, as the default int4 export rounds
+            from edge_infer.quantize.search import quantize_search
+
+            ql = quantize_search(w_in_out.T, 4, self.block_size, symmetric=False)  # q (N, K), scales (N, K / block)
+            self._made[name] = [_int_tensor(name + ".q", ql.q.T, TensorProto.UINT4),  # (K, N)
+                                numpy_helper.from_array(np.ascontiguousarray(ql.scales.T), name + ".scale"),
+                                _int_tensor(name + ".zero_point", ql.zero_points.T, TensorProto.UINT4)]
+        else:
+            q, scale = quantize_blocks(w_in_out, bits, self.block_size)  # (K, N), (K / block, N)
+            self._made[name] = [_int_tensor(name + ".q", q, TensorProto.INT8),
+                                numpy_helper.from_array(scale, name + ".scale")]
         self.quantized += 1
         return self._made[name], True
 
@@ -116,15 +126,16 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, n
     return q.reshape(k, n), scale.astype(np.float32)
 
 
-def _int_tensor(name: str, q: np.ndarray, bits: int) -> onnx.TensorProto:
-    if bits == 8:
-        return numpy_helper.from_array(q.astype(np.int8), name)
-    flat = (q.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)  # two's complement nibbles
+def _int_tensor(name: str, q: np.ndarray, onnx_type: int) -> onnx.TensorProto:
+    """An INT8 tensor, or a packed INT4 / UINT4 one, of the integer array q."""
+    if onnx_type == TensorProto.INT8:
+        return numpy_helper.from_array(np.ascontiguousarray(q, dtype=np.int8), name)
+    flat = (np.ascontiguousarray(q).reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)  # low nibbles
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.uint8)])
     packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)  # element 2i in the low nibble
     t = TensorProto()
-    t.name, t.data_type = name, TensorProto.INT4
+    t.name, t.data_type = name, onnx_type
     t.dims.extend(q.shape)
     t.raw_data = packed.tobytes()
     return t
@@ -165,7 +176,7 @@ class _Graph:
         tensors, quantized = self.bank.linear(f"model.{key}.weight", w, bits)
         self.add(tensors)
         if quantized:
-            wq = self.one("DequantizeLinear", [tensors[0].name, tensors[1].name], name + "/DequantizeLinear",
+            wq = self.one("DequantizeLinear", [t.name for t in tensors], name + "/DequantizeLinear",
                           axis=0, block_size=self.bank.block_size)  # (in, out) float32
         else:
             wq = tensors[0].name

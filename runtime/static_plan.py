@@ -108,7 +108,14 @@ class StaticModel(Model):
                 sessions.append(session_for(str(path), self.plan, options, strict))
             except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ModelFileError(f"{path}: onnxruntime could not load it on {self.plan.device} ({first})") from None
+                hint = ""
+                if "fallback to CPU EP has been explicitly disabled" in first:
+                    hint = (f"; {self.plan.device} cannot run some nodes (onnxruntime's log names them) and the CPU "
+                            "fallback is off so that nothing runs on the CPU unseen")
+                    if self.plan.device == "qnn" and manifest.quant_scheme != "fp32":
+                        hint += "; QNN's HTP runs no weight-only DequantizeLinear: export with --quant fp32 for QNN"
+                raise ModelFileError(f"{path}: onnxruntime could not load it on {self.plan.device} ({first}){hint}") \
+                    from None
         self.shared_threads = not options.use_per_session_threads
         self.session = sessions[1]
         self.providers = self.session.get_providers()

@@ -71,7 +71,7 @@ def test_quantized_profile_kl_beside_the_default_int4(npu_exports, tiny_exports)
     print(f"KL vs fp32: npu int4 {npu4['mean_kl']:.4f}, npu int8 {npu8['mean_kl']:.5f}, "
           f"default int4 {default4['mean_kl']:.4f}")
     assert npu8["mean_kl"] < 0.01 and npu8["top1_agreement"] > 0.8  # tiny random logits are near ties
-    assert npu4["mean_kl"] < 3 * default4["mean_kl"]  # symmetric round-to-nearest vs searched asymmetric
+    assert npu4["mean_kl"] < 1.5 * default4["mean_kl"]  # the same searched asymmetric rounding
 
 
 def test_generate_and_stream_on_static_plan(npu_exports, tiny_exports):
