@@ -276,11 +276,18 @@ def _norm(g: _Graph, spec: DecoderSpec, key: str, x: str, name: str) -> str:
     return _rms(g, x, gamma, spec.norm_eps, name)
 
 
+RMS_PRESCALE = 256.0  # x / 256 before squaring: fp16 (QNN's HTP) overflows x * x past |x| = 255
+
+
 def _rms(g: _Graph, x: str, gamma: str, eps: float, name: str) -> str:
-    square = g.one("Mul", [x, x], name + "/Mul_square")
+    """x / sqrt(mean(x^2) + eps) * gamma, computed as u / sqrt(mean(u^2) + eps / c^2) with u = x / c, which
+    is the same value and keeps the squares in fp16 range for residual outliers in the thousands."""
+    c = RMS_PRESCALE
+    u = g.one("Mul", [x, g.const(1.0 / c, np.float32)], name + "/Mul_prescale")
+    square = g.one("Mul", [u, u], name + "/Mul_square")
     mean = g.one("ReduceMean", [square, g.const([-1])], name + "/ReduceMean", keepdims=1)
-    root = g.one("Sqrt", [g.one("Add", [mean, g.const(eps, np.float32)], name + "/Add_eps")], name + "/Sqrt")
-    y = g.one("Mul", [x, g.one("Reciprocal", [root], name + "/Reciprocal")], name + "/Mul_norm")
+    root = g.one("Sqrt", [g.one("Add", [mean, g.const(eps / c ** 2, np.float32)], name + "/Add_eps")], name + "/Sqrt")
+    y = g.one("Mul", [u, g.one("Reciprocal", [root], name + "/Reciprocal")], name + "/Mul_norm")
     return g.one("Mul", [y, gamma], name + "/Mul_gamma")
 
 
