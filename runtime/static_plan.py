@@ -132,10 +132,13 @@ class StaticModel(Model):
     def new_cache(self, batch: int = 1, max_length: int | None = None) -> KVCache:
         if batch != 1:
             raise UserError("a model exported with --profile npu runs one sequence at a time (batch 1)")
-        if max_length not in (None, self.static.max_length):
+        if max_length is not None and not 0 < max_length <= self.static.max_length:
             raise UserError(f"a model exported with --profile npu has a fixed cache of {self.static.max_length} "
-                            f"positions; re-export with --max-length {max_length} for another length")
-        return KVCache(self.manifest, 1)
+                            f"positions; re-export with --max-length {max_length} for a longer one")
+        cache = KVCache(self.manifest, 1)  # the graphs read all max_length positions, whatever the limit
+        if max_length is not None:
+            cache.max_length = max_length  # a shorter limit on the same buffers: the context checks read it
+        return cache
 
     def forward(self, ids: np.ndarray, cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
         """Run `ids` (1, sequence_length) after the cached positions; returns logits

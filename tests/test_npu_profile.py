@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import edge_infer
-from edge_infer.runtime.errors import UserError
+from edge_infer.runtime.errors import ContextLengthError, UserError
 from tiny import our_greedy
 
 IDS = list(range(3, 45))  # 42 prompt tokens: two full chunks of 16 and a left-padded one of 10
@@ -103,7 +103,11 @@ def test_static_plan_refusals(npu_exports, tiny_checkpoints, tmp_path):
     with pytest.raises(UserError, match="batch 1"):
         npu.new_cache(batch=2)
     with pytest.raises(UserError, match="fixed cache"):
-        npu.new_cache(max_length=64)
+        npu.new_cache(max_length=256)
+    short = npu.new_cache(max_length=50)
+    assert short.max_length == 50 and short.keys[0].shape[2] == 128
+    with pytest.raises(ContextLengthError):
+        npu.forward(np.array([IDS + IDS]), short)
     with pytest.raises(UserError, match="sliding-window"):  # mistral window 7 < max_length
         export_model(tiny_checkpoints("mistral"), tmp_path / "m", ExportOptions(quant="fp32", max_length=64,
                                                                                  profile="npu"))
