@@ -73,8 +73,14 @@ def strict_plan(plan: DevicePlan) -> DevicePlan:
     return DevicePlan(plan.device, plan.providers[:1], plan.provider_options[:1], reasons)
 
 
-def session_for(path: str, plan: DevicePlan, options, strict: bool):
-    """An InferenceSession for `path` on `plan` (options: onnxruntime SessionOptions)."""
+def session_for(path: str, plan: DevicePlan, options, strict: bool, cache_dir: Path | None = None,
+                graph_sha256: str = ""):
+    """An InferenceSession for `path` on `plan` (options: onnxruntime SessionOptions).
+
+    cache_dir: where compiled contexts are kept (None: compile every time). QNN writes an
+    EPContext model (`<graph>_ctx.onnx` + its `.bin`) there once and loads it afterwards;
+    OpenVINO gets it as its `cache_dir` for compiled blobs.
+    """
     from edge_infer.devices.ort import ort
 
     accelerator = plan.providers[0] != "CPUExecutionProvider"
@@ -84,8 +90,86 @@ def session_for(path: str, plan: DevicePlan, options, strict: bool):
     if plan.providers[0] == QNN_EP:
         register_plugins()
         options.add_provider_for_devices(qnn_devices(), dict(plan.provider_options[0]))
+        if cache_dir is not None:
+            return _qnn_with_context(path, plan, options, cache_dir, graph_sha256)
         return ort.InferenceSession(path, options)
     providers = plan.session_providers()
     if accelerator and strict:
         providers = providers[:1]
+    if cache_dir is not None and plan.providers[0] == "OpenVINOExecutionProvider":
+        providers[0] = (providers[0][0], dict(providers[0][1], cache_dir=str(cache_dir / "openvino")))
     return ort.InferenceSession(path, options, providers=providers)
+
+
+def provider_version(plan: DevicePlan) -> str:
+    """What a compiled context depends on: onnxruntime's version and the plugin package's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from edge_infer.devices.ort import ort
+
+    parts = [f"onnxruntime {ort.__version__}"]
+    if plan.providers[0] == QNN_EP:
+        try:
+            parts.append(f"onnxruntime-qnn {version('onnxruntime-qnn')}")
+        except PackageNotFoundError:
+            parts.append("onnxruntime-qnn unknown")
+    return ", ".join(parts)
+
+
+def _qnn_with_context(path: str, plan: DevicePlan, options, cache_dir: Path, graph_sha256: str):
+    """Load `path`'s QNN EPContext from cache_dir, or compile it once and keep it there.
+
+    The context is keyed by the graph's sha256, the provider options and versions: a new
+    onnxruntime or onnxruntime-qnn, or other options, compile a new one. `context.json` beside
+    it records the sha256 of each file, checked before every use.
+    """
+    import hashlib
+    import json
+    import os
+    import shutil
+
+    from edge_infer.devices.ort import ort
+
+    stem = Path(path).stem
+    record = {"graph": Path(path).name, "graph_sha256": graph_sha256, "provider": QNN_EP,
+              "provider_version": provider_version(plan), "options": dict(plan.provider_options[0])}
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir / f"qnn-{stem}-{key}"
+    ctx = folder / f"{stem}_ctx.onnx"
+    if _context_valid(folder):
+        return ort.InferenceSession(str(ctx), options)
+    tmp = cache_dir / f".qnn-{stem}-{key}.{os.getpid()}.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError:  # a read-only model folder: compile every time
+        return ort.InferenceSession(path, options)
+    options.add_session_config_entry("ep.context_enable", "1")
+    options.add_session_config_entry("ep.context_file_path", str(tmp / ctx.name))
+    options.add_session_config_entry("ep.context_embed_mode", "0")
+    session = ort.InferenceSession(path, options)
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / "context.json").write_text(json.dumps({**record, "files": files}, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return session
+
+
+def _context_valid(folder: Path) -> bool:
+    import json
+
+    try:
+        record = json.loads((folder / "context.json").read_text())
+        return bool(record["files"]) and all(_sha256(folder / n) == h for n, h in record["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()

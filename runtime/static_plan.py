@@ -87,6 +87,17 @@ class _Pass:
         return b
 
 
+CONTEXT_DIR = "epcontext"  # compiled accelerator contexts, beside the graphs (not in the manifest's files)
+
+
+def context_dir(folder) -> "Path | None":
+    """Where compiled contexts of this model folder go; None when the folder is read-only."""
+    import os
+
+    path = folder / CONTEXT_DIR
+    return path if os.access(folder, os.W_OK) else None
+
+
 class StaticModel(Model):
     """A Model whose manifest describes a static plan (prefill-chunk graph + decode graph)."""
 
@@ -105,7 +116,8 @@ class StaticModel(Model):
             options = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
             options.log_severity_level = 3
             try:
-                sessions.append(session_for(str(path), self.plan, options, strict))
+                sessions.append(session_for(str(path), self.plan, options, strict, cache_dir=context_dir(folder),
+                                            graph_sha256=str(manifest.files[g.file]["sha256"])))
             except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 hint = ""

@@ -175,3 +175,21 @@ def test_default_model_on_the_accelerator(device, tmp_path_factory, tmp_path):
         print(f"KL vs fp32 over {len(expected)} positions: npu int4 on {device} {kl_npu:.4f}, "
               f"default int4 on cpu {kl_default:.4f}")
         assert kl_npu < 0.5
+
+
+def test_compiled_context_is_cached_and_rebuilt_when_changed(device, npu_tiny):
+    """QNN: an EPContext per graph beside the model, keyed by graph hash, options and versions;
+    a changed file is noticed (sha256 in context.json) and the context compiled again."""
+    folder = npu_tiny("qwen2")
+    first = our_greedy(edge_infer.load(folder, device=device), IDS, 4)
+    contexts = folder / "epcontext"
+    assert contexts.is_dir()
+    if device == "qnn":
+        records = sorted(contexts.glob("qnn-*/context.json"))
+        assert len(records) == 2  # prefill and decode
+        record = json.loads(records[0].read_text())
+        assert record["provider_version"].startswith("onnxruntime ") and "onnxruntime-qnn" in record["provider_version"]
+        blob = next(records[0].parent.glob("*.bin"))
+        blob.write_bytes(blob.read_bytes()[:-1] + b"\0")  # a changed context is not used
+    assert our_greedy(edge_infer.load(folder, device=device), IDS, 4) == first
+    edge_infer.load(folder, device="cpu")  # the manifest's hashes still verify
