@@ -112,6 +112,11 @@ def test_static_plan_refusals(npu_exports, tiny_checkpoints, tmp_path):
         export_model(tiny_checkpoints("mistral"), tmp_path / "m", ExportOptions(quant="fp32", max_length=64,
                                                                                  profile="npu"))
     assert not (tmp_path / "m").exists()
+    from edge_infer.quantize.folder import quantize_folder
+    from edge_infer.quantize.rewrite import QuantConfig
+
+    with pytest.raises(UserError, match="npu-profile export"):
+        quantize_folder(npu_exports("llama"), tmp_path / "q", QuantConfig(bits=4))
     with pytest.raises(UserError, match="--quant fp16"):
         export_model(tiny_checkpoints("llama"), tmp_path / "f", ExportOptions(quant="fp16", max_length=64,
                                                                               profile="npu"))
