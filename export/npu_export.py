@@ -19,13 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from edge_infer.export.arch import load_arch
 from edge_infer.export.atomic import atomic_folder, check_target
 from edge_infer.export.checkpoint import materialize
 from edge_infer.export.graph import GraphIO
 from edge_infer.export.npu_graph import (
-    OPSET, SHARED_PREFIXES, StaticShape, WeightBank, build_static_decoder, check_supported,
+    OPSET,
+    SHARED_PREFIXES,
+    StaticShape,
+    WeightBank,
+    build_static_decoder,
+    check_supported,
 )
 from edge_infer.export.progress import Progress
 from edge_infer.export.sources import open_source

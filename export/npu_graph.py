@@ -38,11 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from edge_infer.export.rope import cos_sin_cache
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.runtime.errors import UserError
+from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21
 NPU_WEIGHTS = ("fp32", "int8", "int4")

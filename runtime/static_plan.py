@@ -17,9 +17,9 @@ bound CPU arrays into their own memory each pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
 from edge_infer.devices.accelerators import session_for, strict_plan
 from edge_infer.runtime.cache import KVCache
@@ -90,7 +90,7 @@ class _Pass:
 CONTEXT_DIR = "epcontext"  # compiled accelerator contexts, beside the graphs (not in the manifest's files)
 
 
-def context_dir(folder) -> "Path | None":
+def context_dir(folder: Path) -> Path | None:
     """Where compiled contexts of this model folder go; None when the folder is read-only."""
     import os
 

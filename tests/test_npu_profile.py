@@ -8,10 +8,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-
-import edge_infer
 from edge_infer.runtime.errors import ContextLengthError, UserError
 from tiny import our_greedy
+
+import edge_infer
 
 IDS = list(range(3, 45))  # 42 prompt tokens: two full chunks of 16 and a left-padded one of 10
 

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import edge_infer
 from edge_infer.devices import available_providers, cpu_session_options
 from edge_infer.devices.accelerators import session_for, strict_plan
 from edge_infer.devices.providers import ModelTraits, resolve
 from edge_infer.runtime.errors import ModelFileError
 from edge_infer.runtime.generate import encode_prompt
 from tiny import our_greedy
+
+import edge_infer
 
 DEVICES = {"openvino:CPU": "OpenVINOExecutionProvider", "qnn": "QNNExecutionProvider"}
 INSTALL = {"openvino:CPU": "onnxruntime-openvino is not installed here (make npu-venv; run in .venv-npu)",
