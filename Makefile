@@ -61,7 +61,18 @@ $(QNN_VENV)/.installed: $(STAMP)
 npu-venv: $(NPU_VENV)/.installed
 qnn-venv: $(QNN_VENV)/.installed
 
+# The default model's exports the provider tests share (made once, in .venv).
+NPU_MODELS := out/npu-models
+GGUF = $$($(BIN)/python -c 'from edge_infer.export.sources import default_model_path as p; print(p())')
+$(NPU_MODELS)/.done: $(STAMP)
+	for q in fp32 int8 int4; do $(BIN)/edge-infer export "$(GGUF)" -o $(NPU_MODELS)/npu-$$q --profile npu \
+		--quant $$q --no-validate --force -q || exit 1; done
+	for q in fp32 int4; do $(BIN)/edge-infer export "$(GGUF)" -o $(NPU_MODELS)/default-$$q --quant $$q \
+		--max-length 1024 --no-validate --force -q || exit 1; done
+	touch $@
+
 # The provider tests: OpenVINO (CPU device) and QNN (HTP, simulated), CPU fallback disabled.
-test-npu: npu-venv qnn-venv
-	$(NPU_VENV)/bin/python -m pytest -q -rs tests/test_npu_providers.py
-	$(QNN_VENV)/bin/python -m pytest -q -rs tests/test_npu_providers.py
+# QNN's simulator is slow: the default model's QNN test takes tens of minutes on 2 cores.
+test-npu: npu-venv qnn-venv $(NPU_MODELS)/.done
+	EDGE_INFER_NPU_MODELS=$(NPU_MODELS) $(NPU_VENV)/bin/python -m pytest -q -rs tests/test_npu_providers.py
+	EDGE_INFER_NPU_MODELS=$(NPU_MODELS) $(QNN_VENV)/bin/python -m pytest -q -rs tests/test_npu_providers.py
