@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.edge-infer-installed
 DEMO   := demo-model
 QUESTION ?= Which city is the capital of France?
 
-.PHONY: demo test venv clean bench test-genai
+.PHONY: demo test venv clean bench test-genai npu-venv qnn-venv test-npu
 
 venv: $(STAMP)
 
@@ -43,3 +43,45 @@ $(GENAI_VENV)/.installed:
 
 test-genai: $(STAMP) $(GENAI_VENV)/.installed
 	EDGE_INFER_GENAI_PYTHON=$(GENAI_VENV)/bin/python $(BIN)/python -m pytest -q tests/test_genai_interop.py
+# NPU providers, each in an environment of its own (README "NPU"). Both environments take every
+# other package from .venv through a .pth line placed after their own site-packages, so their
+# onnxruntime wins: .venv-npu holds onnxruntime-openvino (a whole onnxruntime build, it cannot sit
+# beside the onnxruntime wheel), .venv-qnn the QNN plugin for .venv's onnxruntime 1.32.
+NPU_VENV := .venv-npu
+QNN_VENV := .venv-qnn
+OPENVINO := onnxruntime-openvino==1.24.1
+QNN      := onnxruntime-qnn==2.7.0
+MAIN_SITE = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+$(NPU_VENV)/.installed: $(STAMP)
+	test -x $(NPU_VENV)/bin/python || $(PYTHON) -m venv $(NPU_VENV)
+	$(NPU_VENV)/bin/python -m pip install -q --no-deps $(OPENVINO)
+	echo "import site; site.addsitedir('$(MAIN_SITE)')" > \
+		"$$($(NPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_edge_infer_main.pth"
+	touch $@
+
+$(QNN_VENV)/.installed: $(STAMP)
+	test -x $(QNN_VENV)/bin/python || $(PYTHON) -m venv $(QNN_VENV)
+	$(QNN_VENV)/bin/python -m pip install -q --no-deps $(QNN)
+	echo "import site; site.addsitedir('$(MAIN_SITE)')" > \
+		"$$($(QNN_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_edge_infer_main.pth"
+	touch $@
+
+npu-venv: $(NPU_VENV)/.installed
+qnn-venv: $(QNN_VENV)/.installed
+
+# The default model's exports the provider tests share (made once, in .venv).
+NPU_MODELS := out/npu-models
+GGUF = $$($(BIN)/python -c 'from edge_infer.export.sources import default_model_path as p; print(p())')
+$(NPU_MODELS)/.done: $(STAMP)
+	for q in fp32 int8 int4; do $(BIN)/edge-infer export "$(GGUF)" -o $(NPU_MODELS)/npu-$$q --profile npu \
+		--quant $$q --no-validate --force -q || exit 1; done
+	for q in fp32 int4; do $(BIN)/edge-infer export "$(GGUF)" -o $(NPU_MODELS)/default-$$q --quant $$q \
+		--max-length 1024 --no-validate --force -q || exit 1; done
+	touch $@
+
+# The provider tests: OpenVINO (CPU device) and QNN (HTP, simulated), CPU fallback disabled.
+# QNN's simulator is slow: the default model's QNN test takes tens of minutes on 2 cores.
+test-npu: npu-venv qnn-venv $(NPU_MODELS)/.done
+	EDGE_INFER_NPU_MODELS=$(NPU_MODELS) $(NPU_VENV)/bin/python -m pytest -q -rs tests/test_npu_providers.py
+	EDGE_INFER_NPU_MODELS=$(NPU_MODELS) $(QNN_VENV)/bin/python -m pytest -q -rs tests/test_npu_providers.py

@@ -57,10 +57,15 @@ PROVIDERS: tuple[Provider, ...] = (
              "DirectX 12 GPU; fp16 models, int4 MatMulNBits in some builds"),
     Provider("coreml", "CoreMLExecutionProvider", "npu", "none", True, "use the macOS onnxruntime wheel",
              "Apple Neural Engine / GPU; standard ONNX ops only", {"ModelFormat": "MLProgram"}),
-    Provider("openvino", "OpenVINOExecutionProvider", "npu", "none", True, "install onnxruntime-openvino",
-             "Intel NPU / GPU; standard ONNX ops only", {"device_type": "AUTO:NPU,GPU,CPU"}),
-    Provider("qnn", "QNNExecutionProvider", "npu", "none", True, "install onnxruntime-qnn, Snapdragon only",
-             "Qualcomm Hexagon NPU; standard ONNX ops only", {"backend_type": "htp"}),
+    Provider("openvino", "OpenVINOExecutionProvider", "npu", "none", True,
+             "a separate environment with onnxruntime-openvino instead of onnxruntime (`make npu-venv`)",
+             "Intel NPU / GPU / CPU (openvino:NPU|GPU|CPU); standard ONNX ops only", {"device_type": "AUTO:NPU,GPU,CPU"}),
+    Provider("qnn", "QNNExecutionProvider", "npu", "none", True,
+             "pip install onnxruntime-qnn (a plugin for onnxruntime >= 1.24.2; `make qnn-venv`)",
+             "Qualcomm Hexagon NPU (HTP; simulated on x86 Linux); standard ops, static shapes",
+             # The HTP computes float graphs in fp16; the QNN provider then needs a SoC model (60: a
+             # Snapdragon 8 Gen 3 class HTP). Without these options an fp32 graph fails to finalize.
+             {"backend_type": "htp", "enable_htp_fp16_precision": "1", "soc_model": "60"}),
     Provider("cpu", CPU, "cpu", "all", False, "every onnxruntime build has it",
              "any CPU; int4/int8 (MatMulNBits) and fp32 models"),
 )  # fmt: skip
@@ -74,6 +79,7 @@ class ModelTraits:
     dtype: str = "fp32"  # activations: "fp32" | "fp16"
     contrib_ops: bool = True  # uses com.microsoft ops (MatMulNBits, GroupQueryAttention)
     quant_bits: int | None = None  # MatMulNBits weight bits (4 or 8); None for float weights
+    static_shapes: bool = False  # fixed-shape graphs (the npu export profile)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("fp32", "fp16"):
@@ -108,6 +114,11 @@ def unsuitable(provider: Provider, model: ModelTraits) -> str | None:
             f"{provider.ort_name} runs standard ONNX ops only and this model uses contrib ops "
             "(MatMulNBits, GroupQueryAttention); export the model without contrib ops for this device"
         )
+    if provider.name == "qnn" and not model.static_shapes:
+        return (
+            "QNN compiles fixed shapes and this model's graph has dynamic shapes; "
+            "export it with `edge-infer export SRC -o OUT --profile npu`"
+        )
     if model.contrib_ops and provider.contrib_ops == "int4" and model.quant_bits == 8:
         return (
             f"{provider.ort_name} runs MatMulNBits for 4-bit weights only and this model is int8; "
@@ -123,7 +134,8 @@ def resolve(requested: str, available: Sequence[str], model: ModelTraits) -> Dev
     explicit device is missing or unsuitable, for an unknown name, and when no
     available provider can run the model.
     """
-    name = requested.strip().lower()
+    name, _, option = requested.strip().partition(":")
+    name = name.lower()
     have = set(available)
     if name == "auto":
         return _auto(have, model)
@@ -141,7 +153,23 @@ def resolve(requested: str, available: Sequence[str], model: ModelTraits) -> Dev
         raise UserError(
             f"device {name!r} cannot run this model: {why}; devices here that can: {', '.join(can) or 'none'}"
         )
-    return _plan(provider, have, [f"{name}: requested"])
+    plan = _plan(provider, have, [f"{name}: requested"])
+    return with_option(plan, provider, option) if option else plan
+
+
+# The provider option that `--device NAME:VALUE` sets.
+DEVICE_OPTION = {"openvino": ("device_type", ("CPU", "GPU", "NPU")), "qnn": ("backend_type", ("htp", "gpu"))}
+
+
+def with_option(plan: DevicePlan, provider: Provider, value: str) -> DevicePlan:
+    """`plan` with the provider option of `--device NAME:VALUE` (openvino:NPU, qnn:htp)."""
+    key, allowed = DEVICE_OPTION.get(provider.name, (None, ()))
+    canon = {a.lower(): a for a in allowed}.get(value.lower())
+    if key is None or canon is None:
+        choices = ", ".join(f"{n}:{a}" for n, (_, al) in DEVICE_OPTION.items() for a in al)
+        raise UserError(f"device option '{provider.name}:{value}' is not known; use one of {choices}")
+    options = (dict(plan.provider_options[0], **{key: canon}),) + plan.provider_options[1:]
+    return DevicePlan(plan.device, plan.providers, options, plan.reasons + (f"{provider.name}: {key}={canon}",))
 
 
 def _auto(have: set[str], model: ModelTraits) -> DevicePlan:
@@ -182,9 +210,11 @@ def _names(have: set[str]) -> str:
 
 def available_providers() -> list[str]:
     """The providers this onnxruntime build has, in its own order."""
+    from edge_infer.devices.accelerators import register_plugins
     from edge_infer.devices.ort import ort as onnxruntime
 
-    return list(onnxruntime.get_available_providers())
+    have = list(onnxruntime.get_available_providers())
+    return have + [p for p in register_plugins() if p not in have]
 
 
 def physical_cores() -> int:

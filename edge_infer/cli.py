@@ -112,11 +112,16 @@ def _load(path: str, device: str, threads: int | None, quiet: bool = False, shar
               help="GGUF Q4_1/Q4_K blocks: exact (a residual term per weight), mixed (exact in the MLP, rounded "
                    "again in attention: 1.05-1.17x decode, perplexity 1.04x fp32), requantize (all rounded "
                    "again, wider blocks too: 1.3-1.4x decode, 1.14x); see benchmarks/QUALITY.md.")
+@click.option("--profile", type=click.Choice(["default", "npu"]), default="default", show_default=True,
+              help="npu: standard ONNX ops and static shapes (prefill-chunk + decode graphs) for OpenVINO, QNN "
+                   "and any provider; --quant fp32, int8 or int4 (DequantizeLinear blocks); --max-length "
+                   "default 1024.")
+@click.option("--chunk", type=int, default=64, show_default=True, help="npu profile: prefill chunk length.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the source / fp32.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding,
-           gguf_import, no_validate, force, quiet):
+           gguf_import, profile, chunk, no_validate, force, quiet):
     """Export a Hugging Face folder or a .gguf file to an ONNX model folder."""
     from edge_infer.export.pipeline import ExportOptions, export_model
     from edge_infer.export.progress import Progress
@@ -124,7 +129,7 @@ def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_he
     options = ExportOptions(quant=quant, max_length=max_length, block_size=block_size, symmetric=symmetric,
                             embeddings=embeddings, lm_head=lm_head, accuracy_level=accuracy_level,
                             rounding=rounding, gguf_import=gguf_import, validate=not no_validate,
-                            force=force)
+                            force=force, profile=profile, chunk=chunk)
     export_model(src, out, options, Progress(quiet=quiet))
 
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from edge_infer.export.segments import StoredGraph
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
+PROFILES = ("default", "npu")  # npu: standard ONNX ops, static shapes (OpenVINO, QNN, any provider)
 DEFAULT_MAX_LENGTH = 4096
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -61,6 +62,8 @@ class ExportOptions:
     gguf_import: str = "exact"
     validate: bool = True
     force: bool = False
+    profile: str = "default"  # "npu": static standard-op graphs (export/npu_export.py)
+    chunk: int = 64  # npu profile: tokens per prefill-chunk graph pass
 
     def check(self) -> None:
         if self.quant not in QUANTS:
@@ -69,6 +72,8 @@ class ExportOptions:
             raise UserError(f"--max-length must be at least 16, got {self.max_length}")
         if self.gguf_import not in GGUF_IMPORTS:
             raise UserError(f"--gguf-import must be one of {', '.join(GGUF_IMPORTS)}, got '{self.gguf_import}'")
+        if self.profile not in PROFILES:
+            raise UserError(f"--profile must be one of {', '.join(PROFILES)}, got '{self.profile}'")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise UserError(f"--block-size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
 
@@ -77,6 +82,10 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
                  progress: Progress | None = None) -> Path:
     """Export `src` (HF folder or .gguf) to the model folder `out`; returns its path."""
     options.check()
+    if options.profile == "npu":
+        from edge_infer.export.npu_export import export_npu
+
+        return export_npu(src, out, options, progress)
     progress = progress or Progress(quiet=True)
     out = Path(out)
     check_target(out, options.force)

@@ -33,6 +33,9 @@ def quantize_folder(src: str | Path, out: str | Path, config: QuantConfig, valid
     manifest = load_manifest(src, verify=True)
     if manifest.quant_scheme not in ("fp32", "fp16"):
         raise UserError(f"{src}: is already quantized ({manifest.quant_scheme}); quantize an fp32 or fp16 export")
+    if manifest.kv_layout == "static":
+        raise UserError(f"{src}: is an npu-profile export (two static graphs); re-export it with "
+                        "`edge-infer export SRC -o OUT --profile npu --quant int8|int4` instead")
     if out.resolve() == src.resolve():
         raise UserError("the output folder must differ from the input folder")
     graph_path = src / manifest.graph_file

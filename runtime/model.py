@@ -186,5 +186,11 @@ def load(path: str | os.PathLike, device: str = "auto", threads: int | None = No
     `load` joins the pool, and a session you open with onnxruntime directly needs
     `SessionOptions.use_per_session_threads = False`.
     """
-    return Model(load_manifest(Path(path), verify=verify), device=device, threads=threads,
+    manifest = load_manifest(Path(path), verify=verify)
+    if manifest.kv_layout == "static":  # a fixed-shape plan (--profile npu): runtime/static_plan.py
+        from edge_infer.runtime.static_plan import StaticModel
+
+        return StaticModel(manifest, device=device, threads=threads, allow_spinning=allow_spinning,
+                           shared_threads=shared_threads)
+    return Model(manifest, device=device, threads=threads,
                  allow_spinning=allow_spinning, shared_threads=shared_threads)

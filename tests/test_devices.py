@@ -27,7 +27,7 @@ COREML = "CoreMLExecutionProvider"
 INT4 = ModelTraits(dtype="fp32", contrib_ops=True, quant_bits=4)
 INT8 = ModelTraits(dtype="fp32", contrib_ops=True, quant_bits=8)
 FP16 = ModelTraits(dtype="fp16", contrib_ops=True)
-FP16_STANDARD = ModelTraits(dtype="fp16", contrib_ops=False)
+FP16_STANDARD = ModelTraits(dtype="fp16", contrib_ops=False, static_shapes=True)  # the npu profile
 
 
 def test_auto_picks_cuda_when_present():
@@ -60,7 +60,7 @@ def test_auto_uses_npu_for_standard_op_models():
     plan = resolve("auto", [QNN, CPU], FP16_STANDARD)
     assert plan.device == "qnn"
     assert plan.providers == (QNN, CPU)
-    assert plan.provider_options[0] == {"backend_type": "htp"}
+    assert plan.provider_options[0]["backend_type"] == "htp"
 
 
 def test_cpu_always_last():

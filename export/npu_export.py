@@ -1,0 +1,153 @@
+"""`edge-infer export --profile npu`: two static standard-op graphs over one weights file.
+
+Folder layout:
+    prefill.onnx      the prefill-chunk graph (sequence_length = chunk)
+    decode.onnx       the 1-token decode graph
+    model.onnx.data   the weights, written once; both graphs point into it
+    manifest.json     graph.kv_layout "static" and graph.static_plan for runtime/static_plan.py
+
+Validation (stored in the manifest) compares against the default builder's fp32 graph
+of the same weights (the graph the default int4 export's KL is measured against):
+every position through the decode graph, and the last position through the chunked
+prefill, max |logit difference| (fp32) or mean KL and top-1 agreement (int8/int4).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from edge_infer.export.arch import load_arch
+from edge_infer.export.atomic import atomic_folder, check_target
+from edge_infer.export.checkpoint import materialize
+from edge_infer.export.graph import GraphIO
+from edge_infer.export.npu_graph import (
+    OPSET,
+    SHARED_PREFIXES,
+    StaticShape,
+    WeightBank,
+    build_static_decoder,
+    check_supported,
+)
+from edge_infer.export.progress import Progress
+from edge_infer.export.sources import open_source
+from edge_infer.runtime.errors import UserError
+from edge_infer.runtime.manifest import write_manifest
+
+NPU_DEFAULT_MAX_LENGTH = 1024  # every pass reads the whole fixed cache: keep it as short as the use needs
+PREFILL_FILE, DECODE_FILE, DATA_FILE = "prefill.onnx", "decode.onnx", "model.onnx.data"
+
+
+def export_npu(src, out, options, progress: Progress | None = None) -> Path:
+    """Export `src` with the npu profile (options: pipeline.ExportOptions) to the folder `out`."""
+    from edge_infer.export import pipeline
+
+    progress = progress or Progress(quiet=True)
+    out = Path(out)
+    check_target(out, options.force)
+    progress.stage(f"reading {src}")
+    source = open_source(src)
+    if pipeline._route(source) != "direct":
+        raise UserError(f"--profile npu needs an architecture with a direct builder; "
+                        f"'{source.config.get('model_type')}' goes through optimum-onnx")
+    arch = load_arch(source.config.get("model_type"))
+    spec = arch.spec(source.config)
+    max_length = options.max_length or min(NPU_DEFAULT_MAX_LENGTH, spec.max_position_embeddings)
+    max_length = pipeline.resolve_max_length(spec, max_length)
+    chunk = options.chunk
+    if not 2 <= chunk <= max_length:
+        raise UserError(f"--chunk must be between 2 and max_length ({max_length}), got {chunk}")
+    check_supported(spec, max_length)
+    progress.note(f"npu profile: static graphs, prefill chunk {chunk}, decode 1, KV cache {max_length} positions, "
+                  f"weights {options.quant}")
+    progress.stage("loading weights")
+    weights, _ = materialize(arch.recipe(spec, source.config), source.weights)
+    bank = WeightBank(weights, options.quant, options.block_size)
+
+    with atomic_folder(out, options.force) as tmp:
+        progress.stage("building graphs")
+        prefill = build_static_decoder(spec, bank, StaticShape(max_length, chunk))
+        onnx.save_model(prefill, str(tmp / PREFILL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024, convert_attribute=False)
+        del prefill
+        decode = build_static_decoder(spec, bank, StaticShape(max_length, 1))
+        io = GraphIO(tuple(i.name for i in decode.graph.input), tuple(o.name for o in decode.graph.output))
+        share_weights(decode, tmp / PREFILL_FILE)
+        onnx.save_model(decode, str(tmp / DECODE_FILE))
+        del decode
+        pipeline._write_tokenizer(source, tmp)
+        quant = {"scheme": options.quant}
+        if options.quant != "fp32":
+            int4 = options.quant == "int4"
+            quant.update(bits=4 if int4 else 8, block_size=options.block_size, symmetric=not int4,
+                         format="DequantizeLinear (opset 21) with block_size, " + (
+                             "uint4 with zero points, searched scales" if int4 else "int8 symmetric"),
+                         quantized_weights=bank.quantized, lm_head="int8 blocks", embeddings="fp32 (Gather)")
+        body = pipeline._manifest_body(spec, source, io, options, quant, max_length, {})
+        body["graph"].update(
+            file=DECODE_FILE, data_file=DATA_FILE, dtype="fp32", route="direct", kv_layout="static", profile="npu",
+            target="npu: OpenVINO (CPU/GPU/NPU), QNN HTP; runs on the CPU provider too",
+            ops=f"standard ONNX only (opset {OPSET}): MatMul/Softmax attention, RMSNorm and rotary from "
+                "elementwise ops" + (", DequantizeLinear weight blocks" if options.quant != "fp32" else ""),
+            kv_cache=f"one fixed buffer of {max_length} positions per layer held by the runtime; each graph "
+                     "returns only the new positions' keys and values",
+            static_plan={"max_length": max_length, "prefill": {"file": PREFILL_FILE, "sequence_length": chunk},
+                         "decode": {"file": DECODE_FILE, "sequence_length": 1}})
+        write_manifest(tmp, body)
+        if options.validate:  # through the runtime, so the manifest must exist; then written again with the figures
+            progress.stage("validating")
+            body["validation"] = validate_static(tmp, spec, weights, source, max_length, options.quant, progress)
+            write_manifest(tmp, body)
+    progress.done(f"exported to {out}")
+    return out
+
+
+def share_weights(model: onnx.ModelProto, saved: Path) -> None:
+    """Point `model`'s weight initializers at the tensors `saved` (a graph already written with
+    external data) holds under the same names, so the data file is written once."""
+    refs = {t.name: t for t in onnx.load(str(saved), load_external_data=False).graph.initializer
+            if t.name.startswith(SHARED_PREFIXES) and t.data_location == onnx.TensorProto.EXTERNAL}
+    for t in model.graph.initializer:
+        if t.name in refs:
+            t.CopyFrom(refs[t.name])
+
+
+def validate_static(folder: Path, spec, weights: dict, source, max_length: int, quant: str,
+                    progress: Progress) -> dict:
+    """The static plan on the CPU provider against the default builder's fp32 graph of the same weights."""
+    from edge_infer.devices.ort import ort
+    from edge_infer.export.graph import build_decoder
+    from edge_infer.export.validate import _kl, _prompt_ids, all_logits
+    from edge_infer.runtime.manifest import load_manifest
+    from edge_infer.runtime.static_plan import StaticModel
+
+    prompts = _prompt_ids(source, max_length)
+    with tempfile.TemporaryDirectory(prefix=".edge-infer-ref-", dir=folder.parent) as ref_dir:
+        ref_model, _ = build_decoder(spec, weights, max_length)
+        path = Path(ref_dir) / "ref.onnx"
+        onnx.save_model(ref_model, str(path), save_as_external_data=True, location="ref.onnx.data")
+        del ref_model
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        ref = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        refs = [all_logits(ref, spec, ids) for ids in prompts]  # (positions, vocab) each
+        del ref
+    model = StaticModel(load_manifest(folder, verify=False), device="cpu")
+    worst, worst_last, agree, total, kls = 0.0, 0.0, 0, 0, []
+    for ids, a in zip(prompts, refs):
+        b = model.forward(np.asarray([ids]), model.new_cache(), logits_to_keep=len(ids))[0]  # decode graph
+        last = model.forward(np.asarray([ids]), model.new_cache())[0, -1]  # chunked prefill graph
+        worst = max(worst, float(np.abs(a - b).max()))
+        worst_last = max(worst_last, float(np.abs(a[-1] - last).max()))
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(ids)
+        kls.append(_kl(a, b))
+    kl = float(np.concatenate(kls).mean())
+    progress.note(f"npu {quant} vs default fp32 graph: max |logit diff| {worst:.2e} (decode graph), "
+                  f"{worst_last:.2e} (prefill chunks, last position); top-1 {agree}/{total}, mean KL {kl:.5f}")
+    return {"reference": "default builder's fp32 graph of the same weights (CPU provider)",
+            "max_abs_logit_diff": worst, "max_abs_logit_diff_prefill_last": worst_last,
+            "top1_agreement": agree / total, "mean_kl": kl, "positions": total}
+

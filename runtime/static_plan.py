@@ -1,0 +1,204 @@
+"""Driving fixed-shape graphs: the plan of a model exported with `--profile npu`.
+
+The manifest's `graph.static_plan` names two graphs over one weights file: a prefill
+graph that takes `chunk` tokens and a decode graph that takes 1 (export/npu_graph.py).
+Both read the whole KV cache, (1, kv_heads, max_length, head_dim) per layer, and return
+only the new tokens' keys and values, which this module writes into the cache at its
+offset. A prompt runs in chunks; a short chunk is left-padded (mask 0 in the padding
+slots), so the last real token is always the graph's last position, the only one with
+logits.
+
+On the CPU provider everything is bound once through IOBinding: the cache arrays as
+`past`, preallocated arrays as `present` and `logits`; a pass copies only the new
+positions (S * kv_heads * head_dim values per layer). Accelerator providers copy the
+bound CPU arrays into their own memory each pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
+from edge_infer.devices.accelerators import session_for, strict_plan
+from edge_infer.runtime.cache import KVCache
+from edge_infer.runtime.chat_template import ChatTemplate
+from edge_infer.runtime.errors import ContextLengthError, ModelFileError, UserError
+from edge_infer.runtime.manifest import Manifest
+from edge_infer.runtime.model import Model, check_external_data
+from edge_infer.runtime.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class StaticGraph:
+    file: str
+    sequence_length: int
+
+
+@dataclass(frozen=True)
+class StaticPlan:
+    """What `graph.static_plan` in the manifest says."""
+
+    max_length: int
+    prefill: StaticGraph
+    decode: StaticGraph
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> StaticPlan:
+        try:
+            raw = m.raw["graph"]["static_plan"]
+            plan = cls(int(raw["max_length"]), StaticGraph(str(raw["prefill"]["file"]), int(raw["prefill"]["sequence_length"])),
+                       StaticGraph(str(raw["decode"]["file"]), int(raw["decode"]["sequence_length"])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFileError(f"{m.folder / 'manifest.json'}: malformed graph.static_plan ({e}); re-export") from None
+        for g in (plan.prefill, plan.decode):
+            if g.file not in m.files:
+                raise ModelFileError(f"{m.folder / 'manifest.json'}: '{g.file}' is referenced but not listed in files")
+        if plan.decode.sequence_length != 1 or plan.max_length != m.geometry.max_length:
+            raise ModelFileError(f"{m.folder / 'manifest.json'}: graph.static_plan does not match the model geometry")
+        return plan
+
+
+class _Pass:
+    """One graph's session with its preallocated present/logits outputs, bound per cache."""
+
+    def __init__(self, session, g: StaticGraph, manifest: Manifest):
+        self.session, self.S = session, g.sequence_length
+        geo = manifest.geometry
+        shape = (1, geo.num_kv_heads, self.S, geo.head_dim)  # (1, kv_heads, S, head_dim)
+        self.present_k = [np.zeros(shape, np.float32) for _ in range(geo.num_layers)]
+        self.present_v = [np.zeros(shape, np.float32) for _ in range(geo.num_layers)]
+        self.logits = np.zeros((1, 1, geo.vocab_size), np.float32)  # (1, 1, vocab)
+
+    def binding(self, cache: KVCache):
+        from edge_infer.devices.ort import ort
+
+        b = cache.bindings.get(id(self.session))
+        if b is None:
+            b = self.session.io_binding()
+            b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+            for i in range(len(self.present_k)):
+                b.bind_ortvalue_input(f"past_key_values.{i}.key", cache.key_values[i])
+                b.bind_ortvalue_input(f"past_key_values.{i}.value", cache.value_values[i])
+                b.bind_ortvalue_output(f"present.{i}.key", ort.OrtValue.ortvalue_from_numpy(self.present_k[i]))
+                b.bind_ortvalue_output(f"present.{i}.value", ort.OrtValue.ortvalue_from_numpy(self.present_v[i]))
+            cache.bindings[id(self.session)] = b
+        return b
+
+
+CONTEXT_DIR = "epcontext"  # compiled accelerator contexts, beside the graphs (not in the manifest's files)
+
+
+def context_dir(folder: Path) -> Path | None:
+    """Where compiled contexts of this model folder go; None when the folder is read-only."""
+    import os
+
+    path = folder / CONTEXT_DIR
+    return path if os.access(folder, os.W_OK) else None
+
+
+class StaticModel(Model):
+    """A Model whose manifest describes a static plan (prefill-chunk graph + decode graph)."""
+
+    def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None,
+                 allow_spinning: bool = True, shared_threads: bool = False, strict: bool = True):
+        self.manifest = manifest
+        self.static = StaticPlan.from_manifest(manifest)
+        folder = manifest.folder
+        traits = ModelTraits(dtype=manifest.dtype, contrib_ops=False, static_shapes=True)
+        self.plan: DevicePlan = strict_plan(resolve(device, available_providers(), traits)) if strict else \
+            resolve(device, available_providers(), traits)
+        sessions = []
+        for g in (self.static.prefill, self.static.decode):
+            path = folder / g.file
+            check_external_data(path)
+            options = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
+            options.log_severity_level = 3
+            try:
+                sessions.append(session_for(str(path), self.plan, options, strict, cache_dir=context_dir(folder),
+                                            graph_sha256=str(manifest.files[g.file]["sha256"])))
+            except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                hint = ""
+                if "fallback to CPU EP has been explicitly disabled" in first:
+                    hint = (f"; {self.plan.device} cannot run some nodes (onnxruntime's log names them) and the CPU "
+                            "fallback is off so that nothing runs on the CPU unseen")
+                    if self.plan.device == "qnn" and manifest.quant_scheme != "fp32":
+                        hint += "; QNN's HTP runs no weight-only DequantizeLinear: export with --quant fp32 for QNN"
+                raise ModelFileError(f"{path}: onnxruntime could not load it on {self.plan.device} ({first}){hint}") \
+                    from None
+        self.shared_threads = not options.use_per_session_threads
+        self.session = sessions[1]
+        self.providers = self.session.get_providers()
+        self._prefill = _Pass(sessions[0], self.static.prefill, manifest)
+        self._decode = _Pass(sessions[1], self.static.decode, manifest)
+        self.tokenizer = Tokenizer(folder / manifest.tokenizer.file, manifest.tokenizer)
+        tpl = manifest.tokenizer.chat_template_file
+        self.chat_template = None
+        if tpl:
+            self.chat_template = ChatTemplate((folder / tpl).read_text(encoding="utf-8"),
+                                              bos_token=manifest.tokenizer.bos_token or "",
+                                              eos_token=manifest.tokenizer.eos_token or "")
+
+    def new_cache(self, batch: int = 1, max_length: int | None = None) -> KVCache:
+        if batch != 1:
+            raise UserError("a model exported with --profile npu runs one sequence at a time (batch 1)")
+        if max_length is not None and not 0 < max_length <= self.static.max_length:
+            raise UserError(f"a model exported with --profile npu has a fixed cache of {self.static.max_length} "
+                            f"positions; re-export with --max-length {max_length} for a longer one")
+        cache = KVCache(self.manifest, 1)  # the graphs read all max_length positions, whatever the limit
+        if max_length is not None:
+            cache.max_length = max_length  # a shorter limit on the same buffers: the context checks read it
+        return cache
+
+    def forward(self, ids: np.ndarray, cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
+        """Run `ids` (1, sequence_length) after the cached positions; returns logits
+        (1, logits_to_keep, vocab) and advances the cache. Several kept logits (speculative
+        verification) come from one decode pass per kept token."""
+        batch, seq = ids.shape
+        if batch != 1:
+            raise UserError("a model exported with --profile npu runs one sequence at a time (batch 1)")
+        if cache.offset + seq > cache.max_length:
+            raise ContextLengthError(f"{cache.offset + seq} positions do not fit the KV cache of {cache.max_length}")
+        keep = max(1, min(logits_to_keep, seq))
+        row = [int(t) for t in ids[0]]
+        head, tail = row[:seq - keep + 1], row[seq - keep + 1:]
+        out = [self._chunked(head, cache)]
+        for token in tail:
+            out.append(self._pass(self._decode, [token], cache))
+        return np.concatenate(out, axis=1)  # (1, keep, vocab)
+
+    def decode_batch(self, tokens: np.ndarray, cache: KVCache, lengths: np.ndarray) -> np.ndarray:
+        raise UserError("a model exported with --profile npu runs one sequence at a time (batch 1)")
+
+    def _chunked(self, ids: list[int], cache: KVCache) -> np.ndarray:
+        C = self._prefill.S
+        logits = None
+        for start in range(0, len(ids), C):
+            piece = ids[start:start + C]
+            logits = self._pass(self._decode if len(piece) == 1 else self._prefill, piece, cache)
+        return logits  # (1, 1, vocab)
+
+    def _pass(self, p: _Pass, piece: list[int], cache: KVCache) -> np.ndarray:
+        """One run of a graph over `piece` (n <= S tokens, left-padded); writes the new keys and values."""
+        n, S, P, off = len(piece), p.S, self.static.max_length, cache.offset
+        ids = np.zeros((1, S), np.int64)  # (1, S), padding first
+        ids[0, S - n:] = piece
+        mask = np.zeros((1, P + S), np.int64)  # (1, P + S): [cache | new]
+        mask[0, :off] = 1
+        mask[0, P + S - n:] = 1
+        positions = np.zeros((1, S), np.int64)  # (1, S)
+        positions[0, S - n:] = np.arange(off, off + n)
+        b = p.binding(cache)
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", mask)
+        b.bind_cpu_input("position_ids", positions)
+        p.session.run_with_iobinding(b)
+        for i in range(len(p.present_k)):  # the new positions into the cache: (1, kv_heads, n, head_dim)
+            cache.keys[i][:, :, off:off + n] = p.present_k[i][:, :, S - n:]
+            cache.values[i][:, :, off:off + n] = p.present_v[i][:, :, S - n:]
+        cache.offset = off + n
+        cache.tokens.extend(piece)
+        return p.logits.copy()
+
