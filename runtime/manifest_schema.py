@@ -27,7 +27,7 @@ MAX_VOCAB = 1 << 22
 MAX_LENGTH = 1 << 24
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DTYPES = ("fp32", "fp16")
-_KV_LAYOUTS = ("shared", "concat")
+_KV_LAYOUTS = ("shared", "concat", "static")  # static: the npu profile (runtime/static_plan.py)
 
 
 class SchemaError(ModelFileError):
@@ -109,6 +109,16 @@ def check_raw(path: Path, raw: dict) -> None:
             g.fail(f"graph.{kind}", f"has {len(have) // 2} layers of {prefix}.*, but model.num_layers is {layers}")
     if "input_ids" not in inputs or "logits" not in outputs:
         g.fail("graph", "must have an input_ids input and a logits output")
+    if g.d.get("kv_layout") == "static":  # two fixed-shape graphs: what the runtime allocates comes from here
+        plan = g.d.get("static_plan")
+        ok = isinstance(plan, dict) and _is_int(plan.get("max_length")) and plan["max_length"] == m.d.get("max_length")
+        for part in ("prefill", "decode"):
+            step = plan.get(part) if isinstance(plan, dict) else None
+            ok = ok and isinstance(step, dict) and isinstance(step.get("file"), str) and _is_int(
+                step.get("sequence_length")) and 1 <= step["sequence_length"] <= plan["max_length"]
+        if not ok:
+            g.fail("graph.static_plan", f"is {_show(plan)}, expected {{max_length: model.max_length, prefill: "
+                   "{file, sequence_length}, decode: {file, sequence_length}}")
 
     t = _Section(path, raw, "tokenizer")
     t.text("file")

@@ -30,7 +30,7 @@ from edge_infer.serve.config import EngineConfig, ServerConfig
 from edge_infer.serve.engine import Engine, QueueFull, ShuttingDown
 from edge_infer.serve.guards import HostGuard, KeyGuard
 from edge_infer.serve.metrics import Metrics
-from edge_infer.serve.protocol import (DONE, APIError, ChunkWriter, ParsedRequest, completion_body, new_id,
+from edge_infer.serve.protocol import (DONE, APIError, ChunkWriter, ParsedRequest, bad, completion_body, new_id,
                                        parse_chat, parse_completion, sse)
 from edge_infer.serve.sequence import Delta, Failed, Finished, GenerationRequest
 from edge_infer.serve.structured import ReplyStream, prepare, split_reply
