@@ -18,7 +18,7 @@ def _lengths(ctx, param, value: str) -> list[int]:
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated token counts such as 128,1024, got '{value}'")
+        raise click.BadParameter(f"expected comma-separated token counts such as 128,1024, got '{value}'") from None
     if not out or any(n < 1 for n in out):
         raise click.BadParameter(f"expected positive token counts such as 128,1024, got '{value}'")
     return out

@@ -127,7 +127,7 @@ def gguf_cases(seed: bytes) -> dict[str, bytes]:
     for n, p in names:
         length = struct.unpack_from("<Q", seed, p)[0]
         texts.append((n, p + 8, seed[p + 8:p + 8 + length]))
-    for i, (n1, p1, t1) in enumerate(texts):
+    for i, (n1, _, t1) in enumerate(texts):
         for n2, p2, t2 in texts[i + 1:]:
             if len(t1) == len(t2) and t1 != t2 and (n1.split(".")[0][:2] == n2.split(".")[0][:2]):
                 cases[f"duplicate {t2.decode()} -> {t1.decode()}"] = seed[:p2] + t1 + seed[p2 + len(t1):]
