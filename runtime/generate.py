@@ -4,13 +4,13 @@
   stream_generate  yields Chunks: text deltas, finish reason, timings
   generate         returns the whole text
 
-Detokenizing and stop strings live outside the core loop (runtime/detokenize.py,
-runtime/stops.py); sampling is a callable from runtime/sampling.py.
+The loop itself (plain steps and speculative rounds alike) and the token -> text/stop/finish
+logic are runtime/decode.py's, shared with the server's engine; sampling is a callable from
+runtime/sampling.py.
 """
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Union
@@ -18,21 +18,15 @@ from typing import Iterator, Sequence, Union
 import numpy as np
 
 from edge_infer.runtime.cache import KVCache
-from edge_infer.runtime.detokenize import StreamDetokenizer
+from edge_infer.runtime.decode import PREFILL_CHUNK, FinishReason, TextStream, decode_tokens, prefill
 from edge_infer.runtime.errors import ContextLengthError, UserError
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams, Sampler, make_sampler
-from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, speculative_config, speculative_step
-from edge_infer.runtime.stops import StopMatcher
+from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, speculative_config
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
-PREFILL_CHUNK = 512
 DEFAULT_MAX_TOKENS = 256
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # an eos token or a stop string
-    LENGTH = "length"  # max_tokens reached, or the context is full
+__all__ = ["FinishReason", "PREFILL_CHUNK", "prefill", "generate_step", "stream_generate", "generate"]
 
 
 @dataclass(frozen=True)
@@ -110,48 +104,30 @@ def plan_max_tokens(model: Model, n_prompt: int, max_tokens: int | None, max_len
     return max_tokens
 
 
-def prefill(model: Model, ids: list[int], cache: KVCache, chunk: int = PREFILL_CHUNK) -> np.ndarray:
-    """Run the prompt through the model in chunks; returns the last position's logits (vocab,)."""
-    assert ids, "prefill needs at least one token"
-    logits = None
-    for start in range(0, len(ids), chunk):
-        piece = np.asarray(ids[start:start + chunk], dtype=np.int64)[None, :]  # (1, chunk)
-        logits = model.forward(piece, cache)
-    return logits[0, -1]
-
-
 def generate_step(model: Model, ids: list[int], cache: KVCache, sampler: Sampler,
                   max_tokens: int) -> Iterator[int]:
-    """Yield up to max_tokens sampled ids. Reuses whatever prefix of `ids` the cache already holds."""
-    reuse = min(cache.common_prefix(ids), len(ids) - 1)  # at least one token must run to get logits
-    cache.trim(reuse)
-    logits = prefill(model, ids[reuse:], cache)
-    tokens = list(ids)
-    n_prompt = len(ids)
-    for step in range(max_tokens):
-        token = sampler(logits, tokens, n_prompt)
-        tokens.append(token)
-        yield token
-        if step + 1 == max_tokens or token in model.tokenizer.eos_ids:
-            return
-        logits = model.forward(np.array([[token]], dtype=np.int64), cache)[0, -1]  # (vocab,)
+    """Yield up to max_tokens sampled ids, one plain decode step each. Reuses whatever prefix of
+    `ids` the cache already holds."""
+    return decode_tokens(model, ids, cache, sampler, max_tokens)
 
 
 def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = None,
                     sampling: SamplingParams | None = None, stop: Sequence[str] = (),
-                    cache: KVCache | None = None, speculative: SpeculativeConfig | str | None = None,
+                    cache: KVCache | None = None, speculative: SpeculativeConfig | str | None = "auto",
                     draft_cache: KVCache | None = None, **sampling_kw) -> Iterator[Chunk]:
     """Stream the completion of `prompt` as Chunks; the last one carries finish_reason and timings.
 
-    `speculative`: None or "off" (plain decoding), "lookup", or a SpeculativeConfig (needed for a
-    draft model); the output is the same as plain decoding's (identical ids when greedy).
+    `speculative`: "auto" (the default: prompt lookup while its guesses pay, plain steps when
+    they keep failing), "lookup", "off" or None (plain decoding), or a SpeculativeConfig (needed
+    for a draft model). The output is plain decoding's: identical ids when greedy (on int4 and
+    int8 exports too: see Model.forward_rows), the same distribution when sampling.
     `draft_cache` keeps the draft model's prefix across calls, as `cache` does for the model.
     """
     clock = _Clock()
     if isinstance(speculative, str) or speculative is None:
         speculative = speculative_config(speculative)
     elif not isinstance(speculative, SpeculativeConfig):
-        raise UserError(f"speculative must be 'off', 'lookup' or a SpeculativeConfig, got {speculative!r}")
+        raise UserError(f"speculative must be 'auto', 'off', 'lookup' or a SpeculativeConfig, got {speculative!r}")
     if sampling is None:
         sampling = SamplingParams.from_dict(sampling_kw)
     elif sampling_kw:
@@ -159,42 +135,26 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     sampler = make_sampler(sampling)
     if isinstance(stop, str):
         stop = [stop]
-    stops = StopMatcher(list(stop))
+    text = TextStream(model.tokenizer.backend, model.tokenizer.eos_ids, list(stop), max_tokens=1)
     ids = encode_prompt(model, prompt)
     cache = cache if cache is not None else model.new_cache()
     budget = plan_max_tokens(model, len(ids), max_tokens, cache.max_length)
+    text.max_tokens = budget
     cached = min(cache.common_prefix(ids), len(ids) - 1)
-    detok = StreamDetokenizer(model.tokenizer.backend)
-    n = 0
-    finish, stopped = FinishReason.LENGTH, False
     stats = SpecStats()
-    if speculative is None:
-        steps = generate_step(model, ids, cache, sampler, budget)
-    else:
-        steps = speculative_step(model, ids, cache, sampler, budget, speculative, stats, draft_cache)
+    steps = decode_tokens(model, ids, cache, sampler, budget, speculative, stats, draft_cache)
     for token in steps:
         now = time.perf_counter()
         clock.first = clock.first or now
         clock.last = now
-        n += 1
-        if token in model.tokenizer.eos_ids:
-            finish = FinishReason.STOP
+        delta, reason = text.add(token)
+        if delta or reason is not FinishReason.STOP:  # no chunk for an eos id or an empty stop
+            yield Chunk(delta, token)
+        if reason is not None:
             break
-        text, stopped = stops.feed(detok.add(token))
-        if text or not stopped:
-            yield Chunk(text, token)
-        if stopped:
-            finish = FinishReason.STOP
-            break
-    tail = ""
-    if not stopped:  # release what the detokenizer and the stop matcher held back
-        tail, stopped = stops.feed(detok.flush())
-        if stopped:
-            finish = FinishReason.STOP
-        else:
-            tail += stops.flush()
     steps.close()  # a stop string or eos ended the loop early: release the generator now
-    yield Chunk(tail, None, finish, _timings(clock, len(ids), n, cached, stats))
+    tail, finish = text.tail()
+    yield Chunk(tail, None, finish, _timings(clock, len(ids), text.generated, cached, stats))
 
 
 def _timings(clock: _Clock, n_prompt: int, n_gen: int, cached: int, spec: SpecStats) -> Timings:

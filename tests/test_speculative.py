@@ -348,7 +348,7 @@ def test_timings_report_acceptance(target):
     assert t.speculative == "lookup" and t.draft_tokens >= t.accepted_tokens > 0
     assert t.acceptance_rate == t.accepted_tokens / t.draft_tokens
     assert t.tokens_per_target_pass == (t.generation_tokens - 1) / t.target_passes > 1.0
-    plain = list(stream_generate(target, PROMPTS[2], max_tokens=5))[-1].timings
+    plain = list(stream_generate(target, PROMPTS[2], max_tokens=5, speculative="off"))[-1].timings
     assert plain.speculative == "off" and plain.target_passes == 0
 
 
