@@ -45,6 +45,10 @@ from edge_infer.serve.sequence import (CANCELLED, Delta, Emit, Failed, Generatio
 
 log = logging.getLogger("edge_infer.serve")
 
+# Ids per batched pass (rows x the widest row) up to which rows may add guesses: a lone request
+# verifies up to 15 guesses a pass (its Guesser picks fewer), 4 rows up to 3 each.
+BATCH_IDS = 16
+
 
 class QueueFull(UserError):
     """Every slot is busy and the waiting queue is full (HTTP 429)."""
@@ -265,13 +269,19 @@ class Engine:
         rows = {self._slot_of(q).index: q for q in decode}
         start, stop = min(rows), max(rows) + 1
         decodings, limits = [], []
+        # Every row of the pass is as wide as its widest (padding is computed in the matmuls), so
+        # with several rows each verifies fewer guesses. A draft model proposes only for a request
+        # decoding alone: its one cache would be re-synced to each row in turn.
+        cap = 0
+        if self.speculative is not None and (self.speculative.draft is None or len(decode) == 1):
+            cap = max(BATCH_IDS // (stop - start) - 1, 1)
         for slot in self.slots[start:stop]:
             seq = rows.get(slot.index)
             decodings.append(seq.decoding if seq is not None else None)
             # Guesses + the next token must fit the row, leaving its last position free (the
             # padding id of a one-id row, or an older graph's dummy write).
-            limits.append(0 if seq is None or self.speculative is None else
-                          min(seq.max_tokens - seq.generated - 1, self.max_length - 2 - slot.row.offset))
+            limits.append(0 if seq is None else
+                          min(cap, seq.max_tokens - seq.generated - 1, self.max_length - 2 - slot.row.offset))
         view = self._views.get((start, stop))
         if view is None:
             view = self._views[(start, stop)] = self.cache.rows(start, stop)
