@@ -205,8 +205,7 @@ class DraftProposer:
         """Run the tokens the draft has not seen (reusing its cached prefix); returns logits (vocab,)."""
         from edge_infer.runtime.decode import prefill
 
-        keep = min(self.cache.common_prefix(tokens), len(tokens) - 1)
-        self.cache.trim(keep)
+        keep = self.cache.reuse(tokens)
         return prefill(self.draft, list(tokens[keep:]), self.cache)
 
     def propose(self, tokens: list[int], k: int) -> tuple[list[int], list[np.ndarray] | None]:
