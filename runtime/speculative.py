@@ -159,6 +159,8 @@ def verify(rows: np.ndarray, guesses: list[int], qs: list[np.ndarray] | None, to
     Row i holds the target's logits after tokens + guesses[:i]. `qs` are the
     draft's distributions (None: each guess is certain, as for lookup or a greedy draft).
     """
+    if not guesses:  # a plain step (any sampler callable will do)
+        return 0, sampler(rows[0], tokens, n_prompt)
     ctx = tokens + guesses
     n = len(tokens)
     greedy = sampler.params.temperature == 0.0
