@@ -8,12 +8,13 @@ import click
 def speculative_options(f):
     """Speculative decoding options shared by `run`, `chat`, `bench` and `serve`."""
     opts = [
-        click.option("--speculative", type=click.Choice(["off", "lookup", "draft"]), default="off",
+        click.option("--speculative", type=click.Choice(["auto", "off", "lookup", "draft"]), default="auto",
                      show_default=True,
                      help="Guess tokens and verify them in one pass: lookup copies n-grams from the prompt, "
-                          "draft asks --draft MODEL. The output is unchanged."),
+                          "draft asks --draft MODEL, auto is draft with --draft and lookup without, each "
+                          "switching itself off while its guesses fail. The output is unchanged."),
         click.option("--draft", "draft_model", type=click.Path(), default=None,
-                     help="Draft model folder (same tokenizer) for --speculative draft."),
+                     help="Draft model folder (same tokenizer) for --speculative draft or auto."),
         click.option("--num-speculative", type=click.IntRange(1, 32), default=None,
                      help="Most guesses per pass [default: lookup 10, draft 8]; adapted to the acceptance rate."),
     ]
@@ -38,8 +39,8 @@ def wants_shared_threads(kw: dict) -> bool:
     from edge_infer.runtime.errors import UserError
 
     mode, path = kw.get("speculative"), kw.get("draft_model")
-    if path is not None and mode != "draft":
-        raise UserError(f"--draft is only used with --speculative draft (speculation is {mode})")
+    if path is not None and mode not in ("draft", "auto"):
+        raise UserError(f"--draft is only used with --speculative draft or auto (speculation is {mode})")
     if mode == "draft" and path is None:
         raise UserError("--speculative draft needs a draft model: add --draft MODEL")
-    return mode == "draft"
+    return path is not None

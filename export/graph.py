@@ -6,6 +6,9 @@ One graph serves prefill and decode:
     position_ids    (batch, sequence_length)            int64, learned positions only
     past_key_values.{i}.key / .value  (batch, kv_heads, past_sequence_length, head_dim)
     logits_to_keep  (1,)  int64: how many of the last positions get logits (1 to decode)
+    query_seqlens   (batch,)  int64: how many of each row's sequence_length new tokens are real; the
+                    rest are right padding, neither attended to nor written to the cache (rows with
+                    different numbers of new tokens in one pass: batched speculative verification)
   ->
     logits          (batch, logits_to_keep, vocab)      float32
     present.{i}.key / .value  (batch, kv_heads, present_sequence_length, head_dim)
@@ -97,6 +100,7 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
     if spec.position == "learned":
         inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence_length"]))
     inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
+    inputs.append(helper.make_tensor_value_info("query_seqlens", TensorProto.INT64, ["batch"]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_to_keep", spec.vocab_size])]
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
@@ -110,6 +114,9 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
     mask_shape = b.one("Shape", ["attention_mask"], "/model/attn_mask/Shape")
     total = b.one("Gather", [mask_shape, b.const(1)], "/model/attn_mask/Gather", axis=0)
     total_len = b.one("Cast", [total], "/model/attn_mask/total_len", to=TensorProto.INT32)  # ()
+    # With query_seqlens, GroupQueryAttention takes each row's past length from seqlens_k + 1 - query_seqlens
+    # and total_len only as an upper bound, so rows may add different numbers of tokens in one pass.
+    query_lens = b.one("Cast", ["query_seqlens"], "/model/attn_mask/query_seqlens", to=TensorProto.INT32)  # (batch,)
 
     rope_caches = {}
     if spec.rope is not None:
@@ -135,7 +142,7 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
     h = _norm(b, spec, weights, "layers.0.input_norm", x, "/model/layers.0/input_layernorm")
     for i in range(spec.num_layers):
         p, w = f"/model/layers.{i}", f"layers.{i}."
-        attn = _attention(b, spec, weights, i, h, seqlens_k, total_len, rope_caches)
+        attn = _attention(b, spec, weights, i, h, seqlens_k, total_len, rope_caches, query_lens)
         if spec.sandwich_norm:
             attn = _norm(b, spec, weights, w + "post_attn_norm", attn, p + "/post_attention_layernorm")
         h, residual = _skip_norm(b, spec, weights, w + "ffn_norm", attn, residual, p + "/pre_feedforward_layernorm")
@@ -211,7 +218,7 @@ def _linear(b: _Builder, weights, key: str, x: str, name: str, bias: bool) -> st
 
 
 def _attention(b: _Builder, spec: DecoderSpec, weights, i: int, h: str, seqlens_k: str, total_len: str,
-               rope_caches: dict) -> str:
+               rope_caches: dict, query_lens: str) -> str:
     p, w = f"/model/layers.{i}/attn", f"layers.{i}."
     qkv = _linear(b, weights, w + "qkv", h, p + "/qkv_proj", spec.qkv_bias)  # (batch, seq, qkv_size)
     q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
@@ -235,7 +242,8 @@ def _attention(b: _Builder, spec: DecoderSpec, weights, i: int, h: str, seqlens_
         attrs["local_window_size"] = int(spec.sliding_window)
     out = b.op("GroupQueryAttention",
                qkv_inputs + [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len]
-               + rope_in, p + "/GroupQueryAttention", domain=MS,
+               + rope_in + [""] * 7 + [query_lens],  # inputs 9-15 (position_ids .. k_norm_weight) unused
+               p + "/GroupQueryAttention", domain=MS,
                outputs=[f"{p}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"], **attrs)[0]
     return _linear(b, weights, w + "o", out, p + "/o_proj", spec.o_bias)
 

@@ -38,7 +38,7 @@ def all_logits(session: ort.InferenceSession, spec: DecoderSpec, ids: list[int],
     """Logits for every position of one prompt, (sequence_length, vocab), without a cache."""
     n = len(ids)
     feed = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), np.int64),
-            "logits_to_keep": np.array([n], dtype=np.int64)}
+            "logits_to_keep": np.array([n], dtype=np.int64), "query_seqlens": np.array([n], dtype=np.int64)}
     names = {i.name for i in session.get_inputs()}
     feed["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
     empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)

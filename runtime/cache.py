@@ -1,12 +1,17 @@
 """The KV cache: one preallocated buffer per layer, shared by the graph's past and present.
 
-The caller creates it and passes it in. `offset` is how many positions hold
-keys and values; `trim(n)` forgets everything after position n (prefix reuse,
-speculative rollback): stale entries past the offset are overwritten by the
-next forward pass because attention only reads the first `offset` positions.
+The caller creates it and passes it in; it owns its bookkeeping. `offset` is how
+many positions hold keys and values (read it, do not set it): `advance(ids)`
+records ids a pass has written, `trim(n)` forgets everything after position n
+(prefix reuse, speculative rollback). Stale entries past the offset are
+overwritten by the next forward pass because attention only reads the first
+`offset` positions. `binding(session, ...)` is the IOBinding with the buffers
+bound as both past and present, made once per session.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import numpy as np
 from edge_infer.devices.ort import ort
@@ -29,6 +34,14 @@ class KVCache:
                         f"a KV cache of {batch} x {self.max_length} positions")
         self._allocate(g, np.float16 if manifest.dtype == "fp16" else np.float32)
 
+    @classmethod
+    def _over(cls, max_length: int, keys: list[np.ndarray], values: list[np.ndarray]) -> "KVCache":
+        """A cache over existing buffers (a view of another cache's rows)."""
+        view = cls.__new__(cls)
+        view.max_length, view.batch = max_length, keys[0].shape[0]
+        view._attach(keys, values)
+        return view
+
     def _allocate(self, g, dtype) -> None:
         shape = (self.batch, g.num_kv_heads, self.max_length, g.head_dim)  # (batch, kv_heads, max_length, head_dim)
         self._attach([np.zeros(shape, dtype) for _ in range(g.num_layers)],
@@ -39,37 +52,44 @@ class KVCache:
         # Zero-copy views handed to onnxruntime: the graph reads and writes these arrays in place.
         self.key_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in keys]
         self.value_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in values]
-        self.offset = 0
-        self.tokens: list[int] = []  # the ids whose keys are stored, for prefix reuse
-        self.bindings: dict[int, object] = {}  # session id -> IOBinding with these buffers bound (runtime.model)
+        self._offset = 0
+        self.tokens: list[int] = []  # the ids whose keys are stored, for prefix reuse (batch-1 caches)
+        self._bindings: dict[int, ort.IOBinding] = {}  # id(session) -> IOBinding with these buffers bound
+
+    @property
+    def offset(self) -> int:
+        return self._offset
 
     def row(self, r: int) -> "KVCache":
         """A batch-1 cache over row r of this one, sharing its memory (a slot for continuous batching).
 
-        The row's offset and tokens are its own; a batched decode over the parent
+        The row's offset and tokens are its own; a batched pass over the parent
         reads each row up to the length the caller passes.
         """
         if not 0 <= r < self.batch:
             raise IndexError(f"row {r} of a cache with batch {self.batch}")
-        view = object.__new__(KVCache)
-        view.max_length, view.batch = self.max_length, 1
-        view._attach([k[r:r + 1] for k in self.keys], [v[r:r + 1] for v in self.values])  # contiguous rows
-        return view
+        return self.rows(r, r + 1)
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A batch-(stop - start) cache over rows start..stop-1, sharing this one's memory.
 
-        For a batched decode over only the slots in use: a step's cost grows with
-        its batch, so the server decodes the smallest range of rows that holds
-        every active slot. The view's offset and tokens are unused (decode_batch
-        takes the lengths from the caller).
+        For a batched pass over only the slots in use: a step's cost grows with
+        its batch, so the server runs the smallest range of rows that holds
+        every active slot. The view's own offset and tokens are unused (the
+        batched pass takes the lengths from the caller).
         """
         if not 0 <= start < stop <= self.batch:
             raise IndexError(f"rows {start}..{stop - 1} of a cache with batch {self.batch}")
-        view = object.__new__(KVCache)
-        view.max_length, view.batch = self.max_length, stop - start
-        view._attach([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values])  # contiguous
-        return view
+        # Slicing the first axis keeps each row contiguous.
+        return type(self)._over(self.max_length, [k[start:stop] for k in self.keys],
+                                [v[start:stop] for v in self.values])
+
+    def binding(self, session: ort.InferenceSession, make: Callable[[], ort.IOBinding]) -> ort.IOBinding:
+        """This cache's IOBinding for `session`, made by `make` (which binds the buffers) the first time."""
+        b = self._bindings.get(id(session))
+        if b is None:
+            b = self._bindings[id(session)] = make()
+        return b
 
     @property
     def free(self) -> int:
@@ -78,23 +98,39 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
 
+    def advance(self, ids: Sequence[int]) -> None:
+        """Record that a pass wrote keys and values for `ids` after the cached positions."""
+        n = len(ids)
+        if self._offset + n > self.max_length:
+            raise ContextLengthError(f"{self._offset + n} positions do not fit the KV cache of {self.max_length}")
+        self._offset += n
+        if self.batch == 1:
+            self.tokens.extend(int(t) for t in ids)
+
     def trim(self, n: int) -> None:
         """Keep the first n positions."""
         if not 0 <= n <= self.offset:
             raise ValueError(f"cannot trim a cache of {self.offset} positions to {n}")
-        self.offset = n
+        self._offset = n
         del self.tokens[n:]
 
     def reset(self) -> None:
         self.trim(0)
 
-    def common_prefix(self, ids: list[int]) -> int:
+    def common_prefix(self, ids: Sequence[int]) -> int:
         """How many leading ids are already cached."""
         n = 0
         for a, b in zip(self.tokens, ids):
             if a != b:
                 break
             n += 1
+        return n
+
+    def reuse(self, ids: Sequence[int]) -> int:
+        """Trim to the longest cached prefix of ids that leaves at least one id to run (a pass must
+        run to give logits); returns how many ids are reused."""
+        n = min(self.common_prefix(ids), len(ids) - 1)
+        self.trim(n)
         return n
 
 
@@ -109,14 +145,18 @@ class ConcatKVCache(KVCache):
         shape = (self.batch, g.num_kv_heads, 0, g.head_dim)  # (batch, kv_heads, past_sequence_length, head_dim)
         self.keys = [np.zeros(shape, dtype) for _ in range(g.num_layers)]
         self.values = [np.zeros(shape, dtype) for _ in range(g.num_layers)]
-        self.offset = 0
+        self._offset = 0
         self.tokens = []
-        self.bindings = {}
+        self._bindings = {}
+
+    def replace(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+        """Take the past + new arrays a pass returned."""
+        self.keys, self.values = keys, values
 
     def trim(self, n: int) -> None:
         super().trim(n)
         self.keys = [k[:, :, :n] for k in self.keys]
         self.values = [v[:, :, :n] for v in self.values]
 
-    def row(self, r: int) -> "KVCache":
+    def rows(self, start: int, stop: int) -> "KVCache":
         raise NotImplementedError("batched slots need a model exported by the direct builder (kv_layout shared)")

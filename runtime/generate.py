@@ -4,13 +4,13 @@
   stream_generate  yields Chunks: text deltas, finish reason, timings
   generate         returns the whole text
 
-Detokenizing and stop strings live outside the core loop (runtime/detokenize.py,
-runtime/stops.py); sampling is a callable from runtime/sampling.py.
+The loop itself (plain steps and speculative rounds alike) and the token -> text/stop/finish
+logic are runtime/decode.py's, shared with the server's engine; sampling is a callable from
+runtime/sampling.py.
 """
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Union
@@ -19,23 +19,16 @@ import numpy as np
 
 from edge_infer.runtime.cache import KVCache
 from edge_infer.runtime.constrain import Constraint, GrammarMatcher, constraint_from
-from edge_infer.runtime.detokenize import StreamDetokenizer
+from edge_infer.runtime.decode import PREFILL_CHUNK, FinishReason, TextStream, decode_tokens, prefill
 from edge_infer.runtime.errors import ContextLengthError, UserError, check_text
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams, Sampler, make_sampler
-from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, speculative_config, speculative_step
-from edge_infer.runtime.stops import StopMatcher
+from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, speculative_config
 from edge_infer.runtime.tools import parse_reply, tool_prompt
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
-PREFILL_CHUNK = 512
 DEFAULT_MAX_TOKENS = 256
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # an eos token or a stop string
-    LENGTH = "length"  # max_tokens reached, or the context is full
-    TOOL_CALLS = "tool_calls"  # the reply is tool calls (Chunk.tool_calls)
+__all__ = ["FinishReason", "PREFILL_CHUNK", "prefill", "generate_step", "stream_generate", "generate"]
 
 
 @dataclass(frozen=True)
@@ -118,53 +111,18 @@ def plan_max_tokens(model: Model, n_prompt: int, max_tokens: int | None, max_len
     return max_tokens
 
 
-def prefill(model: Model, ids: list[int], cache: KVCache, chunk: int = PREFILL_CHUNK) -> np.ndarray:
-    """Run the prompt through the model in chunks; returns the last position's logits (vocab,)."""
-    assert ids, "prefill needs at least one token"
-    logits = None
-    for start in range(0, len(ids), chunk):
-        piece = np.asarray(ids[start:start + chunk], dtype=np.int64)[None, :]  # (1, chunk)
-        logits = model.forward(piece, cache)
-    return logits[0, -1]
-
-
 def generate_step(model: Model, ids: list[int], cache: KVCache, sampler: Sampler,
                   max_tokens: int, matcher: GrammarMatcher | None = None) -> Iterator[int]:
-    """Yield up to max_tokens sampled ids. Reuses whatever prefix of `ids` the cache already holds.
-
-    With a grammar `matcher`, each step's logits are masked before the sampler (penalties included)
-    sees them; tokens the grammar forces after a sampled one are yielded without sampling and fed to
-    the model together in one pass; generation ends when the grammar is complete.
-    """
-    reuse = min(cache.common_prefix(ids), len(ids) - 1)  # at least one token must run to get logits
-    cache.trim(reuse)
-    logits = prefill(model, ids[reuse:], cache)
-    tokens = list(ids)
-    n_prompt = len(ids)
-    eos = model.tokenizer.eos_ids
-    n = 0
-    while True:
-        if matcher is not None:
-            logits = matcher.mask(logits)  # (vocab,) a masked copy
-        token = sampler(logits, tokens, n_prompt)
-        feed = [token]
-        if matcher is not None and token not in eos:
-            matcher.accept(token)
-            for forced in matcher.forced()[:max_tokens - n - 1]:
-                matcher.accept(forced)
-                feed.append(forced)
-        for t in feed:
-            tokens.append(t)
-            n += 1
-            yield t
-        if n >= max_tokens or token in eos or (matcher is not None and matcher.finished):
-            return
-        logits = model.forward(np.array([feed], dtype=np.int64), cache)[0, -1]  # (vocab,)
+    """Yield up to max_tokens sampled ids, one plain decode step each. Reuses whatever prefix of
+    `ids` the cache already holds. With a grammar `matcher`, each step's logits are masked before
+    the sampler (penalties included) sees them; tokens the grammar forces are fed in one pass;
+    generation ends when the grammar is complete."""
+    return decode_tokens(model, ids, cache, sampler, max_tokens, matcher=matcher)
 
 
 def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = None,
                     sampling: SamplingParams | None = None, stop: Sequence[str] = (),
-                    cache: KVCache | None = None, speculative: SpeculativeConfig | str | None = None,
+                    cache: KVCache | None = None, speculative: SpeculativeConfig | str | None = "auto",
                     draft_cache: KVCache | None = None, response_format: dict | Constraint | None = None,
                     grammar: str | dict | Constraint | None = None, tools: list[dict] | None = None,
                     tool_choice: str | dict | None = None, parallel_tool_calls: bool = True,
@@ -174,19 +132,21 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
     or `grammar` (a Lark grammar, or {"type": "regex", "regex": ...}) constrain the output
     (runtime/constrain.py); finish_reason is "stop" only once the grammar is complete. Tokens the grammar
-    forces are fed in one pass (plain decoding); with speculation, guesses are checked against the grammar.
+    forces are fed in one pass; with speculation, guesses are checked against the grammar.
     `tools` (OpenAI's shape) with `tool_choice` and `parallel_tool_calls`: the tools go into the prompt
     (runtime/tools.py) and the final chunk carries the parsed `tool_calls` (finish_reason "tool_calls").
 
-    `speculative`: None or "off" (plain decoding), "lookup", or a SpeculativeConfig (needed for a
-    draft model); the output is the same as plain decoding's (identical ids when greedy).
+    `speculative`: "auto" (the default: prompt lookup while its guesses pay, plain steps when
+    they keep failing), "lookup", "off" or None (plain decoding), or a SpeculativeConfig (needed
+    for a draft model). The output is plain decoding's: identical ids when greedy (on int4 and
+    int8 exports too: see Model.forward_rows), the same distribution when sampling.
     `draft_cache` keeps the draft model's prefix across calls, as `cache` does for the model.
     """
     clock = _Clock()
     if isinstance(speculative, str) or speculative is None:
         speculative = speculative_config(speculative)
     elif not isinstance(speculative, SpeculativeConfig):
-        raise UserError(f"speculative must be 'off', 'lookup' or a SpeculativeConfig, got {speculative!r}")
+        raise UserError(f"speculative must be 'auto', 'off', 'lookup' or a SpeculativeConfig, got {speculative!r}")
     if sampling is None:
         sampling = SamplingParams.from_dict(sampling_kw)
     elif sampling_kw:
@@ -201,53 +161,36 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
         constraint = constraint or plan.constraint
     if isinstance(stop, str):
         stop = [stop]
-    stops = StopMatcher(list(stop))
+    text = TextStream(model.tokenizer.backend, model.tokenizer.eos_ids, list(stop), max_tokens=1)
     ids = encode_prompt(model, prompt)
     cache = cache if cache is not None else model.new_cache()
     budget = plan_max_tokens(model, len(ids), max_tokens, cache.max_length)
+    text.max_tokens = budget
     cached = min(cache.common_prefix(ids), len(ids) - 1)
-    detok = StreamDetokenizer(model.tokenizer.backend)
-    reply: list[str] = []  # the whole text, when tool calls are parsed from it
-    n = 0
-    finish, stopped = FinishReason.LENGTH, False
     stats = SpecStats()
     matcher = constraint.matcher(model) if constraint is not None else None
-    if speculative is None:
-        steps = generate_step(model, ids, cache, sampler, budget, matcher)
-    else:
-        steps = speculative_step(model, ids, cache, sampler, budget, speculative, stats, draft_cache,
-                                 matcher=matcher)
+    steps = decode_tokens(model, ids, cache, sampler, budget, speculative, stats, draft_cache, matcher=matcher)
+    reply: list[str] = []  # the whole text, when tool calls are parsed from it
     for token in steps:
         now = time.perf_counter()
         clock.first = clock.first or now
         clock.last = now
-        n += 1
-        if token in model.tokenizer.eos_ids:
-            finish = FinishReason.STOP
-            break
-        text, stopped = stops.feed(detok.add(token))
+        delta, reason = text.add(token)
         if plan is not None:
-            reply.append(text)
-        if text or not stopped:
-            yield Chunk(text, token)
-        if stopped:
-            finish = FinishReason.STOP
+            reply.append(delta)
+        if delta or reason is not FinishReason.STOP:  # no chunk for an eos id or an empty stop
+            yield Chunk(delta, token)
+        if reason is not None:
             break
-    tail = ""
-    if not stopped:  # release what the detokenizer and the stop matcher held back
-        tail, stopped = stops.feed(detok.flush())
-        if stopped:
-            finish = FinishReason.STOP
-        else:
-            tail += stops.flush()
     steps.close()  # a stop string or eos ended the loop early: release the generator now
+    tail, finish = text.tail()
     if matcher is not None and matcher.finished:
         finish = FinishReason.STOP  # the grammar is complete
     calls: tuple = ()
     if plan is not None and finish == FinishReason.STOP:
         calls = tuple(parse_reply("".join(reply) + tail, plan)[1])
         finish = FinishReason.TOOL_CALLS if calls else finish
-    yield Chunk(tail, None, finish, _timings(clock, len(ids), n, cached, stats), calls)
+    yield Chunk(tail, None, finish, _timings(clock, len(ids), text.generated, cached, stats), calls)
 
 
 def _timings(clock: _Clock, n_prompt: int, n_gen: int, cached: int, spec: SpecStats) -> Timings:

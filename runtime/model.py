@@ -76,6 +76,11 @@ class Model:
                                               bos_token=manifest.tokenizer.bos_token or "",
                                               eos_token=manifest.tokenizer.eos_token or "")
         self._has_keep = "logits_to_keep" in manifest.inputs
+        # query_seqlens (exports from issue 12 on): rows with different numbers of new ids in one pass.
+        self._ragged = "query_seqlens" in manifest.inputs
+        # Pad one-id passes to two ids, so a position's logits do not depend on how its pass was
+        # grouped (see forward_rows). Graphs that concatenate their cache have no room for it.
+        self.batch_invariant = manifest.kv_layout == "shared" and self._has_keep
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
         g = manifest.geometry
@@ -84,8 +89,7 @@ class Model:
 
     def _binding(self, cache: KVCache) -> ort.IOBinding:
         """The cache's IOBinding for this session, its KV buffers bound once as past and present."""
-        binding = cache.bindings.get(id(self.session))
-        if binding is None:
+        def make() -> ort.IOBinding:
             binding = self.session.io_binding()
             binding.bind_output("logits")  # bound first, so it comes back first
             for i, ((pk, pv), (ok, ov)) in enumerate(zip(self._past, self._present)):
@@ -93,8 +97,8 @@ class Model:
                 binding.bind_ortvalue_input(pv, cache.value_values[i])
                 binding.bind_ortvalue_output(ok, cache.key_values[i])
                 binding.bind_ortvalue_output(ov, cache.value_values[i])
-            cache.bindings[id(self.session)] = binding
-        return binding
+            return binding
+        return cache.binding(self.session, make)
 
     @property
     def max_length(self) -> int:
@@ -116,15 +120,16 @@ class Model:
         total = cache.offset + seq
         if total > cache.max_length:
             raise ContextLengthError(f"{total} positions do not fit the KV cache of {cache.max_length}")
-        mask = np.ones((batch, total), dtype=np.int64)  # (batch, total_sequence_length)
-        positions = np.arange(cache.offset, total, dtype=np.int64)[None, :].repeat(batch, 0)
+        keep = min(logits_to_keep, seq)
         if isinstance(cache, ConcatKVCache):
-            logits = self._run_concat(ids, mask, positions, cache, min(logits_to_keep, seq))
-        else:
-            logits = self._run(ids, mask, positions, cache, min(logits_to_keep, seq))
-        cache.offset = total
-        if batch == 1:
-            cache.tokens.extend(int(t) for t in ids[0])
+            mask = np.ones((batch, total), dtype=np.int64)  # (batch, total_sequence_length)
+            positions = np.arange(cache.offset, total, dtype=np.int64)[None, :].repeat(batch, 0)
+            logits = self._run_concat(ids, mask, positions, cache, keep)
+        elif batch == 1:
+            logits = self.forward_rows([ids[0]], cache, np.array([cache.offset]), keep)[0][None]
+        else:  # rows of equal length (a caller's own batch, not a slot view)
+            logits = np.stack(self.forward_rows(list(ids), cache, np.full(batch, cache.offset), keep))
+        cache.advance(ids[0])
         return logits
 
     def _run_concat(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: "ConcatKVCache",
@@ -137,8 +142,7 @@ class Model:
             feed[pk], feed[pv] = cache.keys[i], cache.values[i]
         outputs = self.session.run(None, feed)
         by_name = dict(zip(self._output_names, outputs))
-        cache.keys = [by_name[k] for k, _ in self._present]
-        cache.values = [by_name[v] for _, v in self._present]
+        cache.replace([by_name[k] for k, _ in self._present], [by_name[v] for _, v in self._present])
         return by_name["logits"][:, -keep:]  # (batch, keep, vocab)
 
     def decode_batch(self, tokens: np.ndarray, cache: KVCache, lengths: np.ndarray) -> np.ndarray:
@@ -146,21 +150,64 @@ class Model:
 
         tokens (batch,) are written at positions lengths (batch,); returns logits
         (batch, vocab). The caller owns the lengths (continuous batching: rows are
-        slots that join and leave between steps); a free row can pass length 0.
+        slots that join and leave between steps).
+        """
+        assert tokens.shape == (cache.batch,) and lengths.shape == (cache.batch,), "one token and one length per row"
+        return np.stack([r[0] for r in self.forward_rows([[int(t)] for t in tokens], cache, lengths)])
+
+    def forward_rows(self, feeds: list, cache: KVCache, lengths: np.ndarray, keep: int | None = None,
+                     pad: bool | None = None) -> list[np.ndarray]:
+        """One pass over every row of a (batched) shared-buffer cache, each row at its own length.
+
+        Row r feeds the ids feeds[r] (any number, 0 for an idle row) at positions lengths[r]...;
+        returns per row the logits of its last min(keep, len(feeds[r])) fed ids, (n_r, vocab)
+        (keep None: all). The cache's offset is not touched: the caller owns the lengths (a batched
+        view of slots), or forward() advances a batch-1 cache.
+
+        Batch invariance: a graph with int8 activations (and GroupQueryAttention's one-token decode
+        path, for any dtype) computes a position's logits differently in a one-token pass than in a
+        pass of two or more tokens, and any two passes of two or more tokens agree bitwise. So a row
+        with one id also feeds a padding id after it (its KV entry lands past the row's length, where
+        the next pass overwrites it): a position's logits then do not depend on how its pass was
+        grouped (decode step, verification, prefill chunk, server row). Needs room for the padding
+        position; at the very end of the cache the row runs alone, unpadded.
         """
         batch = cache.batch
-        assert tokens.shape == (batch,) and lengths.shape == (batch,), "one token and one length per row"
-        total = int(lengths.max()) + 1
-        if total > cache.max_length:
-            raise ContextLengthError(f"{total} positions do not fit the KV cache of {cache.max_length}")
-        # Right-padded mask: row r sees its lengths[r] cached positions plus the new one.
-        mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)  # (batch, total_sequence_length)
-        positions = lengths.astype(np.int64)[:, None]  # (batch, 1)
-        ids = tokens.astype(np.int64)[:, None]  # (batch, 1)
-        return self._run(ids, mask, positions, cache, 1)[:, 0]
+        assert len(feeds) == batch and lengths.shape == (batch,), "one feed and one length per row"
+        pad = self.batch_invariant if pad is None else pad
+        real = [len(f) for f in feeds]
+        # Ids per row in the graph: real ids, plus a padding id where a row has exactly one.
+        fed = [n + 1 if pad and n == 1 and lengths[r] + 2 <= cache.max_length else n for r, n in enumerate(real)]
+        seq = max(max(fed), 1)
+        if max(int(lengths[r]) + real[r] for r in range(batch)) > cache.max_length:
+            raise ContextLengthError(f"{max(lengths) + max(real)} positions do not fit the KV cache of "
+                                     f"{cache.max_length}")
+        if batch > 1 and not self._ragged:
+            # A graph without query_seqlens (exported before it) takes several ids per row only at
+            # batch 1: rows of one id run unpadded together (not batch-invariant), others one by one.
+            if max(real) > 1:
+                return [self.forward_rows([feeds[r]], cache.row(r), lengths[r:r + 1], keep, pad)[0]
+                        if real[r] else np.zeros((0, self.manifest.geometry.vocab_size), np.float32)
+                        for r in range(batch)]
+            fed, seq = [1] * batch, 1  # an idle row writes a dummy entry just past its length
+        ids = np.zeros((batch, seq), dtype=np.int64)  # (batch, sequence_length); right padding is id 0
+        for r, f in enumerate(feeds):
+            ids[r, :real[r]] = f
+        ends = np.array([int(lengths[r]) + fed[r] for r in range(batch)], dtype=np.int64)
+        # Right-padded mask of the positions each row holds after this pass. An idle row (0 ids fed,
+        # query_seqlens 0) writes nothing; at length 0 it still shows one position, as the op needs.
+        total = max(int(ends.max()), seq)
+        mask = (np.arange(total)[None, :] < np.maximum(ends, 1)[:, None]).astype(np.int64)  # (batch, total)
+        positions = lengths.astype(np.int64)[:, None] + np.arange(seq)[None, :]  # (batch, sequence_length)
+        # Logits for the last k positions of the pass: enough to reach the first one any row wants.
+        want = [n if keep is None else min(keep, n) for n in real]
+        first = min((real[r] - want[r] for r in range(batch) if real[r]), default=seq - 1)
+        k = seq - first
+        out = self._run(ids, mask, positions, cache, k, np.array(fed, dtype=np.int64))  # (batch, k, vocab)
+        return [out[r, real[r] - want[r] - first:real[r] - first] for r in range(batch)]
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
-             keep: int) -> np.ndarray:
+             keep: int, query_lengths: np.ndarray) -> np.ndarray:
         binding = self._binding(cache)
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
@@ -168,6 +215,8 @@ class Model:
             binding.bind_cpu_input("position_ids", positions)  # (batch, sequence_length)
         if self._has_keep:
             binding.bind_cpu_input("logits_to_keep", np.array([keep], dtype=np.int64))
+        if self._ragged:
+            binding.bind_cpu_input("query_seqlens", query_lengths)  # (batch,)
         binding.bind_output("logits")  # its shape changes between prefill chunks: rebound every pass
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()  # (batch, logits_to_keep, vocab)

@@ -34,16 +34,13 @@ relative cost of 1 + cost_per_guess * k, and the k with the best ratio is taken
 (0 means a plain decode step, so guesses that keep failing switch speculation
 off). The costs are measured as decoding runs only where timing cannot change
 the output: greedy decoding on a graph whose logits do not depend on how many
-tokens a pass holds. A graph with int8 activations (MatMulNBits at accuracy
-level 4) rounds a wide pass differently from a one-token pass, so its greedy
-ids follow the pass widths (they can differ from plain decoding's at near ties,
-as they differ when a prefix is re-fed as prompt); it and sampled runs keep the
-static estimates, so the same request gives the same output every time.
+tokens a pass holds. Model.forward_rows makes that so on every shared-buffer
+export (a one-id pass is padded to two ids, see there), int4 and int8 included;
+sampled runs keep the static estimates, so the same seed gives the same output.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -53,9 +50,9 @@ from edge_infer.runtime.cache import KVCache
 from edge_infer.runtime.errors import UserError
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import Sampler
-from edge_infer.runtime.speculative_guess import Guesser, draw
+from edge_infer.runtime.speculative_guess import draw
 
-MODES = ("off", "lookup", "draft")
+MODES = ("off", "lookup", "draft", "auto")
 DEFAULT_NUM_SPECULATIVE = {"lookup": 10, "draft": 8}
 MAX_NUM_SPECULATIVE = 32
 
@@ -92,11 +89,17 @@ class SpeculativeConfig:
 
 def speculative_config(mode: str | None, draft: Model | None = None,
                        num_speculative: int | None = None) -> SpeculativeConfig | None:
-    """From user options (CLI flags, a request body): None for mode None or "off"."""
+    """From user options (CLI flags, a request body): None for mode None or "off".
+
+    "auto" (the default) is the draft model when one is given, else prompt lookup; either way
+    each round verifies as many guesses as pay for themselves, none when they keep failing.
+    """
     if mode is None or mode == "off":
         if draft is not None:
             raise UserError("a draft model was given but speculation is off; add --speculative draft")
         return None
+    if mode == "auto":
+        mode = "draft" if draft is not None else "lookup"
     return SpeculativeConfig(mode=mode, draft=draft, num_speculative=num_speculative)
 
 
@@ -156,6 +159,8 @@ def verify(rows: np.ndarray, guesses: list[int], qs: list[np.ndarray] | None, to
     Row i holds the target's logits after tokens + guesses[:i]. `qs` are the
     draft's distributions (None: each guess is certain, as for lookup or a greedy draft).
     """
+    if not guesses:  # a plain step (any sampler callable will do)
+        return 0, sampler(rows[0], tokens, n_prompt)
     ctx = tokens + guesses
     n = len(tokens)
     greedy = sampler.params.temperature == 0.0
@@ -188,60 +193,9 @@ def speculative_step(model: Model, ids: list[int], cache: KVCache, sampler: Samp
     in batches. `draft_cache` (mode "draft") lets a caller keep the draft's prefix across turns;
     `ignore_eos` (benchmarks) runs on past eos ids. With a grammar `matcher` (runtime/constrain.py)
     guesses are cut where the grammar refuses them, every verification row is masked, and the
-    matcher rolls back with the cache: only accepted tokens are consumed."""
-    from edge_infer.runtime.constrain import constrain_guesses, mask_rows
-    from edge_infer.runtime.generate import prefill
+    matcher consumes only what is emitted. The loop itself is runtime.decode's."""
+    from edge_infer.runtime.decode import decode_tokens
 
     stats = stats if stats is not None else SpecStats()
-    stats.mode = config.mode
-    eos = frozenset() if ignore_eos else model.tokenizer.eos_ids
-    n_prompt = len(ids)
-    reuse = min(cache.common_prefix(ids), n_prompt - 1)  # at least one token must run to get logits
-    cache.trim(reuse)
-    draft = config.draft
-    if draft is not None:
-        check_draft(model, draft)
-        if draft_cache is None:
-            draft_cache = draft.new_cache(max_length=min(draft.max_length, cache.max_length))
-    guesser = Guesser(model, sampler, ids, config.max_guesses,
-                      use_lookup=config.mode == "lookup" or config.use_lookup,
-                      draft=draft, draft_cache=draft_cache, draft_cost=config.draft_cost)
-
-    logits = prefill(model, ids[reuse:], cache)  # (vocab,)
-    tokens = list(ids)
-    token = sampler(logits if matcher is None else matcher.mask(logits), tokens, n_prompt)
-    if matcher is not None and token not in eos:
-        matcher.accept(token)
-    tokens.append(token)
-    yield token
-    produced = 1
-    while produced < max_tokens and token not in eos and not (matcher is not None and matcher.finished):
-        assert cache.offset == len(tokens) - 1, "the target cache holds every token but the last"
-        guesses, qs = guesser.propose(tokens, max_tokens - produced - 1)  # a round yields up to k + 1
-        if matcher is not None:
-            guesses, qs, masks = constrain_guesses(matcher, guesses, qs)
-
-        stats.target_passes += 1
-        start = cache.offset
-        x = np.array([[token] + guesses], dtype=np.int64)  # (1, k + 1)
-        clock = time.perf_counter()
-        rows = model.forward(x, cache, logits_to_keep=len(guesses) + 1)[0]  # (k + 1, vocab)
-        guesser.costs.target_pass(len(guesses) + 1, time.perf_counter() - clock)
-        if matcher is not None:
-            rows = mask_rows(rows, masks)
-        accepted, nxt = verify(rows, guesses, qs, tokens, n_prompt, sampler)
-        cache.trim(start + 1 + accepted)  # keep `token` and the accepted guesses; drop the rest
-        stats.proposed += len(guesses)
-        stats.accepted += accepted
-        emitted = guesses[:accepted] + [nxt]
-        guesser.record(guesses, accepted, emitted)
-
-        for token in emitted:
-            if matcher is not None and token not in eos:
-                matcher.accept(token)
-            tokens.append(token)
-            yield token
-            produced += 1
-            if produced == max_tokens or token in eos or (matcher is not None and matcher.finished):
-                return
-
+    return decode_tokens(model, ids, cache, sampler, max_tokens, config, stats, draft_cache, ignore_eos,
+                         matcher=matcher)

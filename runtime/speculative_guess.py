@@ -203,10 +203,9 @@ class DraftProposer:
 
     def sync(self, tokens: Sequence[int]) -> np.ndarray:
         """Run the tokens the draft has not seen (reusing its cached prefix); returns logits (vocab,)."""
-        from edge_infer.runtime.generate import prefill
+        from edge_infer.runtime.decode import prefill
 
-        keep = min(self.cache.common_prefix(tokens), len(tokens) - 1)
-        self.cache.trim(keep)
+        keep = self.cache.reuse(tokens)
         return prefill(self.draft, list(tokens[keep:]), self.cache)
 
     def propose(self, tokens: list[int], k: int) -> tuple[list[int], list[np.ndarray] | None]:
@@ -282,7 +281,8 @@ class Guesser:
         if draft is not None and prior_draft is None:
             prior_draft = estimate_draft_cost(model, draft)
         self.costs = PassCosts(VERIFY_COST["quantized" if q.get("bits") else "float"], prior_draft or 0.0,
-                               learn=sampler.params.temperature == 0.0 and not int8_activations,
+                               learn=sampler.params.temperature == 0.0
+                               and (not int8_activations or getattr(model, "batch_invariant", False)),
                                learn_draft=draft_cost is None)
         self.max_guesses = max_guesses
         self.lookup = PromptLookup() if use_lookup else None

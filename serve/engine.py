@@ -7,18 +7,22 @@ Each turn of the loop has three steps (as in vLLM's v1 engine):
             used), pick the one slot that prefills this turn and the slots
             that decode;
   execute   outside the lock: at most one prefill chunk (batch 1, on the
-            slot's row of the shared KV cache), then one batched decode step
-            over the smallest range of rows that holds every decoding slot;
-  update    sample each row with its request's own sampler, detokenize,
-            match stops, emit text, free the slots of finished requests.
+            slot's row of the shared KV cache), then one batched pass over the
+            smallest range of rows that holds every decoding slot
+            (runtime.decode.decode_step, the loop stream_generate runs too);
+  update    each row's guesses verified with its request's own sampler, its
+            cache trimmed past its own first rejection; detokenize, match
+            stops, emit text, free the slots of finished requests.
 
 A long prompt is prefilled one chunk per turn, so the other streams wait at
-most one chunk for their next token. With speculation on, a turn in which a
-single request decodes verifies that request's guesses (prompt lookup or a
-draft model) in one pass on its row instead (runtime/speculative.py: same
-output, several tokens per pass); with two or more, the batched step runs. Slots keep their KV after a request ends:
-that is the prefix cache. A free slot's row inside the decode range gets a
-dummy token written just past its cached positions, where nothing reads it.
+most one chunk for their next token. With speculation on, every decoding row
+feeds its next token plus its guesses (prompt lookup or a draft model) in the
+same batched pass: rows hold different numbers of new ids (the graph's
+query_seqlens input), so a row that guesses well gets several tokens per pass
+while the others get one. Slots keep their KV after a request ends: that is the
+prefix cache. A free slot's row inside the range feeds nothing (on graphs
+exported before query_seqlens, a dummy token just past its cached positions,
+where nothing reads it).
 """
 
 from __future__ import annotations
@@ -31,16 +35,19 @@ import time
 
 import numpy as np
 
-from edge_infer.runtime.constrain import MaskPool, constrain_guesses, mask_rows
+from edge_infer.runtime.decode import Decoding, decode_step
 from edge_infer.runtime.errors import UserError, is_interrupt
 from edge_infer.runtime.generate import plan_max_tokens
-from edge_infer.runtime.speculative import check_draft, verify
-from edge_infer.runtime.speculative_guess import Guesser
+from edge_infer.runtime.speculative import check_draft
 from edge_infer.serve.config import EngineConfig
 from edge_infer.serve.metrics import Metrics
 from edge_infer.serve.sequence import (CANCELLED, Delta, Emit, Failed, GenerationRequest, Handle, Sequence)
 
 log = logging.getLogger("edge_infer.serve")
+
+# Ids per batched pass (rows x the widest row) up to which rows may add guesses: a lone request
+# verifies up to 15 guesses a pass (its Guesser picks fewer), 4 rows up to 3 each.
+BATCH_IDS = 16
 
 
 class QueueFull(UserError):
@@ -92,7 +99,6 @@ class Engine:
         self._stop = False  # set by stop(): end everything and leave the loop
         self._drain_deadline: float | None = None  # set by begin_shutdown(): refuse new, end active at it
         self.metrics.slots_total.set(config.parallel)
-        self._masks: MaskPool | None = None  # made at the first constrained request
         self.speculative = config.speculative
         self.draft_cache = None  # one draft cache, synced to whichever request speculates (prefix reuse)
         if self.speculative is not None and self.speculative.draft is not None:
@@ -217,7 +223,7 @@ class Engine:
             ids = np.asarray(seq.prompt, dtype=np.int64)  # (n_prompt,)
             # Longest cached prefix wins; among equal matches, the slot that loses the fewest cached
             # tokens beyond it; among slots that match nothing, the least recently used one.
-            def rank(s: Slot) -> tuple[int, int, int]:
+            def rank(s: Slot, ids: np.ndarray = ids) -> tuple[int, int, int]:  # used at once, in this iteration
                 m = s.matched(ids)
                 return m, -(s.row.offset - m) if m else 0, -s.last_used
 
@@ -245,40 +251,8 @@ class Engine:
             if not prefill.pending and not prefill.done:
                 decode.append(prefill)  # its first token is out; it joins this turn's decode step
         decode = [q for q in decode if not q.done]
-        if len(decode) == 1 and self.speculative is not None:
-            self._speculate(decode[0])
-        elif decode:
+        if decode:
             self._decode_step(decode)
-
-    def _speculate(self, seq: Sequence) -> None:
-        """One pass on seq's own row over its next token and its guesses (none: a plain step, timed
-        for the guesser's cost model, as in runtime.speculative.speculative_step)."""
-        row = self._slot_of(seq).row
-        # Guesses + the next token must fit the row, leaving the last position for the dummy decode write.
-        limit = min(seq.max_tokens - seq.generated - 1, self.max_length - 2 - row.offset)
-        config = self.speculative
-        if seq.guesser is None:
-            seq.guesser = Guesser(self.model, seq.sampler, seq.prompt, config.max_guesses,
-                                  use_lookup=config.mode == "lookup" or config.use_lookup, draft=config.draft,
-                                  draft_cache=self.draft_cache, draft_cost=config.draft_cost)
-        guesses, qs = seq.guesser.propose(seq.context, limit) if limit > 0 else ([], None)
-        if seq.matcher is not None:  # only guesses the grammar accepts are verified, against masked rows
-            guesses, qs, masks = constrain_guesses(seq.matcher, guesses, qs)
-        start = row.offset
-        x = np.array([[seq.next_token] + guesses], dtype=np.int64)  # (1, k + 1)
-        clock = time.perf_counter()
-        rows = self.model.forward(x, row, logits_to_keep=len(guesses) + 1)[0]  # (k + 1, vocab)
-        seq.guesser.costs.target_pass(len(guesses) + 1, time.perf_counter() - clock)
-        if seq.matcher is not None:
-            rows = mask_rows(rows, masks)
-        accepted, nxt = verify(rows, guesses, qs, seq.context, seq.n_prompt, seq.sampler)
-        row.trim(start + 1 + accepted)  # keep the fed token and the accepted guesses
-        emitted = guesses[:accepted] + [nxt]
-        seq.guesser.record(guesses, accepted, emitted)
-        self.metrics.speculated(len(guesses), accepted)
-        for token in emitted:
-            if self._take(seq, token):
-                break
 
     def _slot_of(self, seq: Sequence) -> Slot:
         return next(s for s in self.slots if s.seq is seq)
@@ -287,41 +261,46 @@ class Engine:
         slot = self._slot_of(seq)
         chunk, seq.pending = seq.pending[:self.config.prefill_chunk], seq.pending[self.config.prefill_chunk:]
         ids = np.asarray(chunk, dtype=np.int64)[None, :]  # (1, chunk)
-        logits = self.model.forward(ids, slot.row)  # (1, 1, vocab); appends the chunk to row.tokens
+        logits = self.model.forward(ids, slot.row)  # (1, 1, vocab); the row records the chunk
         if not seq.pending:
-            self._update(seq, logits[0, -1])
+            seq.decoding = Decoding(self.model, seq.prompt, seq.sampler, slot.row, self.speculative,
+                                    self.draft_cache, matcher=seq.matcher)
+            self._take(seq, seq.decoding.first(logits[0, -1]))
 
     def _decode_step(self, decode: list[Sequence]) -> None:
+        """One pass over the smallest range of rows holding every decoding slot: each row feeds its
+        next token and, when speculating, its guesses."""
         rows = {self._slot_of(q).index: q for q in decode}
         start, stop = min(rows), max(rows) + 1
-        tokens = np.zeros(stop - start, dtype=np.int64)  # (batch,)
-        lengths = np.zeros(stop - start, dtype=np.int64)  # (batch,)
-        for i, slot in enumerate(self.slots[start:stop]):
+        decodings, limits = [], []
+        # Every row of the pass is as wide as its widest (padding is computed in the matmuls), so
+        # with several rows each verifies fewer guesses. A draft model proposes only for a request
+        # decoding alone: its one cache would be re-synced to each row in turn.
+        cap = 0
+        if self.speculative is not None and (self.speculative.draft is None or len(decode) == 1):
+            cap = max(BATCH_IDS // (stop - start) - 1, 1)
+        for slot in self.slots[start:stop]:
             seq = rows.get(slot.index)
-            # A row not decoding gets a dummy token just past its cached prefix: nothing reads it,
-            # and the next prefill chunk (or request) overwrites it.
-            lengths[i] = slot.row.offset
-            tokens[i] = seq.next_token if seq is not None else 0
+            decodings.append(seq.decoding if seq is not None else None)
+            # Guesses + the next token must fit the row, leaving its last position free (the
+            # padding id of a one-id row, or an older graph's dummy write).
+            limits.append(0 if seq is None else
+                          min(cap, seq.max_tokens - seq.generated - 1, self.max_length - 2 - slot.row.offset))
         view = self._views.get((start, stop))
         if view is None:
             view = self._views[(start, stop)] = self.cache.rows(start, stop)
-        # Grammar masks for the constrained rows, computed on a helper thread while the model runs.
-        constrained = [q for q in decode if q.matcher is not None and getattr(q.matcher, "active", True)]
-        if constrained and self._masks is None:
-            self._masks = MaskPool()
-        pending = self._masks.submit([q.matcher for q in constrained]) if constrained else None
-        logits = self.model.decode_batch(tokens, view, lengths)  # (batch, vocab)
-        masks = dict(zip(map(id, constrained), pending.result())) if pending else {}  # id(seq) -> (words,)
-        for i, slot in enumerate(self.slots[start:stop]):
+        before = {q: (q.decoding.stats.proposed, q.decoding.stats.accepted) for q in decode}
+        emitted = decode_step(self.model, view, decodings, limits)
+        for slot, tokens in zip(self.slots[start:stop], emitted):
             seq = rows.get(slot.index)
-            if seq is not None:
-                slot.row.offset += 1
-                slot.row.tokens.append(seq.next_token)
-                self._update(seq, logits[i], masks.get(id(seq)))
-
-    def _update(self, seq: Sequence, logits: np.ndarray, mask: np.ndarray | None = None) -> None:
-        """Sample the next token from logits (vocab,), emit its text, end the sequence if it is done."""
-        self._take(seq, seq.sample(logits, mask))
+            if seq is None:
+                continue
+            proposed, accepted = before[seq]
+            if self.speculative is not None:
+                self.metrics.speculated(seq.decoding.stats.proposed - proposed, seq.decoding.stats.accepted - accepted)
+            for token in tokens:
+                if self._take(seq, token):
+                    break
 
     def _take(self, seq: Sequence, token: int) -> bool:
         """Record a chosen token: emit its text, end the sequence if it is done (returns True then)."""
@@ -336,7 +315,6 @@ class Engine:
         if reason is not None:
             self._finish(seq, seq.finished(reason.value))
             return True
-        seq.next_token = token
         return False
 
     def _finish(self, seq: Sequence, event) -> None:

@@ -1,9 +1,11 @@
 """One request inside the engine, and the events it sends back.
 
 A `Sequence` owns what is private to a request: its sampler (with its own
-seeded RNG), its detokenizer and stop matcher, its counters and clock. The
-engine feeds it one sampled token at a time (`accept`); text deltas and the
-final event go out through the `emit` callback the HTTP side gave at submit.
+seeded RNG), its TextStream (detokenizer, stop matcher, finish reason: the same
+as stream_generate's, runtime/decode.py), its counters and clock, and once it
+holds a slot its runtime.decode.Decoding. The engine feeds it one chosen token
+at a time (`accept`); text deltas and the final event go out through the
+`emit` callback the HTTP side gave at submit.
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-from edge_infer.runtime.detokenize import StreamDetokenizer
-from edge_infer.runtime.generate import FinishReason
+from edge_infer.runtime.decode import FinishReason, TextStream
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
-from edge_infer.runtime.stops import StopMatcher
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Failed:
 Event = Union[Delta, Finished, Failed]
 Emit = Callable[[Event], None]
 
-CANCELLED = "cancelled"
+CANCELLED = FinishReason.CANCELLED.value
 
 
 class Handle:
@@ -96,61 +96,39 @@ class Sequence:
         self.handle = handle
         self.eos_ids = eos_ids
         self.sampler = make_sampler(request.sampling)
-        self.detok = StreamDetokenizer(tokenizer)
-        self.stops = StopMatcher(list(request.stop))
-        self.context = list(request.prompt_ids)  # prompt + generated ids, for the penalties
+        self.text = TextStream(tokenizer, eos_ids, request.stop, max_tokens)
         self.pending: list[int] = []  # prompt ids still to prefill
-        self.next_token: int | None = None  # sampled, not yet fed to the model
         self.cached = 0
-        self.generated = 0
         self.arrived = time.perf_counter()
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.done = False
-        self.guesser = None  # runtime.speculative_guess.Guesser, made when the engine first speculates for it
-        self.matcher = None  # runtime.constrain.GrammarMatcher, set by the engine for a constrained request
+        self.decoding = None  # runtime.decode.Decoding over its slot's row, made when its prompt is in
+        self.matcher = None  # runtime.constrain.GrammarMatcher for a constrained request (the Decoding drives it)
 
     @property
     def n_prompt(self) -> int:
         return len(self.prompt)
 
-    def sample(self, logits, mask=None) -> int:
-        """logits: (vocab,) for the position after the last fed token; mask: (words,) this step's grammar
-        bitmask when the engine computed it already (else the matcher computes it here)."""
-        if self.matcher is not None:
-            logits = self.matcher.mask(logits, mask)  # before penalties and sampling
-        return self.sampler(logits, self.context, self.n_prompt)
+    @property
+    def generated(self) -> int:
+        return self.text.generated
 
     def accept(self, token: int) -> tuple[str, FinishReason | None]:
-        """Record a sampled token; return the text it releases and, when the sequence ends, why.
-
-        Mirrors runtime.generate.stream_generate: an eos ends without text; a
-        stop string cuts the text; at max_tokens the held-back text is flushed.
-        """
+        """Record a chosen token; return the text it releases and, when the sequence ends, why
+        (an eos ends without text; a stop string cuts the text; at max_tokens the held-back text
+        is flushed)."""
         now = time.perf_counter()
         self.first_at = self.first_at or now
         self.last_at = now
-        self.generated += 1
-        self.context.append(token)
-        if token in self.eos_ids:
-            return self._flush("", FinishReason.STOP)
-        if self.matcher is not None:
-            self.matcher.accept(token)
-        text, stopped = self.stops.feed(self.detok.add(token))
-        if stopped:
-            return text, FinishReason.STOP
-        if self.matcher is not None and self.matcher.finished:  # the grammar is complete
-            return self._flush(text, FinishReason.STOP)
-        if self.generated >= self.max_tokens:
-            return self._flush(text, FinishReason.LENGTH)
-        return text, None
-
-    def _flush(self, text: str, reason: FinishReason) -> tuple[str, FinishReason]:
-        tail, stopped = self.stops.feed(self.detok.flush())
-        if stopped:
-            return text + tail, FinishReason.STOP
-        tail += self.stops.flush()
-        return text + tail, FinishReason.STOP if self.stops.stopped else reason
+        text, reason = self.text.add(token)
+        d = self.decoding
+        if reason is None and d is not None and d.grammar_done(self.n_prompt + self.text.generated):
+            reason = FinishReason.STOP  # the grammar is complete: nothing but eos may follow
+        if reason is None:
+            return text, None
+        tail, reason = self.text.tail(reason)
+        return text + tail, reason
 
     def usage(self) -> Usage:
         return Usage(self.n_prompt, self.generated, self.cached)

@@ -44,9 +44,9 @@ class SlowModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def decode_batch(self, *args):
+    def forward_rows(self, *args):  # the engine's batched step
         time.sleep(self.delay)
-        return self._model.decode_batch(*args)
+        return self._model.forward_rows(*args)
 
 
 @pytest.fixture(scope="module")

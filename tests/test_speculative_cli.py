@@ -52,5 +52,5 @@ def test_bad_combinations_are_refused_before_loading(paths, command, monkeypatch
     argv = [c.format(m=target) for c in command]
     bad = CliRunner().invoke(main, argv + ["--speculative", "draft"])
     assert bad.exit_code == 2 and "needs a draft model" in bad.output
-    bad = CliRunner().invoke(main, argv + ["--draft", target])
+    bad = CliRunner().invoke(main, argv + ["--speculative", "lookup", "--draft", target])
     assert bad.exit_code == 2 and "only used with --speculative draft" in bad.output

@@ -75,15 +75,22 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+QUICK = False  # --quick: one plain and one speculative run per task (AB, BA, ...) instead of ABBA
+
+
 def compare(title: str, target, spec, tasks, max_tokens: int, sampling: dict | None = None) -> dict:
     """ABBA per task; returns rows and totals. `sampling`: sampling keywords (greedy when None)."""
     rows, plain_all, spec_all = [], [], []
     for name, messages in tasks:
-        p1 = once(target, messages, max_tokens, None, sampling)
-        s1 = once(target, messages, max_tokens, spec, sampling)
-        s2 = once(target, messages, max_tokens, spec, sampling)
-        p2 = once(target, messages, max_tokens, None, sampling)
-        plain, fast = [p1, p2], [s1, s2]
+        if QUICK and len(rows) % 2:  # one run each, the order alternating between tasks
+            s1 = once(target, messages, max_tokens, spec, sampling)
+            p1 = once(target, messages, max_tokens, None, sampling)
+        else:
+            p1 = once(target, messages, max_tokens, None, sampling)
+            s1 = once(target, messages, max_tokens, spec, sampling)
+        s2 = s1 if QUICK else once(target, messages, max_tokens, spec, sampling)
+        p2 = p1 if QUICK else once(target, messages, max_tokens, None, sampling)
+        plain, fast = ([p1], [s1]) if QUICK else ([p1, p2], [s2, s1])
         plain_all += plain
         spec_all += fast
         speed = lambda runs: sum(r.decode_tokens for r in runs) / sum(r.decode_time for r in runs)  # noqa: E731
@@ -163,7 +170,12 @@ def main() -> None:
                          "and its target alternate: with a pool each, the idle one's spinning threads take "
                          "cores from the other)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--quick", action="store_true", help="one plain and one speculative run per task (AB/BA)")
+    ap.add_argument("--speculative", default="lookup", choices=["auto", "lookup"],
+                    help="the mode of the lookup experiments")
     args = ap.parse_args()
+    global QUICK
+    QUICK = args.quick
     shared = not args.per_session_threads
     int4 = edge_infer.load(args.int4, device="cpu", threads=args.threads, shared_threads=shared)
     fp32 = edge_infer.load(args.fp32, device="cpu", threads=args.threads, shared_threads=shared)
@@ -176,7 +188,8 @@ def main() -> None:
     if "costs" in args.only:
         costs = {"int4": pass_costs(int4), "fp32": pass_costs(fp32)}
     if "lookup" in args.only:
-        results.append(compare("Prompt lookup, int4 target, grounded tasks", int4, "lookup", grounded, args.max_tokens))
+        results.append(compare(f"Prompt lookup ({args.speculative}), int4 target, grounded tasks", int4,
+                               args.speculative, grounded, args.max_tokens))
     if "lookup-fp32" in args.only:
         results.append(compare("Prompt lookup, fp32 target, grounded tasks", fp32, "lookup", grounded,
                                args.max_tokens))
@@ -194,7 +207,7 @@ def main() -> None:
     if "open-sampled" in args.only:
         sampled = {"temperature": 0.8, "top_p": 0.95, "seed": 1}
         results.append(compare("Prompt lookup, int4 target, open-ended prompts, sampled (temperature 0.8, "
-                               "top-p 0.95, seed 1)", int4, "lookup", open_ended, args.max_tokens, sampled))
+                               "top-p 0.95, seed 1)", int4, args.speculative, open_ended, args.max_tokens, sampled))
 
     lines = ["# Speculative decoding: plain vs speculative, side by side", "",
              f"Machine: {machine()}; {args.threads} threads; load average {load_before:.1f} at the start and "

@@ -1,0 +1,251 @@
+"""The decoding core shared by stream_generate and the server's engine.
+
+  Decoding       one sequence's state: its sampler, the ids so far, its KV cache (a batch-1
+                 cache or one row of the server's), and a Guesser when it speculates
+  decode_step    ONE model pass over any number of Decodings: each feeds its last sampled
+                 token plus its guesses (none: a plain step); every row's guesses are verified
+                 and its cache trimmed past its own first rejection
+  TextStream     sampled ids -> text deltas and a FinishReason (eos, stop strings, max_tokens)
+
+Plain decoding is a round with no guesses, so a plain step, a speculative round and a row of
+the server's batched step are the same code. Model.forward_rows pads one-id rows, so a
+position's logits do not depend on how its pass was grouped: greedy speculation gives the ids
+of plain decoding on int4/int8 exports as well as on fp32 ones.
+
+A grammar (runtime/constrain.py) rides along in the Decoding: the first token and every
+verification row are masked before sampling, tokens the grammar forces are fed as guesses (they
+are always accepted: their masked rows allow nothing else), other guesses are cut where the
+grammar refuses them, and the matcher consumes exactly the ids the round emits. Rows without
+guesses get their masks on llguidance's thread pool while the model runs (`decode_step`).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Sequence
+
+import numpy as np
+
+from edge_infer.runtime.cache import KVCache
+from edge_infer.runtime.constrain import MaskPool, constrain_guesses, mask_rows
+from edge_infer.runtime.detokenize import StreamDetokenizer
+from edge_infer.runtime.model import Model
+from edge_infer.runtime.sampling import Sampler
+from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, check_draft, verify
+from edge_infer.runtime.speculative_guess import Guesser
+from edge_infer.runtime.stops import StopMatcher
+
+PREFILL_CHUNK = 512
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # an eos token or a stop string
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    CANCELLED = "cancelled"  # the client went away (server)
+    TOOL_CALLS = "tool_calls"  # the reply is tool calls (Chunk.tool_calls)
+
+
+def prefill(model: Model, ids: list[int], cache: KVCache, chunk: int = PREFILL_CHUNK) -> np.ndarray:
+    """Run the prompt through the model in chunks; returns the last position's logits (vocab,)."""
+    assert ids, "prefill needs at least one token"
+    logits = None
+    for start in range(0, len(ids), chunk):
+        piece = np.asarray(ids[start:start + chunk], dtype=np.int64)[None, :]  # (1, chunk)
+        logits = model.forward(piece, cache)
+    return logits[0, -1]
+
+
+class Decoding:
+    """One sequence between its prompt and its last token.
+
+    `cache` holds every id but the last sampled one (`token`), which the next round feeds.
+    With `speculative` set, each round feeds guesses after it as well.
+    """
+
+    def __init__(self, model: Model, prompt: Sequence[int], sampler: Sampler, cache: KVCache,
+                 speculative: SpeculativeConfig | None = None, draft_cache: KVCache | None = None,
+                 stats: SpecStats | None = None, matcher=None):
+        self.model, self.sampler, self.cache = model, sampler, cache
+        self.matcher = matcher  # runtime.constrain.GrammarMatcher (or a lazy one), or None
+        self.grammar_done_at: int | None = None  # len(tokens) once the grammar is complete
+        self.tokens = list(prompt)  # prompt + sampled ids (the penalties and the guesser read them)
+        self.n_prompt = len(self.tokens)
+        self.token: int | None = None  # sampled, not yet fed
+        self.stats = stats if stats is not None else SpecStats()
+        self.guesser: Guesser | None = None
+        if speculative is not None:
+            self.stats.mode = speculative.mode
+            draft = speculative.draft
+            if draft is not None:
+                check_draft(model, draft)
+                if draft_cache is None:
+                    draft_cache = draft.new_cache(max_length=min(draft.max_length, cache.max_length))
+            self.guesser = Guesser(model, sampler, self.tokens, speculative.max_guesses,
+                                   use_lookup=speculative.mode == "lookup" or speculative.use_lookup,
+                                   draft=draft, draft_cache=draft_cache, draft_cost=speculative.draft_cost)
+        self._feed: list[int] = []
+        self._guesses: list[int] = []
+        self._qs = None
+        self._masks: list | None = None  # per verification row (words,), under a grammar
+        self._forced = False  # this round's guesses are the grammar's forced tokens
+
+    def first(self, logits: np.ndarray) -> int:
+        """Sample the first token from the prompt's last logits (vocab,)."""
+        if self.matcher is not None:
+            logits = self.matcher.mask(logits)  # before penalties and sampling
+        self.token = self.sampler(logits, self.tokens, self.n_prompt)
+        self._consume([self.token])
+        self.tokens.append(self.token)
+        return self.token
+
+    def propose(self, limit: int) -> list[int]:
+        """The ids this round feeds: the last token and up to `limit` guesses."""
+        assert self.token is not None and self.cache.offset == len(self.tokens) - 1, \
+            "the cache holds every id but the last sampled one"
+        self._guesses, self._qs, self._masks, self._forced = [], None, None, False
+        if self.matcher is not None and limit > 0:
+            self._guesses = self.matcher.forced()[:limit]  # certain: fed in this pass without sampling
+            self._forced = bool(self._guesses)
+        if not self._guesses and self.guesser is not None and limit > 0:
+            self._guesses, self._qs = self.guesser.propose(self.tokens, limit)
+        if self.matcher is not None and self._guesses:
+            self._guesses, self._qs, self._masks = constrain_guesses(self.matcher, self._guesses, self._qs)
+        self._feed = [self.token] + self._guesses
+        return self._feed
+
+    def needs_mask(self) -> bool:
+        """A row-0 mask this round still lacks (decode_step computes those while the model runs)."""
+        return self.matcher is not None and self._masks is None and getattr(self.matcher, "active", True)
+
+    def settle(self, rows: np.ndarray) -> list[int]:
+        """Take the pass's logits rows (k + 1, vocab) for the fed ids: verify the guesses, keep the
+        fed token and the accepted guesses in the cache, and return the ids this round emits."""
+        if self.matcher is not None:  # each row masked by the grammar state it follows
+            if self._masks is not None:
+                rows = mask_rows(rows, self._masks)
+            else:
+                rows = np.concatenate([self.matcher.mask(rows[0])[None], rows[1:]])
+        accepted, nxt = verify(rows, self._guesses, self._qs, self.tokens, self.n_prompt, self.sampler)
+        self.cache.advance(self._feed[:1 + accepted])  # the rejected guesses' entries get overwritten
+        emitted = self._guesses[:accepted] + [nxt]
+        self._consume(emitted)
+        if self.guesser is not None and not self._forced:
+            self.stats.target_passes += 1
+            self.stats.proposed += len(self._guesses)
+            self.stats.accepted += accepted
+            self.guesser.record(self._guesses, accepted, emitted)
+        self.tokens.extend(emitted)
+        self.token = nxt
+        return emitted
+
+    def _consume(self, emitted: list[int]) -> None:
+        """The grammar takes the ids this round emits (before they join `tokens`); an eos ends it
+        unconsumed. Records where the grammar completed: nothing but eos may follow."""
+        if self.matcher is None or self.grammar_done_at is not None:
+            return
+        eos = self.model.tokenizer.eos_ids
+        for i, t in enumerate(emitted):
+            if t in eos:
+                return
+            self.matcher.accept(t)
+            if self.matcher.finished:
+                self.grammar_done_at = len(self.tokens) + i + 1
+                return
+
+    def grammar_done(self, n_tokens: int) -> bool:
+        """Whether the grammar was complete once tokens[:n_tokens] were emitted."""
+        return self.grammar_done_at is not None and n_tokens >= self.grammar_done_at
+
+
+_masks: MaskPool | None = None
+
+
+def _mask_pool() -> MaskPool:
+    global _masks
+    if _masks is None:
+        _masks = MaskPool()
+    return _masks
+
+
+def decode_step(model: Model, cache: KVCache, decodings: list[Decoding | None],
+                limits: list[int]) -> list[list[int]]:
+    """One pass of `model` over the rows of `cache` (row r belongs to decodings[r]; None: idle).
+
+    limits[r] caps row r's guesses. Returns the ids each row emits (empty for idle rows).
+    """
+    feeds = [d.propose(limit) if d is not None else [] for d, limit in zip(decodings, limits)]
+    lengths = np.array([d.cache.offset if d is not None else 0 for d in decodings], dtype=np.int64)  # (batch,)
+    masked = [d for d in decodings if d is not None and d.needs_mask()]
+    pending = _mask_pool().submit([d.matcher for d in masked]) if masked else None  # overlaps the pass
+    clock = time.perf_counter()
+    rows = model.forward_rows(feeds, cache, lengths)  # per row (n_r, vocab)
+    seconds = time.perf_counter() - clock
+    if pending is not None:
+        for d, mask in zip(masked, pending.result()):
+            d._masks = [mask]
+    active = [d for d in decodings if d is not None]
+    if len(active) == 1 and active[0].guesser is not None:  # a pass's time says what its width costs
+        active[0].guesser.costs.target_pass(len(feeds[decodings.index(active[0])]), seconds)
+    return [d.settle(r) if d is not None else [] for d, r in zip(decodings, rows)]
+
+
+def decode_tokens(model: Model, ids: list[int], cache: KVCache, sampler: Sampler, max_tokens: int,
+                  speculative: SpeculativeConfig | None = None, stats: SpecStats | None = None,
+                  draft_cache: KVCache | None = None, ignore_eos: bool = False, matcher=None):
+    """Yield up to max_tokens sampled ids, stopping after an eos id (unless ignore_eos) or once a
+    grammar `matcher` is complete. Reuses whatever prefix of `ids` the cache already holds."""
+    eos = frozenset() if ignore_eos else model.tokenizer.eos_ids
+    reuse = cache.reuse(ids)
+    d = Decoding(model, ids, sampler, cache, speculative, draft_cache, stats, matcher)
+    token = d.first(prefill(model, ids[reuse:], cache))
+    yield token
+    produced = 1
+    while produced < max_tokens and token not in eos and not d.grammar_done(len(ids) + produced):
+        # A round yields up to k + 1 ids; the cache must hold the fed ones.
+        limit = min(max_tokens - produced - 1, cache.max_length - cache.offset - 1)
+        for token in decode_step(model, cache, [d], [limit])[0]:
+            yield token
+            produced += 1
+            if produced == max_tokens or token in eos or d.grammar_done(len(ids) + produced):
+                return
+
+
+class TextStream:
+    """Sampled ids -> text deltas and why the sequence ends (runtime and server alike).
+
+    An eos id ends it without text; a stop string cuts the text there; at max_tokens it ends
+    with LENGTH. Text held back (a partial character, a possible stop string) comes out of
+    `tail()` once the sequence has ended.
+    """
+
+    def __init__(self, tokenizer, eos_ids: frozenset[int], stop: Sequence[str], max_tokens: int):
+        self.detok = StreamDetokenizer(tokenizer)
+        self.stops = StopMatcher(list(stop))
+        self.eos_ids, self.max_tokens = eos_ids, max_tokens
+        self.generated = 0
+        self.reason: FinishReason | None = None
+        self._stopped = False  # a stop string matched: nothing is held back any more
+
+    def add(self, token: int) -> tuple[str, FinishReason | None]:
+        """The text `token` releases and, when the sequence ends with it, why."""
+        self.generated += 1
+        if token in self.eos_ids:
+            self.reason = FinishReason.STOP
+            return "", self.reason
+        text, self._stopped = self.stops.feed(self.detok.add(token))
+        if self._stopped:
+            self.reason = FinishReason.STOP
+        elif self.generated >= self.max_tokens:
+            self.reason = FinishReason.LENGTH
+        return text, self.reason
+
+    def tail(self, reason: FinishReason | None = None) -> tuple[str, FinishReason]:
+        """What was held back, and the final reason (a stop string in the tail makes it STOP)."""
+        reason = reason or self.reason or FinishReason.LENGTH
+        if self._stopped:
+            return "", FinishReason.STOP
+        tail, stopped = self.stops.feed(self.detok.flush())
+        if stopped:
+            return tail, FinishReason.STOP
+        return tail + self.stops.flush(), (FinishReason.STOP if self.stops.stopped else reason)
