@@ -2,7 +2,7 @@
 
 `onnxruntime_genai.Model(folder)` reads `genai_config.json` (geometry, I/O names,
 search defaults), the graph it names, and the tokenizer through `tokenizer.json`
-plus `tokenizer_config.json`. Two things differ from what genai feeds:
+plus `tokenizer_config.json`. Three things differ from what genai feeds:
 
   * our graph takes `logits_to_keep` (logits for the last positions only: the
     prefill speed path), which genai does not know. genai gets its own graph
@@ -11,6 +11,9 @@ plus `tokenizer_config.json`. Two things differ from what genai feeds:
     It points at the same external-data file, so the weights are stored once and
     our own graph keeps the input (an overridable initializer would have to be
     fed with `run`, and IOBinding refuses it).
+  * `query_seqlens` (new tokens per row, for batched rows of different lengths) is
+    computed in genai's header from the shape of `input_ids`: genai gives every row
+    the same number.
   * genai's past and present share one buffer only when `past_present_share_buffer`
     is set; our graph is built for exactly that layout, so it is.
 
@@ -27,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_GRAPH = "model.genai.onnx"
@@ -113,11 +116,32 @@ def _write_graph_without_keep(src: Path, dst: Path) -> None:
 
     Loaded without external data: the weights stay references into the same data file."""
     graph = onnx.load(str(src), load_external_data=False)
-    keep = [i for i in graph.graph.input if i.name == "logits_to_keep"]
-    for i in keep:
-        graph.graph.input.remove(i)
+    if _drop_input(graph, "logits_to_keep"):
         graph.graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.int64), "logits_to_keep"))
+    if any(i.name == "query_seqlens" for i in graph.graph.input):
+        # genai feeds every row the same number of new tokens: query_seqlens = sequence_length per row.
+        _drop_input(graph, "query_seqlens")
+        consts = [numpy_helper.from_array(np.array([v], dtype=np.int64), f"/genai/const_{v}") for v in (0, 1, 2)]
+        graph.graph.initializer.extend(consts)
+        nodes = [
+            helper.make_node("Shape", ["input_ids"], ["/genai/shape"], name="/genai/Shape"),  # (2,)
+            helper.make_node("Slice", ["/genai/shape", "/genai/const_0", "/genai/const_1"], ["/genai/batch"],
+                             name="/genai/batch/Slice"),  # (1,)
+            helper.make_node("Slice", ["/genai/shape", "/genai/const_1", "/genai/const_2"], ["/genai/seq"],
+                             name="/genai/seq/Slice"),  # (1,)
+            helper.make_node("Expand", ["/genai/seq", "/genai/batch"], ["query_seqlens"],
+                             name="/genai/query_seqlens/Expand"),  # (batch,)
+        ]
+        for n in reversed(nodes):
+            graph.graph.node.insert(0, n)
     for o in graph.graph.output:
         if o.name == "logits":  # (batch, sequence_length, vocab) for genai
             o.type.tensor_type.shape.dim[1].dim_param = "sequence_length"
     onnx.save_model(graph, str(dst))
+
+
+def _drop_input(graph: onnx.ModelProto, name: str) -> bool:
+    found = [i for i in graph.graph.input if i.name == name]
+    for i in found:
+        graph.graph.input.remove(i)
+    return bool(found)

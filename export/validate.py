@@ -189,7 +189,7 @@ def _reference_logits(stored: StoredGraph, spec, prompts) -> tuple[list[np.ndarr
     for ids in prompts:
         n = len(ids)
         feed = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), np.int64),
-                "logits_to_keep": np.array([n], dtype=np.int64),
+                "logits_to_keep": np.array([n], dtype=np.int64), "query_seqlens": np.array([n], dtype=np.int64),
                 "position_ids": np.arange(n, dtype=np.int64)[None, :]}
         empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
         for i in range(spec.num_layers):

@@ -104,11 +104,15 @@ class Decoding:
         assert self.token is not None and self.cache.offset == len(self.tokens) - 1, \
             "the cache holds every id but the last sampled one"
         self._guesses, self._qs, self._masks, self._forced = [], None, None, False
-        if self.matcher is not None and limit > 0:
-            self._guesses = self.matcher.forced()[:limit]  # certain: fed in this pass without sampling
-            self._forced = bool(self._guesses)
-        if not self._guesses and self.guesser is not None and limit > 0:
-            self._guesses, self._qs = self.guesser.propose(self.tokens, limit)
+        # Tokens the grammar forces are certain guesses (their masked rows allow nothing else); the
+        # guesser's proposal is taken instead when it goes on past them.
+        forced = self.matcher.forced()[:limit] if self.matcher is not None and limit > 0 else []
+        if self.guesser is not None and limit > 0:
+            guesses, qs = self.guesser.propose(self.tokens, limit)
+            if len(guesses) > len(forced) and guesses[:len(forced)] == forced:
+                self._guesses, self._qs = guesses, qs
+        if not self._guesses and forced:
+            self._guesses, self._forced = forced, True
         if self.matcher is not None and self._guesses:
             self._guesses, self._qs, self._masks = constrain_guesses(self.matcher, self._guesses, self._qs)
         self._feed = [self.token] + self._guesses

@@ -137,4 +137,4 @@ class Sequence:
         first = self.first_at or time.perf_counter()
         span = (self.last_at or first) - first
         rate = (self.generated - 1) / span if self.generated > 1 and span > 0 else 0.0
-        return Finished(reason, self.usage(), first - self.arrived, rate, self.stops.matched)
+        return Finished(reason, self.usage(), first - self.arrived, rate, self.text.stops.matched)
