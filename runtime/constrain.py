@@ -160,9 +160,9 @@ def constraint_from(response_format: Mapping | None = None, grammar: Any = None,
         if isinstance(grammar, Mapping):
             kind = grammar.get("type")
             if kind == "regex" and set(grammar) <= {"type", "regex"}:
-                return regex_constraint(grammar.get("regex"), tok)
+                return regex_constraint(_string(grammar.get("regex"), "grammar.regex"), tok)
             if kind == "lark" and set(grammar) <= {"type", "lark"}:
-                return lark_constraint(grammar.get("lark"), tok)
+                return lark_constraint(_string(grammar.get("lark"), "grammar.lark"), tok)
         raise UserError("grammar must be a Lark grammar string, {'type': 'regex', 'regex': ...} or "
                         "{'type': 'lark', 'lark': ...}")
     if response_format is None:
@@ -351,3 +351,9 @@ class MaskPool:
             return
         pairs = [(m.raw, i) for i, m in enumerate(matchers)]
         self._executor.unsafe_compute_mask_ptr(pairs, bitmask.ctypes.data, bitmask.shape[1] * 4, bitmask.shape[0])
+
+
+def _string(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{name} must be a string, got {type(value).__name__}")
+    return value

@@ -49,7 +49,7 @@ class FinishReason(str, enum.Enum):
 def prefill(model: Model, ids: list[int], cache: KVCache, chunk: int = PREFILL_CHUNK) -> np.ndarray:
     """Run the prompt through the model in chunks; returns the last position's logits (vocab,)."""
     assert ids, "prefill needs at least one token"
-    logits = None
+    logits = np.empty(0)
     for start in range(0, len(ids), chunk):
         piece = np.asarray(ids[start:start + chunk], dtype=np.int64)[None, :]  # (1, chunk)
         logits = model.forward(piece, cache)

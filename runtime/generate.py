@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -69,7 +69,7 @@ def encode_prompt(model: Model, prompt: Prompt) -> list[int]:
         if not prompt:
             raise UserError("prompt is empty")
         return model.tokenizer.encode(check_text(prompt, "prompt"), add_special_tokens=True)
-    items = list(prompt)
+    items: list[Any] = list(prompt)
     if not items:
         raise UserError("prompt is empty")
     if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):

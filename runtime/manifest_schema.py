@@ -15,7 +15,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from edge_infer.runtime.errors import ModelFileError
 
@@ -48,16 +48,17 @@ class _Section:
             self.fail(name, f"is {_show(value)}, expected an object")
         self.d: dict = value
 
-    def fail(self, key: str, problem: str) -> None:
+    def fail(self, key: str, problem: str) -> NoReturn:
         raise SchemaError(f"{self.path}: {key} {problem}; re-export the model")
 
-    def integer(self, key: str, low: int, high: int, optional: bool = False) -> int | None:
-        v = self.d.get(key)
-        if v is None and optional:
-            return None
+    def integer(self, key: str, low: int, high: int) -> int:
+        v: Any = self.d.get(key)
         if not _is_int(v) or not low <= v <= high:
             self.fail(f"{self.name}.{key}", f"is {_show(v)}, expected an integer from {low} to {high}")
         return v
+
+    def optional_integer(self, key: str, low: int, high: int) -> int | None:
+        return None if self.d.get(key) is None else self.integer(key, low, high)
 
     def text(self, key: str, optional: bool = False, choices: tuple[str, ...] = ()) -> str | None:
         v = self.d.get(key)
@@ -92,8 +93,8 @@ def check_raw(path: Path, raw: dict) -> None:
     vocab = m.integer("vocab_size", 1, MAX_VOCAB)
     m.integer("max_length", 2, MAX_LENGTH)
     m.integer("context_length", 1, MAX_LENGTH)
-    m.integer("sliding_window", 1, MAX_LENGTH, optional=True)
-    m.integer("intermediate_size", 1, 1 << 20, optional=True)
+    m.optional_integer("sliding_window", 1, MAX_LENGTH)
+    m.optional_integer("intermediate_size", 1, 1 << 20)
     if heads % kv_heads:
         m.fail("model.num_heads", f"{heads} is not a multiple of model.num_kv_heads {kv_heads}")
 
@@ -110,7 +111,7 @@ def check_raw(path: Path, raw: dict) -> None:
     if "input_ids" not in inputs or "logits" not in outputs:
         g.fail("graph", "must have an input_ids input and a logits output")
     if g.d.get("kv_layout") == "static":  # two fixed-shape graphs: what the runtime allocates comes from here
-        plan = g.d.get("static_plan")
+        plan: Any = g.d.get("static_plan")
         ok = isinstance(plan, dict) and _is_int(plan.get("max_length")) and plan["max_length"] == m.d.get("max_length")
         for part in ("prefill", "decode"):
             step = plan.get(part) if isinstance(plan, dict) else None
@@ -124,7 +125,7 @@ def check_raw(path: Path, raw: dict) -> None:
     t.text("file")
     t.text("chat_template_file", optional=True)
     for key in ("bos_token_id", "pad_token_id"):
-        t.integer(key, 0, vocab - 1, optional=True)
+        t.optional_integer(key, 0, vocab - 1)
     eos = t.d.get("eos_token_ids", [])
     if not isinstance(eos, list) or not all(_is_int(i) and 0 <= i < vocab for i in eos):
         t.fail("tokenizer.eos_token_ids", f"is {_show(eos)}, expected a list of token ids in [0, {vocab})")
@@ -144,12 +145,12 @@ def check_raw(path: Path, raw: dict) -> None:
             _Section(path, raw, name)
     if "quantization" in raw:
         q = _Section(path, raw, "quantization")
-        q.integer("bits", 2, 8, optional=True)
-        q.integer("block_size", 1, 4096, optional=True)
+        q.optional_integer("bits", 2, 8)
+        q.optional_integer("block_size", 1, 4096)
         q.text("scheme", optional=True)
     if "generation" in raw:
         gen = _Section(path, raw, "generation")
-        gen.integer("max_new_tokens", 1, MAX_LENGTH, optional=True)
+        gen.optional_integer("max_new_tokens", 1, MAX_LENGTH)
         defaults = gen.d.get("source_defaults")
         if defaults is not None:
             _check_source_defaults(gen, defaults)
@@ -228,7 +229,7 @@ def check_kv_memory(where: Path, kv_bytes: int, what: str) -> None:
                              "serve --max-length) or fewer parallel slots")
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -293,13 +293,13 @@ def evaluate(logits: Logits, ids: Sequence[int], window: int = 512, stride: int 
              rows_per_chunk: int = 64) -> Quality:
     """Perplexity of the model over ids (strided windows), and with a reference, top-1 agreement
     and mean KL(reference || model) at every scored position."""
-    ids = np.asarray(ids, dtype=np.int64)
-    wins = strided_windows(len(ids), window, stride)
+    tokens = np.asarray(ids, dtype=np.int64)  # (n,)
+    wins = strided_windows(len(tokens), window, stride)
     nll, kls, agree, ref_nll = [], [], 0, []
     for i, w in enumerate(wins):
-        piece = ids[w.begin:w.end]  # (seq,)
+        piece = tokens[w.begin:w.end]  # (seq,)
         rows = slice(w.first_target - 1 - w.begin, w.end - 1 - w.begin)  # positions that predict the targets
-        targets = ids[w.first_target:w.end]
+        targets = tokens[w.first_target:w.end]
         out = _all_logits(logits, piece)[rows]  # (scored, vocab)
         ref = _all_logits(reference, piece)[rows] if reference is not None else None
         for c in range(0, len(targets), rows_per_chunk):  # float64 in chunks bounds the memory
@@ -316,7 +316,8 @@ def evaluate(logits: Logits, ids: Sequence[int], window: int = 512, stride: int 
             progress(i + 1, len(wins))
     all_nll = np.concatenate(nll)
     mean = float(all_nll.mean())
-    q = dict(tokens=len(ids), scored=len(all_nll), windows=len(wins), nll_mean=mean, perplexity=math.exp(mean))
+    q: dict[str, Any] = dict(tokens=len(tokens), scored=len(all_nll), windows=len(wins), nll_mean=mean,
+                             perplexity=math.exp(mean))
     if reference is not None:
         all_kl = np.maximum(np.concatenate(kls), 0.0)  # rounding can leave -1e-17 where the two agree
         rmean = float(np.concatenate(ref_nll).mean())

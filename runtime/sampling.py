@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class SamplingParams:
             _integer(self.seed, "seed", ">= 0 or None (None = random)", lambda v: v >= 0)
 
 
-def _number(value: object, name: str, allowed: str, ok) -> None:
+def _number(value: Any, name: str, allowed: str, ok) -> None:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     # NaN fails every comparison, so `ok` rejects it; inf is refused explicitly.
     if not is_number or not math.isfinite(value) or not ok(value):

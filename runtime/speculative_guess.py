@@ -303,7 +303,8 @@ class Guesser:
         """Up to `limit` guesses after tokens, and the draft distributions when sampling from a draft."""
         self.rounds += 1
         self.source, self.unused = "", []
-        found, k_lookup, gain_lookup = [], 0, 1.0
+        found: list[int] = []
+        k_lookup, gain_lookup = 0, 1.0
         if self.lookup is not None:
             found, self.key = self.lookup.propose(tokens, min(limit, self.max_guesses))
             if found:

@@ -174,7 +174,8 @@ class StaticModel(Model):
 
     def _chunked(self, ids: list[int], cache: KVCache) -> np.ndarray:
         C = self._prefill.S
-        logits = None
+        assert ids, "a pass needs at least one id"
+        logits = np.empty(0)
         for start in range(0, len(ids), C):
             piece = ids[start:start + C]
             logits = self._pass(self._decode if len(piece) == 1 else self._prefill, piece, cache)

@@ -172,14 +172,14 @@ def build_application(config: ClusterConfig):
     engine = dict(config.engine or {})
     grace = float(engine.get("shutdown_grace_s", 5.0))
     parallel = int(engine.get("parallel", 4))
-    replica_cls = serve.deployment(
+    replica_cls: Any = serve.deployment(
         EngineReplica, num_replicas=1, max_ongoing_requests=parallel + int(engine.get("max_queue", 32)) + 4,
         graceful_shutdown_timeout_s=grace + 2, health_check_period_s=2, health_check_timeout_s=30,
         ray_actor_options={"num_cpus": 0})  # threads are the engine's own: Ray's CPU accounting stays out of it
     handles = [replica_cls.options(name=f"replica-{i}").bind(config.model, server, engine, config.device,
                                                              config.threads, config.verify, i)
                for i in range(config.replicas)]
-    router_cls = serve.deployment(serve.ingress()(Router), name="router", num_replicas=1,
+    router_cls: Any = serve.deployment(serve.ingress()(Router), name="router", num_replicas=1,
                                   max_ongoing_requests=4096, graceful_shutdown_timeout_s=grace + 4,
                                   ray_actor_options={"num_cpus": 0})
     return router_cls.bind(handles, config.routing, parallel)

@@ -95,6 +95,7 @@ class KeyGuard:
         await self.app(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
+        assert self._key is not None  # called only when a key is set
         api_key = _header(scope, b"x-api-key")
         if api_key is not None:
             return hmac.compare_digest(api_key.strip().encode("latin-1"), self._key)

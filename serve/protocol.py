@@ -205,7 +205,7 @@ def _messages(messages: Any) -> list[dict]:
         role = m.get("role")
         if role not in CHAT_ROLES:
             raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
-        message = {"role": CHAT_ROLES[role]}
+        message: dict[str, Any] = {"role": CHAT_ROLES[role]}
         if "name" in m and isinstance(m["name"], str):
             _text(m["name"], f"{where}.name")
         if role == "assistant" and m.get("tool_calls"):
@@ -288,7 +288,7 @@ def completion_body(kind: str, rid: str, model: str, text: str | None, finish: s
     """tool_calls: runtime.tools.ToolCall objects (chat only); with them, content may be None."""
     created = int(time.time())
     if kind == "chat":
-        message = {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
         if tool_calls:
             message["tool_calls"] = [c.openai() for c in tool_calls]
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}

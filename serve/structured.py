@@ -80,7 +80,7 @@ class ReplyStream:
             return text
         self.held.append(text)
         start = "".join(self.held).lstrip()
-        if self.plan.format == "generic" and start and not start.startswith("{"):
+        if self.plan is not None and self.plan.format == "generic" and start and not start.startswith("{"):
             self.passing = True
             out, self.held = "".join(self.held), []
             return out
