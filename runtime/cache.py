@@ -153,6 +153,13 @@ class ConcatKVCache(KVCache):
         """Take the past + new arrays a pass returned."""
         self.keys, self.values = keys, values
 
+    def advance(self, ids: Sequence[int]) -> None:
+        """The pass already returned past + new arrays; keep only what is recorded (a speculative
+        round keeps the fed token and its accepted guesses)."""
+        super().advance(ids)
+        self.keys = [k[:, :, :self._offset] for k in self.keys]
+        self.values = [v[:, :, :self._offset] for v in self.values]
+
     def trim(self, n: int) -> None:
         super().trim(n)
         self.keys = [k[:, :, :n] for k in self.keys]

@@ -174,6 +174,14 @@ class Model:
         """
         batch = cache.batch
         assert len(feeds) == batch and lengths.shape == (batch,), "one feed and one length per row"
+        if isinstance(cache, ConcatKVCache):  # the optimum route: batch 1, past + new keys as new arrays
+            ids = np.asarray([feeds[0]], dtype=np.int64)  # (1, n)
+            start, n = int(lengths[0]), ids.shape[1]
+            if start + n > cache.max_length:
+                raise ContextLengthError(f"{start + n} positions do not fit the KV cache of {cache.max_length}")
+            mask = np.ones((1, start + n), dtype=np.int64)  # (1, total_sequence_length)
+            positions = np.arange(start, start + n, dtype=np.int64)[None, :]  # (1, n)
+            return [self._run_concat(ids, mask, positions, cache, min(keep or n, n))[0]]
         pad = self.batch_invariant if pad is None else pad
         real = [len(f) for f in feeds]
         # Ids per row in the graph: real ids, plus a padding id where a row has exactly one.

@@ -74,8 +74,7 @@ class _Pass:
     def binding(self, cache: KVCache):
         from edge_infer.devices.ort import ort
 
-        b = cache.bindings.get(id(self.session))
-        if b is None:
+        def make():
             b = self.session.io_binding()
             b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
             for i in range(len(self.present_k)):
@@ -83,8 +82,9 @@ class _Pass:
                 b.bind_ortvalue_input(f"past_key_values.{i}.value", cache.value_values[i])
                 b.bind_ortvalue_output(f"present.{i}.key", ort.OrtValue.ortvalue_from_numpy(self.present_k[i]))
                 b.bind_ortvalue_output(f"present.{i}.value", ort.OrtValue.ortvalue_from_numpy(self.present_v[i]))
-            cache.bindings[id(self.session)] = b
-        return b
+            return b
+
+        return cache.binding(self.session, make)
 
 
 CONTEXT_DIR = "epcontext"  # compiled accelerator contexts, beside the graphs (not in the manifest's files)
@@ -152,6 +152,17 @@ class StaticModel(Model):
             cache.max_length = max_length  # a shorter limit on the same buffers: the context checks read it
         return cache
 
+    def forward_rows(self, feeds: list, cache: KVCache, lengths: np.ndarray, keep: int | None = None,
+                     pad: bool | None = None) -> list[np.ndarray]:
+        """runtime.decode's pass (batch 1 here): the logits of the fed ids, (n, vocab), with the
+        cache's offset left where it was (the caller advances it by what it keeps)."""
+        if len(feeds) != 1 or int(lengths[0]) != cache.offset:
+            raise UserError("a model exported with --profile npu runs one sequence at a time (batch 1)")
+        start, ids = cache.offset, np.asarray([feeds[0]], dtype=np.int64)  # (1, n)
+        logits = self.forward(ids, cache, logits_to_keep=ids.shape[1] if keep is None else keep)[0]
+        cache.trim(start)  # the written entries stay; the next pass overwrites the ones not kept
+        return [logits]
+
     def forward(self, ids: np.ndarray, cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
         """Run `ids` (1, sequence_length) after the cached positions; returns logits
         (1, logits_to_keep, vocab) and advances the cache. Several kept logits (speculative
@@ -199,7 +210,6 @@ class StaticModel(Model):
         for i in range(len(p.present_k)):  # the new positions into the cache: (1, kv_heads, n, head_dim)
             cache.keys[i][:, :, off:off + n] = p.present_k[i][:, :, S - n:]
             cache.values[i][:, :, off:off + n] = p.present_v[i][:, :, S - n:]
-        cache.offset = off + n
-        cache.tokens.extend(piece)
+        cache.advance(piece)
         return p.logits.copy()
 
