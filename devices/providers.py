@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 
 if TYPE_CHECKING:
     from edge_infer.devices.ort import ort as onnxruntime

@@ -30,15 +30,15 @@ _PUBLIC = {
     "Timings": "edge_infer.runtime.generate",
     "SamplingParams": "edge_infer.runtime.sampling",
     "SpeculativeConfig": "edge_infer.runtime.speculative",
-    "UserError": "edge_infer.runtime.errors",
-    "ModelFileError": "edge_infer.runtime.errors",
-    "ContextLengthError": "edge_infer.runtime.errors",
+    "UserError": "edge_infer.contract.errors",
+    "ModelFileError": "edge_infer.contract.errors",
+    "ContextLengthError": "edge_infer.contract.errors",
 }
 
 __all__ = [*_PUBLIC, "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time names load on first use
-    from edge_infer.runtime.errors import ContextLengthError, ModelFileError, UserError
+    from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
     from edge_infer.runtime.generate import Chunk, FinishReason, Timings, generate, stream_generate
     from edge_infer.runtime.model import Model, load
     from edge_infer.runtime.sampling import SamplingParams

@@ -17,7 +17,7 @@ class Group(click.Group):
     """Turns a UserError into one line on stderr and exit code 2; never a traceback for a user mistake."""
 
     def invoke(self, ctx):
-        from edge_infer.runtime.errors import UserError
+        from edge_infer.contract.errors import UserError
 
         try:
             return super().invoke(ctx)
@@ -151,7 +151,7 @@ def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, accu
              force, quiet):
     """Quantize an exported fp32/fp16 model folder to int8 or int4 (MatMulNBits)."""
     from edge_infer.export.progress import Progress
-    from edge_infer.quantize.folder import quantize_folder
+    from edge_infer.export.quantize_folder import quantize_folder
     from edge_infer.quantize.rewrite import QuantConfig
 
     config = QuantConfig(bits=4 if quant == "int4" else 8, block_size=block_size, symmetric=symmetric,
@@ -179,7 +179,7 @@ def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, js
     from edge_infer.runtime.generate import stream_generate
     from edge_infer.structured_cli import constraint_options
 
-    from edge_infer.runtime.errors import check_text
+    from edge_infer.contract.errors import check_text
 
     sampling = _sampling(kw)
     structured = constraint_options(json_schema, json_object, regex, lark)
@@ -205,7 +205,7 @@ def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, js
 
 
 def _read_stdin() -> str:
-    from edge_infer.runtime.errors import UserError
+    from edge_infer.contract.errors import UserError
 
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
     try:
@@ -233,7 +233,7 @@ def _print_timings(chunk) -> None:
 def chat(model, system, stats, max_tokens, stop, device, threads, **kw):
     """Interactive multi-turn chat using the model's chat template (/exit or Ctrl-D ends)."""
     from edge_infer.runtime.chat import ChatSession
-    from edge_infer.runtime.errors import UserError, check_text
+    from edge_infer.contract.errors import UserError, check_text
 
     sampling = _sampling(kw)
     m = _load(model, device, threads, shared_threads=wants_shared_threads(kw))

@@ -80,7 +80,7 @@ def bench(model, lengths, new_tokens, runs, warmup, text_path, threads, device, 
     import numpy as np
 
     from edge_infer.runtime import measure
-    from edge_infer.runtime.errors import UserError
+    from edge_infer.contract.errors import UserError
     from edge_infer.runtime.speculative import SpecStats
 
     text, text_desc = measure.read_text(text_path)
@@ -195,7 +195,7 @@ def evaluate(model, text_path, reference, window, stride, max_tokens, threads, d
     import time
 
     from edge_infer.runtime import measure
-    from edge_infer.runtime.errors import UserError
+    from edge_infer.contract.errors import UserError
 
     if stride >= window:
         raise UserError(f"--stride {stride} must be smaller than --window {window}: each window needs context "

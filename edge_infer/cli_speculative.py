@@ -36,7 +36,7 @@ def speculative_from_options(kw: dict, model, device: str, threads: int | None):
 def wants_shared_threads(kw: dict) -> bool:
     """Check the speculative options before anything loads; True when the target should go on the
     process-wide thread pool (devices.providers.share_threads) because a draft model will join it."""
-    from edge_infer.runtime.errors import UserError
+    from edge_infer.contract.errors import UserError
 
     mode, path = kw.get("speculative"), kw.get("draft_model")
     if path is not None and mode not in ("draft", "auto"):

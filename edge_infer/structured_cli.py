@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 
 
 def _read(path: str, what: str) -> str:

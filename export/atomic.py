@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from edge_infer.export.arch._common import Take
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.contract.errors import ModelFileError
 
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "tf_model.h5")
 MAX_HEADER = 100 * 1024 * 1024

@@ -32,7 +32,7 @@ import numpy as np
 
 from edge_infer.export.gguf_file import GGUFFile, GGUFTensor, _fail, unpermute_rows
 from edge_infer.export.gguf_limits import GeometryClaims, block_ids, check_geometry, check_weight_types
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.contract.errors import ModelFileError
 
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.contract.errors import ModelFileError
 
 # Upper bounds far above any released model, far below anything that exhausts memory when sized from.
 MAX_LAYERS = 1024

@@ -180,7 +180,7 @@ def _check_rotary_dim(spec: DecoderSpec) -> None:
     when rotary_dim < head_dim), and its kernels need rotary_dim / 2 to be a multiple of 8."""
     dim = spec.rope.rotary_dim
     if dim > spec.head_dim or dim % 16:
-        from edge_infer.runtime.errors import ModelFileError
+        from edge_infer.contract.errors import ModelFileError
 
         raise ModelFileError(f"rotary dimension {dim} (head dim {spec.head_dim}) is not supported: onnxruntime's "
                              "GroupQueryAttention needs a multiple of 16 no larger than the head dim")

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from edge_infer.export.rope import cos_sin_cache
 from edge_infer.export.spec import DecoderSpec
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21

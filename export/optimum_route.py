@@ -17,7 +17,7 @@ import onnx
 from edge_infer.export.arch import SUPPORTED
 from edge_infer.export.progress import Progress
 from edge_infer.export.spec import DecoderSpec
-from edge_infer.runtime.errors import ModelFileError, UserError
+from edge_infer.contract.errors import ModelFileError, UserError
 
 
 def available() -> bool:

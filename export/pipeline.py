@@ -26,7 +26,7 @@ from edge_infer.export.graph import GraphIO, build_decoder
 from edge_infer.export.progress import Progress
 from edge_infer.export.sources import Source, open_source
 from edge_infer.export.spec import DecoderSpec
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 from edge_infer.runtime.manifest import write_manifest
 
 if TYPE_CHECKING:

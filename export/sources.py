@@ -14,7 +14,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from edge_infer.export.checkpoint import WeightSource, open_hf_folder
-from edge_infer.runtime.errors import ModelFileError, UserError
+from edge_infer.contract.errors import ModelFileError, UserError
 
 
 @dataclass

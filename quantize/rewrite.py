@@ -40,7 +40,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 
 from .nbits import (
     MS_DOMAIN,

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 from edge_infer.devices.ort import ort
 
-from edge_infer.runtime.errors import ContextLengthError
+from edge_infer.contract.errors import ContextLengthError
 from edge_infer.runtime.manifest import Manifest
 from edge_infer.runtime.manifest_schema import check_kv_memory
 

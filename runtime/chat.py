@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from edge_infer.runtime.errors import ContextLengthError
+from edge_infer.contract.errors import ContextLengthError
 from edge_infer.runtime.generate import DEFAULT_MAX_TOKENS, Chunk, encode_prompt, stream_generate
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams

@@ -40,7 +40,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.visitor import NodeTransformer
 
-from .errors import UserError
+from edge_infer.contract.errors import UserError
 
 
 @dataclass(frozen=True)

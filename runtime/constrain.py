@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 
 # JSON as a person (and a small model trained on such text) writes it: ", " and ": ", no other whitespace.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}

@@ -20,7 +20,7 @@ import numpy as np
 from edge_infer.runtime.cache import KVCache
 from edge_infer.runtime.constrain import Constraint, GrammarMatcher, constraint_from
 from edge_infer.runtime.decode import PREFILL_CHUNK, FinishReason, TextStream, decode_tokens, prefill
-from edge_infer.runtime.errors import ContextLengthError, UserError, check_text
+from edge_infer.contract.errors import ContextLengthError, UserError, check_text
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams, Sampler, make_sampler
 from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, speculative_config

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.contract.errors import ModelFileError
 from edge_infer.runtime.manifest_schema import check_raw
 
 MANIFEST = "manifest.json"

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, NoReturn
 
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.contract.errors import ModelFileError
 
 MAX_LAYERS = 1024
 MAX_HEADS = 1 << 12

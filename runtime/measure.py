@@ -92,7 +92,7 @@ def peak_rss_mib() -> float | None:
 def read_text(path: str | os.PathLike | None = None) -> tuple[str, str]:
     """(text, description) from a file, or from a folder's *.txt files joined in name order.
     None means the shipped English text."""
-    from edge_infer.runtime.errors import UserError
+    from edge_infer.contract.errors import UserError
 
     if path is None:
         if not TEXT_DIR.is_dir():

@@ -18,7 +18,7 @@ from edge_infer.devices.ort import ort
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
 from edge_infer.runtime.cache import ConcatKVCache, KVCache
 from edge_infer.runtime.chat_template import ChatTemplate
-from edge_infer.runtime.errors import ContextLengthError, ModelFileError, UserError
+from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
 from edge_infer.runtime.manifest import MANIFEST, Manifest, load_manifest
 from edge_infer.runtime.manifest_schema import check_graph_io, check_kv_memory
 from edge_infer.runtime.tokenizer import Tokenizer

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from edge_infer.contract.errors import UserError
 
 # top-p without top-k sorts the head of the distribution, growing it by this
 # factor until it holds top_p of the mass (a peaked row needs one round).

@@ -47,7 +47,7 @@ from typing import Iterator
 import numpy as np
 
 from edge_infer.runtime.cache import KVCache
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import Sampler
 from edge_infer.runtime.speculative_guess import draw

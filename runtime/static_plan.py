@@ -24,7 +24,7 @@ from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu
 from edge_infer.devices.accelerators import session_for, strict_plan
 from edge_infer.runtime.cache import KVCache
 from edge_infer.runtime.chat_template import ChatTemplate
-from edge_infer.runtime.errors import ContextLengthError, ModelFileError, UserError
+from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
 from edge_infer.runtime.manifest import Manifest
 from edge_infer.runtime.model import Model, check_external_data
 from edge_infer.runtime.tokenizer import Tokenizer

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import UserError, check_text
+from edge_infer.contract.errors import UserError, check_text
 
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from edge_infer.runtime.errors import ModelFileError, TokenizerError, check_text, is_interrupt
+from edge_infer.contract.errors import ModelFileError, TokenizerError, check_text, is_interrupt
 from edge_infer.runtime.manifest import TokenizerSpec
 
 

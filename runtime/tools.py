@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from edge_infer.runtime.constrain import JSON_OPTIONS, Constraint, closed, json_schema_constraint, lark_constraint
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 
 MAX_TOOLS = 128
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

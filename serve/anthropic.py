@@ -23,7 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from edge_infer.runtime.errors import ContextLengthError
+from edge_infer.contract.errors import ContextLengthError
 from edge_infer.serve.engine import QueueFull, ShuttingDown
 from edge_infer.serve.protocol import APIError, _sampling, _stops, bad
 from edge_infer.serve.sequence import Delta, Failed, Finished, GenerationRequest

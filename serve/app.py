@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from edge_infer.runtime.errors import ContextLengthError, TokenizerError, UserError
+from edge_infer.contract.errors import ContextLengthError, TokenizerError, UserError
 from edge_infer.serve.config import EngineConfig, ServerConfig
 from edge_infer.serve.engine import Engine, QueueFull, ShuttingDown
 from edge_infer.serve.guards import HostGuard, KeyGuard

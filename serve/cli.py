@@ -60,7 +60,7 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
     import dataclasses
     import logging
 
-    from edge_infer.runtime.errors import UserError
+    from edge_infer.contract.errors import UserError
     from edge_infer.serve.config import EngineConfig, ServerConfig
 
     if api_key and api_key_file:
@@ -113,7 +113,7 @@ def _serve_on_ray(model, server_config, engine_config, replicas, routing, addres
     import dataclasses
     import importlib.util
 
-    from edge_infer.runtime.errors import UserError
+    from edge_infer.contract.errors import UserError
 
     if importlib.util.find_spec("ray") is None:
         raise UserError("--ray needs Ray Serve: pip install 'edge-infer[cluster]'")

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 
 log = logging.getLogger("edge_infer.cluster")
 

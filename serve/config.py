@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 
 LOOPBACK_NAMES = frozenset({"localhost"})
 MAX_BODY_BYTES = 1 << 20  # 1 MiB

@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 from edge_infer.runtime.decode import Decoding, decode_step
-from edge_infer.runtime.errors import UserError, is_interrupt
+from edge_infer.contract.errors import UserError, is_interrupt
 from edge_infer.runtime.generate import plan_max_tokens
 from edge_infer.runtime.speculative import check_draft
 from edge_infer.serve.config import EngineConfig

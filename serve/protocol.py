@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from edge_infer.runtime.errors import UserError, check_text
+from edge_infer.contract.errors import UserError, check_text
 from edge_infer.runtime.sampling import SamplingParams
 from edge_infer.runtime.stops import MAX_STOP_CHARS
 

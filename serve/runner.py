@@ -14,7 +14,7 @@ import time
 
 import uvicorn
 
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 from edge_infer.serve.engine import Engine
 
 

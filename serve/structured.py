@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edge_infer.runtime.constrain import Constraint, constraint_from
-from edge_infer.runtime.errors import TokenizerError, UserError
+from edge_infer.contract.errors import TokenizerError, UserError
 from edge_infer.runtime.generate import encode_prompt
 from edge_infer.runtime.tools import ToolCall, ToolPlan, parse_reply, tool_prompt
 from edge_infer.serve.protocol import bad

@@ -67,7 +67,7 @@ def _child() -> None:
 
     cap = int(os.environ.get("BOUNDED_MEMORY", MEMORY_CAP))
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    from edge_infer.runtime.errors import UserError
+    from edge_infer.contract.errors import UserError
 
     for case_id, kind, path in json.load(sys.stdin):
         print(json.dumps({"start": case_id}), flush=True)

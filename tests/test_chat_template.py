@@ -9,7 +9,7 @@ import jinja2
 import pytest
 
 from edge_infer.runtime.chat_template import ChatTemplate, TemplateLimits
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 
 SMOLLM2 = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

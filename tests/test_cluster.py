@@ -250,7 +250,7 @@ def _replica_pid(index: int) -> int:
 def test_app_builder_for_serve_run_and_config_files(model_dir):
     from ray.serve import Application
 
-    from edge_infer.runtime.errors import UserError
+    from edge_infer.contract.errors import UserError
     from edge_infer.serve.cluster import app_builder
 
     app = app_builder({"model": str(model_dir), "replicas": "3", "routing": "round-robin", "parallel": "2"})

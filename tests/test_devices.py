@@ -16,7 +16,7 @@ from edge_infer.devices import (
     physical_cores,
     resolve,
 )
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

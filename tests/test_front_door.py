@@ -84,7 +84,7 @@ def test_gguf_export_without_the_gguf_package_says_what_to_install(tmp_path):
                     raise ImportError('blocked')
         sys.meta_path.insert(0, Block())
         from edge_infer.export.sources import open_source
-        from edge_infer.runtime.errors import UserError
+        from edge_infer.contract.errors import UserError
         p = {str(tmp_path / 'm.gguf')!r}
         open(p, 'wb').write(b'GGUF')
         try:

@@ -5,7 +5,7 @@ import pytest
 
 import edge_infer
 from edge_infer.runtime.chat import ChatSession
-from edge_infer.runtime.errors import ContextLengthError, UserError
+from edge_infer.contract.errors import ContextLengthError, UserError
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType as QT
 
 from edge_infer.export.gguf_file import QuantBlocks, gguf_to_hf, read_gguf, unpermute_rows
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.contract.errors import ModelFileError
 
 RNG = np.random.default_rng(0)
 SOURCE = {  # name -> (type, float32 data in numpy order (out, in))

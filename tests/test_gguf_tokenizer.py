@@ -15,7 +15,7 @@ import pytest
 
 from edge_infer.export.gguf_file import read_gguf
 from edge_infer.export.gguf_tokenizer import PRE_TOKENIZERS, TokenizerInfo, tokenizer_from_gguf
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.contract.errors import ModelFileError
 
 NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [

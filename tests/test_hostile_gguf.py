@@ -11,7 +11,7 @@ from test_gguf_file import key_pos, patch, tensor_field, tiny_llama
 
 from bounded import run_cases
 from edge_infer.export.gguf_file import gguf_to_hf, read_gguf
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.contract.errors import ModelFileError
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import edge_infer
 from edge_infer.cli import main
 from edge_infer.runtime import manifest_schema
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.contract.errors import ModelFileError
 from edge_infer.runtime.manifest import MANIFEST, file_entry, load_manifest
 
 

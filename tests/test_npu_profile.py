@@ -8,7 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from edge_infer.runtime.errors import ContextLengthError, UserError
+from edge_infer.contract.errors import ContextLengthError, UserError
 from tiny import our_greedy
 
 import edge_infer
@@ -112,7 +112,7 @@ def test_static_plan_refusals(npu_exports, tiny_checkpoints, tmp_path):
         export_model(tiny_checkpoints("mistral"), tmp_path / "m", ExportOptions(quant="fp32", max_length=64,
                                                                                  profile="npu"))
     assert not (tmp_path / "m").exists()
-    from edge_infer.quantize.folder import quantize_folder
+    from edge_infer.export.quantize_folder import quantize_folder
     from edge_infer.quantize.rewrite import QuantConfig
 
     with pytest.raises(UserError, match="npu-profile export"):

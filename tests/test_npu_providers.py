@@ -26,7 +26,7 @@ import pytest
 from edge_infer.devices import available_providers, cpu_session_options
 from edge_infer.devices.accelerators import session_for, strict_plan
 from edge_infer.devices.providers import ModelTraits, resolve
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.contract.errors import ModelFileError
 from edge_infer.runtime.generate import encode_prompt
 from tiny import our_greedy
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_infer.quantize.nbits import QuantizedLinear, dequantize, packed_b, quantize_rtn, unpack_bits
 from edge_infer.quantize.rewrite import QuantConfig, quantize_graph, quantize_summary
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 
 V, D, F = 51, 80, 96  # vocab (odd), hidden (not a multiple of 32), mlp width
 EMBED = "model.embed_tokens.weight"

@@ -55,7 +55,7 @@ def test_rope_variant(name, route, tmp_path):
 
 
 def test_rotary_dimension_groupqueryattention_cannot_take_is_refused(tmp_path):
-    from edge_infer.runtime.errors import ModelFileError
+    from edge_infer.contract.errors import ModelFileError
 
     folder = make_checkpoint("phi3", tmp_path / "hf", partial_rotary_factor=0.5)  # head dim 16: rotary 8
     with pytest.raises(ModelFileError, match="rotary dimension 8 .head dim 16. is not supported"):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 from edge_infer.runtime.sampling import SamplingParams, _draw, make_sampler
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 from edge_infer.serve.config import EngineConfig, ServerConfig, is_loopback
 from edge_infer.serve.protocol import APIError, ChunkWriter, parse_chat, parse_completion
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import edge_infer
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 from edge_infer.runtime.generate import generate_step, prefill, stream_generate
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.runtime.speculative import (

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 from edge_infer.runtime.stops import MAX_STOP_CHARS, MAX_STOPS, StopMatcher
 
 

@@ -8,7 +8,7 @@ import pytest
 import edge_infer
 from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.runtime.constrain import closed
-from edge_infer.runtime.errors import UserError
+from edge_infer.contract.errors import UserError
 from edge_infer.runtime.generate import FinishReason, stream_generate
 from edge_infer.runtime.tools import (Function, ToolPlan, parse_reply, parse_tool_choice, parse_tools, plan_tools,
                                       tool_messages)

@@ -22,7 +22,7 @@ import gguf  # noqa: E402,F401  - libraries first, uninstrumented: coverage guid
 import numpy  # noqa: E402,F401
 
 import edge_infer  # noqa: E402,F401
-from edge_infer.runtime.errors import UserError  # noqa: E402
+from edge_infer.contract.errors import UserError  # noqa: E402
 
 with atheris.instrument_imports(include=["edge_infer.export"]):
     from edge_infer.export import checkpoint, gguf_file, gguf_limits  # noqa: F401

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edge_infer.export.spec import RopeSpec
-from edge_infer.runtime.errors import ModelFileError
+from edge_infer.contract.errors import ModelFileError
 
 # "factors" is not a Hugging Face type: it carries a GGUF's rope_freqs.weight (see export/rope.py).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "factors")

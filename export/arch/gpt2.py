@@ -16,7 +16,7 @@ def spec(config: dict) -> DecoderSpec:
     d = int(need(config, "n_embd"))
     heads = int(need(config, "n_head"))
     if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
-        from edge_infer.runtime.errors import ModelFileError
+        from edge_infer.contract.errors import ModelFileError
 
         raise ModelFileError("gpt2: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
     act = config.get("activation_function", "gelu_new")

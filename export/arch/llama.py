@@ -43,7 +43,7 @@ def llama_spec(config: dict, **overrides) -> DecoderSpec:
 
 
 def _activation(name: str) -> str:
-    from edge_infer.runtime.errors import ModelFileError
+    from edge_infer.contract.errors import ModelFileError
 
     table = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
              "gelu": "gelu"}
@@ -58,7 +58,7 @@ def spec(config: dict) -> DecoderSpec:
 
 def recipe(s: DecoderSpec, config: dict):
     if s.o_bias or s.mlp_bias:
-        from edge_infer.runtime.errors import ModelFileError
+        from edge_infer.contract.errors import ModelFileError
 
         raise ModelFileError("llama checkpoints with attention_bias/mlp_bias are not supported yet")
     return llama_like_weights(s.num_layers, tied=s.tie_word_embeddings)

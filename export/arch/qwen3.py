@@ -18,7 +18,7 @@ def spec(config: dict) -> DecoderSpec:
 
 def recipe(s: DecoderSpec, config: dict):
     if s.qkv_bias:
-        from edge_infer.runtime.errors import ModelFileError
+        from edge_infer.contract.errors import ModelFileError
 
         raise ModelFileError("qwen3 checkpoints with attention_bias are not supported yet")
     return llama_like_weights(s.num_layers, qk_norm=True, tied=s.tie_word_embeddings)
