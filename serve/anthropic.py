@@ -23,7 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from edge_infer.contract.errors import ContextLengthError
+from edge_infer.contract.errors import ContextLengthError, TokenizerError
 from edge_infer.serve.engine import QueueFull, ShuttingDown
 from edge_infer.serve.protocol import APIError, _sampling, _stops, bad
 from edge_infer.serve.sequence import Delta, Failed, Finished, GenerationRequest
@@ -154,9 +154,18 @@ def add_routes(app, engine, config, read_json, EventQueue, EventStream, watch) -
     async def parse(request: Request, allowed: set[str]):
         body = await read_json(request, config.max_body_bytes)
         _check(body, allowed)
+        name = body.get("model")
+        if isinstance(name, str) and not config.serves(name):  # as the OpenAI routes (absent: the one served)
+            shown = name.encode("utf-8", "backslashreplace").decode()
+            raise APIError(404, f"model: '{shown}' is not served here; this server serves '{config.model_id}' "
+                           "(serve it under another name with --model-alias)")
         messages, tools, choice, parallel = to_chat(body)
-        prepared = await run_in_threadpool(lambda: prepare(model, messages, kind="chat", tools=tools,
-                                                           tool_choice=choice, parallel_tool_calls=parallel))
+        try:
+            prepared = await run_in_threadpool(lambda: prepare(model, messages, kind="chat", tools=tools,
+                                                               tool_choice=choice, parallel_tool_calls=parallel))
+        except TokenizerError:  # the model's own tokenizer.json broke on this text: retrying won't help
+            raise APIError(500, "the model's tokenizer failed on this text; the model's tokenizer.json is faulty "
+                           "for this input", headers={"x-should-retry": "false"}) from None
         return body, prepared
 
     @app.post("/v1/messages/count_tokens")

@@ -118,3 +118,16 @@ def test_errors_and_auth(server, client):
     r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": KEY, "Host": "evil.example"})
     assert r.status_code == 400  # the Host allow-list holds here too
     json.dumps(r.json())
+
+
+def test_other_model_names_are_404_in_anthropic_shape(server):
+    import httpx
+
+    body = {"model": "claude-3-5-sonnet-latest", "max_tokens": 4, "messages": HELLO}
+    r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": KEY}, timeout=30)
+    assert r.status_code == 404
+    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "not_found_error"
+    assert "--model-alias" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/messages/count_tokens", json={"model": "nope", "messages": HELLO},
+                   headers={"x-api-key": KEY}, timeout=30)
+    assert r.status_code == 404
