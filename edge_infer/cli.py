@@ -152,7 +152,7 @@ def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, accu
     """Quantize an exported fp32/fp16 model folder to int8 or int4 (MatMulNBits)."""
     from edge_infer.export.progress import Progress
     from edge_infer.export.quantize_folder import quantize_folder
-    from edge_infer.quantize.rewrite import QuantConfig
+    from edge_infer.quantize.config import QuantConfig
 
     config = QuantConfig(bits=4 if quant == "int4" else 8, block_size=block_size, symmetric=symmetric,
                          accuracy_level=accuracy_level, embeddings=embeddings, lm_head=lm_head, method=rounding)

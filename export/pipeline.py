@@ -230,7 +230,8 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
     """Quantize `model`; `blocks` is a dict of source blocks (canonical name -> blocks) or a
     `_LazySourceBlocks`. Streaming: `read(tensor)` gives a float weight stored outside the
     protobuf, and `sink(tensor)` moves each new tensor to the data file (quantize_graph)."""
-    from edge_infer.quantize.rewrite import QuantConfig, quantize_graph, quantize_summary
+    from edge_infer.quantize.config import QuantConfig
+    from edge_infer.quantize.rewrite import quantize_graph, quantize_summary
 
     bits = 4 if options.quant == "int4" else 8
     config = QuantConfig(bits=bits, block_size=options.block_size, symmetric=options.symmetric,

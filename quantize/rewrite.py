@@ -51,76 +51,14 @@ from .nbits import (
     nbits_initializers,
     quantize_rtn,
 )
-from .search import SEARCH_MAX_BLOCK, quantize_search
+from .config import CHOICES, EMBED_GATHER, LM_HEAD_MATMUL, LM_HEAD_TRANSPOSE, QuantConfig
+from .search import quantize_search
 
 log = logging.getLogger(__name__)
 
-EMBED_GATHER = "/model/embed_tokens/Gather"
-LM_HEAD_MATMUL = "/lm_head/MatMul"
-LM_HEAD_TRANSPOSE = "/lm_head/Transpose"
 METADATA_KEY = "edge_infer.quantize"  # JSON record of what quantize_graph did
 
-CHOICES = {"int8": 8, "int4": 4, "fp": None}
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """How to quantize a graph.
-
-    bits/block_size/symmetric/accuracy_level apply to every linear MatMul; `embeddings` and
-    `lm_head` pick the embedding table's and lm_head's own width (same block size and mapping).
-    `exclude` holds node-name substrings kept in float; a match on "/lm_head/MatMul" or
-    "/model/embed_tokens/Gather" counts as choosing "fp" for that tensor.
-    """
-
-    bits: int
-    block_size: int = 32
-    symmetric: bool = False
-    accuracy_level: int = 4
-    embeddings: str = "int8"  # "int8" | "int4" | "fp"
-    lm_head: str = "int8"  # "int8" | "int4" | "fp"; must equal `embeddings` when tied
-    exclude: tuple[str, ...] = ()
-    method: str = "search"  # "search" (least-squares scale per block, blocks <= 32) | "rtn" (round to nearest)
-
-    def validate(self) -> QuantConfig:
-        if self.bits not in (4, 8):
-            raise UserError(f"quantization bits={self.bits!r} is not supported: use 4 or 8")
-        bs = self.block_size
-        if not (isinstance(bs, int) and 16 <= bs <= 256 and bs & (bs - 1) == 0):
-            raise UserError(
-                f"quantization block_size={bs!r} is not supported: use a power of two from 16 to 256 (32 is the usual)"
-            )
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise UserError(
-                f"accuracy_level={self.accuracy_level!r} is not valid: use 0 (float activations) "
-                "to 4 (int8 activations, fastest on CPU)"
-            )
-        if self.method not in ("search", "rtn"):
-            raise UserError(f"method={self.method!r} is not valid: use 'search' (least-squares scales) or 'rtn'")
-        for field in ("embeddings", "lm_head"):
-            value = getattr(self, field)
-            if value not in CHOICES:
-                raise UserError(f"{field}={value!r} is not valid: use one of {', '.join(CHOICES)}")
-        if isinstance(self.exclude, str) or not all(isinstance(s, str) and s for s in self.exclude):
-            raise UserError(f"exclude={self.exclude!r} must be a tuple of non-empty node-name substrings")
-        return self
-
-    @property
-    def rounding(self) -> str:
-        """How float weights are rounded to 4 bits: "search" up to blocks of SEARCH_MAX_BLOCK; at larger
-        blocks the search's lower weight error came from clipping outliers and measured worse
-        perplexity on the default model (benchmarks/QUALITY.md), so those round to nearest."""
-        return "search" if self.method == "search" and self.block_size <= SEARCH_MAX_BLOCK else "rtn"
-
-    def lm_head_choice(self) -> str:
-        return "fp" if self._excluded(LM_HEAD_MATMUL) else self.lm_head
-
-    def embeddings_choice(self) -> str:
-        return "fp" if self._excluded(EMBED_GATHER) else self.embeddings
-
-    def _excluded(self, node_name: str) -> bool:
-        return any(s in node_name for s in self.exclude)
 
 
 @dataclass(frozen=True)

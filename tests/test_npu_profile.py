@@ -113,7 +113,7 @@ def test_static_plan_refusals(npu_exports, tiny_checkpoints, tmp_path):
                                                                                  profile="npu"))
     assert not (tmp_path / "m").exists()
     from edge_infer.export.quantize_folder import quantize_folder
-    from edge_infer.quantize.rewrite import QuantConfig
+    from edge_infer.quantize.config import QuantConfig
 
     with pytest.raises(UserError, match="npu-profile export"):
         quantize_folder(npu_exports("llama"), tmp_path / "q", QuantConfig(bits=4))

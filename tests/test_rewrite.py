@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_infer.quantize.nbits import QuantizedLinear, dequantize, packed_b, quantize_rtn, unpack_bits
-from edge_infer.quantize.rewrite import QuantConfig, quantize_graph, quantize_summary
+from edge_infer.quantize.config import QuantConfig
+from edge_infer.quantize.rewrite import quantize_graph, quantize_summary
 from edge_infer.contract.errors import UserError
 
 V, D, F = 51, 80, 96  # vocab (odd), hidden (not a multiple of 32), mlp width

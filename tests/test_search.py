@@ -68,7 +68,7 @@ def test_bits_checked():
 
 
 def test_export_rounding_choice():
-    from edge_infer.quantize.rewrite import QuantConfig
+    from edge_infer.quantize.config import QuantConfig
 
     assert QuantConfig(bits=4, block_size=32).rounding == "search"
     assert QuantConfig(bits=4, block_size=16).rounding == "search"
