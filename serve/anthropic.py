@@ -144,10 +144,8 @@ def _event(name: str, data: dict) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
-def add_routes(app, engine, config, read_json, EventQueue, EventStream, watch) -> None:
+def add_routes(app, engine, config, read_json, EventQueue, EventStream, read_reply) -> None:
     """Register the Messages API on `app` (called by serve.app.create_app)."""
-    import anyio
-
     model = engine.model
     vocab = model.manifest.geometry.vocab_size
 
@@ -209,24 +207,12 @@ def add_routes(app, engine, config, read_json, EventQueue, EventStream, watch) -
         head = {"id": rid, "type": "message", "role": "assistant", "model": name}
         if stream:
             return EventStream(stream_events(head, len(prepared.ids), events, prepared.plan), handle.cancel)
-        parts, final = [], None
-        async with anyio.create_task_group() as tg:
-            def gone() -> None:
-                handle.cancel()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch, request.receive, gone)
-            async for event in events.events():
-                if isinstance(event, Delta):
-                    parts.append(event.text)
-                else:
-                    final = event
-            tg.cancel_scope.cancel()
+        text, final = await read_reply(request.receive, events, handle)
         if final is None or (isinstance(final, Finished) and final.finish_reason == "cancelled"):
             return Response(status_code=499)
         if isinstance(final, Failed):
             raise APIError(final.status, final.message)
-        content, calls, finish = split_reply("".join(parts), final.finish_reason, prepared.plan)
+        content, calls, finish = split_reply(text, final.finish_reason, prepared.plan)
         return {**head, "content": blocks(content, calls), **_stop(finish, final), "usage": _usage(final.usage)}
 
     async def stream_events(head: dict, n_prompt: int, events, plan) -> AsyncIterator[bytes]:

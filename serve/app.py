@@ -201,25 +201,12 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
         return await collect(request, parsed, rid, events, handle, prepared.plan)
 
     async def collect(request: Request, parsed: ParsedRequest, rid: str, events: EventQueue, handle, plan=None):
-        parts: list[str] = []
-        final = None
-        async with anyio.create_task_group() as tg:
-            def gone() -> None:
-                handle.cancel()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(_watch_disconnect, request.receive, gone)
-            async for event in events.events():
-                if isinstance(event, Delta):
-                    parts.append(event.text)
-                else:
-                    final = event
-            tg.cancel_scope.cancel()
+        text, final = await read_reply(request.receive, events, handle)
         if final is None or (isinstance(final, Finished) and final.finish_reason == "cancelled"):
             return Response(status_code=499)  # the client is gone; nobody reads this
         if isinstance(final, Failed):
             raise APIError(final.status, final.message, type="server_error", code=final.code)
-        content, calls, finish = split_reply("".join(parts), final.finish_reason, plan)
+        content, calls, finish = split_reply(text, final.finish_reason, plan)
         return completion_body(parsed.kind, rid, config.model_id, content, finish, final.usage, calls)
 
     async def stream_chunks(parsed: ParsedRequest, rid: str, events: EventQueue, plan=None) -> AsyncIterator[bytes]:
@@ -251,7 +238,7 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
 
     from edge_infer.serve.anthropic import add_routes  # /v1/messages: the Anthropic Messages API
 
-    add_routes(app, engine, config, read_json, EventQueue, EventStream, _watch_disconnect)
+    add_routes(app, engine, config, read_json, EventQueue, EventStream, read_reply)
 
     app.add_middleware(KeyGuard, config=config)
     if config.cors_origins:
@@ -260,6 +247,26 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
                            allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"])
     app.add_middleware(HostGuard, config=config, metrics=metrics)
     return app
+
+
+async def read_reply(receive, events: EventQueue, handle) -> tuple[str, Finished | Failed | None]:
+    """A non-streamed request's whole text and its final event (None: the client left first, and
+    its request was cancelled so the slot frees at the next step)."""
+    parts: list[str] = []
+    final: Finished | Failed | None = None
+    async with anyio.create_task_group() as tg:
+        def gone() -> None:
+            handle.cancel()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(_watch_disconnect, receive, gone)
+        async for event in events.events():
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            else:
+                final = event
+        tg.cancel_scope.cancel()
+    return "".join(parts), final
 
 
 async def read_json(request: Request, limit: int) -> dict:
