@@ -73,12 +73,15 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def one_turn(url: str, messages: list, out: dict) -> str:
-    body = {"model": "m", "messages": messages, "max_tokens": 48, "temperature": 0, "stream": True,
+    # No "model": the server answers with the one it serves.
+    body = {"messages": messages, "max_tokens": 48, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, text = None, ""
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
+        if r.status_code != 200:
+            raise httpx.HTTPStatusError(f"HTTP {r.status_code}: {r.read()[:200]!r}", request=r.request, response=r)
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
