@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
+from edge_infer.runtime.measure import cpu_model
+
 STORIES = [
     "Write a long story about a dragon who learns to cook.", "Write a long story about a lighthouse keeper and a storm.",
     "Explain in detail how a steam engine works.", "Write a long letter from a sailor to his family.",
@@ -482,7 +484,7 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
-    results["machine"] = {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+    results["machine"] = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "load_avg_end": os.getloadavg()}
     results["server_exit_code"] = code
     text = json.dumps(results, indent=2)
@@ -490,14 +492,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             f.write(text)
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 if __name__ == "__main__":

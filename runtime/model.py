@@ -26,6 +26,16 @@ from edge_infer.runtime.tokenizer import Tokenizer
 log = logging.getLogger("edge_infer")
 
 
+def load_text_side(folder: Path, manifest: Manifest) -> tuple[Tokenizer, ChatTemplate | None]:
+    """The folder's tokenizer and (when it has one) its chat template, as the manifest names them."""
+    tok = manifest.tokenizer
+    template = None
+    if tok.chat_template_file:
+        template = ChatTemplate((folder / tok.chat_template_file).read_text(encoding="utf-8"),
+                                bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+    return Tokenizer(folder / tok.file, tok), template
+
+
 def check_external_data(graph_path: Path) -> None:
     """Refuse external-data references that leave the model folder (absolute, `..`, links)."""
     root = graph_path.parent.resolve()
@@ -68,13 +78,7 @@ class Model:
         self.providers = self.session.get_providers()
         if self.providers[0] != self.plan.providers[0]:
             raise UserError(f"requested {self.plan.providers[0]} but onnxruntime runs {self.providers[0]}")
-        self.tokenizer = Tokenizer(folder / manifest.tokenizer.file, manifest.tokenizer)
-        tpl = manifest.tokenizer.chat_template_file
-        self.chat_template = None
-        if tpl:
-            self.chat_template = ChatTemplate((folder / tpl).read_text(encoding="utf-8"),
-                                              bos_token=manifest.tokenizer.bos_token or "",
-                                              eos_token=manifest.tokenizer.eos_token or "")
+        self.tokenizer, self.chat_template = load_text_side(folder, manifest)
         self._has_keep = "logits_to_keep" in manifest.inputs
         # query_seqlens (exports from issue 12 on): rows with different numbers of new ids in one pass.
         self._ragged = "query_seqlens" in manifest.inputs

@@ -23,11 +23,9 @@ import numpy as np
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
 from edge_infer.devices.accelerators import session_for, strict_plan
 from edge_infer.runtime.cache import KVCache
-from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
 from edge_infer.runtime.manifest import Manifest
-from edge_infer.runtime.model import Model, check_external_data
-from edge_infer.runtime.tokenizer import Tokenizer
+from edge_infer.runtime.model import Model, check_external_data, load_text_side
 
 
 @dataclass(frozen=True)
@@ -133,13 +131,7 @@ class StaticModel(Model):
         self.providers = self.session.get_providers()
         self._prefill = _Pass(sessions[0], self.static.prefill, manifest)
         self._decode = _Pass(sessions[1], self.static.decode, manifest)
-        self.tokenizer = Tokenizer(folder / manifest.tokenizer.file, manifest.tokenizer)
-        tpl = manifest.tokenizer.chat_template_file
-        self.chat_template = None
-        if tpl:
-            self.chat_template = ChatTemplate((folder / tpl).read_text(encoding="utf-8"),
-                                              bos_token=manifest.tokenizer.bos_token or "",
-                                              eos_token=manifest.tokenizer.eos_token or "")
+        self.tokenizer, self.chat_template = load_text_side(folder, manifest)
 
     def new_cache(self, batch: int = 1, max_length: int | None = None) -> KVCache:
         if batch != 1:

@@ -140,6 +140,14 @@ def blocks(content: str | None, calls: list) -> list[dict]:
     return out or [{"type": "text", "text": ""}]
 
 
+def _text_delta(index: int, text: str, opened: bool) -> bytes:
+    """A text delta of content block `index`, opening the block first when it is not open yet."""
+    start = b"" if opened else _event("content_block_start", {"type": "content_block_start", "index": index,
+                                                               "content_block": {"type": "text", "text": ""}})
+    return start + _event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                  "delta": {"type": "text_delta", "text": text}})
+
+
 def _event(name: str, data: dict) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
@@ -225,23 +233,15 @@ def add_routes(app, engine, config, read_json, EventQueue, EventStream, read_rep
             if isinstance(event, Delta):
                 text = reply.feed(event.text)
                 if text:
-                    if not text_open:
-                        yield _event("content_block_start", {"type": "content_block_start", "index": index,
-                                                             "content_block": {"type": "text", "text": ""}})
-                        text_open = True
-                    yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                         "delta": {"type": "text_delta", "text": text}})
+                    yield _text_delta(index, text, opened=text_open)
+                    text_open = True
             elif isinstance(event, Finished):
                 if event.finish_reason == "cancelled":
                     return
                 text, calls, finish = reply.finish(event.finish_reason)
                 if text:
-                    if not text_open:
-                        yield _event("content_block_start", {"type": "content_block_start", "index": index,
-                                                             "content_block": {"type": "text", "text": ""}})
-                        text_open = True
-                    yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                         "delta": {"type": "text_delta", "text": text}})
+                    yield _text_delta(index, text, opened=text_open)
+                    text_open = True
                 if text_open:
                     yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
                     index += 1
