@@ -43,7 +43,7 @@ def _model_info(model, path: str) -> dict:
     if "bits" in q:
         scheme += f" (block {q.get('block_size')}, {'sym' if q.get('symmetric') else 'asym'}, " \
                   f"accuracy_level {q.get('accuracy_level')})"
-    return {"path": path, "architecture": m.geometry.architecture, "weights": scheme,
+    return {"path": path, "architecture": m.geometry.architecture, "weights": scheme, "kv_cache": m.kv_dtype,
             "source": m.source.get("description"), "device": model.describe_device()}
 
 
@@ -145,7 +145,7 @@ def _print_bench(report: dict) -> None:
     s = report["settings"]
     click.echo(f"machine  {_machine_line(report['machine'])}")
     mi = report["model"]
-    click.echo(f"model    {mi['path']}: {mi['architecture']} {mi['weights']}, device {mi['device']}")
+    click.echo(f"model    {mi['path']}: {mi['architecture']} {mi['weights']}, KV cache {mi['kv_cache']}, device {mi['device']}")
     click.echo(f"prompts  {s['text']}, {s['text_tokens']} tokens; {s['sampling']}; "
                f"medians of {s['runs']} runs after {s['warmup']} warmup")
     click.echo()
@@ -237,7 +237,7 @@ def evaluate(model, text_path, reference, window, stride, max_tokens, threads, d
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"model       {model}: {report['model']['weights']}")
+    click.echo(f"model       {model}: {report['model']['weights']}, KV cache {report['model']['kv_cache']}")
     click.echo(f"text        {text_desc}: {q.tokens} tokens, {q.scored} scored in {q.windows} windows "
                f"of {window} (stride {stride})")
     click.echo(f"perplexity  {q.perplexity:.4f}  (mean NLL {q.nll_mean:.4f} nats/token)")

@@ -27,6 +27,7 @@ from edge_infer.export.progress import Progress
 from edge_infer.export.sources import Source, open_source
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
+from edge_infer.quantize.kv_cache import KV_CACHE_KINDS
 from edge_infer.runtime.manifest import write_manifest
 
 if TYPE_CHECKING:
@@ -64,6 +65,9 @@ class ExportOptions:
     force: bool = False
     profile: str = "default"  # "npu": static standard-op graphs (export/npu_export.py)
     chunk: int = 64  # npu profile: tokens per prefill-chunk graph pass
+    # The KV cache's storage (export/kv_calibrate.py): "float" (the model's dtype), or "int8" /
+    # "int4" with calibrated per-channel scales, which GroupQueryAttention applies as it writes.
+    kv_cache: str = "float"
 
     def check(self) -> None:
         if self.quant not in QUANTS:
@@ -76,6 +80,11 @@ class ExportOptions:
             raise UserError(f"--profile must be one of {', '.join(PROFILES)}, got '{self.profile}'")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise UserError(f"--block-size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
+        if self.kv_cache not in KV_CACHE_KINDS:
+            raise UserError(f"--kv-cache must be one of {', '.join(KV_CACHE_KINDS)}, got '{self.kv_cache}'")
+        if self.kv_cache != "float" and self.profile == "npu":
+            raise UserError("--kv-cache int8/int4 needs onnxruntime's GroupQueryAttention, which the npu profile's "
+                            "standard-op graphs do not use: drop --kv-cache or --profile npu")
 
 
 def export_model(src: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
@@ -99,10 +108,14 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         from edge_infer.export import optimum_route
 
         spec = optimum_route.generic_spec(source.config)
+        if options.kv_cache != "float":
+            raise UserError(f"--kv-cache {options.kv_cache} needs the direct builder, and {spec.model_type} is "
+                            "exported through optimum (standard attention ops): export with --kv-cache float")
     max_length = resolve_max_length(spec, options.max_length)
     progress.note(f"architecture {spec.model_type} ({route} route): {spec.num_layers} layers, hidden "
                   f"{spec.hidden_size}, {spec.num_heads} heads / {spec.num_kv_heads} kv heads, vocab {spec.vocab_size}")
-    kv_mib = 2 * spec.num_layers * spec.num_kv_heads * max_length * spec.head_dim * (2 if options.quant == "fp16" else 4)
+    kv_per = {"int8": 1, "int4": 0.5}.get(options.kv_cache, 2 if options.quant == "fp16" else 4)
+    kv_mib = 2 * spec.num_layers * spec.num_kv_heads * max_length * spec.head_dim * kv_per
     progress.note(f"max_length {max_length} (model context {spec.max_position_embeddings}): "
                   f"KV cache {kv_mib / 2**20:.0f} MiB per sequence")
     with atomic_folder(out, options.force) as tmp:
@@ -138,14 +151,24 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             validation = validate_export(tmp, source, spec, reference, max_length, progress)
         del reference
         _remove_float_graph(tmp)
+        kv_record = None
+        if options.kv_cache != "float":
+            from edge_infer.export.kv_calibrate import calibrate_kv_cache
+
+            kv_record = calibrate_kv_cache(tmp, GRAPH_FILE, source, spec, options.kv_cache, max_length, progress)
         progress.stage("writing manifest")
         body = _manifest_body(spec, source, io, options, quant_info, max_length, validation)
+        if kv_record is not None:
+            body["kv_cache"] = kv_record
+            body["graph"]["kv_cache"] += f", {options.kv_cache} with per-channel scales"
         body["graph"]["route"] = route
         body["graph"]["kv_layout"] = "shared" if route == "direct" else "concat"
         if route != "direct":
             body["graph"]["ops"] = "optimum-onnx export (standard ops)"
             body["graph"]["kv_cache"] = "past and present as separate tensors, concatenated each step"
-        if route == "direct":
+        if route == "direct" and kv_record is not None:
+            body["graph"]["genai"] = "not written: onnxruntime-genai does not read a quantized KV cache"
+        elif route == "direct":
             from edge_infer.export.genai_interop import write_genai_files
 
             body["graph"]["genai"] = write_genai_files(tmp, body, GRAPH_FILE)

@@ -32,7 +32,7 @@ class KVCache:
         self.batch = batch
         check_kv_memory(manifest.folder, manifest.kv_bytes(batch, self.max_length),
                         f"a KV cache of {batch} x {self.max_length} positions")
-        self._allocate(g, np.float16 if manifest.dtype == "fp16" else np.float32)
+        self._allocate(g, *manifest.kv_numpy)
 
     @classmethod
     def _over(cls, max_length: int, keys: list[np.ndarray], values: list[np.ndarray]) -> "KVCache":
@@ -42,8 +42,9 @@ class KVCache:
         view._attach(keys, values)
         return view
 
-    def _allocate(self, g, dtype) -> None:
-        shape = (self.batch, g.num_kv_heads, self.max_length, g.head_dim)  # (batch, kv_heads, max_length, head_dim)
+    def _allocate(self, g, dtype, width: int) -> None:
+        # (batch, kv_heads, max_length, head_dim); an int4 cache packs two values per byte (head_dim / 2).
+        shape = (self.batch, g.num_kv_heads, self.max_length, width)
         self._attach([np.zeros(shape, dtype) for _ in range(g.num_layers)],
                      [np.zeros(shape, dtype) for _ in range(g.num_layers)])
 
@@ -141,8 +142,8 @@ class ConcatKVCache(KVCache):
     buffer (a copy per step), kept for architectures without a fused builder.
     """
 
-    def _allocate(self, g, dtype) -> None:
-        shape = (self.batch, g.num_kv_heads, 0, g.head_dim)  # (batch, kv_heads, past_sequence_length, head_dim)
+    def _allocate(self, g, dtype, width: int) -> None:
+        shape = (self.batch, g.num_kv_heads, 0, width)  # (batch, kv_heads, past_sequence_length, head_dim)
         self.keys = [np.zeros(shape, dtype) for _ in range(g.num_layers)]
         self.values = [np.zeros(shape, dtype) for _ in range(g.num_layers)]
         self._offset = 0

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_infer.contract.errors import ModelFileError
 from edge_infer.runtime.manifest_schema import check_raw
 
@@ -87,10 +89,25 @@ class Manifest:
     def uses_position_ids(self) -> bool:
         return "position_ids" in self.inputs
 
+    @property
+    def kv_dtype(self) -> str:
+        """How the KV cache is stored: "fp32" | "fp16" (the graph's dtype), or "int8" | "int4" with the
+        per-channel scales in the graph (export --kv-cache)."""
+        return str(self.raw.get("kv_cache", {}).get("dtype") or self.dtype)
+
+    @property
+    def kv_numpy(self) -> tuple[np.dtype, int]:
+        """(numpy dtype, values per head stored per position) of the cache buffers."""
+        g = self.geometry
+        kinds: dict[str, tuple[np.dtype, int]] = {
+            "fp32": (np.dtype(np.float32), g.head_dim), "fp16": (np.dtype(np.float16), g.head_dim),
+            "int8": (np.dtype(np.int8), g.head_dim), "int4": (np.dtype(np.uint8), g.head_dim // 2)}
+        return kinds[self.kv_dtype]
+
     def kv_bytes(self, batch: int = 1, max_length: int | None = None) -> int:
         g = self.geometry
-        per = 2 if self.dtype == "fp16" else 4
-        return 2 * g.num_layers * batch * g.num_kv_heads * (max_length or g.max_length) * g.head_dim * per
+        dtype, width = self.kv_numpy
+        return 2 * g.num_layers * batch * g.num_kv_heads * (max_length or g.max_length) * width * dtype.itemsize
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -28,6 +28,9 @@ MAX_LENGTH = 1 << 24
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DTYPES = ("fp32", "fp16")
 _KV_LAYOUTS = ("shared", "concat", "static")  # static: the npu profile (runtime/static_plan.py)
+_KV_CACHE_DTYPES = ("int8", "int4")  # kv_cache.dtype; absent: the graph's float dtype
+# What onnxruntime reports for the past_key_values inputs of each cache dtype.
+KV_ONNX_TYPES = {"fp32": "tensor(float)", "fp16": "tensor(float16)", "int8": "tensor(int8)", "int4": "tensor(uint8)"}
 
 
 class SchemaError(ModelFileError):
@@ -140,6 +143,13 @@ def check_raw(path: Path, raw: dict) -> None:
             files.fail(f"files['{name}']", f"is {_show(entry)}, expected {{\"sha256\": 64 hex digits, "
                        "\"size\": bytes}")
 
+    if "kv_cache" in raw:
+        kv = _Section(path, raw, "kv_cache")
+        kv.text("dtype", choices=_KV_CACHE_DTYPES)
+        if g.d.get("kv_layout", "shared") != "shared":
+            kv.fail("kv_cache.dtype", f"needs graph.kv_layout 'shared', not {_show(g.d.get('kv_layout'))}")
+        if kv.d["dtype"] == "int4" and m.d["head_dim"] % 2:
+            kv.fail("kv_cache.dtype", f"int4 needs an even model.head_dim, not {m.d['head_dim']}")
     for name in ("quantization", "generation", "source", "validation"):
         if name in raw:
             _Section(path, raw, name)
@@ -175,10 +185,12 @@ def _check_source_defaults(gen: _Section, defaults: Any) -> None:
         gen.fail(f"{where}.do_sample", f"is {_show(defaults['do_sample'])}, expected true or false")
 
 
-def check_graph_io(graph_path: Path, geometry, inputs, outputs) -> None:
+def check_graph_io(graph_path: Path, geometry, inputs, outputs, kv_dtype: str = "fp32") -> None:
     """The graph's own inputs and outputs against the manifest: names, and the KV shapes
     (batch, num_kv_heads, sequence, head_dim) where the graph fixes them."""
     have_in = {i.name: i.shape for i in inputs}
+    have_type = {i.name: i.type for i in inputs}
+    stored = geometry.head_dim // 2 if kv_dtype == "int4" else geometry.head_dim  # int4: two values per byte
     have_out = {o.name for o in outputs}
     past = sorted(n for n in have_in if n.startswith("past_key_values."))
     if len(past) != 2 * geometry.num_layers:
@@ -188,10 +200,13 @@ def check_graph_io(graph_path: Path, geometry, inputs, outputs) -> None:
         shape = have_in.get(name)
         if shape is None:
             raise SchemaError(f"{graph_path}: the graph has no input {name}; re-export the model")
-        want = [None, geometry.num_kv_heads, None, geometry.head_dim]
+        want = [None, geometry.num_kv_heads, None, stored]
         if len(shape) != 4 or any(isinstance(s, int) and w is not None and s != w for s, w in zip(shape, want)):
             raise SchemaError(f"{graph_path}: input {name} has shape {shape}, but the manifest says "
-                              f"(batch, {geometry.num_kv_heads}, sequence, {geometry.head_dim}); re-export the model")
+                              f"(batch, {geometry.num_kv_heads}, sequence, {stored}); re-export the model")
+        if have_type.get(name) != KV_ONNX_TYPES[kv_dtype]:
+            raise SchemaError(f"{graph_path}: input {name} is {have_type.get(name)}, but the manifest says a "
+                              f"{kv_dtype} KV cache ({KV_ONNX_TYPES[kv_dtype]}); re-export the model")
     if "logits" not in have_out:
         raise SchemaError(f"{graph_path}: the graph has no logits output; re-export the model")
 

@@ -74,7 +74,8 @@ class Model:
                                                 providers=self.plan.session_providers())
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelFileError(f"{graph_path}: onnxruntime could not load it on {self.plan.device} ({e})") from None
-        check_graph_io(graph_path, manifest.geometry, self.session.get_inputs(), self.session.get_outputs())
+        check_graph_io(graph_path, manifest.geometry, self.session.get_inputs(), self.session.get_outputs(),
+                       manifest.kv_dtype)
         self.providers = self.session.get_providers()
         if self.providers[0] != self.plan.providers[0]:
             raise UserError(f"requested {self.plan.providers[0]} but onnxruntime runs {self.providers[0]}")
