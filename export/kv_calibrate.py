@@ -27,6 +27,7 @@ from edge_infer.quantize.kv_cache import HEADROOM, LayerRope, kv_scales, quantiz
 CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
 CALIBRATION_TOKENS = 1024  # the text's first tokens; the rest (up to CHECK_TOKENS) is held out
 CHECK_TOKENS = 384
+WARN_RATIO = 1.05  # a perplexity cost the export says out loud
 
 
 def calibrate_kv_cache(folder: Path, graph_file: str, source: Source, spec: DecoderSpec, kind: str,
@@ -55,6 +56,9 @@ def calibrate_kv_cache(folder: Path, graph_file: str, source: Source, spec: Deco
     check = _compare(float_logits, quant_logits, held_out)
     progress.note(f"KV cache {kind}: perplexity x{check['perplexity_ratio']:.4f} of the float cache, top-1 "
                   f"agreement {check['top1_agreement']:.3f} on {check['tokens']} held-out tokens")
+    if check["perplexity_ratio"] > WARN_RATIO:
+        progress.note(f"warning: the {kind} KV cache costs more than {WARN_RATIO - 1:.0%} perplexity on this "
+                      "model; --kv-cache int8 (or float) keeps more of its quality")
     return {"dtype": kind, "bits": 8 if kind == "int8" else 4,
             "scales": "per (kv head, channel), calibrated; keys bounded over every rotary position up to "
                       "max_length", "headroom": HEADROOM[kind],
