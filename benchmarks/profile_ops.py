@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-padding", action="store_true",
+                    help="decode steps of one row (Model.batch_invariant off): what the padding row costs, per op")
     args = ap.parse_args()
 
     import edge_infer
@@ -43,6 +45,8 @@ def main() -> None:
 
     runtime_model.cpu_session_options = profiled
     m = edge_infer.load(args.model, device="cpu", threads=args.threads)
+    if args.no_padding:
+        m.batch_invariant = False
     text, _ = measure.read_text()
     ids = measure.prompt_ids(m.tokenizer.encode(text), args.prompt_tokens)
     cache = m.new_cache(max_length=args.prompt_tokens + args.steps + 1)
@@ -70,7 +74,10 @@ def report(trace: list, prefill_runs: int, prefill_wall: float, decode_wall: flo
             if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
                 continue
             if any(a <= e["ts"] <= b for a, b in spans):
-                by_op[e["args"].get("op_name", "?")] += e["dur"]
+                op = e["args"].get("op_name", "?")
+                if "lm_head" in e["name"] or "embed" in e["name"]:  # the output projection apart from the layers
+                    op += " (lm_head)"
+                by_op[op] += e["dur"]
                 nodes += 1
         total = sum(by_op.values())
         n = max(len(spans), 1)

@@ -117,6 +117,7 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
     # With query_seqlens, GroupQueryAttention takes each row's past length from seqlens_k + 1 - query_seqlens
     # and total_len only as an upper bound, so rows may add different numbers of tokens in one pass.
     query_lens = b.one("Cast", ["query_seqlens"], "/model/attn_mask/query_seqlens", to=TensorProto.INT32)  # (batch,)
+    lengths = _one_token_padding(b, seqlens, seqlens_k, total_len, query_lens)
 
     rope_caches = {}
     if spec.rope is not None:
@@ -142,7 +143,7 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
     h = _norm(b, spec, weights, "layers.0.input_norm", x, "/model/layers.0/input_layernorm")
     for i in range(spec.num_layers):
         p, w = f"/model/layers.{i}", f"layers.{i}."
-        attn = _attention(b, spec, weights, i, h, seqlens_k, total_len, rope_caches, query_lens)
+        attn = _attention(b, spec, weights, i, h, lengths, rope_caches)
         if spec.sandwich_norm:
             attn = _norm(b, spec, weights, w + "post_attn_norm", attn, p + "/post_attention_layernorm")
         h, residual = _skip_norm(b, spec, weights, w + "ffn_norm", attn, residual, p + "/pre_feedforward_layernorm")
@@ -173,6 +174,49 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
     model.ir_version = 10
     io = GraphIO(tuple(i.name for i in inputs), tuple(o.name for o in outputs))
     return model, io
+
+
+@dataclass(frozen=True)
+class _Lengths:
+    """GroupQueryAttention's length inputs, after one-token padding (see _one_token_padding)."""
+    seqlens_k: str  # (batch,) int32
+    total: str  # () int32
+    query: str  # (batch,) int32
+    pads: str  # (6,) int64: Pad's pads for (batch, sequence_length, width), one zero row at the end or none
+    seq: str  # (1,) int64: the pass's sequence_length, where the attention output is cut back
+
+
+def _one_token_padding(b: _Builder, seqlens: str, seqlens_k: str, total_len: str, query_lens: str) -> _Lengths:
+    """Batch invariance inside the graph: attention of a one-token pass runs as a two-token one.
+
+    GroupQueryAttention computes a one-token pass on its own decode path, which rounds differently
+    from its path for two or more tokens (up to ~1e-7, which int8 activations downstream turn into
+    logit differences of 0.3), while every other op here gives each row the same bits whatever the
+    number of rows. So when a pass has one token per row (a decode step) and the cache has room,
+    the attention alone gets a zero second row, counted in query_seqlens for the rows that have a
+    token: its key lands one position past the row's length, where the next pass overwrites it,
+    and its output is cut off. The matmuls keep their one-row kernels (a runtime padding id would
+    double their rows: +14% per decode step), and a decode step, a verification, a prefill chunk
+    and a server row give bitwise-identical logits.
+    """
+    seq = b.one("Gather", [b.one("Shape", ["input_ids"], "/model/pad_one/Shape"), b.const([1])],
+                "/model/pad_one/seq", axis=0)  # (1,)
+    one = b.one("Equal", [seq, b.const([1])], "/model/pad_one/is_one")
+    capacity = b.one("Gather", [b.one("Shape", ["past_key_values.0.key"], "/model/pad_one/cache_shape"),
+                                b.const([2])], "/model/pad_one/capacity", axis=0)  # (1,) the shared buffer's length
+    need = b.one("Add", [b.one("ReduceMax", [seqlens], "/model/pad_one/last", keepdims=1), b.const([2])],
+                 "/model/pad_one/need")  # (1,) the padding row's position + 1
+    room = b.one("LessOrEqual", [need, capacity], "/model/pad_one/room")
+    pad = b.one("Cast", [b.one("And", [one, room], "/model/pad_one/And")], "/model/pad_one/pad",
+                to=TensorProto.INT64)  # (1,) 1 or 0
+    pads = b.one("Concat", [b.const([0, 0, 0, 0]), pad, b.const([0])], "/model/pad_one/pads", axis=0)
+    pad32 = b.one("Cast", [pad], "/model/pad_one/pad32", to=TensorProto.INT32)
+    extra = b.one("Mul", [query_lens, pad32], "/model/pad_one/extra")  # (batch,) 1 for a row with its token
+    return _Lengths(seqlens_k=b.one("Add", [seqlens_k, extra], "/model/pad_one/seqlens_k"),
+                    total=b.one("Add", [total_len, b.one("Squeeze", [pad32], "/model/pad_one/pad_scalar")],
+                                "/model/pad_one/total"),
+                    query=b.one("Add", [query_lens, extra], "/model/pad_one/query_seqlens"),
+                    pads=pads, seq=seq)
 
 
 def _check_rotary_dim(spec: DecoderSpec) -> None:
@@ -217,8 +261,8 @@ def _linear(b: _Builder, weights, key: str, x: str, name: str, bias: bool) -> st
     return y
 
 
-def _attention(b: _Builder, spec: DecoderSpec, weights, i: int, h: str, seqlens_k: str, total_len: str,
-               rope_caches: dict, query_lens: str) -> str:
+def _attention(b: _Builder, spec: DecoderSpec, weights, i: int, h: str, lengths: _Lengths,
+               rope_caches: dict) -> str:
     p, w = f"/model/layers.{i}/attn", f"layers.{i}."
     qkv = _linear(b, weights, w + "qkv", h, p + "/qkv_proj", spec.qkv_bias)  # (batch, seq, qkv_size)
     q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
@@ -229,6 +273,8 @@ def _attention(b: _Builder, spec: DecoderSpec, weights, i: int, h: str, seqlens_
         qkv_inputs = [q, k, v]
     else:
         qkv_inputs = [qkv, "", ""]  # packed: (batch, seq, (heads + 2 * kv_heads) * head_dim)
+    qkv_inputs = [b.one("Pad", [t, lengths.pads], f"{p}/pad_one/{n}") if t else t
+                  for n, t in zip(("q", "k", "v"), qkv_inputs)]
     sliding = spec.layer_type(i) == "sliding"
     attrs = dict(num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
                  scale=float(spec.attn_scale if spec.attn_scale is not None else spec.head_dim ** -0.5))
@@ -241,10 +287,12 @@ def _attention(b: _Builder, spec: DecoderSpec, weights, i: int, h: str, seqlens_
     if sliding and spec.sliding_window:
         attrs["local_window_size"] = int(spec.sliding_window)
     out = b.op("GroupQueryAttention",
-               qkv_inputs + [f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len]
-               + rope_in + [""] * 7 + [query_lens],  # inputs 9-15 (position_ids .. k_norm_weight) unused
+               qkv_inputs + [f"past_key_values.{i}.key", f"past_key_values.{i}.value", lengths.seqlens_k,
+                             lengths.total]
+               + rope_in + [""] * 7 + [lengths.query],  # inputs 9-15 (position_ids .. k_norm_weight) unused
                p + "/GroupQueryAttention", domain=MS,
                outputs=[f"{p}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"], **attrs)[0]
+    out = b.one("Slice", [out, b.const([0]), lengths.seq, b.const([1])], p + "/pad_one/cut")  # padding row off
     return _linear(b, weights, w + "o", out, p + "/o_proj", spec.o_bias)
 
 

@@ -163,6 +163,8 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             body["graph"]["kv_cache"] += f", {options.kv_cache} with per-channel scales"
         body["graph"]["route"] = route
         body["graph"]["kv_layout"] = "shared" if route == "direct" else "concat"
+        if route == "direct":  # one-token passes run attention as two tokens (graph.py _one_token_padding)
+            body["graph"]["attention_padding"] = "in-graph"
         if route != "direct":
             body["graph"]["ops"] = "optimum-onnx export (standard ops)"
             body["graph"]["kv_cache"] = "past and present as separate tensors, concatenated each step"

@@ -84,8 +84,11 @@ class Model:
         # query_seqlens (exports from issue 12 on): rows with different numbers of new ids in one pass.
         self._ragged = "query_seqlens" in manifest.inputs
         # Pad one-id passes to two ids, so a position's logits do not depend on how its pass was
-        # grouped (see forward_rows). Graphs that concatenate their cache have no room for it.
-        self.batch_invariant = manifest.kv_layout == "shared" and self._has_keep
+        # grouped (see forward_rows). Graphs that concatenate their cache have no room for it, and
+        # graphs that pad their attention themselves (exports from issue 12's second round on,
+        # export/graph.py _one_token_padding) need no padding id: their matmuls keep one row.
+        self.pads_in_graph = manifest.raw.get("graph", {}).get("attention_padding") == "in-graph"
+        self.batch_invariant = manifest.kv_layout == "shared" and self._has_keep and not self.pads_in_graph
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
         g = manifest.geometry
@@ -187,8 +190,10 @@ class Model:
             mask = np.ones((1, start + n), dtype=np.int64)  # (1, total_sequence_length)
             positions = np.arange(start, start + n, dtype=np.int64)[None, :]  # (1, n)
             return [self._run_concat(ids, mask, positions, cache, min(keep or n, n))[0]]
-        pad = self.batch_invariant if pad is None else pad
         real = [len(f) for f in feeds]
+        if pad is None:  # a graph that pads its attention does it for one-token passes; in a wider pass
+            # a one-id row still takes a padding id (free: the pass is that wide anyway)
+            pad = self.batch_invariant or (self.pads_in_graph and max(real, default=0) > 1)
         # Ids per row in the graph: real ids, plus a padding id where a row has exactly one.
         fed = [n + 1 if pad and n == 1 and lengths[r] + 2 <= cache.max_length else n for r, n in enumerate(real)]
         seq = max(max(fed), 1)
