@@ -122,7 +122,7 @@ def _load(path: str, device: str, threads: int | None, quiet: bool = False, shar
 def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding,
            gguf_import, profile, chunk, no_validate, force, quiet):
     """Export a Hugging Face folder or a .gguf file to an ONNX model folder."""
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
     from edge_infer.export.progress import Progress
 
     options = ExportOptions(quant=quant, max_length=max_length, block_size=block_size, symmetric=symmetric,
@@ -151,7 +151,7 @@ def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, accu
              force, quiet):
     """Quantize an exported fp32/fp16 model folder to int8 or int4 (MatMulNBits)."""
     from edge_infer.export.progress import Progress
-    from edge_infer.export.quantize_folder import quantize_folder
+    from edge_infer.export.quantize_exported import quantize_folder
     from edge_infer.quantize.config import QuantConfig
 
     config = QuantConfig(bits=4 if quant == "int4" else 8, block_size=block_size, symmetric=symmetric,

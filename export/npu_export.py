@@ -41,21 +41,21 @@ PREFILL_FILE, DECODE_FILE, DATA_FILE = "prefill.onnx", "decode.onnx", "model.onn
 
 
 def export_npu(src, out, options, progress: Progress | None = None) -> Path:
-    """Export `src` with the npu profile (options: pipeline.ExportOptions) to the folder `out`."""
-    from edge_infer.export import pipeline
+    """Export `src` with the npu profile (options: export_folder.ExportOptions) to the folder `out`."""
+    from edge_infer.export import export_folder
 
     progress = progress or Progress(quiet=True)
     out = Path(out)
     check_target(out, options.force)
     progress.stage(f"reading {src}")
     source = open_source(src)
-    if pipeline._route(source) != "direct":
+    if export_folder._route(source) != "direct":
         raise UserError(f"--profile npu needs an architecture with a direct builder; "
                         f"'{source.config.get('model_type')}' goes through optimum-onnx")
     arch = load_arch(source.config.get("model_type"))
     spec = arch.spec(source.config)
     max_length = options.max_length or min(NPU_DEFAULT_MAX_LENGTH, spec.max_position_embeddings)
-    max_length = pipeline.resolve_max_length(spec, max_length)
+    max_length = export_folder.resolve_max_length(spec, max_length)
     chunk = options.chunk
     if not 2 <= chunk <= max_length:
         raise UserError(f"--chunk must be between 2 and max_length ({max_length}), got {chunk}")
@@ -77,7 +77,7 @@ def export_npu(src, out, options, progress: Progress | None = None) -> Path:
         share_weights(decode, tmp / PREFILL_FILE)
         onnx.save_model(decode, str(tmp / DECODE_FILE))
         del decode
-        pipeline._write_tokenizer(source, tmp)
+        export_folder._write_tokenizer(source, tmp)
         quant = {"scheme": options.quant}
         if options.quant != "fp32":
             int4 = options.quant == "int4"
@@ -85,7 +85,7 @@ def export_npu(src, out, options, progress: Progress | None = None) -> Path:
                          format="DequantizeLinear (opset 21) with block_size, " + (
                              "uint4 with zero points, searched scales" if int4 else "int8 symmetric"),
                          quantized_weights=bank.quantized, lm_head="int8 blocks", embeddings="fp32 (Gather)")
-        body = pipeline._manifest_body(spec, source, io, options, quant, max_length, {})
+        body = export_folder._manifest_body(spec, source, io, options, quant, max_length, {})
         body["graph"].update(
             file=DECODE_FILE, data_file=DATA_FILE, dtype="fp32", route="direct", kv_layout="static", profile="npu",
             target="npu: OpenVINO (CPU/GPU/NPU), QNN HTP; runs on the CPU provider too",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import edge_infer
-from edge_infer.export.pipeline import ExportOptions, export_model
+from edge_infer.export.export_folder import ExportOptions, export_model
 from edge_infer.contract.errors import ModelFileError, UserError
 from edge_infer.runtime.manifest import load_manifest
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from edge_infer.export.atomic import atomic_folder
-from edge_infer.export.pipeline import DATA_FILE
+from edge_infer.export.export_folder import DATA_FILE
 from edge_infer.export.progress import Progress
 from edge_infer.quantize.external import DataFile, read_tensor, save_streamed
 from edge_infer.quantize.config import QuantConfig
