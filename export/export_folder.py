@@ -27,7 +27,8 @@ from edge_infer.export.progress import Progress
 from edge_infer.export.sources import Source, open_source
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
-from edge_infer.runtime.manifest import write_manifest
+from edge_infer.contract.folder import (CHAT_TEMPLATE_FILE, DATA_FILE, GRAPH_FILE, INLINE_BELOW, TOKENIZER_FILE,
+                                         write_manifest)
 
 if TYPE_CHECKING:
     from edge_infer.export.segments import StoredGraph
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 QUANTS = ("fp32", "fp16", "int8", "int4")
 PROFILES = ("default", "npu")  # npu: standard ONNX ops, static shapes (OpenVINO, QNN, any provider)
 DEFAULT_MAX_LENGTH = 4096
-GRAPH_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 FLOAT_DATA = "float.onnx.data"  # small float tensors of an int8/int4 export's float graph, until it is finished
 VERSION = "0.1.0"
 # How GGUF blocks with a minimum per block (Q4_1, Q4_K) are imported; measured on the default
@@ -376,13 +375,13 @@ def _as_linear(b):
 
 def save_graph(model: onnx.ModelProto, folder: Path) -> None:
     onnx.save_model(model, str(folder / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024, convert_attribute=False)
+                    location=DATA_FILE, size_threshold=INLINE_BELOW, convert_attribute=False)
 
 
 def _write_tokenizer(source: Source, folder: Path) -> None:
-    source.tokenizer.save(str(folder / "tokenizer.json"))
+    source.tokenizer.save(str(folder / TOKENIZER_FILE))
     if source.chat_template:
-        (folder / "chat_template.jinja").write_text(source.chat_template, encoding="utf-8")
+        (folder / CHAT_TEMPLATE_FILE).write_text(source.chat_template, encoding="utf-8")
 
 
 def _manifest_body(spec: DecoderSpec, source: Source, io, options: ExportOptions, quant: dict,
@@ -404,11 +403,11 @@ def _manifest_body(spec: DecoderSpec, source: Source, io, options: ExportOptions
                   "ops": "com.microsoft GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits"},
         "quantization": quant,
         "tokenizer": {
-            "file": "tokenizer.json", "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None
+            "file": TOKENIZER_FILE, "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None
             else (tok.token_to_id(source.bos_token) if source.bos_token else None),
             "eos_token_ids": eos, "pad_token_id": spec.pad_token_id,
             "bos_token": source.bos_token, "eos_token": source.eos_token,
-            "chat_template_file": "chat_template.jinja" if source.chat_template else None,
+            "chat_template_file": CHAT_TEMPLATE_FILE if source.chat_template else None,
         },
         "generation": {"max_new_tokens": 256, "source_defaults": source.generation},
         "source": {"kind": source.kind, "name": source.path.name, "description": source.describe()},

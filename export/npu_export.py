@@ -34,10 +34,10 @@ from edge_infer.export.npu_graph import (
 from edge_infer.export.progress import Progress
 from edge_infer.export.sources import open_source
 from edge_infer.contract.errors import UserError
-from edge_infer.runtime.manifest import write_manifest
+from edge_infer.contract.folder import DATA_FILE, INLINE_BELOW, write_manifest
 
 NPU_DEFAULT_MAX_LENGTH = 1024  # every pass reads the whole fixed cache: keep it as short as the use needs
-PREFILL_FILE, DECODE_FILE, DATA_FILE = "prefill.onnx", "decode.onnx", "model.onnx.data"
+PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 
 
 def export_npu(src, out, options, progress: Progress | None = None) -> Path:
@@ -70,7 +70,7 @@ def export_npu(src, out, options, progress: Progress | None = None) -> Path:
         progress.stage("building graphs")
         prefill = build_static_decoder(spec, bank, StaticShape(max_length, chunk))
         onnx.save_model(prefill, str(tmp / PREFILL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024, convert_attribute=False)
+                        location=DATA_FILE, size_threshold=INLINE_BELOW, convert_attribute=False)
         del prefill
         decode = build_static_decoder(spec, bank, StaticShape(max_length, 1))
         io = GraphIO(tuple(i.name for i in decode.graph.input), tuple(o.name for o in decode.graph.output))

@@ -8,18 +8,16 @@ at load, so a truncated download, an edited file or a Git-LFS pointer is named.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_infer.contract.errors import ModelFileError
+from edge_infer.contract.folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from edge_infer.runtime.manifest_schema import check_raw
+from edge_infer.contract.io_names import POSITION_IDS
 
-MANIFEST = "manifest.json"
-FORMAT = "edge-infer"
-FORMAT_VERSION = 1
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
@@ -85,24 +83,12 @@ class Manifest:
 
     @property
     def uses_position_ids(self) -> bool:
-        return "position_ids" in self.inputs
+        return POSITION_IDS in self.inputs
 
     def kv_bytes(self, batch: int = 1, max_length: int | None = None) -> int:
         g = self.geometry
         per = 2 if self.dtype == "fp16" else 4
         return 2 * g.num_layers * batch * g.num_kv_heads * (max_length or g.max_length) * g.head_dim * per
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_entry(path: Path) -> dict[str, Any]:
-    return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
 def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
@@ -205,16 +191,3 @@ def verify_files(m: Manifest) -> None:
         if sha256_file(path) != entry["sha256"]:
             raise ModelFileError(f"{path}: sha256 does not match {MANIFEST} (file changed or corrupt); re-copy it")
 
-
-def write_manifest(folder: Path, body: dict[str, Any]) -> Path:
-    """Hash every file in `folder` into `body` and write the manifest (call this last)."""
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = file_entry(p)
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": files}
-    path = folder / MANIFEST
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path

@@ -114,13 +114,14 @@ def _serve_on_ray(model, server_config, engine_config, replicas, routing, addres
     import importlib.util
 
     from edge_infer.contract.errors import UserError
+    from edge_infer.contract.folder import MANIFEST
 
     if importlib.util.find_spec("ray") is None:
         raise UserError("--ray needs Ray Serve: pip install 'edge-infer[cluster]'")
     if speculative_kw.get("speculative") == "draft":
         raise UserError("--ray serves --speculative lookup or off; a draft model per replica is not supported yet")
-    if not (Path(model) / "manifest.json").is_file():
-        raise UserError(f"{model}: not a model folder (no manifest.json); export one with `edge-infer export`")
+    if not (Path(model) / MANIFEST).is_file():
+        raise UserError(f"{model}: not a model folder (no {MANIFEST}); export one with `edge-infer export`")
     from edge_infer.runtime.speculative import speculative_config
     from edge_infer.serve.cluster import ClusterConfig, serve_cluster
 
