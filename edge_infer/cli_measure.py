@@ -1,6 +1,6 @@
 """`edge-infer bench` and `edge-infer eval`: the numbers behind every speed and quality claim.
 
-The measuring itself lives in runtime/measure.py (shared with benchmarks/, which runs the
+The measuring itself lives in bench/measure.py (shared with benchmarks/, which runs the
 same code against onnxruntime-genai and llama.cpp); this file is options and printing.
 Heavy modules are imported inside the commands.
 """
@@ -79,7 +79,7 @@ def bench(model, lengths, new_tokens, runs, warmup, text_path, threads, device, 
     speed ratio, the acceptance rate and whether the ids were identical."""
     import numpy as np
 
-    from edge_infer.runtime import measure
+    from edge_infer.bench import measure
     from edge_infer.contract.errors import UserError
     from edge_infer.runtime.speculative import SpecStats
 
@@ -194,7 +194,7 @@ def evaluate(model, text_path, reference, window, stride, max_tokens, threads, d
     """Perplexity of MODEL over a text (strided windows); with --reference, agreement and KL divergence."""
     import time
 
-    from edge_infer.runtime import measure
+    from edge_infer.bench import measure
     from edge_infer.contract.errors import UserError
 
     if stride >= window:
