@@ -2,7 +2,7 @@
 
 The measuring itself lives in bench/measure.py (shared with benchmarks/, which runs the
 same code against onnxruntime-genai and llama.cpp); this file is options and printing.
-Heavy modules are imported inside the commands.
+Mounted by edge_infer/cli.py; heavy modules are imported inside the commands.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 
 import click
 
-from edge_infer.cli_speculative import speculative_from_options, speculative_options, wants_shared_threads
+from edge_infer.runtime.cli_options import speculative_from_options, speculative_options, wants_shared_threads
 
 
 def _lengths(ctx, param, value: str) -> list[int]:
@@ -25,9 +25,9 @@ def _lengths(ctx, param, value: str) -> list[int]:
 
 
 def _load(path: str, device: str, threads: int | None, shared_threads: bool = False):
-    import edge_infer
+    from edge_infer.runtime.model import load
 
-    return edge_infer.load(path, device=device, threads=threads, shared_threads=shared_threads)
+    return load(path, device=device, threads=threads, shared_threads=shared_threads)
 
 
 def _threads(threads: int | None) -> int:
