@@ -38,12 +38,7 @@ def _threads(threads: int | None) -> int:
 
 def _model_info(model, path: str) -> dict:
     m = model.manifest
-    q = m.quantization
-    scheme = m.quant_scheme
-    if "bits" in q:
-        scheme += f" (block {q.get('block_size')}, {'sym' if q.get('symmetric') else 'asym'}, " \
-                  f"accuracy_level {q.get('accuracy_level')})"
-    return {"path": path, "architecture": m.geometry.architecture, "weights": scheme,
+    return {"path": path, "architecture": m.geometry.architecture, "weights": m.quantization.describe(accuracy=True),
             "source": m.source.get("description"), "device": model.describe_device()}
 
 

@@ -77,6 +77,5 @@ def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, accu
     from edge_infer.export.quantize_exported import quantize_folder
     from edge_infer.quantize.config import QuantConfig
 
-    config = QuantConfig(bits=4 if quant == "int4" else 8, block_size=block_size, symmetric=symmetric,
-                         accuracy_level=accuracy_level, embeddings=embeddings, lm_head=lm_head, method=rounding)
+    config = QuantConfig.from_options(quant, block_size, symmetric, accuracy_level, embeddings, lm_head, rounding)
     quantize_folder(model, out, config, validate=not no_validate, force=force, progress=Progress(quiet=quiet))

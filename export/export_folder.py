@@ -12,7 +12,7 @@ external-data file as it is made, so memory holds about one weight rather than t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +27,13 @@ from edge_infer.export.progress import Progress
 from edge_infer.export.sources import Source, open_source
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
+from edge_infer.contract.quantization import QuantRecord
 from edge_infer.contract.folder import (CHAT_TEMPLATE_FILE, DATA_FILE, GRAPH_FILE, INLINE_BELOW, TOKENIZER_FILE,
                                          write_manifest)
 
 if TYPE_CHECKING:
     from edge_infer.export.segments import StoredGraph
+    from edge_infer.quantize.config import QuantConfig
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
 PROFILES = ("default", "npu")  # npu: standard ONNX ops, static shapes (OpenVINO, QNN, any provider)
@@ -76,6 +78,16 @@ class ExportOptions:
         if self.block_size not in (16, 32, 64, 128, 256):
             raise UserError(f"--block-size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
 
+    def quant_config(self) -> QuantConfig | None:
+        """The quantization settings these options ask for (None for fp32/fp16): what the rewrite gets
+        and what the manifest records."""
+        from edge_infer.quantize.config import QuantConfig
+
+        if self.quant not in ("int8", "int4"):
+            return None
+        return QuantConfig.from_options(self.quant, self.block_size, self.symmetric, self.accuracy_level,
+                                        self.embeddings, self.lm_head, self.rounding)
+
 
 def export_model(src: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
                  progress: Progress | None = None) -> Path:
@@ -111,7 +123,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             model = optimum_route.export_graph(source.path, options.quant, progress)
             io = GraphIO(tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}),
                          tuple(o.name for o in model.graph.output))
-            quant_info: dict[str, Any] = {"scheme": options.quant}
+            quant_info: dict[str, Any] = {}
             reference = None
             if options.quant in ("int8", "int4"):
                 reference = model
@@ -138,7 +150,8 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         del reference
         _remove_float_graph(tmp)
         progress.stage("writing manifest")
-        body = _manifest_body(spec, source, io, options, quant_info, max_length, validation)
+        quant = QuantRecord(options.quant, options.quant_config(), quant_info)
+        body = _manifest_body(spec, source, io, options, quant, max_length, validation)
         body["graph"]["route"] = route
         body["graph"]["kv_layout"] = "shared" if route == "direct" else "concat"
         if route != "direct":
@@ -188,8 +201,8 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
     to the model's data file before the next one (weights taken from GGUF blocks are never read
     in float at all). Only small or transformed float tensors go to FLOAT_DATA, removed before
     the folder is finished. The float graph stays the validation reference (read again from the
-    source, segment by segment). Returns (graph proto, io, quantization record, that reference
-    or None).
+    source, segment by segment). Returns (graph proto, io, what the quantization did (the record's
+    details), that reference or None).
     """
     from edge_infer.export.segments import StoredGraph
     from edge_infer.quantize.external import DataFile, save_streamed
@@ -204,7 +217,7 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
                                   store=data)
         if not quantized:
             save_streamed(model, tmp / GRAPH_FILE, data)
-            return model, io, {"scheme": options.quant}, None
+            return model, io, {}, None
     finally:
         data.close()
     reference = StoredGraph(model, tmp, data.deferred)
@@ -229,14 +242,11 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
     """Quantize `model`; `blocks` is a dict of source blocks (canonical name -> blocks) or a
     `_LazySourceBlocks`. Streaming: `read(tensor)` gives a float weight stored outside the
     protobuf, and `sink(tensor)` moves each new tensor to the data file (quantize_graph)."""
-    from edge_infer.quantize.config import QuantConfig
     from edge_infer.quantize.rewrite import quantize_graph, quantize_summary
 
-    bits = 4 if options.quant == "int4" else 8
-    config = QuantConfig(bits=bits, block_size=options.block_size, symmetric=options.symmetric,
-                         accuracy_level=options.accuracy_level, embeddings=options.embeddings,
-                         lm_head=options.lm_head, method=options.rounding)
-    config.validate()
+    config = options.quant_config()
+    assert config is not None, "only int8/int4 exports are quantized"
+    bits = config.validate().bits
     embed_bits = {"int8": 8, "int4": 4}.get(config.embeddings_choice(), 0)
     if isinstance(blocks, _LazySourceBlocks):
         pre, minimums = blocks, blocks.minimums
@@ -255,7 +265,7 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
         from edge_infer.quantize.block_offsets import add_block_offsets
 
         add_block_offsets(q, minimums, options.block_size)
-    info = {"scheme": options.quant, **asdict(config), "summary": quantize_summary(q)}
+    info: dict[str, Any] = {"summary": quantize_summary(q)}  # the record's details (QuantRecord)
     requantized = info["summary"].get("requantized") or []
     if requantized:
         progress.note(f"{len(requantized)} source-quantized weights did not match {options.quant} block "
@@ -265,7 +275,6 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
     if minimums:
         info["gguf_q4_1"] = (f"{len(minimums)} Q4_1/Q4_K weights imported exactly "
                              "(integer zero point + block residual)")
-    info["exclude"] = list(config.exclude)
     mixed = sorted(name for name, b in blocks.items() if b is None)
     if mixed:
         info["mixed_source_types"] = mixed
@@ -384,7 +393,7 @@ def _write_tokenizer(source: Source, folder: Path) -> None:
         (folder / CHAT_TEMPLATE_FILE).write_text(source.chat_template, encoding="utf-8")
 
 
-def _manifest_body(spec: DecoderSpec, source: Source, io, options: ExportOptions, quant: dict,
+def _manifest_body(spec: DecoderSpec, source: Source, io, options: ExportOptions, quant: QuantRecord,
                    max_length: int, validation: dict) -> dict:
     tok = source.tokenizer
     eos = list(dict.fromkeys(list(source.eos_token_ids) + list(spec.eos_token_ids)))
@@ -401,7 +410,7 @@ def _manifest_body(spec: DecoderSpec, source: Source, io, options: ExportOptions
                   "dtype": "fp16" if options.quant == "fp16" else "fp32",
                   "kv_cache": "one buffer of max_length per layer, shared by past and present",
                   "ops": "com.microsoft GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits"},
-        "quantization": quant,
+        "quantization": quant.to_manifest(),
         "tokenizer": {
             "file": TOKENIZER_FILE, "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None
             else (tok.token_to_id(source.bos_token) if source.bos_token else None),

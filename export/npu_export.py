@@ -35,6 +35,7 @@ from edge_infer.export.progress import Progress
 from edge_infer.export.sources import open_source
 from edge_infer.contract.errors import UserError
 from edge_infer.contract.folder import DATA_FILE, INLINE_BELOW, write_manifest
+from edge_infer.contract.quantization import QuantRecord, QuantSettings
 
 NPU_DEFAULT_MAX_LENGTH = 1024  # every pass reads the whole fixed cache: keep it as short as the use needs
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
@@ -78,13 +79,16 @@ def export_npu(src, out, options, progress: Progress | None = None) -> Path:
         onnx.save_model(decode, str(tmp / DECODE_FILE))
         del decode
         export_folder._write_tokenizer(source, tmp)
-        quant = {"scheme": options.quant}
+        quant = QuantRecord(options.quant)
         if options.quant != "fp32":
             int4 = options.quant == "int4"
-            quant.update(bits=4 if int4 else 8, block_size=options.block_size, symmetric=not int4,
-                         format="DequantizeLinear (opset 21) with block_size, " + (
-                             "uint4 with zero points, searched scales" if int4 else "int8 symmetric"),
-                         quantized_weights=bank.quantized, lm_head="int8 blocks", embeddings="fp32 (Gather)")
+            settings = QuantSettings(bits=4 if int4 else 8, block_size=options.block_size, symmetric=not int4,
+                                     accuracy_level=None, embeddings="fp32 (Gather)", lm_head="int8 blocks",
+                                     exclude=None, method=None)  # DequantizeLinear blocks, not MatMulNBits
+            quant = QuantRecord(options.quant, settings, {
+                "format": "DequantizeLinear (opset 21) with block_size, " + (
+                    "uint4 with zero points, searched scales" if int4 else "int8 symmetric"),
+                "quantized_weights": bank.quantized})
         body = export_folder._manifest_body(spec, source, io, options, quant, max_length, {})
         body["graph"].update(
             file=DECODE_FILE, data_file=DATA_FILE, dtype="fp32", route="direct", kv_layout="static", profile="npu",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import onnx
@@ -21,6 +20,7 @@ from edge_infer.quantize.config import QuantConfig
 from edge_infer.quantize.rewrite import quantize_graph, quantize_summary
 from edge_infer.contract.errors import UserError
 from edge_infer.contract.folder import DATA_FILE, write_manifest
+from edge_infer.contract.quantization import QuantRecord
 from edge_infer.runtime.manifest import load_manifest
 from edge_infer.runtime.model import check_external_data
 
@@ -68,8 +68,7 @@ def quantize_folder(src: str | Path, out: str | Path, config: QuantConfig, valid
             validation = _validate(tmp / manifest.graph_file, graph_path, manifest, progress)
         body = {k: v for k, v in manifest.raw.items() if k not in ("format", "format_version", "files")}
         summary = quantize_summary(onnx.load(str(tmp / manifest.graph_file), load_external_data=False))
-        body["quantization"] = {"scheme": scheme, **asdict(config), "exclude": list(config.exclude),
-                                "summary": summary, "from": manifest.quant_scheme}
+        body["quantization"] = QuantRecord(scheme, config, {"summary": summary, "from": manifest.quant_scheme}).to_manifest()
         body["validation"] = validation
         body["source"] = {**manifest.source, "quantized_from": src.name}
         progress.stage("writing manifest")

@@ -152,10 +152,7 @@ def inspect(model, no_verify, as_json):
                f"{g.num_heads} heads / {g.num_kv_heads} kv heads, head_dim {g.head_dim}, vocab {g.vocab_size}")
     click.echo(f"context     max_length {g.max_length} (model context {g.context_length}); "
                f"KV cache {m.kv_bytes() / 2**20:.0f} MiB per sequence")
-    q = m.quantization
-    detail = f" (block {q.get('block_size')}, {'sym' if q.get('symmetric') else 'asym'}, " \
-             f"embeddings {q.get('embeddings')}, lm_head {q.get('lm_head')})" if "bits" in q else ""
-    click.echo(f"weights     {m.quant_scheme}{detail}")
+    click.echo(f"weights     {m.quantization.describe()}")
     size = sum(f["size"] for f in m.files.values())
     click.echo(f"files       {len(m.files)} files, {size / 2**20:.1f} MiB"
                + ("" if no_verify else ", all sha256 verified"))

@@ -17,6 +17,7 @@ from edge_infer.contract.errors import ModelFileError
 from edge_infer.contract.folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from edge_infer.runtime.manifest_schema import check_raw
 from edge_infer.contract.io_names import POSITION_IDS
+from edge_infer.contract.quantization import QuantRecord
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
@@ -64,7 +65,7 @@ class Manifest:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     dtype: str  # weights and activations: fp32 | fp16
-    quantization: dict[str, Any]
+    quantization: QuantRecord
     tokenizer: TokenizerSpec
     generation: GenerationDefaults
     source: dict[str, Any]
@@ -79,7 +80,7 @@ class Manifest:
 
     @property
     def quant_scheme(self) -> str:
-        return str(self.quantization.get("scheme", self.dtype))
+        return self.quantization.scheme
 
     @property
     def uses_position_ids(self) -> bool:
@@ -157,7 +158,7 @@ def _parse(folder: Path, raw: dict) -> Manifest:
             raise ValueError(f"'{name}' is referenced but not listed in files")
     return Manifest(
         folder=folder, geometry=geometry, graph_file=str(gr["file"]), inputs=tuple(gr["inputs"]),
-        outputs=tuple(gr["outputs"]), dtype=str(gr["dtype"]), quantization=dict(raw.get("quantization", {})),
+        outputs=tuple(gr["outputs"]), dtype=str(gr["dtype"]), quantization=QuantRecord.from_manifest(raw.get("quantization", {}), str(gr["dtype"])),
         tokenizer=tok, generation=GenerationDefaults.from_manifest(raw.get("generation", {})), source=dict(raw.get("source", {})),
         validation=dict(raw.get("validation", {})), files=dict(files), raw=raw,
     )

@@ -65,9 +65,9 @@ class Model:
         graph_path = folder / manifest.graph_file
         check_external_data(graph_path)
         check_kv_memory(folder / MANIFEST, manifest.kv_bytes(), f"max_length {manifest.geometry.max_length}")
-        bits = manifest.quantization.get("bits")
+        bits = manifest.quantization.bits
         contrib = manifest.kv_layout == "shared" or bool(bits)  # GroupQueryAttention / MatMulNBits
-        traits = ModelTraits(dtype=manifest.dtype, contrib_ops=contrib, quant_bits=int(bits) if bits else None)
+        traits = ModelTraits(dtype=manifest.dtype, contrib_ops=contrib, quant_bits=bits)
         self.plan: DevicePlan = resolve(device, available_providers(), traits)
         options = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
         self.shared_threads = not options.use_per_session_threads  # also True once the process has the pool

@@ -276,11 +276,11 @@ class AdaptiveProposer:
         """`draft` (checked by the caller) adds the draft source, with its cache `draft_cache`;
         `draft_cost` None means estimated from the weights, then measured where allowed."""
         q = model.manifest.quantization
-        int8_activations = bool(q.get("bits")) and q.get("accuracy_level", 4) != 0
+        int8_activations = q.int8_activations
         prior_draft = draft_cost
         if draft is not None and prior_draft is None:
             prior_draft = estimate_draft_cost(model, draft)
-        self.costs = PassCosts(VERIFY_COST["quantized" if q.get("bits") else "float"], prior_draft or 0.0,
+        self.costs = PassCosts(VERIFY_COST["quantized" if q.bits else "float"], prior_draft or 0.0,
                                learn=sampler.params.temperature == 0.0
                                and (not int8_activations or getattr(model, "batch_invariant", False)),
                                learn_draft=draft_cost is None)
