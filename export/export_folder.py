@@ -369,17 +369,16 @@ def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,
 
 
 def _as_linear(b):
-    """Source blocks as MatMulNBits weights (Q4_0 and Q8_0 map exactly; Q4_1 goes through
-    quantize.block_offsets, since a float zero point would leave onnxruntime's fast kernels)."""
-    from edge_infer.quantize.nbits import QuantizedLinear
+    """Source blocks with the zero points MatMulNBits reads best (Q4_0 and Q8_0 map exactly; Q4_1
+    goes through quantize.block_offsets, since a float zero point would leave onnxruntime's fast kernels)."""
+    from dataclasses import replace
 
     zp = b.zero_points
     if zp is not None and np.all(zp == 2 ** (b.bits - 1)):
         zp = None  # symmetric (Q4_0, Q8_0): MatMulNBits' implied zero point
     elif zp is not None and np.all(zp == np.round(zp)):
         zp = zp.astype(np.uint8)  # integer zero points (Q6_K: 32) as MatMulNBits' packed uint8
-    return QuantizedLinear(bits=b.bits, block_size=b.block_size, q=b.q, scales=b.scales, zero_points=zp,
-                           k=b.q.shape[1])
+    return replace(b, zero_points=zp)
 
 
 def save_graph(model: onnx.ModelProto, folder: Path) -> None:
