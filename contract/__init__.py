@@ -2,7 +2,7 @@
 
 - `errors.py`: the error types every layer raises and the CLI and server turn into exit codes
   and HTTP answers.
-- `folder.py`: the model folder on disk: file names, the manifest's envelope (format, version,
+- `model_folder.py`: the model folder on disk: file names, the manifest's envelope (format, version,
   the sha256 of every file) and how it is written.
 - `io_names.py`: the decoder graph's input and output names, spelled once.
 - `quantization.py`: the manifest's quantization record, typed (QuantSettings, QuantRecord): written

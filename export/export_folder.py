@@ -28,7 +28,7 @@ from edge_infer.export.sources import Source, open_source
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
 from edge_infer.contract.quantization import QuantRecord
-from edge_infer.contract.folder import (CHAT_TEMPLATE_FILE, DATA_FILE, GRAPH_FILE, INLINE_BELOW, TOKENIZER_FILE,
+from edge_infer.contract.model_folder import (CHAT_TEMPLATE_FILE, DATA_FILE, GRAPH_FILE, INLINE_BELOW, TOKENIZER_FILE,
                                          write_manifest)
 
 if TYPE_CHECKING:

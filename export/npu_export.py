@@ -34,7 +34,7 @@ from edge_infer.export.npu_graph import (
 from edge_infer.export.progress import Progress
 from edge_infer.export.sources import open_source
 from edge_infer.contract.errors import UserError
-from edge_infer.contract.folder import DATA_FILE, INLINE_BELOW, write_manifest
+from edge_infer.contract.model_folder import DATA_FILE, INLINE_BELOW, write_manifest
 from edge_infer.contract.quantization import QuantRecord, QuantSettings
 
 NPU_DEFAULT_MAX_LENGTH = 1024  # every pass reads the whole fixed cache: keep it as short as the use needs

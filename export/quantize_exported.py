@@ -19,7 +19,7 @@ from edge_infer.quantize.external import DataFile, read_tensor, save_streamed
 from edge_infer.quantize.config import QuantConfig
 from edge_infer.quantize.rewrite import quantize_graph, quantize_summary
 from edge_infer.contract.errors import UserError
-from edge_infer.contract.folder import DATA_FILE, write_manifest
+from edge_infer.contract.model_folder import DATA_FILE, write_manifest
 from edge_infer.contract.quantization import QuantRecord
 from edge_infer.runtime.manifest import load_manifest
 from edge_infer.runtime.model import check_external_data

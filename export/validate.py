@@ -22,7 +22,7 @@ from edge_infer.export.progress import Progress
 from edge_infer.export.segments import StoredGraph, run_segmented
 from edge_infer.export.sources import Source
 from edge_infer.export.spec import DecoderSpec
-from edge_infer.contract.folder import GRAPH_FILE
+from edge_infer.contract.model_folder import GRAPH_FILE
 from edge_infer.contract.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, QUERY_SEQLENS, past_pair
 
 REFERENCE_SEGMENT_BYTES = 256 << 20

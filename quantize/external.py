@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_infer.contract.folder import INLINE_BELOW
+from edge_infer.contract.model_folder import INLINE_BELOW
 
 PAGE = 4096  # tensors of a MiB or more start on a page (onnxruntime maps those)
 SMALL_ALIGN = 64

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_infer.contract.errors import ModelFileError
-from edge_infer.contract.folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
-from edge_infer.runtime.manifest_schema import check_raw
+from edge_infer.contract.model_folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from edge_infer.contract.io_names import POSITION_IDS
 from edge_infer.contract.quantization import QuantRecord
+from edge_infer.runtime.manifest_schema import check_raw
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 

@@ -19,7 +19,7 @@ from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu
 from edge_infer.runtime.cache import ConcatKVCache, KVCache
 from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
-from edge_infer.contract.folder import MANIFEST
+from edge_infer.contract.model_folder import MANIFEST
 from edge_infer.runtime.manifest import Manifest, load_manifest
 from edge_infer.runtime.manifest_schema import check_graph_io, check_kv_memory
 from edge_infer.runtime.tokenizer import Tokenizer

@@ -115,7 +115,7 @@ def _serve_on_ray(model, server_config, engine_config, replicas, routing, addres
     import importlib.util
 
     from edge_infer.contract.errors import UserError
-    from edge_infer.contract.folder import MANIFEST
+    from edge_infer.contract.model_folder import MANIFEST
 
     if importlib.util.find_spec("ray") is None:
         raise UserError("--ray needs Ray Serve: pip install 'edge-infer[cluster]'")

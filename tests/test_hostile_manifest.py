@@ -16,7 +16,7 @@ import edge_infer
 from edge_infer.cli import main
 from edge_infer.runtime import manifest_schema
 from edge_infer.contract.errors import ModelFileError
-from edge_infer.contract.folder import MANIFEST, file_entry
+from edge_infer.contract.model_folder import MANIFEST, file_entry
 from edge_infer.runtime.manifest import load_manifest
 
 
