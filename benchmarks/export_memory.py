@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 def cpu_name() -> str:
-    from edge_infer.runtime.measure import cpu_model
+    from edge_infer.bench.measure import cpu_model
 
     return cpu_model()
 

@@ -48,7 +48,7 @@ print(json.dumps(out))
 def export_cases(root: Path) -> dict[str, str]:
     from tiny import make_checkpoint
 
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     paths = {}
     for kind, quant in CASES:

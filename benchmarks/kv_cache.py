@@ -48,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from edge_infer.runtime.manifest import load_manifest
-    from edge_infer.runtime.measure import cpu_model
+    from edge_infer.bench.measure import cpu_model
 
     lengths = [int(p) for p in args.prompts.split(",")]
     runs: dict[str, list[dict[int, float]]] = {f: [] for f in args.folders}

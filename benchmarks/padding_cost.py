@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import edge_infer
-    from edge_infer.runtime.measure import cpu_model, read_text
+    from edge_infer.bench.measure import cpu_model, read_text
 
     old, new = (edge_infer.load(p, device="cpu", threads=args.threads) for p in (args.old, args.new))
     unpadded = edge_infer.load(args.old, device="cpu", threads=args.threads)

@@ -32,7 +32,7 @@ def main() -> None:
 
     import edge_infer
     import edge_infer.runtime.model as runtime_model
-    from edge_infer.runtime import measure
+    from edge_infer.bench import measure
     from edge_infer.runtime.generate import prefill
 
     plain = runtime_model.cpu_session_options

@@ -5,7 +5,7 @@
 Exports the default GGUF (SmolLM2-135M-Instruct Q4_1) with `edge-infer export --no-validate` as
 fp32, int8 and int4 (block 32/64/128, asymmetric and symmetric; block 32 asymmetric also with
 accuracy_level 0, float activations), then scores each on the shipped English text with the
-same code as `edge-infer eval` (runtime/measure.py): perplexity over strided windows, top-1
+same code as `edge-infer eval` (bench/measure.py): perplexity over strided windows, top-1
 agreement and mean KL(fp32 || model) at every scored position. onnxruntime-genai's int4 of the
 same weights (from `benchmarks/peers.py setup`) is scored through benchmarks/genai_logits.py.
 --write writes benchmarks/QUALITY.md and benchmarks/quality.json.
@@ -118,7 +118,7 @@ def main() -> None:
 
     import edge_infer
     from edge_infer.export.sources import default_model_path
-    from edge_infer.runtime import measure
+    from edge_infer.bench import measure
 
     gguf = str(default_model_path())
     args.models.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def _size(folder: Path) -> float:
 
 
 def markdown(rows: dict, text_desc: str, n_tokens: int, args, export_s: dict) -> str:
-    from edge_infer.runtime import measure
+    from edge_infer.bench import measure
 
     ref = rows["fp32"]["perplexity"]
     m = measure.describe_machine(args.threads)

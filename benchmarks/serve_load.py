@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
-from edge_infer.runtime.measure import cpu_model
+from edge_infer.bench.measure import cpu_model
 
 STORIES = [
     "Write a long story about a dragon who learns to cook.", "Write a long story about a lighthouse keeper and a storm.",

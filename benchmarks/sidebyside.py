@@ -77,7 +77,7 @@ def run_worker(python: str, engine: str, model: str, ids_file: Path, args) -> di
 
 def prompts(model: str, lengths: list[int]) -> tuple[dict[int, list[int]], str]:
     import edge_infer
-    from edge_infer.runtime import measure
+    from edge_infer.bench import measure
 
     text, desc = measure.read_text()
     ids = edge_infer.load(model, device="cpu", verify=False).tokenizer.encode(text)

@@ -36,7 +36,7 @@ from edge_infer.runtime.constrain import MaskPool, apply_mask, constraint_from  
 from edge_infer.runtime.sampling import SamplingParams  # noqa: E402
 from edge_infer.serve.config import EngineConfig  # noqa: E402
 from edge_infer.serve.engine import Engine  # noqa: E402
-from edge_infer.serve.sequence import Finished, GenerationRequest  # noqa: E402
+from edge_infer.serve.request import Finished, GenerationRequest  # noqa: E402
 from schemas_suite import SUITE  # noqa: E402
 
 LONG = {"type": "object", "properties": {"rows": {"type": "array", "minItems": 12, "maxItems": 12, "items": {

@@ -4,7 +4,7 @@
 
 ENGINE is edge (edge-infer, from this repo's .venv), genai (onnxruntime-genai) or llamacpp
 (llama-cpp-python), each run by the python of its own virtual environment. Every engine is
-timed by the same code, runtime/measure.py loaded by file path (it needs only numpy), on the
+timed by the same code, bench/measure.py loaded by file path (it needs only numpy), on the
 same prompt token ids, greedy, eos ignored. Prints one JSON object: the runs, the engine's
 version and load time; peak RSS is this process's, so it covers one engine and one prompt.
 """
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def load_measure():
-    spec = importlib.util.spec_from_file_location("edge_measure", REPO / "runtime" / "measure.py")
+    spec = importlib.util.spec_from_file_location("edge_measure", REPO / "bench" / "measure.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["edge_measure"] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)

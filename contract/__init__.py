@@ -1,6 +1,13 @@
 """The contract every folder shares, depending on nothing else of ours.
 
-Today: the error types (`errors.py`) that every layer raises and the CLI and server turn into
-exit codes and HTTP answers. Devices, runtime, quantize, export and serve all import from here,
-never from each other for these (tests/test_borders.py keeps it so).
+- `errors.py`: the error types every layer raises and the CLI and server turn into exit codes
+  and HTTP answers.
+- `model_folder.py`: the model folder on disk: file names, the manifest's envelope (format, version,
+  the sha256 of every file) and how it is written.
+- `io_names.py`: the decoder graph's input and output names, spelled once.
+- `quantization.py`: the manifest's quantization record, typed (QuantSettings, QuantRecord): written
+  by export and quantize, read back by the runtime.
+
+Devices, runtime, quantize, export, bench and serve all import these from here, never from each
+other (tests/test_borders.py keeps it so).
 """

@@ -255,7 +255,7 @@ def concat_blocks(parts: list):
         return None
     return type(first)(bits=first.bits, block_size=first.block_size,
                        q=np.concatenate([p.q for p in parts]), scales=np.concatenate([p.scales for p in parts]),
-                       zero_points=np.concatenate([p.zero_points for p in parts]))
+                       zero_points=np.concatenate([p.zero_points for p in parts]), k=first.k)
 
 
 class Deferred:

@@ -32,6 +32,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, QUERY_SEQLENS,
+                                            past, present)
+
 GENAI_CONFIG = "genai_config.json"
 GENAI_GRAPH = "model.genai.onnx"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -58,10 +61,10 @@ def write_genai_files(folder: Path, body: dict[str, Any], graph_file: str) -> st
     _write_graph_without_keep(folder / graph_file, folder / GENAI_GRAPH)
     eos = list(tok["eos_token_ids"])
     pad = tok["pad_token_id"] if tok["pad_token_id"] is not None else (eos[0] if eos else 0)
-    names = {"input_ids": "input_ids", "attention_mask": "attention_mask",
-             "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
-    if "position_ids" in inputs:
-        names["position_ids"] = "position_ids"
+    names = {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK,
+             "past_key_names": past("%d", "key"), "past_value_names": past("%d", "value")}
+    if POSITION_IDS in inputs:
+        names.update(position_ids=POSITION_IDS)
     config = {
         "model": {
             "bos_token_id": tok["bos_token_id"] if tok["bos_token_id"] is not None else pad,
@@ -73,8 +76,8 @@ def write_genai_files(folder: Path, body: dict[str, Any], graph_file: str) -> st
                 "num_attention_heads": model["num_heads"], "num_hidden_layers": model["num_layers"],
                 "num_key_value_heads": model["num_kv_heads"],
                 "inputs": names,
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "outputs": {"logits": LOGITS, "present_key_names": present("%d", "key"),
+                            "present_value_names": present("%d", "value")},
             },
             "eos_token_id": eos if len(eos) != 1 else eos[0],
             "pad_token_id": pad,
@@ -116,26 +119,26 @@ def _write_graph_without_keep(src: Path, dst: Path) -> None:
 
     Loaded without external data: the weights stay references into the same data file."""
     graph = onnx.load(str(src), load_external_data=False)
-    if _drop_input(graph, "logits_to_keep"):
-        graph.graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.int64), "logits_to_keep"))
-    if any(i.name == "query_seqlens" for i in graph.graph.input):
+    if _drop_input(graph, LOGITS_TO_KEEP):
+        graph.graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.int64), LOGITS_TO_KEEP))
+    if any(i.name == QUERY_SEQLENS for i in graph.graph.input):
         # genai feeds every row the same number of new tokens: query_seqlens = sequence_length per row.
-        _drop_input(graph, "query_seqlens")
+        _drop_input(graph, QUERY_SEQLENS)
         consts = [numpy_helper.from_array(np.array([v], dtype=np.int64), f"/genai/const_{v}") for v in (0, 1, 2)]
         graph.graph.initializer.extend(consts)
         nodes = [
-            helper.make_node("Shape", ["input_ids"], ["/genai/shape"], name="/genai/Shape"),  # (2,)
+            helper.make_node("Shape", [INPUT_IDS], ["/genai/shape"], name="/genai/Shape"),  # (2,)
             helper.make_node("Slice", ["/genai/shape", "/genai/const_0", "/genai/const_1"], ["/genai/batch"],
                              name="/genai/batch/Slice"),  # (1,)
             helper.make_node("Slice", ["/genai/shape", "/genai/const_1", "/genai/const_2"], ["/genai/seq"],
                              name="/genai/seq/Slice"),  # (1,)
-            helper.make_node("Expand", ["/genai/seq", "/genai/batch"], ["query_seqlens"],
+            helper.make_node("Expand", ["/genai/seq", "/genai/batch"], [QUERY_SEQLENS],
                              name="/genai/query_seqlens/Expand"),  # (batch,)
         ]
         for n in reversed(nodes):
             graph.graph.node.insert(0, n)
     for o in graph.graph.output:
-        if o.name == "logits":  # (batch, sequence_length, vocab) for genai
+        if o.name == LOGITS:  # (batch, sequence_length, vocab) for genai
             o.type.tensor_type.shape.dim[1].dim_param = "sequence_length"
     onnx.save_model(graph, str(dst))
 

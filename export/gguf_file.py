@@ -31,6 +31,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from edge_infer.export.gguf_limits import (TensorExtent, check_layout)
 from edge_infer.contract.errors import ModelFileError
+from edge_infer.quantize.nbits import QuantizedLinear
 
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
@@ -51,30 +52,6 @@ _PLAIN = {"I8": "<i1", "I16": "<i2", "I32": "<i4", "I64": "<i8", "F64": "<f8"}
 
 def _fail(path: str, problem: str, advice: str = _REDOWNLOAD) -> ModelFileError:
     return ModelFileError(f"GGUF file {path}: {problem}; {advice}")
-
-
-@dataclass(frozen=True, eq=False)
-class QuantBlocks:
-    """Blockwise affine quantization of a 2-D weight, in numpy order (out_features, in_features).
-
-    Element (n, k) is `(q[n, k] - zero_points[n, k // block_size]) * scales[n, k // block_size]`.
-    """
-
-    bits: int
-    block_size: int
-    q: np.ndarray  # (N, K) uint8, values in [0, 2**bits)
-    scales: np.ndarray  # (N, K // block_size) float32
-    zero_points: np.ndarray  # (N, K // block_size) float32
-
-    def dequantize(self) -> np.ndarray:
-        n, k = self.q.shape
-        q = self.q.reshape(n, k // self.block_size, self.block_size).astype(np.float32)
-        out = (q - self.zero_points[..., None]) * self.scales[..., None]  # (N, K/block, block)
-        return out.reshape(n, k)
-
-    def take_rows(self, order: np.ndarray) -> QuantBlocks:
-        """Reorder output features (rows); blocks run along in_features, so they stay exact."""
-        return replace(self, q=self.q[order], scales=self.scales[order], zero_points=self.zero_points[order])
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,9 +91,13 @@ class GGUFTensor:
         out = out.reshape(self.shape)
         return out if self.row_order is None else out[self.row_order]
 
-    def blocks(self) -> QuantBlocks | None:
+    def blocks(self) -> QuantizedLinear | None:
         """The exact blockwise form of a 2-D Q4_0, Q4_1, Q8_0 tensor or of a type in
-        gguf_kquants.EXACT (Q2_K to Q6_K, Q5_0, Q5_1); None for other tensors."""
+        gguf_kquants.EXACT (Q2_K to Q6_K, Q5_0, Q5_1); None for other tensors.
+
+        The blocks are MatMulNBits weights in numpy order (out_features, in_features) with float32
+        zero points: element (n, k) is `(q[n, k] - zero_points[n, k // block_size]) * scales[n, k // block_size]`.
+        The export turns integer zero points into uint8 and splits the rest (quantize.block_offsets)."""
         from edge_infer.export.gguf_kquants import EXACT
 
         if len(self.shape) != 2 or self.ggml_type not in ("Q4_0", "Q4_1", "Q8_0", *EXACT):
@@ -125,7 +106,7 @@ class GGUFTensor:
         if self.ggml_type in EXACT:
             decode, bits, block = EXACT[self.ggml_type]
             q, scales, zps = decode(self.raw, n, k)
-            out = QuantBlocks(bits, block, q, scales, zps)
+            out = QuantizedLinear(bits, block, q, scales, zps, k)
             return out if self.row_order is None else out.take_rows(self.row_order)
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[self.ggml_type]]
         b = self.raw.reshape(n, k // block, type_size)  # (N, blocks, bytes per block)
@@ -138,9 +119,9 @@ class GGUFTensor:
 
         d = half(0)
         if self.ggml_type == "Q4_0":  # x = d * (q - 8)
-            out = QuantBlocks(4, block, nibbles(b[..., 2:]), d, np.full_like(d, 8.0))
+            out = QuantizedLinear(4, block, nibbles(b[..., 2:]), d, np.full_like(d, 8.0), k)
         elif self.ggml_type == "Q8_0":  # x = d * int8; q = int8 + 128 (flip the sign bit)
-            out = QuantBlocks(8, block, (b[..., 2:] ^ 0x80).reshape(n, k), d, np.full_like(d, 128.0))
+            out = QuantizedLinear(8, block, (b[..., 2:] ^ 0x80).reshape(n, k), d, np.full_like(d, 128.0), k)
         else:  # Q4_1: x = d * q + m = d * (q - (-m / d))
             m = half(2)
             q = nibbles(b[..., 4:])
@@ -151,7 +132,7 @@ class GGUFTensor:
                 q = q.reshape(n, k // block, block)
                 q[flat] = 1
                 q = q.reshape(n, k)
-            out = QuantBlocks(4, block, q, np.where(flat, m, d).astype(np.float32), zp)
+            out = QuantizedLinear(4, block, q, np.where(flat, m, d).astype(np.float32), zp, k)
         return out if self.row_order is None else out.take_rows(self.row_order)
 
 

@@ -32,6 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_infer.export.rope import cos_sin_cache
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.quantize.external import DataFile
+from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, KV_KINDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS,
+                                            QUERY_SEQLENS, past, past_pair, present, present_pair)
 
 OPSET = 21
 MS = "com.microsoft"
@@ -95,28 +97,28 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
     b = _Builder(np.float16 if dtype == "fp16" else np.float32, store)
     kv_shape = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
     present_shape = ["batch", spec.num_kv_heads, "present_sequence_length", spec.head_dim]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"])]
+    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "sequence_length"]),
+              helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence_length"])]
     if spec.position == "learned":
-        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence_length"]))
-    inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
-    inputs.append(helper.make_tensor_value_info("query_seqlens", TensorProto.INT64, ["batch"]))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_to_keep", spec.vocab_size])]
+        inputs.append(helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch", "sequence_length"]))
+    inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    inputs.append(helper.make_tensor_value_info(QUERY_SEQLENS, TensorProto.INT64, ["batch"]))
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", LOGITS_TO_KEEP, spec.vocab_size])]
     for i in range(spec.num_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", b.onnx_dtype, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", b.onnx_dtype, present_shape))
+        for kind in KV_KINDS:
+            inputs.append(helper.make_tensor_value_info(past(i, kind), b.onnx_dtype, kv_shape))
+            outputs.append(helper.make_tensor_value_info(present(i, kind), b.onnx_dtype, present_shape))
 
     # Lengths for GroupQueryAttention, from the right-padded mask.
-    mask_sum = b.one("ReduceSum", ["attention_mask", b.const([1])], "/model/attn_mask/ReduceSum", keepdims=0)
+    mask_sum = b.one("ReduceSum", [ATTENTION_MASK, b.const([1])], "/model/attn_mask/ReduceSum", keepdims=0)
     seqlens = b.one("Sub", [mask_sum, b.const(1)], "/model/attn_mask/Sub")
     seqlens_k = b.one("Cast", [seqlens], "/model/attn_mask/seqlens_k", to=TensorProto.INT32)  # (batch,)
-    mask_shape = b.one("Shape", ["attention_mask"], "/model/attn_mask/Shape")
+    mask_shape = b.one("Shape", [ATTENTION_MASK], "/model/attn_mask/Shape")
     total = b.one("Gather", [mask_shape, b.const(1)], "/model/attn_mask/Gather", axis=0)
     total_len = b.one("Cast", [total], "/model/attn_mask/total_len", to=TensorProto.INT32)  # ()
     # With query_seqlens, GroupQueryAttention takes each row's past length from seqlens_k + 1 - query_seqlens
     # and total_len only as an upper bound, so rows may add different numbers of tokens in one pass.
-    query_lens = b.one("Cast", ["query_seqlens"], "/model/attn_mask/query_seqlens", to=TensorProto.INT32)  # (batch,)
+    query_lens = b.one("Cast", [QUERY_SEQLENS], "/model/attn_mask/query_seqlens", to=TensorProto.INT32)  # (batch,)
     lengths = _one_token_padding(b, seqlens, seqlens_k, total_len, query_lens)
 
     rope_caches = {}
@@ -130,13 +132,13 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
 
     # Embeddings.  # (batch, sequence_length, hidden)
     embed = b.weight("model.embed_tokens.weight", weights["embed.weight"])
-    x = b.one("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather", axis=0)
+    x = b.one("Gather", [embed, INPUT_IDS], "/model/embed_tokens/Gather", axis=0)
     if spec.embed_scale is not None:
         scale = np.asarray(spec.embed_scale, dtype=b.dtype)
         x = b.one("Mul", [x, b.const(scale, b.dtype)], "/model/embed_tokens/Mul")
     if spec.position == "learned":
         wpe = b.weight("model.embed_positions.weight", weights["embed_positions.weight"])
-        pos = b.one("Gather", [wpe, "position_ids"], "/model/embed_positions/Gather", axis=0)
+        pos = b.one("Gather", [wpe, POSITION_IDS], "/model/embed_positions/Gather", axis=0)
         x = b.one("Add", [x, pos], "/model/embed_positions/Add")
 
     residual = x
@@ -155,7 +157,7 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
         h, residual = _skip_norm(b, spec, weights, nxt, mlp, residual, name)
 
     # Logits for the last `logits_to_keep` positions only.  # (batch, logits_to_keep, hidden)
-    start = b.one("Neg", ["logits_to_keep"], "/lm_head/keep/Neg")
+    start = b.one("Neg", [LOGITS_TO_KEEP], "/lm_head/keep/Neg")
     h = b.one("Slice", [h, start, b.const([np.iinfo(np.int64).max]), b.const([1])], "/lm_head/Slice")
     if spec.tie_word_embeddings:
         head_w = b.one("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
@@ -166,7 +168,7 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
         cap = b.const(np.asarray(spec.final_softcap, dtype=b.dtype), b.dtype)
         logits = b.one("Mul", [b.one("Tanh", [b.one("Div", [logits, cap], "/lm_head/softcap/Div")],
                                      "/lm_head/softcap/Tanh"), cap], "/lm_head/softcap/Mul")
-    b.op("Cast", [logits], "/lm_head/Cast", outputs=["logits"], to=TensorProto.FLOAT)
+    b.op("Cast", [logits], "/lm_head/Cast", outputs=[LOGITS], to=TensorProto.FLOAT)
 
     graph = helper.make_graph(b.nodes, f"edge_infer_{spec.model_type}", inputs, outputs, initializer=b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
@@ -199,10 +201,10 @@ def _one_token_padding(b: _Builder, seqlens: str, seqlens_k: str, total_len: str
     double their rows: +14% per decode step), and a decode step, a verification, a prefill chunk
     and a server row give bitwise-identical logits.
     """
-    seq = b.one("Gather", [b.one("Shape", ["input_ids"], "/model/pad_one/Shape"), b.const([1])],
+    seq = b.one("Gather", [b.one("Shape", [INPUT_IDS], "/model/pad_one/Shape"), b.const([1])],
                 "/model/pad_one/seq", axis=0)  # (1,)
     one = b.one("Equal", [seq, b.const([1])], "/model/pad_one/is_one")
-    capacity = b.one("Gather", [b.one("Shape", ["past_key_values.0.key"], "/model/pad_one/cache_shape"),
+    capacity = b.one("Gather", [b.one("Shape", [past_pair(0)[0]], "/model/pad_one/cache_shape"),
                                 b.const([2])], "/model/pad_one/capacity", axis=0)  # (1,) the shared buffer's length
     need = b.one("Add", [b.one("ReduceMax", [seqlens], "/model/pad_one/last", keepdims=1), b.const([2])],
                  "/model/pad_one/need")  # (1,) the padding row's position + 1
@@ -287,11 +289,10 @@ def _attention(b: _Builder, spec: DecoderSpec, weights, i: int, h: str, lengths:
     if sliding and spec.sliding_window:
         attrs["local_window_size"] = int(spec.sliding_window)
     out = b.op("GroupQueryAttention",
-               qkv_inputs + [f"past_key_values.{i}.key", f"past_key_values.{i}.value", lengths.seqlens_k,
-                             lengths.total]
+               qkv_inputs + [*past_pair(i), lengths.seqlens_k, lengths.total]
                + rope_in + [""] * 7 + [lengths.query],  # inputs 9-15 (position_ids .. k_norm_weight) unused
                p + "/GroupQueryAttention", domain=MS,
-               outputs=[f"{p}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"], **attrs)[0]
+               outputs=[f"{p}/GroupQueryAttention/output_0", *present_pair(i)], **attrs)[0]
     out = b.one("Slice", [out, b.const([0]), lengths.seq, b.const([1])], p + "/pad_one/cut")  # padding row off
     return _linear(b, weights, w + "o", out, p + "/o_proj", spec.o_bias)
 

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS,
+                                          QUERY_SEQLENS, past, past_pair, present_pair)
 from edge_infer.devices.ort import ort
 from edge_infer.export.progress import Progress
 from edge_infer.export.rope import inv_freq
@@ -104,7 +106,7 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _is_fp16(session: ort.InferenceSession) -> bool:
-    return any(i.name == "past_key_values.0.key" and i.type == "tensor(float16)" for i in session.get_inputs())
+    return any(i.name == past(0, "key") and i.type == "tensor(float16)" for i in session.get_inputs())
 
 
 def _run(session: ort.InferenceSession, spec: DecoderSpec, ids: list[int], cache_dtype,
@@ -113,14 +115,15 @@ def _run(session: ort.InferenceSession, spec: DecoderSpec, ids: list[int], cache
     n = len(ids)
     names = {i.name for i in session.get_inputs()}
     feed: dict[str, np.ndarray] = {
-        "input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), np.int64),
-        "position_ids": np.arange(n, dtype=np.int64)[None, :], "logits_to_keep": np.array([n], dtype=np.int64),
-        "query_seqlens": np.array([n], dtype=np.int64)}
+        INPUT_IDS: np.asarray([ids], dtype=np.int64), ATTENTION_MASK: np.ones((1, n), np.int64),
+        POSITION_IDS: np.arange(n, dtype=np.int64)[None, :], LOGITS_TO_KEEP: np.array([n], dtype=np.int64),
+        QUERY_SEQLENS: np.array([n], dtype=np.int64)}
     empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim // 2 if packed else spec.head_dim), cache_dtype)
-    outputs = ["logits"]
+    outputs = [LOGITS]
     for i in range(spec.num_layers):
-        feed[f"past_key_values.{i}.key"] = feed[f"past_key_values.{i}.value"] = empty
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
+        for name in past_pair(i):
+            feed[name] = empty
+        outputs += list(present_pair(i))
     out = session.run(outputs, {k: v for k, v in feed.items() if k in names})
     return out[0][0], out[1:]
 

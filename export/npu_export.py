@@ -34,28 +34,29 @@ from edge_infer.export.npu_graph import (
 from edge_infer.export.progress import Progress
 from edge_infer.export.sources import open_source
 from edge_infer.contract.errors import UserError
-from edge_infer.runtime.manifest import write_manifest
+from edge_infer.contract.model_folder import DATA_FILE, INLINE_BELOW, write_manifest
+from edge_infer.contract.quantization import QuantRecord, QuantSettings
 
 NPU_DEFAULT_MAX_LENGTH = 1024  # every pass reads the whole fixed cache: keep it as short as the use needs
-PREFILL_FILE, DECODE_FILE, DATA_FILE = "prefill.onnx", "decode.onnx", "model.onnx.data"
+PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 
 
 def export_npu(src, out, options, progress: Progress | None = None) -> Path:
-    """Export `src` with the npu profile (options: pipeline.ExportOptions) to the folder `out`."""
-    from edge_infer.export import pipeline
+    """Export `src` with the npu profile (options: export_folder.ExportOptions) to the folder `out`."""
+    from edge_infer.export import export_folder
 
     progress = progress or Progress(quiet=True)
     out = Path(out)
     check_target(out, options.force)
     progress.stage(f"reading {src}")
     source = open_source(src)
-    if pipeline._route(source) != "direct":
+    if export_folder._route(source) != "direct":
         raise UserError(f"--profile npu needs an architecture with a direct builder; "
                         f"'{source.config.get('model_type')}' goes through optimum-onnx")
     arch = load_arch(source.config.get("model_type"))
     spec = arch.spec(source.config)
     max_length = options.max_length or min(NPU_DEFAULT_MAX_LENGTH, spec.max_position_embeddings)
-    max_length = pipeline.resolve_max_length(spec, max_length)
+    max_length = export_folder.resolve_max_length(spec, max_length)
     chunk = options.chunk
     if not 2 <= chunk <= max_length:
         raise UserError(f"--chunk must be between 2 and max_length ({max_length}), got {chunk}")
@@ -70,22 +71,25 @@ def export_npu(src, out, options, progress: Progress | None = None) -> Path:
         progress.stage("building graphs")
         prefill = build_static_decoder(spec, bank, StaticShape(max_length, chunk))
         onnx.save_model(prefill, str(tmp / PREFILL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024, convert_attribute=False)
+                        location=DATA_FILE, size_threshold=INLINE_BELOW, convert_attribute=False)
         del prefill
         decode = build_static_decoder(spec, bank, StaticShape(max_length, 1))
         io = GraphIO(tuple(i.name for i in decode.graph.input), tuple(o.name for o in decode.graph.output))
         share_weights(decode, tmp / PREFILL_FILE)
         onnx.save_model(decode, str(tmp / DECODE_FILE))
         del decode
-        pipeline._write_tokenizer(source, tmp)
-        quant = {"scheme": options.quant}
+        export_folder._write_tokenizer(source, tmp)
+        quant = QuantRecord(options.quant)
         if options.quant != "fp32":
             int4 = options.quant == "int4"
-            quant.update(bits=4 if int4 else 8, block_size=options.block_size, symmetric=not int4,
-                         format="DequantizeLinear (opset 21) with block_size, " + (
-                             "uint4 with zero points, searched scales" if int4 else "int8 symmetric"),
-                         quantized_weights=bank.quantized, lm_head="int8 blocks", embeddings="fp32 (Gather)")
-        body = pipeline._manifest_body(spec, source, io, options, quant, max_length, {})
+            settings = QuantSettings(bits=4 if int4 else 8, block_size=options.block_size, symmetric=not int4,
+                                     accuracy_level=None, embeddings="fp32 (Gather)", lm_head="int8 blocks",
+                                     exclude=None, method=None)  # DequantizeLinear blocks, not MatMulNBits
+            quant = QuantRecord(options.quant, settings, {
+                "format": "DequantizeLinear (opset 21) with block_size, " + (
+                    "uint4 with zero points, searched scales" if int4 else "int8 symmetric"),
+                "quantized_weights": bank.quantized})
+        body = export_folder._manifest_body(spec, source, io, options, quant, max_length, {})
         body["graph"].update(
             file=DECODE_FILE, data_file=DATA_FILE, dtype="fp32", route="direct", kv_layout="static", profile="npu",
             target="npu: OpenVINO (CPU/GPU/NPU), QNN HTP; runs on the CPU provider too",

@@ -41,6 +41,7 @@ import onnx
 from edge_infer.export.rope import cos_sin_cache
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
+from edge_infer.contract.io_names import ATTENTION_MASK, INPUT_IDS, KV_KINDS, LOGITS, POSITION_IDS, past, past_pair, present
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21
@@ -192,20 +193,20 @@ def build_static_decoder(spec: DecoderSpec, bank: WeightBank, shape: StaticShape
     P, S = shape.max_length, shape.sequence_length
     kv, hd, heads = spec.num_kv_heads, spec.head_dim, spec.num_heads
     bits = {"fp32": None, "int8": 8, "int4": 4}[bank.fmt]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, S]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, P + S]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, S])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, spec.vocab_size])]
+    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [1, S]),
+              helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, [1, P + S]),
+              helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, [1, S])]
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [1, 1, spec.vocab_size])]
     for i in range(spec.num_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, [1, kv, P, hd]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, [1, kv, S, hd]))
+        for kind in KV_KINDS:
+            inputs.append(helper.make_tensor_value_info(past(i, kind), TensorProto.FLOAT, [1, kv, P, hd]))
+            outputs.append(helper.make_tensor_value_info(present(i, kind), TensorProto.FLOAT, [1, kv, S, hd]))
 
     # Additive mask (1, 1, group * S, P + S): the caller's mask, and causal order among the new tokens,
     # in arithmetic (QNN's HTP refuses Where): (allowed - 1) * 1e9 with allowed in {0, 1}.
     causal = np.ones((S, P + S), dtype=np.float32)
     causal[:, P:] = np.tril(np.ones((S, S), dtype=np.float32))
-    allowed = g.one("Cast", ["attention_mask"], "/model/attn_mask/Cast", to=TensorProto.FLOAT)  # (1, P + S)
+    allowed = g.one("Cast", [ATTENTION_MASK], "/model/attn_mask/Cast", to=TensorProto.FLOAT)  # (1, P + S)
     allowed = g.one("Mul", [allowed, g.const(causal, np.float32)], "/model/attn_mask/Mul_causal")  # (S, P + S)
     bias = g.one("Mul", [g.one("Sub", [allowed, g.const(1.0, np.float32)], "/model/attn_mask/Sub"),
                          g.const(-NEG, np.float32)], "/model/attn_mask/Mul_big")
@@ -218,11 +219,11 @@ def build_static_decoder(spec: DecoderSpec, bank: WeightBank, shape: StaticShape
     cos, sin = cos_sin_cache(spec.rope, P)  # (P, head_dim / 2)
     cos_t = g.add(bank.plain("rope.cos", np.concatenate([cos, cos], axis=-1)))  # (P, head_dim)
     sin_t = g.add(bank.plain("rope.sin", np.concatenate([sin, sin], axis=-1)))
-    rope = tuple(g.one("Unsqueeze", [_lookup(g, t, "position_ids", P, f"/model/rope/{n}", shape.lookup),
+    rope = tuple(g.one("Unsqueeze", [_lookup(g, t, POSITION_IDS, P, f"/model/rope/{n}", shape.lookup),
                                       g.const([1])], f"/model/rope/Unsqueeze_{n}") for n, t in (("cos", cos_t), ("sin", sin_t)))
 
     embed = g.add(bank.plain("model.embed_tokens.weight", bank.weights["embed.weight"]))  # (vocab, hidden)
-    x = _lookup(g, embed, "input_ids", spec.vocab_size, "/model/embed_tokens", shape.lookup)  # (1, S, hidden)
+    x = _lookup(g, embed, INPUT_IDS, spec.vocab_size, "/model/embed_tokens", shape.lookup)  # (1, S, hidden)
     if spec.embed_scale is not None:
         x = g.one("Mul", [x, g.const(spec.embed_scale, np.float32)], "/model/embed_tokens/Mul")
 
@@ -249,7 +250,7 @@ def build_static_decoder(spec: DecoderSpec, bank: WeightBank, shape: StaticShape
     if quantized:
         w_head = g.one("DequantizeLinear", [tensors[0].name, tensors[1].name], "/lm_head/DequantizeLinear",
                        axis=0, block_size=bank.block_size)
-    g.op("MatMul", [h, w_head], "/lm_head/MatMul", outputs=["logits"])
+    g.op("MatMul", [h, w_head], "/lm_head/MatMul", outputs=[LOGITS])
 
     graph = helper.make_graph(g.nodes, f"edge_infer_{spec.model_type}_static_{S}", inputs, outputs,
                               initializer=list(g.inits.values()))
@@ -320,14 +321,14 @@ def _attention(g: _Graph, spec: DecoderSpec, i: int, h: str, bias: str, rope, sh
                  spec.norm_eps, p + "/k_norm")
     q = _rotate(g, q, rope, p + "/q_rotary")
     k = g.one("Identity", [_rotate(g, k, rope, p + "/k_rotary")], p + "/present_key",
-              outputs=[f"present.{i}.key"])  # (1, kv_heads, S, head_dim)
-    v = g.one("Identity", [v], p + "/present_value", outputs=[f"present.{i}.value"])
+              outputs=[present(i, "key")])  # (1, kv_heads, S, head_dim)
+    v = g.one("Identity", [v], p + "/present_value", outputs=[present(i, "value")])
 
     # The query heads of one kv head stacked along the sequence axis: (1, kv_heads, group * S, head_dim).
     qg = g.one("Reshape", [q, g.const([1, kv, group * S, hd])], p + "/q_group/Reshape")
     scale = float(spec.attn_scale if spec.attn_scale is not None else hd ** -0.5)
     qg = g.one("Mul", [qg, g.const(scale, np.float32)], p + "/q_scale/Mul")
-    past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+    past_k, past_v = past_pair(i)
     s_past = g.one("MatMul", [qg, g.one("Transpose", [past_k], p + "/past_k/Transpose", perm=[0, 1, 3, 2])],
                    p + "/scores_past/MatMul")  # (1, kv_heads, group * S, P)
     s_new = g.one("MatMul", [qg, g.one("Transpose", [k], p + "/new_k/Transpose", perm=[0, 1, 3, 2])],

@@ -22,6 +22,8 @@ from edge_infer.export.progress import Progress
 from edge_infer.export.segments import StoredGraph, run_segmented
 from edge_infer.export.sources import Source
 from edge_infer.export.spec import DecoderSpec
+from edge_infer.contract.model_folder import GRAPH_FILE
+from edge_infer.contract.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, QUERY_SEQLENS, past_pair
 
 REFERENCE_SEGMENT_BYTES = 256 << 20
 # fp32/fp16 exports are compared with transformers (which loads the whole model in fp32) up to this size.
@@ -37,15 +39,23 @@ PROMPTS = (
 def all_logits(session: ort.InferenceSession, spec: DecoderSpec, ids: list[int], dtype=np.float32) -> np.ndarray:
     """Logits for every position of one prompt, (sequence_length, vocab), without a cache."""
     n = len(ids)
-    feed = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), np.int64),
-            "logits_to_keep": np.array([n], dtype=np.int64), "query_seqlens": np.array([n], dtype=np.int64)}
     names = {i.name for i in session.get_inputs()}
-    feed["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
-    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)
+    feed = prompt_feed(spec, ids, dtype)
+    return session.run([LOGITS], {k: v for k, v in feed.items() if k in names})[0][0][-n:]
+
+
+def prompt_feed(spec: DecoderSpec, ids: list[int], dtype=np.float32) -> dict[str, np.ndarray]:
+    """Every input of a cacheless pass over one prompt, asking for every position's logits (a graph
+    without position_ids, logits_to_keep or query_seqlens ignores those)."""
+    n = len(ids)
+    feed = {INPUT_IDS: np.asarray([ids], dtype=np.int64), ATTENTION_MASK: np.ones((1, n), np.int64),
+            LOGITS_TO_KEEP: np.array([n], dtype=np.int64), QUERY_SEQLENS: np.array([n], dtype=np.int64),
+            POSITION_IDS: np.arange(n, dtype=np.int64)[None, :]}
+    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)  # (1, kv_heads, 0, head_dim)
     for i in range(spec.num_layers):
-        feed[f"past_key_values.{i}.key"] = empty
-        feed[f"past_key_values.{i}.value"] = empty
-    return session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0][0][-n:]
+        for name in past_pair(i):
+            feed[name] = empty
+    return feed
 
 
 def _session(path: str, light: bool = False) -> ort.InferenceSession:
@@ -77,8 +87,8 @@ def validate_export(folder: Path, source: Source, spec: DecoderSpec,
     progress.stage("validating")
     prompts = _prompt_ids(source, max_length)
     if reference is None:
-        return _against_source(folder / "model.onnx", source, spec, prompts, progress)
-    return _against_reference(folder / "model.onnx", reference, spec, prompts, progress)
+        return _against_source(folder / GRAPH_FILE, source, spec, prompts, progress)
+    return _against_reference(folder / GRAPH_FILE, reference, spec, prompts, progress)
 
 
 def _against_source(graph: Path, source: Source, spec: DecoderSpec, prompts, progress: Progress) -> dict:
@@ -187,16 +197,8 @@ def _reference_logits(stored: StoredGraph, spec, prompts) -> tuple[list[np.ndarr
     """Every position's logits of the float graph, run segment by segment (bounded memory)."""
     feeds = []
     for ids in prompts:
-        n = len(ids)
-        feed = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, n), np.int64),
-                "logits_to_keep": np.array([n], dtype=np.int64), "query_seqlens": np.array([n], dtype=np.int64),
-                "position_ids": np.arange(n, dtype=np.int64)[None, :]}
-        empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=np.float32)
-        for i in range(spec.num_layers):
-            feed[f"past_key_values.{i}.key"] = empty
-            feed[f"past_key_values.{i}.value"] = empty
-        feeds.append(feed)
-    outs, n_segments = run_segmented(stored, feeds, ["logits"], REFERENCE_SEGMENT_BYTES)
+        feeds.append(prompt_feed(spec, ids))
+    outs, n_segments = run_segmented(stored, feeds, [LOGITS], REFERENCE_SEGMENT_BYTES)
     return [o[0][0][-len(ids):] for o, ids in zip(outs, prompts)], n_segments
 
 

@@ -1,10 +1,12 @@
-"""How to quantize a graph: one frozen record, checked once (`validate`), from the CLI to the rewrite."""
+"""How to quantize a graph: one frozen record, checked once (`validate`), from the CLI through the rewrite
+to the manifest (its fields are contract.quantization.QuantSettings, which the runtime reads back)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from edge_infer.contract.errors import UserError
+from edge_infer.contract.quantization import QuantSettings
 
 from .search import SEARCH_MAX_BLOCK
 
@@ -15,23 +17,24 @@ CHOICES = {"int8": 8, "int4": 4, "fp": None}
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    """How to quantize a graph.
+class QuantConfig(QuantSettings):
+    """How to quantize a graph: the settings the manifest records (contract/quantization.py), checked.
 
     bits/block_size/symmetric/accuracy_level apply to every linear MatMul; `embeddings` and
     `lm_head` pick the embedding table's and lm_head's own width (same block size and mapping).
     `exclude` holds node-name substrings kept in float; a match on "/lm_head/MatMul" or
-    "/model/embed_tokens/Gather" counts as choosing "fp" for that tensor.
+    "/model/embed_tokens/Gather" counts as choosing "fp" for that tensor. `method`: "search"
+    (least-squares scale per block, blocks <= 32) or "rtn" (round to nearest).
     """
 
-    bits: int
-    block_size: int = 32
-    symmetric: bool = False
-    accuracy_level: int = 4
-    embeddings: str = "int8"  # "int8" | "int4" | "fp"
-    lm_head: str = "int8"  # "int8" | "int4" | "fp"; must equal `embeddings` when tied
-    exclude: tuple[str, ...] = ()
-    method: str = "search"  # "search" (least-squares scale per block, blocks <= 32) | "rtn" (round to nearest)
+    @classmethod
+    def from_options(cls, quant: str, block_size: int = 32, symmetric: bool = False, accuracy_level: int = 4,
+                     embeddings: str = "int8", lm_head: str = "int8", rounding: str = "search") -> QuantConfig:
+        """What `--quant int4|int8` and the quantization options of `export` and `quantize` ask for."""
+        if quant not in ("int8", "int4"):
+            raise UserError(f"quantization to '{quant}' is not supported: use int8 or int4")
+        return cls(bits=CHOICES[quant], block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+                   embeddings=embeddings, lm_head=lm_head, method=rounding)
 
     def validate(self) -> QuantConfig:
         if self.bits not in (4, 8):

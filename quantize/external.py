@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-INLINE_BELOW = 1024  # bytes; as save_graph's size_threshold
+from edge_infer.contract.model_folder import INLINE_BELOW
+
 PAGE = 4096  # tensors of a MiB or more start on a page (onnxruntime maps those)
 SMALL_ALIGN = 64
 PLACEHOLDER = "(deferred)"  # location of an initializer whose values are computed when read

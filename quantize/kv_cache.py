@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edge_infer.contract.io_names import PAST_PREFIX, PRESENT_PREFIX, past
+
 KV_CACHE_KINDS = ("float", "int8", "int4")
 # Largest magnitude of a stored value: int8 is symmetric in [-127, 127]; the 4-bit cache in [-7, 7].
 QMAX = {"int8": 127, "int4": 7}
@@ -97,7 +99,7 @@ def quantize_kv_graph(model: onnx.ModelProto, scales: list[tuple[np.ndarray, np.
     g = model.graph
     dtype = TensorProto.INT8 if kind == "int8" else TensorProto.UINT8
     for vi in list(g.input) + list(g.output):
-        if vi.name.startswith(("past_key_values.", "present.")):
+        if vi.name.startswith((PAST_PREFIX, PRESENT_PREFIX)):
             t = vi.type.tensor_type
             t.elem_type = dtype
             if kind == "int4":
@@ -108,8 +110,9 @@ def quantize_kv_graph(model: onnx.ModelProto, scales: list[tuple[np.ndarray, np.
     attention = [n for n in g.node if n.op_type == "GroupQueryAttention"]
     if len(attention) != len(scales):
         raise ValueError(f"{len(scales)} layers of scales for {len(attention)} attention nodes")
+    layer_of = {past(i, "key"): i for i in range(len(scales))}
     for node in attention:
-        layer = int(node.input[3].split(".")[1])  # past_key_values.{layer}.key
+        layer = layer_of[node.input[3]]  # input 3: the layer's past key
         k_scale, v_scale = scales[layer]
         k_name, v_name = f"kv_cache.{layer}.k_scale", f"kv_cache.{layer}.v_scale"
         g.initializer.extend([numpy_helper.from_array(k_scale, k_name), numpy_helper.from_array(v_scale, v_name)])

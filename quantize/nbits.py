@@ -38,7 +38,7 @@ All-zero blocks get scale 0 and dequantize to exact zeros.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -114,6 +114,14 @@ class QuantizedLinear:
     def blob_size(self) -> int:
         """Bytes per block in the packed B input."""
         return self.block_size * self.bits // 8
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self)
+
+    def take_rows(self, order: np.ndarray) -> QuantizedLinear:
+        """Reorder output features (rows); blocks run along in_features, so they stay exact."""
+        zp = None if self.zero_points is None else self.zero_points[order]
+        return replace(self, q=self.q[order], scales=self.scales[order], zero_points=zp)
 
 
 def _blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:

@@ -1,7 +1,7 @@
 """The decoding core shared by stream_generate and the server's engine.
 
   Decoding       one sequence's state: its sampler, the ids so far, its KV cache (a batch-1
-                 cache or one row of the server's), and a Guesser when it speculates
+                 cache or one row of the server's), and a AdaptiveProposer when it speculates
   decode_step    ONE model pass over any number of Decodings: each feeds its last sampled
                  token plus its guesses (none: a plain step); every row's guesses are verified
                  and its cache trimmed past its own first rejection
@@ -33,7 +33,7 @@ from edge_infer.runtime.detokenize import StreamDetokenizer
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import Sampler
 from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, check_draft, verify
-from edge_infer.runtime.speculative_guess import Guesser
+from edge_infer.runtime.speculative_proposers import AdaptiveProposer
 from edge_infer.runtime.stops import StopMatcher
 
 PREFILL_CHUNK = 512
@@ -69,11 +69,11 @@ class Decoding:
         self.model, self.sampler, self.cache = model, sampler, cache
         self.matcher = matcher  # runtime.constrain.GrammarMatcher (or a lazy one), or None
         self.grammar_done_at: int | None = None  # len(tokens) once the grammar is complete
-        self.tokens = list(prompt)  # prompt + sampled ids (the penalties and the guesser read them)
+        self.tokens = list(prompt)  # prompt + sampled ids (the penalties and the proposer read them)
         self.n_prompt = len(self.tokens)
         self.token: int | None = None  # sampled, not yet fed
         self.stats = stats if stats is not None else SpecStats()
-        self.guesser: Guesser | None = None
+        self.proposer: AdaptiveProposer | None = None
         if speculative is not None:
             self.stats.mode = speculative.mode
             draft = speculative.draft
@@ -81,7 +81,7 @@ class Decoding:
                 check_draft(model, draft)
                 if draft_cache is None:
                     draft_cache = draft.new_cache(max_length=min(draft.max_length, cache.max_length))
-            self.guesser = Guesser(model, sampler, self.tokens, speculative.max_guesses,
+            self.proposer = AdaptiveProposer(model, sampler, self.tokens, speculative.max_guesses,
                                    use_lookup=speculative.mode == "lookup" or speculative.use_lookup,
                                    draft=draft, draft_cache=draft_cache, draft_cost=speculative.draft_cost)
         self._feed: list[int] = []
@@ -105,10 +105,10 @@ class Decoding:
             "the cache holds every id but the last sampled one"
         self._guesses, self._qs, self._masks, self._forced = [], None, None, False
         # Tokens the grammar forces are certain guesses (their masked rows allow nothing else); the
-        # guesser's proposal is taken instead when it goes on past them.
+        # proposer's proposal is taken instead when it goes on past them.
         forced = self.matcher.forced()[:limit] if self.matcher is not None and limit > 0 else []
-        if self.guesser is not None and limit > 0:
-            guesses, qs = self.guesser.propose(self.tokens, limit)
+        if self.proposer is not None and limit > 0:
+            guesses, qs = self.proposer.propose(self.tokens, limit)
             if len(guesses) > len(forced) and guesses[:len(forced)] == forced:
                 self._guesses, self._qs = guesses, qs
         if not self._guesses and forced:
@@ -134,11 +134,11 @@ class Decoding:
         self.cache.advance(self._feed[:1 + accepted])  # the rejected guesses' entries get overwritten
         emitted = self._guesses[:accepted] + [nxt]
         self._consume(emitted)
-        if self.guesser is not None and not self._forced:
+        if self.proposer is not None and not self._forced:
             self.stats.target_passes += 1
             self.stats.proposed += len(self._guesses)
             self.stats.accepted += accepted
-            self.guesser.record(self._guesses, accepted, emitted)
+            self.proposer.record(self._guesses, accepted, emitted)
         self.tokens.extend(emitted)
         self.token = nxt
         return emitted
@@ -189,8 +189,8 @@ def decode_step(model: Model, cache: KVCache, decodings: list[Decoding | None],
         for d, mask in zip(masked, pending.result()):
             d._masks = [mask]
     active = [d for d in decodings if d is not None]
-    if len(active) == 1 and active[0].guesser is not None:  # a pass's time says what its width costs
-        active[0].guesser.costs.target_pass(len(feeds[decodings.index(active[0])]), seconds)
+    if len(active) == 1 and active[0].proposer is not None:  # a pass's time says what its width costs
+        active[0].proposer.costs.target_pass(len(feeds[decodings.index(active[0])]), seconds)
     return [d.settle(r) if d is not None else [] for d, r in zip(decodings, rows)]
 
 

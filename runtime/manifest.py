@@ -8,7 +8,6 @@ at load, so a truncated download, an edited file or a Git-LFS pointer is named.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from edge_infer.contract.errors import ModelFileError
+from edge_infer.contract.model_folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from edge_infer.contract.io_names import POSITION_IDS
+from edge_infer.contract.quantization import QuantRecord
 from edge_infer.runtime.manifest_schema import check_raw
 
-MANIFEST = "manifest.json"
-FORMAT = "edge-infer"
-FORMAT_VERSION = 1
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
@@ -68,7 +67,7 @@ class Manifest:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     dtype: str  # weights and activations: fp32 | fp16
-    quantization: dict[str, Any]
+    quantization: QuantRecord
     tokenizer: TokenizerSpec
     generation: GenerationDefaults
     source: dict[str, Any]
@@ -83,11 +82,11 @@ class Manifest:
 
     @property
     def quant_scheme(self) -> str:
-        return str(self.quantization.get("scheme", self.dtype))
+        return self.quantization.scheme
 
     @property
     def uses_position_ids(self) -> bool:
-        return "position_ids" in self.inputs
+        return POSITION_IDS in self.inputs
 
     @property
     def kv_dtype(self) -> str:
@@ -108,18 +107,6 @@ class Manifest:
         g = self.geometry
         dtype, width = self.kv_numpy
         return 2 * g.num_layers * batch * g.num_kv_heads * (max_length or g.max_length) * width * dtype.itemsize
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_entry(path: Path) -> dict[str, Any]:
-    return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
 def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
@@ -188,7 +175,7 @@ def _parse(folder: Path, raw: dict) -> Manifest:
             raise ValueError(f"'{name}' is referenced but not listed in files")
     return Manifest(
         folder=folder, geometry=geometry, graph_file=str(gr["file"]), inputs=tuple(gr["inputs"]),
-        outputs=tuple(gr["outputs"]), dtype=str(gr["dtype"]), quantization=dict(raw.get("quantization", {})),
+        outputs=tuple(gr["outputs"]), dtype=str(gr["dtype"]), quantization=QuantRecord.from_manifest(raw.get("quantization", {}), str(gr["dtype"])),
         tokenizer=tok, generation=GenerationDefaults.from_manifest(raw.get("generation", {})), source=dict(raw.get("source", {})),
         validation=dict(raw.get("validation", {})), files=dict(files), raw=raw,
     )
@@ -222,16 +209,3 @@ def verify_files(m: Manifest) -> None:
         if sha256_file(path) != entry["sha256"]:
             raise ModelFileError(f"{path}: sha256 does not match {MANIFEST} (file changed or corrupt); re-copy it")
 
-
-def write_manifest(folder: Path, body: dict[str, Any]) -> Path:
-    """Hash every file in `folder` into `body` and write the manifest (call this last)."""
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = file_entry(p)
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": files}
-    path = folder / MANIFEST
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path

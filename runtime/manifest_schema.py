@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from edge_infer.contract.errors import ModelFileError
+from edge_infer.contract.io_names import INPUT_IDS, KV_KINDS, LOGITS, PAST_PREFIX, PRESENT_PREFIX, past, present
 
 MAX_LAYERS = 1024
 MAX_HEADS = 1 << 12
@@ -106,13 +107,14 @@ def check_raw(path: Path, raw: dict) -> None:
     g.text("dtype", choices=_DTYPES)
     g.text("kv_layout", optional=True, choices=_KV_LAYOUTS)
     inputs, outputs = g.str_list("inputs"), g.str_list("outputs")
-    for kind, names, prefix in (("inputs", inputs, "past_key_values"), ("outputs", outputs, "present")):
-        want = {f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")}
-        have = {n for n in names if n.startswith(prefix + ".")}
+    for kind, names, template, prefix in (("inputs", inputs, past, PAST_PREFIX),
+                                          ("outputs", outputs, present, PRESENT_PREFIX)):
+        want = {template(i, kv) for i in range(layers) for kv in KV_KINDS}
+        have = {n for n in names if n.startswith(prefix)}
         if have != want:
-            g.fail(f"graph.{kind}", f"has {len(have) // 2} layers of {prefix}.*, but model.num_layers is {layers}")
-    if "input_ids" not in inputs or "logits" not in outputs:
-        g.fail("graph", "must have an input_ids input and a logits output")
+            g.fail(f"graph.{kind}", f"has {len(have) // 2} layers of {prefix}*, but model.num_layers is {layers}")
+    if INPUT_IDS not in inputs or LOGITS not in outputs:
+        g.fail("graph", f"must have an {INPUT_IDS} input and a {LOGITS} output")
     if g.d.get("kv_layout") == "static":  # two fixed-shape graphs: what the runtime allocates comes from here
         plan: Any = g.d.get("static_plan")
         ok = isinstance(plan, dict) and _is_int(plan.get("max_length")) and plan["max_length"] == m.d.get("max_length")
@@ -192,11 +194,11 @@ def check_graph_io(graph_path: Path, geometry, inputs, outputs, kv_dtype: str = 
     have_type = {i.name: i.type for i in inputs}
     stored = geometry.head_dim // 2 if kv_dtype == "int4" else geometry.head_dim  # int4: two values per byte
     have_out = {o.name for o in outputs}
-    past = sorted(n for n in have_in if n.startswith("past_key_values."))
-    if len(past) != 2 * geometry.num_layers:
-        raise SchemaError(f"{graph_path}: the graph has {len(past) // 2} layers of past_key_values, but the "
+    past_names = sorted(n for n in have_in if n.startswith(PAST_PREFIX))
+    if len(past_names) != 2 * geometry.num_layers:
+        raise SchemaError(f"{graph_path}: the graph has {len(past_names) // 2} layers of past_key_values, but the "
                           f"manifest says model.num_layers {geometry.num_layers}; re-export the model")
-    for name in (f"past_key_values.{i}.{kv}" for i in range(geometry.num_layers) for kv in ("key", "value")):
+    for name in (past(i, kv) for i in range(geometry.num_layers) for kv in KV_KINDS):
         shape = have_in.get(name)
         if shape is None:
             raise SchemaError(f"{graph_path}: the graph has no input {name}; re-export the model")
@@ -207,8 +209,8 @@ def check_graph_io(graph_path: Path, geometry, inputs, outputs, kv_dtype: str = 
         if have_type.get(name) != KV_ONNX_TYPES[kv_dtype]:
             raise SchemaError(f"{graph_path}: input {name} is {have_type.get(name)}, but the manifest says a "
                               f"{kv_dtype} KV cache ({KV_ONNX_TYPES[kv_dtype]}); re-export the model")
-    if "logits" not in have_out:
-        raise SchemaError(f"{graph_path}: the graph has no logits output; re-export the model")
+    if LOGITS not in have_out:
+        raise SchemaError(f"{graph_path}: the graph has no {LOGITS} output; re-export the model")
 
 
 def available_memory() -> int | None:

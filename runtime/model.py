@@ -19,9 +19,12 @@ from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu
 from edge_infer.runtime.cache import ConcatKVCache, KVCache
 from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
-from edge_infer.runtime.manifest import MANIFEST, Manifest, load_manifest
+from edge_infer.contract.model_folder import MANIFEST
+from edge_infer.runtime.manifest import Manifest, load_manifest
 from edge_infer.runtime.manifest_schema import check_graph_io, check_kv_memory
 from edge_infer.runtime.tokenizer import Tokenizer
+from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, QUERY_SEQLENS,
+                                            past_pair, present_pair)
 
 log = logging.getLogger("edge_infer")
 
@@ -62,9 +65,9 @@ class Model:
         graph_path = folder / manifest.graph_file
         check_external_data(graph_path)
         check_kv_memory(folder / MANIFEST, manifest.kv_bytes(), f"max_length {manifest.geometry.max_length}")
-        bits = manifest.quantization.get("bits")
+        bits = manifest.quantization.bits
         contrib = manifest.kv_layout == "shared" or bool(bits)  # GroupQueryAttention / MatMulNBits
-        traits = ModelTraits(dtype=manifest.dtype, contrib_ops=contrib, quant_bits=int(bits) if bits else None)
+        traits = ModelTraits(dtype=manifest.dtype, contrib_ops=contrib, quant_bits=bits)
         self.plan: DevicePlan = resolve(device, available_providers(), traits)
         options = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
         self.shared_threads = not options.use_per_session_threads  # also True once the process has the pool
@@ -80,9 +83,9 @@ class Model:
         if self.providers[0] != self.plan.providers[0]:
             raise UserError(f"requested {self.plan.providers[0]} but onnxruntime runs {self.providers[0]}")
         self.tokenizer, self.chat_template = load_text_side(folder, manifest)
-        self._has_keep = "logits_to_keep" in manifest.inputs
+        self._has_keep = LOGITS_TO_KEEP in manifest.inputs
         # query_seqlens (exports from issue 12 on): rows with different numbers of new ids in one pass.
-        self._ragged = "query_seqlens" in manifest.inputs
+        self._ragged = QUERY_SEQLENS in manifest.inputs
         # Pad one-id passes to two ids, so a position's logits do not depend on how its pass was
         # grouped (see forward_rows). Graphs that concatenate their cache have no room for it, and
         # graphs that pad their attention themselves (exports from issue 12's second round on,
@@ -92,14 +95,14 @@ class Model:
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
         g = manifest.geometry
-        self._past = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(g.num_layers)]
-        self._present = [(f"present.{i}.key", f"present.{i}.value") for i in range(g.num_layers)]
+        self._past = [past_pair(i) for i in range(g.num_layers)]
+        self._present = [present_pair(i) for i in range(g.num_layers)]
 
     def _binding(self, cache: KVCache) -> ort.IOBinding:
         """The cache's IOBinding for this session, its KV buffers bound once as past and present."""
         def make() -> ort.IOBinding:
             binding = self.session.io_binding()
-            binding.bind_output("logits")  # bound first, so it comes back first
+            binding.bind_output(LOGITS)  # bound first, so it comes back first
             for i, ((pk, pv), (ok, ov)) in enumerate(zip(self._past, self._present)):
                 binding.bind_ortvalue_input(pk, cache.key_values[i])
                 binding.bind_ortvalue_input(pv, cache.value_values[i])
@@ -143,15 +146,15 @@ class Model:
     def _run_concat(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: "ConcatKVCache",
                     keep: int) -> np.ndarray:
         """A plain run for graphs that concatenate past and new keys (the optimum route)."""
-        feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "attention_mask": mask}
-        if "position_ids" in self._input_names:
-            feed["position_ids"] = positions
+        feed = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64), ATTENTION_MASK: mask}
+        if POSITION_IDS in self._input_names:
+            feed[POSITION_IDS] = positions
         for i, (pk, pv) in enumerate(self._past):
             feed[pk], feed[pv] = cache.keys[i], cache.values[i]
         outputs = self.session.run(None, feed)
         by_name = dict(zip(self._output_names, outputs))
         cache.replace([by_name[k] for k, _ in self._present], [by_name[v] for _, v in self._present])
-        return by_name["logits"][:, -keep:]  # (batch, keep, vocab)
+        return by_name[LOGITS][:, -keep:]  # (batch, keep, vocab)
 
     def decode_batch(self, tokens: np.ndarray, cache: KVCache, lengths: np.ndarray) -> np.ndarray:
         """One decode step for every row of a batched cache, each row at its own length.
@@ -227,15 +230,15 @@ class Model:
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
              keep: int, query_lengths: np.ndarray) -> np.ndarray:
         binding = self._binding(cache)
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input(ATTENTION_MASK, mask)
         if self.manifest.uses_position_ids:
-            binding.bind_cpu_input("position_ids", positions)  # (batch, sequence_length)
+            binding.bind_cpu_input(POSITION_IDS, positions)  # (batch, sequence_length)
         if self._has_keep:
-            binding.bind_cpu_input("logits_to_keep", np.array([keep], dtype=np.int64))
+            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array([keep], dtype=np.int64))
         if self._ragged:
-            binding.bind_cpu_input("query_seqlens", query_lengths)  # (batch,)
-        binding.bind_output("logits")  # its shape changes between prefill chunks: rebound every pass
+            binding.bind_cpu_input(QUERY_SEQLENS, query_lengths)  # (batch,)
+        binding.bind_output(LOGITS)  # its shape changes between prefill chunks: rebound every pass
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()  # (batch, logits_to_keep, vocab)
 

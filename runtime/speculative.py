@@ -50,7 +50,7 @@ from edge_infer.runtime.cache import KVCache
 from edge_infer.contract.errors import UserError
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import Sampler
-from edge_infer.runtime.speculative_guess import draw
+from edge_infer.runtime.speculative_proposers import draw
 
 MODES = ("off", "lookup", "draft", "auto")
 DEFAULT_NUM_SPECULATIVE = {"lookup": 10, "draft": 8}

@@ -26,6 +26,7 @@ from edge_infer.runtime.cache import KVCache
 from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
 from edge_infer.runtime.manifest import Manifest
 from edge_infer.runtime.model import Model, check_external_data, load_text_side
+from edge_infer.contract.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past, present
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,12 @@ class _Pass:
 
         def make():
             b = self.session.io_binding()
-            b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+            b.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self.logits))
             for i in range(len(self.present_k)):
-                b.bind_ortvalue_input(f"past_key_values.{i}.key", cache.key_values[i])
-                b.bind_ortvalue_input(f"past_key_values.{i}.value", cache.value_values[i])
-                b.bind_ortvalue_output(f"present.{i}.key", ort.OrtValue.ortvalue_from_numpy(self.present_k[i]))
-                b.bind_ortvalue_output(f"present.{i}.value", ort.OrtValue.ortvalue_from_numpy(self.present_v[i]))
+                b.bind_ortvalue_input(past(i, "key"), cache.key_values[i])
+                b.bind_ortvalue_input(past(i, "value"), cache.value_values[i])
+                b.bind_ortvalue_output(present(i, "key"), ort.OrtValue.ortvalue_from_numpy(self.present_k[i]))
+                b.bind_ortvalue_output(present(i, "value"), ort.OrtValue.ortvalue_from_numpy(self.present_v[i]))
             return b
 
         return cache.binding(self.session, make)
@@ -195,9 +196,9 @@ class StaticModel(Model):
         positions = np.zeros((1, S), np.int64)  # (1, S)
         positions[0, S - n:] = np.arange(off, off + n)
         b = p.binding(cache)
-        b.bind_cpu_input("input_ids", ids)
-        b.bind_cpu_input("attention_mask", mask)
-        b.bind_cpu_input("position_ids", positions)
+        b.bind_cpu_input(INPUT_IDS, ids)
+        b.bind_cpu_input(ATTENTION_MASK, mask)
+        b.bind_cpu_input(POSITION_IDS, positions)
         p.session.run_with_iobinding(b)
         for i in range(len(p.present_k)):  # the new positions into the cache: (1, kv_heads, n, head_dim)
             cache.keys[i][:, :, off:off + n] = p.present_k[i][:, :, S - n:]

@@ -2,5 +2,5 @@
 
 engine.py schedules requests over `--parallel` slots of one batched KV cache;
 app.py maps the OpenAI routes onto it; guards.py holds the security rules;
-cli.py is the command. Install with the `serve` extra (fastapi, uvicorn, prometheus-client).
+commands.py is the command (mounted by edge_infer/cli.py). Install with the `serve` extra (fastapi, uvicorn, prometheus-client).
 """

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from edge_infer.contract.errors import ContextLengthError, TokenizerError
 from edge_infer.serve.engine import QueueFull, ShuttingDown
 from edge_infer.serve.protocol import APIError, _sampling, _stops, bad
-from edge_infer.serve.sequence import Delta, Failed, Finished, GenerationRequest
+from edge_infer.serve.request import Delta, Failed, Finished, GenerationRequest
 from edge_infer.serve.structured import ReplyStream, prepare, split_reply
 
 _FIELDS = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",

@@ -32,7 +32,7 @@ from edge_infer.serve.guards import HostGuard, KeyGuard
 from edge_infer.serve.metrics import Metrics
 from edge_infer.serve.protocol import (DONE, APIError, ChunkWriter, ParsedRequest, bad, completion_body, new_id,
                                        parse_chat, parse_completion, sse)
-from edge_infer.serve.sequence import Delta, Failed, Finished, GenerationRequest
+from edge_infer.serve.request import Delta, Failed, Finished, GenerationRequest
 from edge_infer.serve.structured import ReplyStream, prepare, split_reply
 
 log = logging.getLogger("edge_infer.serve")

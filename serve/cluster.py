@@ -206,12 +206,12 @@ class EngineReplica:
     """One engine over the model folder, answering HTTP requests through the server's own app."""
 
     def __init__(self, model: str, server: dict, engine: dict, device: str, threads: int, verify: bool, index: int):
-        import edge_infer
+        from edge_infer.runtime.model import load
         from edge_infer.serve.app import build_app
         from edge_infer.serve.config import EngineConfig, ServerConfig
 
         self.index = index
-        m = edge_infer.load(model, device=device, threads=threads, verify=verify)  # hashes checked on every start
+        m = load(model, device=device, threads=threads, verify=verify)  # hashes checked on every start
         self.app = build_app(m, ServerConfig(**server), EngineConfig(**engine))
         self.engine = self.app.state.engine
         self.engine.start()

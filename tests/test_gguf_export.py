@@ -8,7 +8,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType as QT
 
 import edge_infer
-from edge_infer.export.pipeline import ExportOptions, export_model
+from edge_infer.export.export_folder import ExportOptions, export_model
 from tiny import CHATML, make_tokenizer
 
 RNG = np.random.default_rng(1)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as QT
 
-from edge_infer.export.gguf_file import QuantBlocks, gguf_to_hf, read_gguf, unpermute_rows
+from edge_infer.export.gguf_file import gguf_to_hf, read_gguf, unpermute_rows
+from edge_infer.quantize.nbits import QuantizedLinear
 from edge_infer.contract.errors import ModelFileError
 
 RNG = np.random.default_rng(0)
@@ -214,7 +215,7 @@ def q4_1_tolerance(t) -> np.ndarray:
 
 def check_blocks(t) -> None:
     blocks = t.blocks()
-    assert isinstance(blocks, QuantBlocks)
+    assert isinstance(blocks, QuantizedLinear)
     n, k = t.shape
     assert blocks.q.shape == (n, k) and blocks.q.dtype == np.uint8
     assert blocks.scales.shape == blocks.zero_points.shape == (n, k // 32)

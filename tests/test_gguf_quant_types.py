@@ -13,7 +13,7 @@ from gguf.constants import GGMLQuantizationType as QT
 
 import edge_infer
 from edge_infer.export.gguf_kquants import EXACT
-from edge_infer.export.pipeline import ExportOptions, export_model
+from edge_infer.export.export_folder import ExportOptions, export_model
 from edge_infer.export.progress import Progress
 import test_gguf_export
 from test_gguf_export import F16_FIELDS, kquant_bytes, write_llama_gguf

@@ -16,7 +16,8 @@ import edge_infer
 from edge_infer.cli import main
 from edge_infer.runtime import manifest_schema
 from edge_infer.contract.errors import ModelFileError
-from edge_infer.runtime.manifest import MANIFEST, file_entry, load_manifest
+from edge_infer.contract.model_folder import MANIFEST, file_entry
+from edge_infer.runtime.manifest import load_manifest
 
 
 @pytest.fixture(scope="module")

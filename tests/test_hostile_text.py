@@ -23,7 +23,7 @@ from click.testing import CliRunner
 import edge_infer
 from edge_infer.cli import main
 from edge_infer.contract.errors import TokenizerError, UserError
-from edge_infer.runtime.manifest import MANIFEST, file_entry
+from edge_infer.contract.model_folder import MANIFEST, file_entry
 from edge_infer.serve.app import build_app
 from edge_infer.serve.config import EngineConfig, ServerConfig
 from edge_infer.serve.runner import ServerThread

@@ -11,10 +11,10 @@ import pytest
 
 import edge_infer
 from edge_infer.contract.errors import ModelFileError, UserError
-from edge_infer.export.pipeline import ExportOptions, export_model
+from edge_infer.export.export_folder import ExportOptions, export_model
 from edge_infer.quantize.kv_cache import LayerRope, channel_bounds, kv_scales
 from edge_infer.runtime.generate import generate_step
-from edge_infer.runtime.manifest import sha256_file
+from edge_infer.contract.model_folder import sha256_file
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.runtime.speculative import SpeculativeConfig, speculative_step
 
@@ -146,7 +146,7 @@ def test_refusals_name_the_option(tiny_checkpoints, tmp_path):
 def test_a_manifest_that_disagrees_with_the_graph_is_refused(tiny_exports, tmp_path):
     import shutil
 
-    from edge_infer.runtime.manifest import write_manifest
+    from edge_infer.contract.model_folder import write_manifest
 
     src = tiny_exports("llama", "int4")  # a float cache graph
     folder = tmp_path / "m"

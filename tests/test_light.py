@@ -38,7 +38,7 @@ def test_export_with_torch_and_transformers_blocked(tiny_checkpoints, tmp_path):
     src, out = tiny_checkpoints("qwen2"), tmp_path / "m"
     got = run(BLOCKER + textwrap.dedent(f"""
         import json
-        from edge_infer.export.pipeline import ExportOptions, export_model
+        from edge_infer.export.export_folder import ExportOptions, export_model
         export_model({str(src)!r}, {str(out)!r}, ExportOptions(quant="int4", max_length=64))
         import edge_infer
         m = edge_infer.load({str(out)!r}, device="cpu")
@@ -52,7 +52,7 @@ def test_fp32_export_without_transformers_records_skipped_validation(tiny_checkp
     src, out = tiny_checkpoints("llama"), tmp_path / "m"
     got = run(BLOCKER + textwrap.dedent(f"""
         import json
-        from edge_infer.export.pipeline import ExportOptions, export_model
+        from edge_infer.export.export_folder import ExportOptions, export_model
         from edge_infer.runtime.manifest import load_manifest
         export_model({str(src)!r}, {str(out)!r}, ExportOptions(quant="fp32", max_length=64))
         print(json.dumps(load_manifest({str(out)!r}).validation))

@@ -1,4 +1,4 @@
-"""`edge-infer bench` / `eval` logic (runtime/measure.py) on tiny models: invariants, no timed assertions."""
+"""`edge-infer bench` / `eval` logic (bench/measure.py) on tiny models: invariants, no timed assertions."""
 
 import json
 import math
@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import edge_infer
 from edge_infer.cli import main
-from edge_infer.runtime import measure
+from edge_infer.bench import measure
 from tiny import TEXT
 
 MEASURE_PY = Path(measure.__file__)
@@ -180,7 +180,7 @@ def test_the_shipped_text_is_long_enough_for_1024_token_prompts(fp32):
 
 
 def test_measure_loads_by_path_with_only_numpy():
-    """benchmarks/ loads runtime/measure.py by path into the peers' venvs: nothing but numpy at import."""
+    """benchmarks/ loads bench/measure.py by path into the peers' venvs: nothing but numpy at import."""
     code = textwrap.dedent(f"""
         import importlib.util, json, sys
         class Block:

@@ -18,7 +18,7 @@ IDS = list(range(3, 45))  # 42 prompt tokens: two full chunks of 16 and a left-p
 
 @pytest.fixture(scope="module")
 def npu_exports(tmp_path_factory, tiny_checkpoints):
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     made = {}
 
@@ -97,7 +97,7 @@ def test_several_kept_logits_equal_single_steps(npu_exports):
 
 
 def test_static_plan_refusals(npu_exports, tiny_checkpoints, tmp_path):
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     npu = edge_infer.load(npu_exports("llama"), device="cpu")
     with pytest.raises(UserError, match="batch 1"):
@@ -112,7 +112,7 @@ def test_static_plan_refusals(npu_exports, tiny_checkpoints, tmp_path):
         export_model(tiny_checkpoints("mistral"), tmp_path / "m", ExportOptions(quant="fp32", max_length=64,
                                                                                  profile="npu"))
     assert not (tmp_path / "m").exists()
-    from edge_infer.export.quantize_folder import quantize_folder
+    from edge_infer.export.quantize_exported import quantize_folder
     from edge_infer.quantize.config import QuantConfig
 
     with pytest.raises(UserError, match="npu-profile export"):

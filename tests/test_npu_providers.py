@@ -54,7 +54,7 @@ def device(request):
 
 @pytest.fixture(scope="module")
 def npu_tiny(tmp_path_factory, tiny_checkpoints):
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     made = {}
 
@@ -137,7 +137,7 @@ def test_tiny_int4(device, npu_tiny):
 # --- the real default model --------------------------------------------------------------------
 
 def default_folder(name: str, tmp_path_factory) -> Path:
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
     from edge_infer.export.sources import default_model_path
 
     shared = os.environ.get("EDGE_INFER_NPU_MODELS")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import edge_infer
-from edge_infer.export.pipeline import ExportOptions, export_model
+from edge_infer.export.export_folder import ExportOptions, export_model
 from edge_infer.runtime.manifest import load_manifest
 from tiny import hf_greedy, load_reference, make_checkpoint, our_greedy
 

@@ -16,6 +16,8 @@ def test_wheel_holds_only_the_edge_infer_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"edge_infer", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
-    for sub in ("export", "export/arch", "runtime", "quantize", "devices", "serve"):
+    for sub in ("export", "export/arch", "runtime", "quantize", "devices", "serve", "contract", "bench"):
         assert f"edge_infer/{sub}/__init__.py" in names, sub
     assert "edge_infer/cli.py" in names and "edge_infer/runtime/model.py" in names
+    # `edge-infer bench` and `eval` measure with the shipped text when given none: it installs with the code.
+    assert "edge_infer/bench/measure.py" in names and "edge_infer/bench/text/01-lighthouse.txt" in names

@@ -24,7 +24,7 @@ TOOLS = [{"name": "add", "description": "Add two digits", "input_schema": {
 def model(tmp_path_factory):
     """A tiny llama with a 1024-token context (the generic tool prompt is ~600 tiny-vocabulary tokens)."""
     from tiny import make_checkpoint
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     root = tmp_path_factory.mktemp("anthropic-llama")
     ckpt = make_checkpoint("llama", root / "ckpt", max_position_embeddings=1024)

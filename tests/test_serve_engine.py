@@ -26,7 +26,7 @@ from edge_infer.serve.app import build_app
 from edge_infer.serve.config import EngineConfig, ServerConfig
 from edge_infer.serve.engine import Engine, QueueFull
 from edge_infer.serve.runner import ServerThread
-from edge_infer.serve.sequence import Delta, GenerationRequest
+from edge_infer.serve.request import Delta, GenerationRequest
 
 PROMPTS = [
     "The quick brown fox", "Paris is the capital of France. Numbers 0123456789 and code:",

@@ -12,7 +12,7 @@ from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.runtime.speculative import SpeculativeConfig
 from edge_infer.serve.config import EngineConfig
 from edge_infer.serve.engine import Engine
-from edge_infer.serve.sequence import Delta, GenerationRequest
+from edge_infer.serve.request import Delta, GenerationRequest
 
 RNG = np.random.default_rng(11)
 SPAN = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]

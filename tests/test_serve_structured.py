@@ -45,7 +45,7 @@ class Place(BaseModel):
 def model(tmp_path_factory):
     """A tiny llama with a 1024-token context: a tool prompt is ~600 tokens in the tiny 360-word vocabulary."""
     from tiny import make_checkpoint
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     root = tmp_path_factory.mktemp("tools-llama")
     ckpt = make_checkpoint("llama", root / "ckpt", max_position_embeddings=1024)

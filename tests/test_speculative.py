@@ -29,7 +29,7 @@ from edge_infer.runtime.speculative import (
     speculative_step,
     verify,
 )
-from edge_infer.runtime.speculative_guess import DraftLength, PassCosts, PromptLookup, draw
+from edge_infer.runtime.speculative_proposers import AcceptanceEstimator, PassCosts, PromptLookup, draw
 
 RNG = np.random.default_rng(7)
 SPAN = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
@@ -62,7 +62,7 @@ def other_draft(tmp_path_factory):
     """Different random weights, same tokenizer: a draft that is often wrong (exercises rejection)."""
     from tiny import make_checkpoint
 
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     root = tmp_path_factory.mktemp("draft-seed1")
     ckpt = make_checkpoint("llama", root / "ckpt", seed=1)
@@ -77,7 +77,7 @@ def bigram_target(tmp_path_factory):
     import torch
     from tiny import load_reference, make_checkpoint
 
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     root = tmp_path_factory.mktemp("bigram")
     ckpt = make_checkpoint("llama", root / "ckpt")
@@ -304,7 +304,7 @@ def test_mismatched_vocabulary_refused(target, tmp_path):
     from tiny import TEXT, make_checkpoint
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     ckpt = make_checkpoint("llama", tmp_path / "ckpt")
     tok = Tokenizer(models.BPE())  # the same size, trained on other text: other ids
@@ -364,14 +364,14 @@ def test_prompt_lookup_prefers_the_longest_latest_match():
 
 
 def test_draft_length_follows_acceptance():
-    length = DraftLength(max_guesses=8, probe=False)
+    length = AcceptanceEstimator(max_guesses=8, probe=False)
     for _ in range(10):
         length.record(0, 8, 8)
     assert length.choose(0, 8, 0.2)[0] == 8 and length.choose(0, 3, 0.2)[0] == 3
     for _ in range(20):
         length.record(0, 4, 0)
     assert length.choose(0, 8, 0.2) == (0, 1.0)
-    probing = DraftLength(max_guesses=8, probe=True)
+    probing = AcceptanceEstimator(max_guesses=8, probe=True)
     for _ in range(20):
         probing.record(0, 2, 0)
     picks = [probing.choose(0, 8, 0.5)[0] for _ in range(8 + 16 + 32)]
@@ -418,7 +418,7 @@ def test_pass_costs_learned_only_when_greedy():
 def default_exports(tmp_path_factory):
     from conftest import default_gguf
 
-    from edge_infer.export.pipeline import ExportOptions, export_model
+    from edge_infer.export.export_folder import ExportOptions, export_model
 
     gguf = default_gguf()
     if gguf is None:

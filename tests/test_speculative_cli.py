@@ -43,11 +43,13 @@ def test_run_with_a_draft_model(paths):
                                      ["serve", "{m}", "--port", "0"]])
 def test_bad_combinations_are_refused_before_loading(paths, command, monkeypatch):
     import edge_infer
+    from edge_infer.runtime import model
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before the options were checked")
 
     monkeypatch.setattr(edge_infer, "load", no_loading)
+    monkeypatch.setattr(model, "load", no_loading)  # what the commands call
     target, _ = paths
     argv = [c.format(m=target) for c in command]
     bad = CliRunner().invoke(main, argv + ["--speculative", "draft"])

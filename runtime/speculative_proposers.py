@@ -6,8 +6,8 @@ Two sources (see runtime/speculative.py for the loop that verifies them):
 - DraftProposer: a smaller model with the same vocabulary, with its own KV cache
   kept in step with the accepted tokens (trimmed to the common prefix each round).
 
-`Guesser` picks, each round, the source and the number of guesses k with the most
-expected tokens per unit of cost (`DraftLength`), from decayed acceptance counts
+`AdaptiveProposer` picks, each round, the source and the number of guesses k with the most
+expected tokens per unit of cost (`AcceptanceEstimator`), from decayed acceptance counts
 and from what passes cost (`PassCosts`: static estimates, or measured seconds
 where timing cannot change the output).
 """
@@ -65,7 +65,7 @@ CALIBRATE_EVERY = 4  # while one-token target passes are too few, every 4th roun
 # -- choosing the draft length ------------------------------------------------------
 
 
-class DraftLength:
+class AcceptanceEstimator:
     """Decayed accepted/rejected counts per key -> how many guesses are worth verifying."""
 
     def __init__(self, max_guesses: int, probe: bool, prior: tuple[float, float] = LOOKUP_PRIOR):
@@ -262,7 +262,7 @@ def draw(p: np.ndarray, rng: np.random.Generator) -> int:
     return j
 
 
-class Guesser:
+class AdaptiveProposer:
     """The guess sources of one generation, each with its own acceptance estimate.
 
     Each round takes the source that promises the most tokens per unit of cost:
@@ -276,22 +276,22 @@ class Guesser:
         """`draft` (checked by the caller) adds the draft source, with its cache `draft_cache`;
         `draft_cost` None means estimated from the weights, then measured where allowed."""
         q = model.manifest.quantization
-        int8_activations = bool(q.get("bits")) and q.get("accuracy_level", 4) != 0
+        int8_activations = q.int8_activations
         prior_draft = draft_cost
         if draft is not None and prior_draft is None:
             prior_draft = estimate_draft_cost(model, draft)
-        self.costs = PassCosts(VERIFY_COST["quantized" if q.get("bits") else "float"], prior_draft or 0.0,
+        self.costs = PassCosts(VERIFY_COST["quantized" if q.bits else "float"], prior_draft or 0.0,
                                learn=sampler.params.temperature == 0.0
                                and (not int8_activations or getattr(model, "batch_invariant", False)),
                                learn_draft=draft_cost is None)
         self.max_guesses = max_guesses
         self.lookup = PromptLookup() if use_lookup else None
-        self.lookup_length = DraftLength(max_guesses, probe=False)
+        self.lookup_acceptance = AcceptanceEstimator(max_guesses, probe=False)
         self.drafter: DraftProposer | None = None
         if draft is not None:
             assert draft_cache is not None, "a draft needs its cache"
             self.drafter = DraftProposer(draft, draft_cache, sampler, len(ids), self.costs)
-            self.draft_length = DraftLength(max_guesses, probe=True, prior=DRAFT_PRIOR)
+            self.draft_acceptance = AcceptanceEstimator(max_guesses, probe=True, prior=DRAFT_PRIOR)
             if self.drafter.room(ids) > 1:
                 self.drafter.sync(ids)  # the draft's prompt pass, before the first token
         self.rounds = 0
@@ -308,12 +308,12 @@ class Guesser:
         if self.lookup is not None:
             found, self.key = self.lookup.propose(tokens, min(limit, self.max_guesses))
             if found:
-                k_lookup, gain_lookup = self.lookup_length.choose(self.key, len(found), self.costs.per_token)
+                k_lookup, gain_lookup = self.lookup_acceptance.choose(self.key, len(found), self.costs.per_token)
         if self.costs.calibrating() and self.rounds % CALIBRATE_EVERY == 1:
             k_lookup = 0  # a plain step now and then until one-token passes are timed
         elif self.drafter is not None:
             cost = self.costs.per_token + self.costs.draft
-            k_draft, gain_draft = self.draft_length.choose(0, limit, cost)
+            k_draft, gain_draft = self.draft_acceptance.choose(0, limit, cost)
             if k_draft and (gain_draft > gain_lookup or not k_lookup):  # (a probe reports gain 1.0)
                 guesses, qs = self.drafter.propose(tokens, k_draft)
                 if guesses:
@@ -328,11 +328,11 @@ class Guesser:
     def record(self, guesses: list[int], accepted: int, emitted: list[int]) -> None:
         """Update the estimates after a round that produced `emitted` (accepted guesses + one token)."""
         if self.source == "draft":
-            self.draft_length.record(0, len(guesses), accepted)
+            self.draft_acceptance.record(0, len(guesses), accepted)
         elif self.source == "lookup":
-            self.lookup_length.record(self.key, len(guesses), accepted)
+            self.lookup_acceptance.record(self.key, len(guesses), accepted)
         if self.unused:  # how many of the unused lookup guesses match what came out
             n = min(len(self.unused), len(emitted))
             agree = next((i for i in range(n) if self.unused[i] != emitted[i]), n)
-            self.lookup_length.record(self.key, n, agree)
+            self.lookup_acceptance.record(self.key, n, agree)
 

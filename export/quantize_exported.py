@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import onnx
 
 from edge_infer.export.atomic import atomic_folder
-from edge_infer.export.pipeline import DATA_FILE
 from edge_infer.export.progress import Progress
 from edge_infer.quantize.external import DataFile, read_tensor, save_streamed
 from edge_infer.quantize.config import QuantConfig
 from edge_infer.quantize.rewrite import quantize_graph, quantize_summary
 from edge_infer.contract.errors import UserError
-from edge_infer.runtime.manifest import load_manifest, write_manifest
+from edge_infer.contract.model_folder import DATA_FILE, write_manifest
+from edge_infer.contract.quantization import QuantRecord
+from edge_infer.runtime.manifest import load_manifest
 from edge_infer.runtime.model import check_external_data
 
 
@@ -68,8 +68,7 @@ def quantize_folder(src: str | Path, out: str | Path, config: QuantConfig, valid
             validation = _validate(tmp / manifest.graph_file, graph_path, manifest, progress)
         body = {k: v for k, v in manifest.raw.items() if k not in ("format", "format_version", "files")}
         summary = quantize_summary(onnx.load(str(tmp / manifest.graph_file), load_external_data=False))
-        body["quantization"] = {"scheme": scheme, **asdict(config), "exclude": list(config.exclude),
-                                "summary": summary, "from": manifest.quant_scheme}
+        body["quantization"] = QuantRecord(scheme, config, {"summary": summary, "from": manifest.quant_scheme}).to_manifest()
         body["validation"] = validation
         body["source"] = {**manifest.source, "quantized_from": src.name}
         progress.stage("writing manifest")

@@ -1,8 +1,8 @@
 """`edge-infer bench` and `edge-infer eval`: the numbers behind every speed and quality claim.
 
-The measuring itself lives in runtime/measure.py (shared with benchmarks/, which runs the
+The measuring itself lives in bench/measure.py (shared with benchmarks/, which runs the
 same code against onnxruntime-genai and llama.cpp); this file is options and printing.
-Heavy modules are imported inside the commands.
+Mounted by edge_infer/cli.py; heavy modules are imported inside the commands.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 
 import click
 
-from edge_infer.cli_speculative import speculative_from_options, speculative_options, wants_shared_threads
+from edge_infer.runtime.cli_options import speculative_from_options, speculative_options, wants_shared_threads
 
 
 def _lengths(ctx, param, value: str) -> list[int]:
@@ -25,9 +25,9 @@ def _lengths(ctx, param, value: str) -> list[int]:
 
 
 def _load(path: str, device: str, threads: int | None, shared_threads: bool = False):
-    import edge_infer
+    from edge_infer.runtime.model import load
 
-    return edge_infer.load(path, device=device, threads=threads, shared_threads=shared_threads)
+    return load(path, device=device, threads=threads, shared_threads=shared_threads)
 
 
 def _threads(threads: int | None) -> int:
@@ -38,12 +38,8 @@ def _threads(threads: int | None) -> int:
 
 def _model_info(model, path: str) -> dict:
     m = model.manifest
-    q = m.quantization
-    scheme = m.quant_scheme
-    if "bits" in q:
-        scheme += f" (block {q.get('block_size')}, {'sym' if q.get('symmetric') else 'asym'}, " \
-                  f"accuracy_level {q.get('accuracy_level')})"
-    return {"path": path, "architecture": m.geometry.architecture, "weights": scheme, "kv_cache": m.kv_dtype,
+    return {"path": path, "architecture": m.geometry.architecture, "weights": m.quantization.describe(accuracy=True),
+            "kv_cache": m.kv_dtype,
             "source": m.source.get("description"), "device": model.describe_device()}
 
 
@@ -79,7 +75,7 @@ def bench(model, lengths, new_tokens, runs, warmup, text_path, threads, device, 
     speed ratio, the acceptance rate and whether the ids were identical."""
     import numpy as np
 
-    from edge_infer.runtime import measure
+    from edge_infer.bench import measure
     from edge_infer.contract.errors import UserError
     from edge_infer.runtime.speculative import SpecStats
 
@@ -194,7 +190,7 @@ def evaluate(model, text_path, reference, window, stride, max_tokens, threads, d
     """Perplexity of MODEL over a text (strided windows); with --reference, agreement and KL divergence."""
     import time
 
-    from edge_infer.runtime import measure
+    from edge_infer.bench import measure
     from edge_infer.contract.errors import UserError
 
     if stride >= window:

@@ -1,4 +1,5 @@
-"""`edge-infer serve`: the OpenAI-compatible local server. Heavy modules are imported inside the command."""
+"""`edge-infer serve`: the OpenAI-compatible local server. Mounted by edge_infer/cli.py; heavy modules are
+imported inside the command."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edge_infer.cli_speculative import speculative_from_options, speculative_options, wants_shared_threads
+from edge_infer.runtime.cli_options import speculative_from_options, speculative_options, wants_shared_threads
 
 
 @click.command()
@@ -87,13 +88,13 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
                       speculative_kw)
         return
 
-    import edge_infer
+    from edge_infer.runtime.model import load
     from edge_infer.serve.app import build_app
     from edge_infer.serve.runner import bind, serve_forever
 
     sock = bind(host, port)  # before loading: a port in use fails fast
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
-    m = edge_infer.load(model, device=device, threads=threads, shared_threads=wants_shared_threads(speculative_kw))
+    m = load(model, device=device, threads=threads, shared_threads=wants_shared_threads(speculative_kw))
     speculative = speculative_from_options(speculative_kw, m, device, threads)
     if speculative is not None:
         engine_config = dataclasses.replace(engine_config, speculative=speculative)
@@ -114,13 +115,14 @@ def _serve_on_ray(model, server_config, engine_config, replicas, routing, addres
     import importlib.util
 
     from edge_infer.contract.errors import UserError
+    from edge_infer.contract.model_folder import MANIFEST
 
     if importlib.util.find_spec("ray") is None:
         raise UserError("--ray needs Ray Serve: pip install 'edge-infer[cluster]'")
     if speculative_kw.get("speculative") == "draft":
         raise UserError("--ray serves --speculative lookup or off; a draft model per replica is not supported yet")
-    if not (Path(model) / "manifest.json").is_file():
-        raise UserError(f"{model}: not a model folder (no manifest.json); export one with `edge-infer export`")
+    if not (Path(model) / MANIFEST).is_file():
+        raise UserError(f"{model}: not a model folder (no {MANIFEST}); export one with `edge-infer export`")
     from edge_infer.runtime.speculative import speculative_config
     from edge_infer.serve.cluster import ClusterConfig, serve_cluster
 

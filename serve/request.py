@@ -1,6 +1,6 @@
 """One request inside the engine, and the events it sends back.
 
-A `Sequence` owns what is private to a request: its sampler (with its own
+An `ActiveRequest` owns what is private to a request: its sampler (with its own
 seeded RNG), its TextStream (detokenizer, stop matcher, finish reason: the same
 as stream_generate's, runtime/decode.py), its counters and clock, and once it
 holds a slot its runtime.decode.Decoding. The engine feeds it one chosen token
@@ -86,7 +86,7 @@ class Handle:
         return self._cancelled.is_set()
 
 
-class Sequence:
+class ActiveRequest:
     def __init__(self, request: GenerationRequest, max_tokens: int, emit: Emit, handle: Handle,
                  tokenizer, eos_ids: frozenset[int]):
         self.request = request

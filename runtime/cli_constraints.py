@@ -1,4 +1,5 @@
-"""The `run` command's structured-output options, turned into stream_generate keywords."""
+"""The `run` command's structured-output options (--json-schema, --json, --regex, --grammar), turned into
+stream_generate keywords."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ external-data file as it is made, so memory holds about one weight rather than t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,17 +27,18 @@ from edge_infer.export.progress import Progress
 from edge_infer.export.sources import Source, open_source
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
+from edge_infer.contract.quantization import QuantRecord
+from edge_infer.contract.model_folder import (CHAT_TEMPLATE_FILE, DATA_FILE, GRAPH_FILE, INLINE_BELOW, TOKENIZER_FILE,
+                                         write_manifest)
 from edge_infer.quantize.kv_cache import KV_CACHE_KINDS
-from edge_infer.runtime.manifest import write_manifest
 
 if TYPE_CHECKING:
     from edge_infer.export.segments import StoredGraph
+    from edge_infer.quantize.config import QuantConfig
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
 PROFILES = ("default", "npu")  # npu: standard ONNX ops, static shapes (OpenVINO, QNN, any provider)
 DEFAULT_MAX_LENGTH = 4096
-GRAPH_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 FLOAT_DATA = "float.onnx.data"  # small float tensors of an int8/int4 export's float graph, until it is finished
 VERSION = "0.1.0"
 # How GGUF blocks with a minimum per block (Q4_1, Q4_K) are imported; measured on the default
@@ -86,6 +87,16 @@ class ExportOptions:
             raise UserError("--kv-cache int8/int4 needs onnxruntime's GroupQueryAttention, which the npu profile's "
                             "standard-op graphs do not use: drop --kv-cache or --profile npu")
 
+    def quant_config(self) -> QuantConfig | None:
+        """The quantization settings these options ask for (None for fp32/fp16): what the rewrite gets
+        and what the manifest records."""
+        from edge_infer.quantize.config import QuantConfig
+
+        if self.quant not in ("int8", "int4"):
+            return None
+        return QuantConfig.from_options(self.quant, self.block_size, self.symmetric, self.accuracy_level,
+                                        self.embeddings, self.lm_head, self.rounding)
+
 
 def export_model(src: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
                  progress: Progress | None = None) -> Path:
@@ -125,7 +136,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             model = optimum_route.export_graph(source.path, options.quant, progress)
             io = GraphIO(tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}),
                          tuple(o.name for o in model.graph.output))
-            quant_info: dict[str, Any] = {"scheme": options.quant}
+            quant_info: dict[str, Any] = {}
             reference = None
             if options.quant in ("int8", "int4"):
                 reference = model
@@ -157,7 +168,8 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
 
             kv_record = calibrate_kv_cache(tmp, GRAPH_FILE, source, spec, options.kv_cache, max_length, progress)
         progress.stage("writing manifest")
-        body = _manifest_body(spec, source, io, options, quant_info, max_length, validation)
+        quant = QuantRecord(options.quant, options.quant_config(), quant_info)
+        body = _manifest_body(spec, source, io, options, quant, max_length, validation)
         if kv_record is not None:
             body["kv_cache"] = kv_record
             body["graph"]["kv_cache"] += f", {options.kv_cache} with per-channel scales"
@@ -214,8 +226,8 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
     to the model's data file before the next one (weights taken from GGUF blocks are never read
     in float at all). Only small or transformed float tensors go to FLOAT_DATA, removed before
     the folder is finished. The float graph stays the validation reference (read again from the
-    source, segment by segment). Returns (graph proto, io, quantization record, that reference
-    or None).
+    source, segment by segment). Returns (graph proto, io, what the quantization did (the record's
+    details), that reference or None).
     """
     from edge_infer.export.segments import StoredGraph
     from edge_infer.quantize.external import DataFile, save_streamed
@@ -230,7 +242,7 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
                                   store=data)
         if not quantized:
             save_streamed(model, tmp / GRAPH_FILE, data)
-            return model, io, {"scheme": options.quant}, None
+            return model, io, {}, None
     finally:
         data.close()
     reference = StoredGraph(model, tmp, data.deferred)
@@ -255,14 +267,11 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
     """Quantize `model`; `blocks` is a dict of source blocks (canonical name -> blocks) or a
     `_LazySourceBlocks`. Streaming: `read(tensor)` gives a float weight stored outside the
     protobuf, and `sink(tensor)` moves each new tensor to the data file (quantize_graph)."""
-    from edge_infer.quantize.config import QuantConfig
     from edge_infer.quantize.rewrite import quantize_graph, quantize_summary
 
-    bits = 4 if options.quant == "int4" else 8
-    config = QuantConfig(bits=bits, block_size=options.block_size, symmetric=options.symmetric,
-                         accuracy_level=options.accuracy_level, embeddings=options.embeddings,
-                         lm_head=options.lm_head, method=options.rounding)
-    config.validate()
+    config = options.quant_config()
+    assert config is not None, "only int8/int4 exports are quantized"
+    bits = config.validate().bits
     embed_bits = {"int8": 8, "int4": 4}.get(config.embeddings_choice(), 0)
     if isinstance(blocks, _LazySourceBlocks):
         pre, minimums = blocks, blocks.minimums
@@ -281,7 +290,7 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
         from edge_infer.quantize.block_offsets import add_block_offsets
 
         add_block_offsets(q, minimums, options.block_size)
-    info = {"scheme": options.quant, **asdict(config), "summary": quantize_summary(q)}
+    info: dict[str, Any] = {"summary": quantize_summary(q)}  # the record's details (QuantRecord)
     requantized = info["summary"].get("requantized") or []
     if requantized:
         progress.note(f"{len(requantized)} source-quantized weights did not match {options.quant} block "
@@ -291,7 +300,6 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
     if minimums:
         info["gguf_q4_1"] = (f"{len(minimums)} Q4_1/Q4_K weights imported exactly "
                              "(integer zero point + block residual)")
-    info["exclude"] = list(config.exclude)
     mixed = sorted(name for name, b in blocks.items() if b is None)
     if mixed:
         info["mixed_source_types"] = mixed
@@ -386,31 +394,30 @@ def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,
 
 
 def _as_linear(b):
-    """Source blocks as MatMulNBits weights (Q4_0 and Q8_0 map exactly; Q4_1 goes through
-    quantize.block_offsets, since a float zero point would leave onnxruntime's fast kernels)."""
-    from edge_infer.quantize.nbits import QuantizedLinear
+    """Source blocks with the zero points MatMulNBits reads best (Q4_0 and Q8_0 map exactly; Q4_1
+    goes through quantize.block_offsets, since a float zero point would leave onnxruntime's fast kernels)."""
+    from dataclasses import replace
 
     zp = b.zero_points
     if zp is not None and np.all(zp == 2 ** (b.bits - 1)):
         zp = None  # symmetric (Q4_0, Q8_0): MatMulNBits' implied zero point
     elif zp is not None and np.all(zp == np.round(zp)):
         zp = zp.astype(np.uint8)  # integer zero points (Q6_K: 32) as MatMulNBits' packed uint8
-    return QuantizedLinear(bits=b.bits, block_size=b.block_size, q=b.q, scales=b.scales, zero_points=zp,
-                           k=b.q.shape[1])
+    return replace(b, zero_points=zp)
 
 
 def save_graph(model: onnx.ModelProto, folder: Path) -> None:
     onnx.save_model(model, str(folder / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024, convert_attribute=False)
+                    location=DATA_FILE, size_threshold=INLINE_BELOW, convert_attribute=False)
 
 
 def _write_tokenizer(source: Source, folder: Path) -> None:
-    source.tokenizer.save(str(folder / "tokenizer.json"))
+    source.tokenizer.save(str(folder / TOKENIZER_FILE))
     if source.chat_template:
-        (folder / "chat_template.jinja").write_text(source.chat_template, encoding="utf-8")
+        (folder / CHAT_TEMPLATE_FILE).write_text(source.chat_template, encoding="utf-8")
 
 
-def _manifest_body(spec: DecoderSpec, source: Source, io, options: ExportOptions, quant: dict,
+def _manifest_body(spec: DecoderSpec, source: Source, io, options: ExportOptions, quant: QuantRecord,
                    max_length: int, validation: dict) -> dict:
     tok = source.tokenizer
     eos = list(dict.fromkeys(list(source.eos_token_ids) + list(spec.eos_token_ids)))
@@ -427,13 +434,13 @@ def _manifest_body(spec: DecoderSpec, source: Source, io, options: ExportOptions
                   "dtype": "fp16" if options.quant == "fp16" else "fp32",
                   "kv_cache": "one buffer of max_length per layer, shared by past and present",
                   "ops": "com.microsoft GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits"},
-        "quantization": quant,
+        "quantization": quant.to_manifest(),
         "tokenizer": {
-            "file": "tokenizer.json", "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None
+            "file": TOKENIZER_FILE, "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None
             else (tok.token_to_id(source.bos_token) if source.bos_token else None),
             "eos_token_ids": eos, "pad_token_id": spec.pad_token_id,
             "bos_token": source.bos_token, "eos_token": source.eos_token,
-            "chat_template_file": "chat_template.jinja" if source.chat_template else None,
+            "chat_template_file": CHAT_TEMPLATE_FILE if source.chat_template else None,
         },
         "generation": {"max_new_tokens": 256, "source_defaults": source.generation},
         "source": {"kind": source.kind, "name": source.path.name, "description": source.describe()},

@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-# The shipped English text (benchmarks/text/*.txt in a source checkout).
-TEXT_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "text"
+# The shipped English text (bench/text/*.txt, installed as package data).
+TEXT_DIR = Path(__file__).resolve().parent / "text"
 Prefill = Callable[[Sequence[int]], int]  # runs the prompt, returns the greedy first token
 Step = Callable[[int], int]  # feeds one token, returns the greedy next token
 Logits = Callable[[np.ndarray], np.ndarray]  # ids (seq,) -> logits (seq, vocab), one fresh pass
@@ -96,8 +96,8 @@ def read_text(path: str | os.PathLike | None = None) -> tuple[str, str]:
 
     if path is None:
         if not TEXT_DIR.is_dir():
-            raise UserError("no text given and the shipped benchmarks/text folder is not here "
-                            "(an installed package); pass --text FILE")
+            raise UserError("no text given and the shipped bench/text folder is missing "
+                            "(a damaged install); pass --text FILE")
         path = TEXT_DIR
     p = Path(path)
     if p.is_dir():

@@ -1,0 +1,50 @@
+"""The decoder graph's input and output names, spelled once.
+
+The export writes graphs with these names, the runtime binds them and the manifest lists
+them (`graph.inputs` / `graph.outputs`); they follow optimum-onnx and onnxruntime-genai, so
+other tools open our graphs. Every folder takes them from here (tests/test_borders.py
+fails on a second spelling).
+
+    input_ids       (batch, sequence_length)            int64
+    attention_mask  (batch, total_sequence_length)      int64, right-padded, 1 = real token
+    position_ids    (batch, sequence_length)            int64, learned positions only
+    logits_to_keep  (1,)                                int64, default profile only
+    query_seqlens   (batch,)                            int64, default profile only
+    past_key_values.{layer}.key / .value
+  ->
+    logits          (batch, logits_to_keep, vocab)      float32
+    present.{layer}.key / .value
+"""
+
+from __future__ import annotations
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS_TO_KEEP = "logits_to_keep"
+QUERY_SEQLENS = "query_seqlens"
+LOGITS = "logits"
+
+PAST = "past_key_values.{layer}.{kind}"  # a template: past(layer, kind) fills it
+PRESENT = "present.{layer}.{kind}"
+PAST_PREFIX = PAST.split("{", 1)[0]  # "past_key_values."
+PRESENT_PREFIX = PRESENT.split("{", 1)[0]  # "present."
+KV_KINDS = ("key", "value")
+
+
+def past(layer: int | str, kind: str) -> str:
+    """`past_key_values.{layer}.{kind}`; `layer` may be a placeholder such as "%d" (genai's config)."""
+    return PAST.format(layer=layer, kind=kind)
+
+
+def present(layer: int | str, kind: str) -> str:
+    return PRESENT.format(layer=layer, kind=kind)
+
+
+def past_pair(layer: int) -> tuple[str, str]:
+    """(key, value) past names of one layer."""
+    return past(layer, "key"), past(layer, "value")
+
+
+def present_pair(layer: int) -> tuple[str, str]:
+    return present(layer, "key"), present(layer, "value")

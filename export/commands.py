@@ -1,0 +1,85 @@
+"""`edge-infer export` and `edge-infer quantize`: the commands that write a model folder.
+
+`quantize` lives here, not in quantize/: it reads a folder through the runtime's manifest and
+validates against it (export/validate.py), which the quantize package may not import. Both
+commands take the same quantization options (`quant_options`). Mounted by edge_infer/cli.py;
+only click at import, the export machinery loads inside each command.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+def quant_options(f):
+    """How to quantize weights: the options `export` and `quantize` share (quantize/config.py QuantConfig)."""
+    opts = [
+        click.option("--block-size", type=int, default=32, show_default=True, help="Quantization block size."),
+        click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Weight zero point."),
+        click.option("--embeddings", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True,
+                     help="Token embedding precision (shared with a tied lm_head)."),
+        click.option("--lm-head", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True),
+        click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+                     help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = float activations."),
+        click.option("--rounding", type=click.Choice(["search", "rtn"]), default="search", show_default=True,
+                     help="4-bit rounding of float weights: a searched least-squares scale per block (blocks of 16 "
+                          "and 32), or round-to-nearest."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@click.command()
+@click.argument("src", type=click.Path(exists=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Model folder to create.")
+@click.option("--quant", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="int4", show_default=True)
+@click.option("--max-length", type=int, default=None, help="KV-cache length [default: min(4096, model context)].")
+@quant_options
+@click.option("--gguf-import", type=click.Choice(["exact", "mixed", "requantize"]), default="exact",
+              show_default=True,
+              help="GGUF Q4_1/Q4_K blocks: exact (a residual term per weight), mixed (exact in the MLP, rounded "
+                   "again in attention: 1.05-1.17x decode, perplexity 1.04x fp32), requantize (all rounded "
+                   "again, wider blocks too: 1.3-1.4x decode, 1.14x); see benchmarks/QUALITY.md.")
+@click.option("--profile", type=click.Choice(["default", "npu"]), default="default", show_default=True,
+              help="npu: standard ONNX ops and static shapes (prefill-chunk + decode graphs) for OpenVINO, QNN "
+                   "and any provider; --quant fp32, int8 or int4 (DequantizeLinear blocks); --max-length "
+                   "default 1024.")
+@click.option("--chunk", type=int, default=64, show_default=True, help="npu profile: prefill chunk length.")
+@click.option("--kv-cache", type=click.Choice(["float", "int8", "int4"]), default="float", show_default=True,
+              help="KV cache storage: float (the model's dtype), or int8 / int4 with per-channel scales "
+                   "calibrated at export (a quarter / an eighth of fp32's memory; the manifest records the "
+                   "perplexity cost on held-out text).")
+@click.option("--no-validate", is_flag=True, help="Skip the comparison against the source / fp32.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding,
+           gguf_import, profile, chunk, kv_cache, no_validate, force, quiet):
+    """Export a Hugging Face folder or a .gguf file to an ONNX model folder."""
+    from edge_infer.export.export_folder import ExportOptions, export_model
+    from edge_infer.export.progress import Progress
+
+    options = ExportOptions(quant=quant, max_length=max_length, block_size=block_size, symmetric=symmetric,
+                            embeddings=embeddings, lm_head=lm_head, accuracy_level=accuracy_level,
+                            rounding=rounding, gguf_import=gguf_import, validate=not no_validate,
+                            force=force, profile=profile, chunk=chunk, kv_cache=kv_cache)
+    export_model(src, out, options, Progress(quiet=quiet))
+
+
+@click.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Model folder to create.")
+@click.option("--quant", type=click.Choice(["int8", "int4"]), default="int4", show_default=True)
+@quant_options
+@click.option("--no-validate", is_flag=True, help="Skip the comparison against the input model.")
+@click.option("--force", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True)
+def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding, no_validate,
+             force, quiet):
+    """Quantize an exported fp32/fp16 model folder to int8 or int4 (MatMulNBits)."""
+    from edge_infer.export.progress import Progress
+    from edge_infer.export.quantize_exported import quantize_folder
+    from edge_infer.quantize.config import QuantConfig
+
+    config = QuantConfig.from_options(quant, block_size, symmetric, accuracy_level, embeddings, lm_head, rounding)
+    quantize_folder(model, out, config, validate=not no_validate, force=force, progress=Progress(quiet=quiet))
