@@ -7,7 +7,7 @@ OLD_EXPORT: a default export made before the graph padded its own attention (no
 variants of one decode step, interleaved step by step so a noisy machine slows all alike, at a
 fixed context (the cache is trimmed back after every step):
 
-  unpadded   OLD_EXPORT, Model.batch_invariant off: one id, one row everywhere (not invariant)
+  unpadded   OLD_EXPORT, Model.pad_ids off: one id, one row everywhere (not invariant)
   runtime    OLD_EXPORT: a padding id after the token (every matmul runs two rows, 2 logit rows)
   in-graph   NEW_EXPORT: one id; the graph gives only GroupQueryAttention a zero second row
 
@@ -40,7 +40,7 @@ def main() -> None:
 
     old, new = (edge_infer.load(p, device="cpu", threads=args.threads) for p in (args.old, args.new))
     unpadded = edge_infer.load(args.old, device="cpu", threads=args.threads)
-    unpadded.batch_invariant = False
+    unpadded.pad_ids = False
     assert new.pads_in_graph and not old.pads_in_graph, "NEW must pad in the graph, OLD must not"
     variants = {"unpadded": unpadded, "runtime": old, "in-graph": new}
     ids = old.tokenizer.encode(read_text(None)[0])

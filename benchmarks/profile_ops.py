@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-padding", action="store_true",
-                    help="decode steps of one row (Model.batch_invariant off): what the padding row costs, per op")
+                    help="decode steps of one row (Model.pad_ids off): what the padding row costs, per op")
     args = ap.parse_args()
 
     import edge_infer
@@ -46,7 +46,7 @@ def main() -> None:
     runtime_model.cpu_session_options = profiled
     m = edge_infer.load(args.model, device="cpu", threads=args.threads)
     if args.no_padding:
-        m.batch_invariant = False
+        m.pad_ids = False
     text, _ = measure.read_text()
     ids = measure.prompt_ids(m.tokenizer.encode(text), args.prompt_tokens)
     cache = m.new_cache(max_length=args.prompt_tokens + args.steps + 1)

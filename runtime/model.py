@@ -91,12 +91,18 @@ class Model:
         # graphs that pad their attention themselves (exports from issue 12's second round on,
         # export/graph.py _one_token_padding) need no padding id: their matmuls keep one row.
         self.pads_in_graph = manifest.raw.get("graph", {}).get("attention_padding") == "in-graph"
-        self.batch_invariant = manifest.kv_layout == "shared" and self._has_keep and not self.pads_in_graph
+        # Older exports: forward_rows gives every one-id row a padding id (False turns it off).
+        self.pad_ids = manifest.kv_layout == "shared" and self._has_keep and not self.pads_in_graph
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
         g = manifest.geometry
         self._past = [past_pair(i) for i in range(g.num_layers)]
         self._present = [present_pair(i) for i in range(g.num_layers)]
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a position's logits are the same bits however its pass was grouped."""
+        return self.pads_in_graph or self.pad_ids
 
     def _binding(self, cache: KVCache) -> ort.IOBinding:
         """The cache's IOBinding for this session, its KV buffers bound once as past and present."""
@@ -196,7 +202,7 @@ class Model:
         real = [len(f) for f in feeds]
         if pad is None:  # a graph that pads its attention does it for one-token passes; in a wider pass
             # a one-id row still takes a padding id (free: the pass is that wide anyway)
-            pad = self.batch_invariant or (self.pads_in_graph and max(real, default=0) > 1)
+            pad = self.pad_ids or (self.pads_in_graph and max(real, default=0) > 1)
         # Ids per row in the graph: real ids, plus a padding id where a row has exactly one.
         fed = [n + 1 if pad and n == 1 and lengths[r] + 2 <= cache.max_length else n for r, n in enumerate(real)]
         seq = max(max(fed), 1)

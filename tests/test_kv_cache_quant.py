@@ -171,7 +171,7 @@ def test_server_rows_with_an_int8_cache_equal_solo_runs(tiny_exports):
     from edge_infer.runtime.generate import encode_prompt, generate
     from edge_infer.serve.config import EngineConfig
     from edge_infer.serve.engine import Engine
-    from edge_infer.serve.sequence import Delta, GenerationRequest
+    from edge_infer.serve.request import Delta, GenerationRequest
 
     m = edge_infer.load(tiny_exports("llama", "int4", kv_cache="int8"), device="cpu", threads=1)
     prompts = ["The quick brown fox", "Paris is the capital", "def f(x): return", "Numbers 0123", "Tabs and"]
