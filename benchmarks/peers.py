@@ -5,7 +5,8 @@
 Each peer gets its own virtual environment under --dir (never this repo's .venv):
 
   genai-venv     onnxruntime-genai 0.18 and what its model builder needs (torch, transformers 5).
-  llamacpp-venv  llama-cpp-python 0.3.36, built from source for this CPU (GGML_NATIVE=ON; minutes).
+  llamacpp-venv  llama-cpp-python 0.3.36, built from source for this CPU (minutes): the instruction
+                 sets /proc/cpuinfo lists, except AMX (see ggml_cpu_args); elsewhere GGML_NATIVE=ON.
 
 and the models are built from the same weights as edge-infer's default model:
 
@@ -63,15 +64,47 @@ def sh(cmd: list[str], env: dict | None = None, log: Path | None = None) -> floa
     return time.perf_counter() - start
 
 
-def venv(path: Path, packages: list[str], env: dict | None = None, log: Path | None = None) -> Path:
+def venv(path: Path, packages: list[str], env: dict | None = None, log: Path | None = None,
+         build: str = "") -> Path:
+    """A venv with `packages`; `build` (compile options) is part of what it is: when it changes the
+    packages are compiled again (--no-cache-dir: pip's wheel cache would hand back the old build)."""
     py = path / "bin" / "python"
     if not py.exists():
         sh([sys.executable, "-m", "venv", str(path)])
     marker = path / ".peer-installed"
-    if not marker.exists() or marker.read_text() != " ".join(packages):
-        sh([str(py), "-m", "pip", "install", "-q", *packages], env=env, log=log)
-        marker.write_text(" ".join(packages))
+    want = " ".join(packages) + (f"\n{build}" if build else "")
+    if not marker.exists() or marker.read_text() != want:
+        extra = (["--no-cache-dir"] + (["--force-reinstall"] if marker.exists() else [])) if build else []
+        sh([str(py), "-m", "pip", "install", "-q", *extra, *packages], env=env, log=log)
+        marker.write_text(want)
     return py
+
+
+# /proc/cpuinfo flag -> ggml's CMake option for it (ggml/src/ggml-cpu/CMakeLists.txt, GGML_NATIVE=OFF branch).
+GGML_ISA = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C", "bmi2": "GGML_BMI2",
+            "avx_vnni": "GGML_AVX_VNNI", "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
+            "avx512_bf16": "GGML_AVX512_BF16"}
+
+
+def ggml_cpu_args() -> str:
+    """CMake options for llama.cpp's CPU backend: this CPU's instruction sets, AMX excluded.
+
+    GGML_NATIVE=ON compiles with -march=native, which on a CPU that lists AMX (Sapphire Rapids and
+    later) makes ggml repack Q4_0/Q4_1/Q8_0 weights for AMX tiles; under a hypervisor that lists AMX
+    without handing out its tile state, the first `tilezero` dies with SIGILL (seen 2026-12-01 on
+    the project's Xeon VMs: llama.cpp crashed on load of a Q4_0 GGUF). So: the same instruction sets
+    -march=native would use, AMX off. Without /proc/cpuinfo (not Linux): GGML_NATIVE=ON.
+    """
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "-DGGML_NATIVE=ON"
+    opts = ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    opts += [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in GGML_ISA.items()]
+    avx512 = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"} <= flags
+    opts.append(f"-DGGML_AVX512={'ON' if avx512 else 'OFF'}")
+    return " ".join(opts)
 
 
 def default_gguf() -> Path:
@@ -91,9 +124,10 @@ def setup(root: Path, force: bool) -> None:
         sys.exit(f"{MAIN_PY} is missing: run `make venv` in {REPO} first")
     gguf = default_gguf()
     genai_py = venv(root / "genai-venv", GENAI, log=root / "genai-install.log")
-    # A native build: the wheel is compiled here, for this CPU's instruction set.
-    env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF", FORCE_CMAKE="1")
-    llama_py = venv(root / "llamacpp-venv", LLAMACPP, env=env, log=root / "llamacpp-build.log")
+    # Compiled here, for this CPU's instruction sets (AMX excluded: ggml_cpu_args); no llava/mtmd library.
+    cmake = f"{ggml_cpu_args()} -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF"
+    env = dict(os.environ, CMAKE_ARGS=cmake, FORCE_CMAKE="1")
+    llama_py = venv(root / "llamacpp-venv", LLAMACPP, env=env, log=root / "llamacpp-build.log", build=cmake)
 
     hf = root / "hf-fp32"
     if force or not (hf / "config.json").exists():
@@ -115,6 +149,7 @@ def setup(root: Path, force: bool) -> None:
         "onnxruntime_genai": version(genai_py, "onnxruntime_genai"),
         "genai_onnxruntime": version(genai_py, "onnxruntime"),
         "llama_cpp_python": version(llama_py, "llama_cpp"),
+        "llama_cpp_cmake_args": cmake,
         "genai_options": "int4, block_size=32, accuracy_level=4, is_symmetric=true (default), "
                          "shared_embeddings=true (default for tied embeddings)",
     })

@@ -9,7 +9,24 @@ loads the model, runs one untimed generation and one timed one: prefill of N pro
 new-tokens - 1 greedy decode steps, eos ignored, with --threads threads. The order of engines
 rotates every round, so slow phases of a shared machine spread over all of them; the table
 reports medians over rounds and ratios of medians. --write writes benchmarks/RESULTS.md and
-benchmarks/results.json.
+benchmarks/results.json (--out / --json-out elsewhere).
+
+Another model than the peers' default one (the 1B-class model of benchmarks/big_model.py):
+
+    .venv/bin/python benchmarks/big_model.py /tmp/big                  # hf/ + model.Q4_0.gguf
+    .venv/bin/edge-infer export /tmp/big/model.Q4_0.gguf -o /tmp/big-ei
+    PEERS/genai-venv/bin/python -m onnxruntime_genai.models.builder -i /tmp/big/hf -o /tmp/big-genai \
+        -p int4 -e cpu --extra_options block_size=32 accuracy_level=4 hf_token=false
+    .venv/bin/python benchmarks/sidebyside.py /tmp/big-ei --gguf /tmp/big/model.Q4_0.gguf \
+        --genai-model /tmp/big-genai --model-name "1B-class" --targets issue12-1b --bandwidth \
+        --grounded --rounds 2 --out benchmarks/RESULTS_1B.md --json-out benchmarks/results_1b.json
+
+--bandwidth measures the machine's memory bandwidth once per round (numpy over a 512 MiB array,
+--threads threads, in this process while no engine runs) and reports each engine's fraction of it:
+the bytes of weights one decode step reads (from the model files: every weight tensor but the
+rows an embedding lookup skips) x decode tok/s / bandwidth. --grounded adds the grounded task
+set of benchmarks/speculative: edge-infer plain, edge-infer `--speculative auto` and llama.cpp
+plain decode on the same chat-template ids (one process per engine per round, all tasks in it).
 """
 
 from __future__ import annotations
@@ -33,6 +50,8 @@ LABEL = {"edge": "edge-infer", "genai": "onnxruntime-genai", "llamacpp": "llama.
 # Issue 3's targets: edge-infer / peer, higher is better except RSS (edge / genai <= 1).
 TARGETS = {("decode_tok_s", "genai"): 1.2, ("decode_tok_s", "llamacpp"): 1.2,
            ("prefill_tok_s", "genai"): 1.5, ("prefill_tok_s", "llamacpp"): 2.0}
+# Issue 12 part 5 at 1B, 2 threads (against llama.cpp; RSS: edge <= llama.cpp + edge's preallocated KV cache).
+TARGETS_1B = {"decode_tok_s": 1.0, "prefill_tok_s": 1.2, "speculative": 1.3}
 
 
 def busy_seconds() -> float:
@@ -57,9 +76,9 @@ def wait_quiet(limit_s: float, threshold: float = 0.15) -> float:
         time.sleep(2.0)
 
 
-def run_worker(python: str, engine: str, model: str, ids_file: Path, args) -> dict:
+def run_worker(python: str, engine: str, model: str, ids_file: Path, args, extra: list[str] = ()) -> dict:
     cmd = [python, str(WORKER), engine, model, "--ids", str(ids_file), "--new-tokens", str(args.new_tokens),
-           "--threads", str(args.threads), "--runs", "1", "--warmup", str(args.warmup)]
+           "--threads", str(args.threads), "--runs", "1", "--warmup", str(args.warmup), *extra]
     quiet_before = wait_quiet(args.wait_quiet) if args.wait_quiet else None
     busy0, t0 = busy_seconds(), time.monotonic()
     own0 = os.times()
@@ -75,13 +94,22 @@ def run_worker(python: str, engine: str, model: str, ids_file: Path, args) -> di
     return got
 
 
-def prompts(model: str, lengths: list[int]) -> tuple[dict[int, list[int]], str]:
+def prompts(model: str, lengths: list[int], new_tokens: int = 128, grounded: bool = False) -> tuple:
+    """(prompt ids per length, text description, grounded task ids or None, edge-infer's KV cache MiB
+    per length: what it preallocates for prompt + new tokens)."""
     import edge_infer
     from edge_infer.bench import measure
 
     text, desc = measure.read_text()
-    ids = edge_infer.load(model, device="cpu", verify=False).tokenizer.encode(text)
-    return {n: measure.prompt_ids(ids, n) for n in lengths}, f"{desc}, {len(ids)} tokens"
+    m = edge_infer.load(model, device="cpu", verify=False, threads=1)
+    ids = m.tokenizer.encode(text)
+    kv = {}
+    for n in lengths:
+        cache = m.new_cache(max_length=min(n + new_tokens, m.max_length))
+        kv[n] = sum(a.nbytes for a in [*cache.keys, *cache.values]) / 2**20
+        del cache
+    tasks = grounded_ids(m) if grounded else None
+    return {n: measure.prompt_ids(ids, n) for n in lengths}, f"{desc}, {len(ids)} tokens", tasks, kv
 
 
 def median(rows: list[dict], field: str) -> float:
@@ -109,9 +137,10 @@ def git_commit() -> str:
 def measure_all(args, peers: dict, prompt_ids: dict[int, list[int]]) -> dict:
     python = {"edge": sys.executable, "genai": peers["genai_python"], "llamacpp": peers["llamacpp_python"],
               "edge2": sys.executable}
-    model = {"edge": args.model, "genai": peers["genai_model"], "llamacpp": peers["gguf"], "edge2": args.compare}
+    model = {"edge": args.model, "genai": args.genai_model or peers["genai_model"],
+             "llamacpp": args.gguf or peers["gguf"], "edge2": args.compare}
     rows: dict = {(e, n): [] for e in ENGINES for n in prompt_ids}
-    info = {}
+    info: dict = {"bandwidth": []}
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for n, ids in prompt_ids.items():
@@ -123,21 +152,146 @@ def measure_all(args, peers: dict, prompt_ids: dict[int, list[int]]) -> dict:
                 print(f"deadline reached: {r} complete rounds", flush=True)
                 break
             order = ENGINES[r % len(ENGINES):] + ENGINES[:r % len(ENGINES)]
+            if args.bandwidth:
+                if args.wait_quiet:
+                    wait_quiet(args.wait_quiet)
+                info["bandwidth"].append(dict(memory_bandwidth(args.threads), load=load_avg()))
+                print(f"round {r + 1}: memory bandwidth {info['bandwidth'][-1]}", flush=True)
             for n in prompt_ids:
                 for e in order:
-                    for _ in range(args.retries + 1):  # a measurement others disturbed is redone
+                    for attempt in range(args.retries + 1):  # a measurement others disturbed is redone
                         got = run_worker(python[e], e.rstrip("2"), model[e], files[n], args)
                         if got["others_cores"] <= args.max_others:
                             break
-                        print(f"  redo {LABEL[e]} at {n}: others used {got['others_cores']:.2f} cores", flush=True)
+                        if attempt < args.retries:
+                            print(f"  redo {LABEL[e]} at {n}: others used {got['others_cores']:.2f} cores", flush=True)
                     run = dict(got["runs"][0], rss_after_load_mib=got["rss_after_load_mib"], load_s=got["load_s"],
-                               others_cores=got["others_cores"])
+                               others_cores=got["others_cores"], load_avg=load_avg())
                     rows[(e, n)].append(run)
                     info[e] = {"version": got["version"], "machine": got["machine"]}
                     print(f"round {r + 1}/{args.rounds} prompt {n:5d} {LABEL[e]:18s} prefill "
                           f"{run['prefill_tok_s']:7.1f} decode {run['decode_tok_s']:6.1f} tok/s  "
-                          f"RSS {run['peak_rss_mib']:.0f} MiB  others {run['others_cores']:.2f} cores", flush=True)
+                          f"RSS {run['peak_rss_mib']:.0f} MiB  others {run['others_cores']:.2f} cores  "
+                          f"load {load_avg()}", flush=True)
     return {"rows": rows, "info": info}
+
+
+# ---------------------------------------------------------------- memory bandwidth and bytes per token
+
+def memory_bandwidth(threads: int, mib: int = 512, reps: int = 5) -> dict:
+    """GB/s (1e9) of numpy over a mib-MiB float64 array split across `threads` threads (numpy releases
+    the GIL in these loops): read = one pass over it (a sum, and a dot with itself: the faster one is
+    the read ceiling), copy = read + write of it (STREAM's convention, write-allocate not counted).
+    Best of reps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = mib * 2**20 // 8
+    a, b = np.ones(n), np.zeros(n)
+    parts = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+    kernels = {"read_sum": (lambda s: a[s].sum(), 1), "read_dot": (lambda s: a[s].dot(a[s]), 1),
+               "copy": (lambda s: np.copyto(b[s], a[s]), 2)}
+    out = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for name, (kernel, passes) in kernels.items():
+            best = float("inf")
+            for _ in range(reps):
+                start = time.perf_counter()
+                list(pool.map(kernel, parts))
+                best = min(best, time.perf_counter() - start)
+            out[name] = round(passes * a.nbytes / best / 1e9, 2)
+    out["read"] = max(out["read_sum"], out["read_dot"])
+    return out
+
+
+GATHERS = ("Gather", "GatherBlockQuantized")
+
+
+def onnx_weight_bytes(path: Path) -> dict:
+    """Bytes of the initializers one decode step reads: all of them, except tensors only an embedding
+    lookup reads (it reads one row). By consumer op type: MatMulNBits, the embedding, the rest."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(path), load_external_data=False)
+    users: dict = {}
+    for node in m.graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    packed = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4") if hasattr(onnx.TensorProto, t)}
+    out = {"total": 0, "MatMulNBits": 0, "other": 0, "embedding_table_skipped": 0}
+    for t in m.graph.initializer:
+        count = int(np.prod(t.dims)) if t.dims else 1
+        size = count // 2 if t.data_type in packed else count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        ops = users.get(t.name, set())
+        if ops and ops <= set(GATHERS):
+            out["embedding_table_skipped"] += size
+            continue
+        out["total"] += size
+        out["MatMulNBits" if "MatMulNBits" in ops else "other"] += size
+    return out
+
+
+def gguf_weight_bytes(path: Path) -> dict:
+    """Bytes of the GGUF's tensors one decode step reads: all (a tied token_embd is the output matrix),
+    except token_embd when a separate output.weight exists (then only its looked-up row is read)."""
+    import gguf
+
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    skip = tensors["token_embd.weight"] if "output.weight" in tensors else 0
+    return {"total": sum(tensors.values()) - skip, "embedding_table_skipped": skip}
+
+
+def weight_bytes(args, peers: dict) -> dict:
+    edge = Path(args.model)
+    manifest = json.loads((edge / "manifest.json").read_text())
+    edge_onnx = edge / manifest["graph"]["file"]
+    genai = Path(args.genai_model or peers["genai_model"])
+    genai_cfg = json.loads((genai / "genai_config.json").read_text())
+    return {"edge": onnx_weight_bytes(edge_onnx),
+            "genai": onnx_weight_bytes(genai / genai_cfg["model"]["decoder"]["filename"]),
+            "llamacpp": gguf_weight_bytes(Path(args.gguf or peers["gguf"]))}
+
+
+# ---------------------------------------------------------------- the grounded set: speculation vs plain
+
+GROUNDED = ("edge", "edge-spec", "llamacpp")
+GLABEL = {"edge": "edge-infer plain", "edge-spec": "edge-infer --speculative auto", "llamacpp": "llama.cpp plain"}
+
+
+def grounded_ids(model) -> dict[str, list[int]]:
+    """The grounded tasks of benchmarks/speculative as chat-template ids (edge-infer's tokenizer)."""
+    sys.path.insert(0, str(REPO / "benchmarks" / "speculative"))
+    from run import load_tasks
+
+    from edge_infer.runtime.generate import encode_prompt
+
+    return {name: encode_prompt(model, messages) for name, messages in load_tasks("grounded")}
+
+
+def measure_grounded(args, peers: dict, tasks: dict[str, list[int]]) -> dict:
+    """Per round, one process per engine runs every task (rotating engine order)."""
+    python = {"edge": sys.executable, "edge-spec": sys.executable, "llamacpp": peers["llamacpp_python"]}
+    model = {"edge": args.model, "edge-spec": args.model, "llamacpp": args.gguf or peers["gguf"]}
+    rows: dict = {e: [] for e in GROUNDED}
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_file = Path(tmp) / "tasks.json"
+        ids_file.write_text(json.dumps(tasks))
+        for r in range(args.rounds):
+            order = GROUNDED[r % 3:] + GROUNDED[:r % 3]
+            for e in order:
+                extra = ["--speculative", "auto"] if e == "edge-spec" else []
+                got = run_worker(python[e], e.split("-")[0], model[e], ids_file, args, extra)
+                runs = got["runs"]
+                decode_time = sum((x["new_tokens"] - 1) / x["decode_tok_s"] for x in runs)
+                total = {"decode_tok_s": sum(x["new_tokens"] - 1 for x in runs) / decode_time,
+                         "others_cores": got["others_cores"], "load": load_avg(), "runs": runs}
+                if e == "edge-spec":
+                    total["proposed"] = sum(x["proposed"] for x in runs)
+                    total["accepted"] = sum(x["accepted"] for x in runs)
+                rows[e].append(total)
+                print(f"grounded round {r + 1}/{args.rounds} {GLABEL[e]:30s} decode {total['decode_tok_s']:6.1f} tok/s"
+                      f"  others {got['others_cores']:.2f} cores  load {total['load']}", flush=True)
+    return rows
 
 
 def export_times(args, peers: dict) -> dict:
@@ -185,10 +339,10 @@ def markdown(args, meta: dict, med: dict, rows: dict, lengths: list[int]) -> str
         "",
         f"- Machine: {m['cpu']}, {m['logical_cores']} logical cores ({m['usable_cores']} usable), "
         f"{m['memory_gib']} GiB, {m['os']}, Python {m['python']}. Shared with other developers' jobs: "
-        f"load average {meta['load_before']} before, {meta['load_after']} after (1/5/15 min).",
-        f"- Model: SmolLM2-135M-Instruct, same weights for all three: {meta['edge_model']}; "
-        f"onnxruntime-genai: its builder's int4 from the GGUF dequantized to fp32 ({meta['genai_options']}); "
-        "llama.cpp: the original Q4_1 GGUF.",
+        f"load average {meta['load_before']} before, {meta['load_after']} after" + (f", {meta['load_after_grounded']} after the grounded set" if meta.get('load_after_grounded') else "") + " (1/5/15 min).",
+        f"- Model: {meta['model_name']}, same weights for all three: {meta['edge_model']}; "
+        f"onnxruntime-genai: its builder's int4 from {meta['genai_source']} ({meta['genai_options']}); "
+        f"llama.cpp: {meta['llama_source']}.",
         f"- Engines: {'; '.join(meta['versions'][e] for e in ENGINES if e != 'edge2')}; onnxruntime "
         f"{m['onnxruntime']} "
         "(edge-infer and genai).",
@@ -212,21 +366,14 @@ def markdown(args, meta: dict, med: dict, rows: dict, lengths: list[int]) -> str
             lines.append(f"| {n} | {LABEL[e]} | {d['prefill_tok_s']:.0f} | {d['decode_tok_s']:.1f} | "
                          f"{d['ttft_s'] * 1e3:.0f} | {d['itl_p50_ms']:.2f} / {d['itl_p95_ms']:.2f} | "
                          f"{d['peak_rss_mib']:.0f} | {d['rss_after_load_mib']:.0f} | {d['load_s']:.2f} |")
-    lines += ["", "## Ratios against issue 3's targets (edge-infer / peer, ratio of medians)", "",
-              "| prompt | metric | vs onnxruntime-genai | target | vs llama.cpp | target |",
-              "|---:|---|---:|---:|---:|---:|"]
-    for n in lengths:
-        for f, name in (("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s")):
-            cells = []
-            for peer in ("genai", "llamacpp"):
-                ratio = med[("edge", n)][f] / med[(peer, n)][f]
-                target = TARGETS[(f, peer)]
-                cells += [f"{ratio:.2f}x", f"≥ {target}x {'met' if ratio >= target else '**missed**'}"]
-            lines.append(f"| {n} | {name} | {' | '.join(cells)} |")
-        rss = med[("edge", n)]["peak_rss_mib"] / med[("genai", n)]["peak_rss_mib"]
-        rss_llama = med[("edge", n)]["peak_rss_mib"] / med[("llamacpp", n)]["peak_rss_mib"]
-        lines.append(f"| {n} | peak RSS | {rss:.2f}x | ≤ 1x {'met' if rss <= 1 else '**missed**'} | "
-                     f"{rss_llama:.2f}x | (none) |")
+    if args.targets == "issue12-1b":
+        lines += targets_1b(meta, med, lengths)
+    if meta.get("bandwidth"):
+        lines += bandwidth_section(args, meta, med, lengths)
+    if meta.get("grounded"):
+        lines += grounded_section(args, meta)
+    if args.targets == "issue3":
+        lines += issue3_ratios(med, lengths)
     e128, e1024 = (med[("edge", n)]["decode_tok_s"] for n in (lengths[0], lengths[-1]))
     lines += ["", f"Decode at {lengths[-1]} vs {lengths[0]} prompt tokens (edge-infer): {e1024 / e128:.2f} "
               f"(target ≥ 0.75: {'met' if e1024 / e128 >= 0.75 else '**missed**'}).", "",
@@ -235,14 +382,16 @@ def markdown(args, meta: dict, med: dict, rows: dict, lengths: list[int]) -> str
               f"{meta['machine']['logical_cores']}); a measurement starts once they have used under 15% of the "
               f"machine for a second, or after {args.wait_quiet:.0f} s of waiting; one during which they used more "
               f"than {args.max_others} cores is redone (up to {args.retries} times).", "",
-              "| prompt | engine | prefill tok/s per round | decode tok/s per round | others' cores per round |",
-              "|---:|---|---|---|---|"]
+              "| prompt | engine | prefill tok/s per round | decode tok/s per round | others' cores per round "
+              "| load average after each (1/5/15 min) |",
+              "|---:|---|---|---|---|---|"]
     for n in lengths:
         for e in ENGINES:
             pre = ", ".join(f"{r['prefill_tok_s']:.0f}" for r in rows[(e, n)])
             dec = ", ".join(f"{r['decode_tok_s']:.1f}" for r in rows[(e, n)])
             others = ", ".join(f"{r['others_cores']:.2f}" for r in rows[(e, n)])
-            lines.append(f"| {n} | {LABEL[e]} | {pre} | {dec} | {others} |")
+            loads = "; ".join(r.get("load_avg", "?") for r in rows[(e, n)])
+            lines.append(f"| {n} | {LABEL[e]} | {pre} | {dec} | {others} | {loads} |")
     first = {e: rows[(e, lengths[0])][0]["first_tokens"] for e in ENGINES if e != "edge2"}
     if meta.get("export_times"):
         t = meta["export_times"]
@@ -260,6 +409,120 @@ def markdown(args, meta: dict, med: dict, rows: dict, lengths: list[int]) -> str
               + " (int4 variants of the same weights may pick different tokens; the work per step is the same).",
               "", "Command:", "", "```", meta["command"], "```", ""]
     return "\n".join(lines)
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def grounded_totals(meta: dict) -> dict:
+    """Per engine: decode tok/s over all grounded tasks per round, and its median."""
+    g = meta["grounded"]
+    return {e: {"rounds": [r["decode_tok_s"] for r in g[e]],
+                "median": float(np.median([r["decode_tok_s"] for r in g[e]]))} for e in GROUNDED}
+
+
+def targets_1b(meta: dict, med: dict, lengths: list[int]) -> list[str]:
+    lines = ["", "## Issue 12's targets at 1B (edge-infer / llama.cpp, ratio of medians)", "",
+             "| target | prompt | edge-infer | llama.cpp | ratio | target | |", "|---|---:|---:|---:|---:|---:|---|"]
+    for f, name in (("decode_tok_s", "plain decode tok/s"), ("prefill_tok_s", "prefill tok/s")):
+        for n in lengths:
+            e, l = med[("edge", n)][f], med[("llamacpp", n)][f]
+            lines.append(f"| {name} | {n} | {e:.1f} | {l:.1f} | {e / l:.2f}x | ≥ {TARGETS_1B[f]}x | "
+                         f"{met(e / l >= TARGETS_1B[f])} |")
+    if meta.get("grounded"):
+        t = grounded_totals(meta)
+        e, l = t["edge-spec"]["median"], t["llamacpp"]["median"]
+        lines.append(f"| `--speculative auto` decode vs llama.cpp plain, grounded set | chat | {e:.1f} | {l:.1f} | "
+                     f"{e / l:.2f}x | ≥ {TARGETS_1B['speculative']}x | {met(e / l >= TARGETS_1B['speculative'])} |")
+    for n in lengths:
+        e, l, kv = med[("edge", n)]["peak_rss_mib"], med[("llamacpp", n)]["peak_rss_mib"], meta["kv_mib"][n]
+        lines.append(f"| peak RSS MiB ≤ llama.cpp's + edge-infer's KV cache ({kv:.0f} MiB) | {n} | {e:.0f} | {l:.0f} | "
+                     f"{e / (l + kv):.2f}x of {l + kv:.0f} | ≤ 1x | {met(e <= l + kv)} |")
+    return lines
+
+
+def bandwidth_section(args, meta: dict, med: dict, lengths: list[int]) -> list[str]:
+    bw = meta["bandwidth"]
+    read = max(b["read"] for b in bw)
+    copy = max(b["copy"] for b in bw)
+    lines = ["", "## Fraction of the memory-bandwidth ceiling (decode)", "",
+             f"Bandwidth measured in this run, once per round before the engines ({args.threads} threads, numpy over a "
+             "512 MiB float64 array, best of 5; GB = 1e9 bytes): " + "; ".join(
+                 f"round {i + 1}: read {b['read_sum']} (sum) / {b['read_dot']} (dot) GB/s, copy {b['copy']} GB/s "
+                 f"(load {b['load']})" for i, b in enumerate(bw)) + f". Ceiling used: the best read, {read} GB/s "
+             f"(copy, read + write: {copy} GB/s).", "",
+             "Bytes per decoded token = the weight tensors one step reads, summed from each engine's model file "
+             "(all weights; an embedding table only a lookup reads counts as one row: zero here; tied embeddings are "
+             "read in full as the output matrix). The KV cache read per step is not counted (at 1024 tokens "
+             f"edge-infer's is {meta['kv_mib'][lengths[-1]]:.0f} MiB allocated, of which the step reads the filled part).",
+             "", "| prompt | engine | weight MB read per token | decode tok/s | GB/s of weights | fraction of read "
+             "ceiling |", "|---:|---|---:|---:|---:|---:|"]
+    for n in lengths:
+        for e in ENGINES:
+            if e == "edge2":
+                continue
+            mb = meta["weight_bytes"][e]["total"] / 1e6
+            tok_s = med[(e, n)]["decode_tok_s"]
+            lines.append(f"| {n} | {LABEL[e]} | {mb:.0f} | {tok_s:.1f} | {mb * tok_s / 1e3:.2f} | "
+                         f"{mb * tok_s / 1e3 / read:.0%} |")
+    wb = meta["weight_bytes"]
+    lines += ["", "Weight bytes by kind (MB): " + "; ".join(
+        f"{LABEL[e]} {wb[e]['total'] / 1e6:.0f}" + (f" (MatMulNBits {wb[e]['MatMulNBits'] / 1e6:.0f}, other "
+                                                   f"{wb[e]['other'] / 1e6:.0f})" if "MatMulNBits" in wb[e] else "")
+        + (f", embedding table not read {wb[e]['embedding_table_skipped'] / 1e6:.0f}"
+           if wb[e]["embedding_table_skipped"] else "") for e in ("edge", "genai", "llamacpp")) + "."]
+    return lines
+
+
+def grounded_section(args, meta: dict) -> list[str]:
+    g, t = meta["grounded"], grounded_totals(meta)
+    tasks = [r["task"] for r in g["edge"][0]["runs"]]
+    lines = ["", "## Speculation on the grounded set (benchmarks/speculative, chat template, "
+             f"{args.new_tokens} new tokens, greedy, eos ignored)", "",
+             "One process per engine per round runs all tasks (one warmup on the first); engines alternate in "
+             "rotating order. Decode tok/s over all tasks = their decode tokens / their decode time.", "",
+             "| engine | decode tok/s (median) | per round | vs llama.cpp plain | vs edge-infer plain |",
+             "|---|---:|---|---:|---:|"]
+    for e in GROUNDED:
+        lines.append(f"| {GLABEL[e]} | {t[e]['median']:.1f} | {', '.join(f'{x:.1f}' for x in t[e]['rounds'])} | "
+                     f"{t[e]['median'] / t['llamacpp']['median']:.2f}x | {t[e]['median'] / t['edge']['median']:.2f}x |")
+    spec = g["edge-spec"]
+    proposed, accepted = sum(r["proposed"] for r in spec), sum(r["accepted"] for r in spec)
+    same = [all(a["ids"] == b["ids"] for a, b in zip(p["runs"], q["runs"])) for p in g["edge"] for q in spec]
+    lines += ["", f"Lookup acceptance: {accepted} of {proposed} guesses ({accepted / max(proposed, 1):.0%}) over "
+              f"{len(spec)} rounds of {len(tasks)} tasks. Speculative ids equal edge-infer plain decoding's on "
+              f"{sum(same)} of {len(same)} (plain round, speculative round) pairs over all tasks.", "",
+              "| task | prompt tokens | edge-infer plain | --speculative auto | llama.cpp plain | acceptance | "
+              "tokens per target pass | ids = plain |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for i, task in enumerate(tasks):
+        cell = {e: float(np.median([r["runs"][i]["decode_tok_s"] for r in g[e]])) for e in GROUNDED}
+        s0 = spec[0]["runs"][i]
+        per_pass = (s0["new_tokens"] - 1) / max(s0["target_passes"], 1)
+        identical = all(p["runs"][i]["ids"] == q["runs"][i]["ids"] for p in g["edge"] for q in spec)
+        lines.append(f"| {task} | {s0['prompt_tokens']} | {cell['edge']:.1f} | {cell['edge-spec']:.1f} | "
+                     f"{cell['llamacpp']:.1f} | {s0['acceptance']:.0%} | {per_pass:.2f} | "
+                     f"{'yes' if identical else 'no'} |")
+    return lines
+
+
+def issue3_ratios(med: dict, lengths: list[int]) -> list[str]:
+    lines = ["", "## Ratios against issue 3's targets (edge-infer / peer, ratio of medians)", "",
+             "| prompt | metric | vs onnxruntime-genai | target | vs llama.cpp | target |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for n in lengths:
+        for f, name in (("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s")):
+            cells = []
+            for peer in ("genai", "llamacpp"):
+                ratio = med[("edge", n)][f] / med[(peer, n)][f]
+                target = TARGETS[(f, peer)]
+                cells += [f"{ratio:.2f}x", f"≥ {target}x {'met' if ratio >= target else '**missed**'}"]
+            lines.append(f"| {n} | {name} | {' | '.join(cells)} |")
+        rss = med[("edge", n)]["peak_rss_mib"] / med[("genai", n)]["peak_rss_mib"]
+        rss_llama = med[("edge", n)]["peak_rss_mib"] / med[("llamacpp", n)]["peak_rss_mib"]
+        lines.append(f"| {n} | peak RSS | {rss:.2f}x | ≤ 1x {'met' if rss <= 1 else '**missed**'} | "
+                     f"{rss_llama:.2f}x | (none) |")
+    return lines
 
 
 def main() -> None:
@@ -282,6 +545,22 @@ def main() -> None:
                     help="A second edge-infer model folder measured in the same alternation (a diagnostic row).")
     ap.add_argument("--export-rounds", type=int, default=0, help="Also time exports, alternating (rounds).")
     ap.add_argument("--write", action="store_true", help="Write benchmarks/RESULTS.md and results.json.")
+    ap.add_argument("--gguf", default=None, help="llama.cpp's GGUF (default: peers.json's, the default model).")
+    ap.add_argument("--genai-model", default=None, help="onnxruntime-genai's model folder (default: peers.json's).")
+    ap.add_argument("--model-name", default="SmolLM2-135M-Instruct", help="The model's name in the table.")
+    ap.add_argument("--genai-source", default="the GGUF dequantized to fp32",
+                    help="What genai's builder read, in the table.")
+    ap.add_argument("--targets", choices=["issue3", "issue12-1b"], default="issue3",
+                    help="The targets the ratio table checks.")
+    ap.add_argument("--bandwidth", action="store_true",
+                    help="Measure memory bandwidth each round; report each engine's fraction of it.")
+    ap.add_argument("--grounded", action="store_true",
+                    help="Also: edge-infer plain and --speculative auto vs llama.cpp plain on the grounded set.")
+    ap.add_argument("--grounded-tasks", default=None,
+                    help="Comma-separated names of grounded tasks to run (default: all of them).")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="Markdown that --write writes.")
+    ap.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results.json",
+                    help="Raw JSON that --write writes.")
     args = ap.parse_args()
     global ENGINES
     if args.compare:
@@ -292,7 +571,12 @@ def main() -> None:
         sys.exit(f"{peers_file} is missing: run `python3 benchmarks/peers.py setup --dir {args.peers}` first")
     peers = json.loads(peers_file.read_text())
     lengths = [int(x) for x in args.prompt_tokens.split(",")]
-    prompt_ids, text = prompts(args.model, lengths)
+    prompt_ids, text, grounded, kv_mib = prompts(args.model, lengths, args.new_tokens, args.grounded)
+    if grounded and args.grounded_tasks:
+        keep = args.grounded_tasks.split(",")
+        if set(keep) - set(grounded):
+            sys.exit(f"unknown grounded tasks {sorted(set(keep) - set(grounded))}; known: {', '.join(grounded)}")
+        grounded = {k: v for k, v in grounded.items() if k in keep}
     manifest = json.loads((Path(args.model) / "manifest.json").read_text())
     q = manifest["quantization"]
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
@@ -302,11 +586,18 @@ def main() -> None:
                           f"lm_head {q.get('lm_head')}, accuracy_level {q.get('accuracy_level')}"
                           + (f" ({q['gguf_q4_1']})" if q.get("gguf_q4_1") else ""),
             "command": " ".join([".venv/bin/python", "benchmarks/sidebyside.py", *sys.argv[1:]]),
+            "model_name": args.model_name, "genai_source": args.genai_source, "kv_mib": kv_mib,
+            "llama_source": f"{Path(args.gguf).name}, read directly" if args.gguf else "the original Q4_1 GGUF",
+            "weight_bytes": weight_bytes(args, peers) if args.bandwidth else None,
             "compare": describe_export(args.compare) if args.compare else None}
     started = time.perf_counter()
     got = measure_all(args, peers, prompt_ids)
     meta.update(load_after=load_avg(), versions={e: got["info"][e]["version"] for e in ENGINES},
-                machine=got["info"]["edge"]["machine"], seconds=round(time.perf_counter() - started))
+                machine=got["info"]["edge"]["machine"], seconds=round(time.perf_counter() - started),
+                bandwidth=got["info"]["bandwidth"])
+    if grounded:
+        meta["grounded"] = measure_grounded(args, peers, grounded)
+        meta["load_after_grounded"] = load_avg()
     if args.export_rounds:
         meta["export_times"] = export_times(args, peers)
     done = min(len(v) for v in got["rows"].values())
@@ -316,10 +607,10 @@ def main() -> None:
     text_md = markdown(args, meta, med, got["rows"], lengths)
     print(text_md)
     if args.write:
-        (REPO / "benchmarks" / "RESULTS.md").write_text(text_md)
+        args.out.write_text(text_md)
         raw = {"meta": meta, "medians": {f"{e}@{n}": v for (e, n), v in med.items()},
                "runs": {f"{e}@{n}": v for (e, n), v in got["rows"].items()}}
-        (REPO / "benchmarks" / "results.json").write_text(json.dumps(raw, indent=1))
+        args.json_out.write_text(json.dumps(raw, indent=1))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ ENGINE is edge (edge-infer, from this repo's .venv), genai (onnxruntime-genai) o
 timed by the same code, bench/measure.py loaded by file path (it needs only numpy), on the
 same prompt token ids, greedy, eos ignored. Prints one JSON object: the runs, the engine's
 version and load time; peak RSS is this process's, so it covers one engine and one prompt.
+
+--ids may also hold an object {name: ids} (several prompts, e.g. the grounded tasks): one load,
+one warmup on the first prompt, then one timed run per prompt (`task` names it, `ids` keeps the
+generated ids). --speculative auto|lookup (edge only) decodes with edge-infer's speculation
+(runtime.speculative, eos ignored) instead of plain steps; each run then records its acceptance.
 """
 
 from __future__ import annotations
@@ -31,12 +36,37 @@ def load_measure():
     return module
 
 
+def vm_hwm_mib() -> float | None:
+    """This process's peak resident memory since it started (Linux VmHWM), None elsewhere.
+
+    Not getrusage's ru_maxrss (what bench.measure.peak_rss_mib read before): on Linux that keeps the high-water
+    mark of the memory a process had before exec, so a worker started by a harness holding 1 GiB
+    reports at least the harness's peak (Python's subprocess starts children with vfork)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def edge(model: str, threads: int, new_tokens: int, measure):
     import edge_infer
 
     m = edge_infer.load(model, device="cpu", threads=threads)
     prefill, step = measure.edge_engine(m, new_tokens)
     return prefill, step, f"edge-infer {edge_infer.__version__} ({m.manifest.quant_scheme})"
+
+
+def edge_spec(model: str, threads: int, new_tokens: int, measure, mode: str):
+    """tokens(ids, stats) of edge-infer's speculative decoding (`mode`: auto, lookup), as users get it."""
+    import edge_infer
+    from edge_infer.runtime.speculative import speculative_config
+
+    m = edge_infer.load(model, device="cpu", threads=threads)
+    tokens = measure.edge_speculative(m, speculative_config(mode), new_tokens)
+    return tokens, f"edge-infer {edge_infer.__version__} ({m.manifest.quant_scheme}, --speculative {mode})"
 
 
 def genai(model: str, threads: int, new_tokens: int, measure):
@@ -96,29 +126,65 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("engine", choices=["edge", "genai", "llamacpp"])
     ap.add_argument("model")
-    ap.add_argument("--ids", required=True, help="JSON file with a list of prompt token ids")
+    ap.add_argument("--ids", required=True, help="JSON file with a list of prompt token ids, or {name: ids}")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--warmup-tokens", type=int, default=8,
                     help="New tokens in a warmup run: the full prompt runs, then only a few decode steps.")
+    ap.add_argument("--speculative", default=None, choices=["auto", "lookup"],
+                    help="edge only: decode with edge-infer's speculation instead of plain steps.")
     args = ap.parse_args()
     measure = load_measure()
-    ids = json.loads(Path(args.ids).read_text())
+    given = json.loads(Path(args.ids).read_text())
+    tasks = given if isinstance(given, dict) else {None: given}
+    longest = max(len(v) for v in tasks.values())
     start = time.perf_counter()
-    if args.engine == "edge":
+    spec = None
+    if args.speculative:
+        if args.engine != "edge":
+            sys.exit("--speculative is edge-infer's (engine edge)")
+        spec, version = edge_spec(args.model, args.threads, args.new_tokens, measure, args.speculative)
+    elif args.engine == "edge":
         prefill, step, version = edge(args.model, args.threads, args.new_tokens, measure)
     elif args.engine == "genai":
         prefill, step, version = genai(args.model, args.threads, args.new_tokens, measure)
     else:
         prefill, step, version = llamacpp(args.model, args.threads, args.new_tokens, measure,
-                                          n_ctx=len(ids) + args.new_tokens)
+                                          n_ctx=longest + args.new_tokens)
     load_s = time.perf_counter() - start
-    rss_loaded = measure.peak_rss_mib()
+    rss_loaded = vm_hwm_mib() or measure.peak_rss_mib()
+
+    def one(ids: list[int], new_tokens: int) -> dict:
+        keep: list[int] = []
+        if spec is None:
+            stats = measure.time_tokens(measure.step_tokens(prefill, step, ids, new_tokens), len(ids), new_tokens,
+                                        keep)
+            out = dict(stats.as_dict(), ids=keep)
+        else:
+            from edge_infer.runtime.speculative import SpecStats
+
+            counts = SpecStats()
+            stats = measure.time_tokens(spec(ids, counts), len(ids), new_tokens, keep)
+            out = dict(stats.as_dict(), ids=keep, proposed=counts.proposed, accepted=counts.accepted,
+                       target_passes=counts.target_passes, acceptance=counts.acceptance_rate)
+        out["peak_rss_mib_rusage"] = out["peak_rss_mib"]
+        out["peak_rss_mib"] = vm_hwm_mib() or out["peak_rss_mib"]
+        return out
+
+    first = next(iter(tasks.values()))
     for _ in range(args.warmup):
-        measure.time_generation(prefill, step, ids, min(args.warmup_tokens, args.new_tokens))
-    runs = [measure.time_generation(prefill, step, ids, args.new_tokens).as_dict() for _ in range(args.runs)]
+        one(first, min(args.warmup_tokens, args.new_tokens))
+    runs = []
+    for name, ids in tasks.items():
+        for _ in range(args.runs):
+            run = one(ids, args.new_tokens)
+            if name is None:
+                run.pop("ids")
+            else:
+                run["task"] = name
+            runs.append(run)
     print(json.dumps({"engine": args.engine, "version": version, "load_s": load_s, "rss_after_load_mib": rss_loaded,
                       "runs": runs, "machine": measure.describe_machine(args.threads)}))
 
