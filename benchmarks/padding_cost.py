@@ -38,8 +38,9 @@ def main() -> None:
     import edge_infer
     from edge_infer.bench.measure import cpu_model, read_text
 
-    old, new = (edge_infer.load(p, device="cpu", threads=args.threads) for p in (args.old, args.new))
-    unpadded = edge_infer.load(args.old, device="cpu", threads=args.threads)
+    # One shared thread pool: three sessions with pools of their own spin on each other's cores.
+    old, new, unpadded = (edge_infer.load(p, device="cpu", threads=args.threads, shared_threads=True)
+                          for p in (args.old, args.new, args.old))
     unpadded.pad_ids = False
     assert new.pads_in_graph and not old.pads_in_graph, "NEW must pad in the graph, OLD must not"
     variants = {"unpadded": unpadded, "runtime": old, "in-graph": new}
