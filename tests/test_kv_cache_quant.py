@@ -166,33 +166,23 @@ def test_a_manifest_that_disagrees_with_the_graph_is_refused(tiny_exports, tmp_p
 def test_server_rows_with_an_int8_cache_equal_solo_runs(tiny_exports):
     """The server's batched step over an int8 cache (slots, chunked prefill, prefix reuse) gives every
     request the answer it gets alone."""
-    import queue
+    from test_serve_engine import run_engine
 
     from edge_infer.runtime.generate import encode_prompt, generate
     from edge_infer.serve.config import EngineConfig
     from edge_infer.serve.engine import Engine
-    from edge_infer.serve.request import Delta, GenerationRequest
+    from edge_infer.serve.request import GenerationRequest
 
     m = edge_infer.load(tiny_exports("llama", "int4", kv_cache="int8"), device="cpu", threads=1)
     prompts = ["The quick brown fox", "Paris is the capital", "def f(x): return", "Numbers 0123", "Tabs and"]
     budgets = [12, 20, 7, 16, 10]
     want = [generate(m, p, max_tokens=n) for p, n in zip(prompts, budgets)]
+    requests = [GenerationRequest(tuple(encode_prompt(m, p)), n, SamplingParams(), request_id=str(i))
+                for i, (p, n) in enumerate(zip(prompts, budgets))]
     engine = Engine(m, EngineConfig(parallel=3, prefill_chunk=5))
     engine.start()
     try:
         for _ in range(2):  # the second round reuses cached prefixes
-            queues = []
-            for i, (p, n) in enumerate(zip(prompts, budgets)):
-                q: queue.Queue = queue.Queue()
-                engine.submit(GenerationRequest(tuple(encode_prompt(m, p)), n, SamplingParams(), request_id=str(i)),
-                              q.put)
-                queues.append(q)
-            got = []
-            for q in queues:
-                parts = []
-                while isinstance(event := q.get(timeout=60), Delta):
-                    parts.append(event.text)
-                got.append("".join(parts))
-            assert got == want
+            assert [text for text, _ in run_engine(engine, requests)] == want
     finally:
         engine.stop()
