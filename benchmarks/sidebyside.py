@@ -43,17 +43,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bandwidth import bandwidth_section, memory_bandwidth, weight_bytes  # this folder (the script's own path)
+from targets import issue3_ratios, targets_1b
+
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "benchmarks" / "worker.py"
 ENGINES = ("edge", "genai", "llamacpp")
 LABEL = {"edge": "edge-infer", "genai": "onnxruntime-genai", "llamacpp": "llama.cpp"}
-# Issue 3's targets: edge-infer / peer, higher is better except RSS (edge / genai <= 1).
-TARGETS = {("decode_tok_s", "genai"): 1.2, ("decode_tok_s", "llamacpp"): 1.2,
-           ("prefill_tok_s", "genai"): 1.5, ("prefill_tok_s", "llamacpp"): 2.0}
-# Issue 12 part 5 at 1B, 2 threads (against llama.cpp; RSS: edge <= llama.cpp + edge's preallocated KV cache).
-TARGETS_1B = {"decode_tok_s": 1.0, "prefill_tok_s": 1.2, "speculative": 1.3}
-
-
 def busy_seconds() -> float:
     """CPU seconds spent busy by the whole machine since boot (Linux /proc/stat), 0 elsewhere."""
     try:
@@ -178,80 +174,6 @@ def measure_all(args, peers: dict, prompt_ids: dict[int, list[int]]) -> dict:
 
 # ---------------------------------------------------------------- memory bandwidth and bytes per token
 
-def memory_bandwidth(threads: int, mib: int = 512, reps: int = 5) -> dict:
-    """GB/s (1e9) of numpy over a mib-MiB float64 array split across `threads` threads (numpy releases
-    the GIL in these loops): read = one pass over it (a sum, and a dot with itself: the faster one is
-    the read ceiling), copy = read + write of it (STREAM's convention, write-allocate not counted).
-    Best of reps."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    n = mib * 2**20 // 8
-    a, b = np.ones(n), np.zeros(n)
-    parts = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
-    kernels = {"read_sum": (lambda s: a[s].sum(), 1), "read_dot": (lambda s: a[s].dot(a[s]), 1),
-               "copy": (lambda s: np.copyto(b[s], a[s]), 2)}
-    out = {}
-    with ThreadPoolExecutor(threads) as pool:
-        for name, (kernel, passes) in kernels.items():
-            best = float("inf")
-            for _ in range(reps):
-                start = time.perf_counter()
-                list(pool.map(kernel, parts))
-                best = min(best, time.perf_counter() - start)
-            out[name] = round(passes * a.nbytes / best / 1e9, 2)
-    out["read"] = max(out["read_sum"], out["read_dot"])
-    return out
-
-
-GATHERS = ("Gather", "GatherBlockQuantized")
-
-
-def onnx_weight_bytes(path: Path) -> dict:
-    """Bytes of the initializers one decode step reads: all of them, except tensors only an embedding
-    lookup reads (it reads one row). By consumer op type: MatMulNBits, the embedding, the rest."""
-    import onnx
-    from onnx import helper
-
-    m = onnx.load(str(path), load_external_data=False)
-    users: dict = {}
-    for node in m.graph.node:
-        for name in node.input:
-            users.setdefault(name, set()).add(node.op_type)
-    packed = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4") if hasattr(onnx.TensorProto, t)}
-    out = {"total": 0, "MatMulNBits": 0, "other": 0, "embedding_table_skipped": 0}
-    for t in m.graph.initializer:
-        count = int(np.prod(t.dims)) if t.dims else 1
-        size = count // 2 if t.data_type in packed else count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        ops = users.get(t.name, set())
-        if ops and ops <= set(GATHERS):
-            out["embedding_table_skipped"] += size
-            continue
-        out["total"] += size
-        out["MatMulNBits" if "MatMulNBits" in ops else "other"] += size
-    return out
-
-
-def gguf_weight_bytes(path: Path) -> dict:
-    """Bytes of the GGUF's tensors one decode step reads: all (a tied token_embd is the output matrix),
-    except token_embd when a separate output.weight exists (then only its looked-up row is read)."""
-    import gguf
-
-    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
-    skip = tensors["token_embd.weight"] if "output.weight" in tensors else 0
-    return {"total": sum(tensors.values()) - skip, "embedding_table_skipped": skip}
-
-
-def weight_bytes(args, peers: dict) -> dict:
-    edge = Path(args.model)
-    manifest = json.loads((edge / "manifest.json").read_text())
-    edge_onnx = edge / manifest["graph"]["file"]
-    genai = Path(args.genai_model or peers["genai_model"])
-    genai_cfg = json.loads((genai / "genai_config.json").read_text())
-    return {"edge": onnx_weight_bytes(edge_onnx),
-            "genai": onnx_weight_bytes(genai / genai_cfg["model"]["decoder"]["filename"]),
-            "llamacpp": gguf_weight_bytes(Path(args.gguf or peers["gguf"]))}
-
-
 # ---------------------------------------------------------------- the grounded set: speculation vs plain
 
 GROUNDED = ("edge", "edge-spec", "llamacpp")
@@ -367,9 +289,9 @@ def markdown(args, meta: dict, med: dict, rows: dict, lengths: list[int]) -> str
                          f"{d['ttft_s'] * 1e3:.0f} | {d['itl_p50_ms']:.2f} / {d['itl_p95_ms']:.2f} | "
                          f"{d['peak_rss_mib']:.0f} | {d['rss_after_load_mib']:.0f} | {d['load_s']:.2f} |")
     if args.targets == "issue12-1b":
-        lines += targets_1b(meta, med, lengths)
+        lines += targets_1b(meta, med, lengths, grounded_totals(meta) if meta.get("grounded") else None)
     if meta.get("bandwidth"):
-        lines += bandwidth_section(args, meta, med, lengths)
+        lines += bandwidth_section(args, meta, med, lengths, LABEL)
     if meta.get("grounded"):
         lines += grounded_section(args, meta)
     if args.targets == "issue3":
@@ -411,68 +333,11 @@ def markdown(args, meta: dict, med: dict, rows: dict, lengths: list[int]) -> str
     return "\n".join(lines)
 
 
-def met(ok: bool) -> str:
-    return "met" if ok else "**missed**"
-
-
 def grounded_totals(meta: dict) -> dict:
     """Per engine: decode tok/s over all grounded tasks per round, and its median."""
     g = meta["grounded"]
     return {e: {"rounds": [r["decode_tok_s"] for r in g[e]],
                 "median": float(np.median([r["decode_tok_s"] for r in g[e]]))} for e in GROUNDED}
-
-
-def targets_1b(meta: dict, med: dict, lengths: list[int]) -> list[str]:
-    lines = ["", "## Issue 12's targets at 1B (edge-infer / llama.cpp, ratio of medians)", "",
-             "| target | prompt | edge-infer | llama.cpp | ratio | target | |", "|---|---:|---:|---:|---:|---:|---|"]
-    for f, name in (("decode_tok_s", "plain decode tok/s"), ("prefill_tok_s", "prefill tok/s")):
-        for n in lengths:
-            e, l = med[("edge", n)][f], med[("llamacpp", n)][f]
-            lines.append(f"| {name} | {n} | {e:.1f} | {l:.1f} | {e / l:.2f}x | ≥ {TARGETS_1B[f]}x | "
-                         f"{met(e / l >= TARGETS_1B[f])} |")
-    if meta.get("grounded"):
-        t = grounded_totals(meta)
-        e, l = t["edge-spec"]["median"], t["llamacpp"]["median"]
-        lines.append(f"| `--speculative auto` decode vs llama.cpp plain, grounded set | chat | {e:.1f} | {l:.1f} | "
-                     f"{e / l:.2f}x | ≥ {TARGETS_1B['speculative']}x | {met(e / l >= TARGETS_1B['speculative'])} |")
-    for n in lengths:
-        e, l, kv = med[("edge", n)]["peak_rss_mib"], med[("llamacpp", n)]["peak_rss_mib"], meta["kv_mib"][n]
-        lines.append(f"| peak RSS MiB ≤ llama.cpp's + edge-infer's KV cache ({kv:.0f} MiB) | {n} | {e:.0f} | {l:.0f} | "
-                     f"{e / (l + kv):.2f}x of {l + kv:.0f} | ≤ 1x | {met(e <= l + kv)} |")
-    return lines
-
-
-def bandwidth_section(args, meta: dict, med: dict, lengths: list[int]) -> list[str]:
-    bw = meta["bandwidth"]
-    read = max(b["read"] for b in bw)
-    copy = max(b["copy"] for b in bw)
-    lines = ["", "## Fraction of the memory-bandwidth ceiling (decode)", "",
-             f"Bandwidth measured in this run, once per round before the engines ({args.threads} threads, numpy over a "
-             "512 MiB float64 array, best of 5; GB = 1e9 bytes): " + "; ".join(
-                 f"round {i + 1}: read {b['read_sum']} (sum) / {b['read_dot']} (dot) GB/s, copy {b['copy']} GB/s "
-                 f"(load {b['load']})" for i, b in enumerate(bw)) + f". Ceiling used: the best read, {read} GB/s "
-             f"(copy, read + write: {copy} GB/s).", "",
-             "Bytes per decoded token = the weight tensors one step reads, summed from each engine's model file "
-             "(all weights; an embedding table only a lookup reads counts as one row: zero here; tied embeddings are "
-             "read in full as the output matrix). The KV cache read per step is not counted (at 1024 tokens "
-             f"edge-infer's is {meta['kv_mib'][lengths[-1]]:.0f} MiB allocated, of which the step reads the filled part).",
-             "", "| prompt | engine | weight MB read per token | decode tok/s | GB/s of weights | fraction of read "
-             "ceiling |", "|---:|---|---:|---:|---:|---:|"]
-    for n in lengths:
-        for e in ENGINES:
-            if e == "edge2":
-                continue
-            mb = meta["weight_bytes"][e]["total"] / 1e6
-            tok_s = med[(e, n)]["decode_tok_s"]
-            lines.append(f"| {n} | {LABEL[e]} | {mb:.0f} | {tok_s:.1f} | {mb * tok_s / 1e3:.2f} | "
-                         f"{mb * tok_s / 1e3 / read:.0%} |")
-    wb = meta["weight_bytes"]
-    lines += ["", "Weight bytes by kind (MB): " + "; ".join(
-        f"{LABEL[e]} {wb[e]['total'] / 1e6:.0f}" + (f" (MatMulNBits {wb[e]['MatMulNBits'] / 1e6:.0f}, other "
-                                                   f"{wb[e]['other'] / 1e6:.0f})" if "MatMulNBits" in wb[e] else "")
-        + (f", embedding table not read {wb[e]['embedding_table_skipped'] / 1e6:.0f}"
-           if wb[e]["embedding_table_skipped"] else "") for e in ("edge", "genai", "llamacpp")) + "."]
-    return lines
 
 
 def grounded_section(args, meta: dict) -> list[str]:
@@ -503,25 +368,6 @@ def grounded_section(args, meta: dict) -> list[str]:
         lines.append(f"| {task} | {s0['prompt_tokens']} | {cell['edge']:.1f} | {cell['edge-spec']:.1f} | "
                      f"{cell['llamacpp']:.1f} | {s0['acceptance']:.0%} | {per_pass:.2f} | "
                      f"{'yes' if identical else 'no'} |")
-    return lines
-
-
-def issue3_ratios(med: dict, lengths: list[int]) -> list[str]:
-    lines = ["", "## Ratios against issue 3's targets (edge-infer / peer, ratio of medians)", "",
-             "| prompt | metric | vs onnxruntime-genai | target | vs llama.cpp | target |",
-             "|---:|---|---:|---:|---:|---:|"]
-    for n in lengths:
-        for f, name in (("decode_tok_s", "decode tok/s"), ("prefill_tok_s", "prefill tok/s")):
-            cells = []
-            for peer in ("genai", "llamacpp"):
-                ratio = med[("edge", n)][f] / med[(peer, n)][f]
-                target = TARGETS[(f, peer)]
-                cells += [f"{ratio:.2f}x", f"≥ {target}x {'met' if ratio >= target else '**missed**'}"]
-            lines.append(f"| {n} | {name} | {' | '.join(cells)} |")
-        rss = med[("edge", n)]["peak_rss_mib"] / med[("genai", n)]["peak_rss_mib"]
-        rss_llama = med[("edge", n)]["peak_rss_mib"] / med[("llamacpp", n)]["peak_rss_mib"]
-        lines.append(f"| {n} | peak RSS | {rss:.2f}x | ≤ 1x {'met' if rss <= 1 else '**missed**'} | "
-                     f"{rss_llama:.2f}x | (none) |")
     return lines
 
 
