@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS,
-                                          QUERY_SEQLENS, past, past_pair, present_pair)
+from edge_infer.contract.io_names import LOGITS, present_pair
 from edge_infer.devices.ort import ort
 from edge_infer.export.progress import Progress
 from edge_infer.export.rope import inv_freq
 from edge_infer.export.sources import Source
 from edge_infer.export.spec import DecoderSpec
+from edge_infer.export.validate import is_fp16, prompt_feed, session_for
 from edge_infer.quantize.kv_cache import HEADROOM, LayerRope, kv_scales, quantize_kv_graph
 
 CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
@@ -38,8 +38,8 @@ def calibrate_kv_cache(folder: Path, graph_file: str, source: Source, spec: Deco
     progress.stage(f"calibrating the {kind} KV cache")
     calib, held_out = _token_ids(source, spec, max_length)
     path = folder / graph_file
-    session = _session(path)
-    float_logits, presents = _run(session, spec, held_out, np.float16 if _is_fp16(session) else np.float32)
+    session = session_for(str(path))
+    float_logits, presents = _run(session, spec, held_out, np.float16 if is_fp16(session) else np.float32)
     _, presents = _run(session, spec, calib, presents[0].dtype)
     del session
     scales = []
@@ -52,7 +52,7 @@ def calibrate_kv_cache(folder: Path, graph_file: str, source: Source, spec: Deco
     del model
 
     progress.stage("checking the quantized KV cache on held-out text")
-    session = _session(path)
+    session = session_for(str(path))
     cache_dtype = np.int8 if kind == "int8" else np.uint8
     quant_logits, _ = _run(session, spec, held_out, cache_dtype, packed=kind == "int4")
     check = _compare(float_logits, quant_logits, held_out)
@@ -99,31 +99,12 @@ def _layer_rope(spec: DecoderSpec, i: int, max_length: int) -> LayerRope | None:
     return LayerRope(inv_freq(rope, max_length), max_length)
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def _is_fp16(session: ort.InferenceSession) -> bool:
-    return any(i.name == past(0, "key") and i.type == "tensor(float16)" for i in session.get_inputs())
-
-
 def _run(session: ort.InferenceSession, spec: DecoderSpec, ids: list[int], cache_dtype,
          packed: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
     """Logits at every position (n, vocab) and the present keys/values of one pass from an empty cache."""
-    n = len(ids)
     names = {i.name for i in session.get_inputs()}
-    feed: dict[str, np.ndarray] = {
-        INPUT_IDS: np.asarray([ids], dtype=np.int64), ATTENTION_MASK: np.ones((1, n), np.int64),
-        POSITION_IDS: np.arange(n, dtype=np.int64)[None, :], LOGITS_TO_KEEP: np.array([n], dtype=np.int64),
-        QUERY_SEQLENS: np.array([n], dtype=np.int64)}
-    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim // 2 if packed else spec.head_dim), cache_dtype)
-    outputs = [LOGITS]
-    for i in range(spec.num_layers):
-        for name in past_pair(i):
-            feed[name] = empty
-        outputs += list(present_pair(i))
+    feed = prompt_feed(spec, ids, cache_dtype, spec.head_dim // 2 if packed else None)
+    outputs = [LOGITS] + [name for i in range(spec.num_layers) for name in present_pair(i)]
     out = session.run(outputs, {k: v for k, v in feed.items() if k in names})
     return out[0][0], out[1:]
 

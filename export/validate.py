@@ -44,21 +44,22 @@ def all_logits(session: ort.InferenceSession, spec: DecoderSpec, ids: list[int],
     return session.run([LOGITS], {k: v for k, v in feed.items() if k in names})[0][0][-n:]
 
 
-def prompt_feed(spec: DecoderSpec, ids: list[int], dtype=np.float32) -> dict[str, np.ndarray]:
+def prompt_feed(spec: DecoderSpec, ids: list[int], dtype=np.float32, width: int | None = None) -> dict[str, np.ndarray]:
     """Every input of a cacheless pass over one prompt, asking for every position's logits (a graph
-    without position_ids, logits_to_keep or query_seqlens ignores those)."""
+    without position_ids, logits_to_keep or query_seqlens ignores those). `dtype` and `width` (values
+    stored per head and position, head_dim unless a 4-bit cache packs two per byte) are the cache's."""
     n = len(ids)
     feed = {INPUT_IDS: np.asarray([ids], dtype=np.int64), ATTENTION_MASK: np.ones((1, n), np.int64),
             LOGITS_TO_KEEP: np.array([n], dtype=np.int64), QUERY_SEQLENS: np.array([n], dtype=np.int64),
             POSITION_IDS: np.arange(n, dtype=np.int64)[None, :]}
-    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=dtype)  # (1, kv_heads, 0, head_dim)
+    empty = np.zeros((1, spec.num_kv_heads, 0, width or spec.head_dim), dtype=dtype)  # (1, kv_heads, 0, width)
     for i in range(spec.num_layers):
         for name in past_pair(i):
             feed[name] = empty
     return feed
 
 
-def _session(path: str, light: bool = False) -> ort.InferenceSession:
+def session_for(path: str, light: bool = False) -> ort.InferenceSession:
     """light: a session run on a few prompts once (the fp32 reference), where packing hundreds of MB
     of weights for faster matmuls costs more than it saves."""
     so = ort.SessionOptions()
@@ -100,7 +101,7 @@ def _against_source(graph: Path, source: Source, spec: DecoderSpec, prompts, pro
         progress.note(f"source comparison {msg}")
         return {"source_comparison": msg}
     try:
-        session = _session(str(graph))
+        session = session_for(str(graph))
     except Exception as e:  # fp16 graphs may not run on the CPU provider
         msg = f"skipped: the graph does not run on the CPU provider here ({str(e).splitlines()[0][:200]})"
         progress.note(f"source comparison {msg}")
@@ -137,7 +138,7 @@ def _against_source(graph: Path, source: Source, spec: DecoderSpec, prompts, pro
     worst, greedy_same = 0.0, 0
     total = 0
     for ids in prompts:
-        ours = all_logits(session, spec, ids, np.float16 if spec and _is_fp16(session) else np.float32)
+        ours = all_logits(session, spec, ids, np.float16 if spec and is_fp16(session) else np.float32)
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0].float().numpy()
         worst = max(worst, float(np.abs(ours.astype(np.float32) - ref).max()))
@@ -149,7 +150,7 @@ def _against_source(graph: Path, source: Source, spec: DecoderSpec, prompts, pro
             "argmax_agreement": greedy_same / total}
 
 
-def _is_fp16(session: ort.InferenceSession) -> bool:
+def is_fp16(session: ort.InferenceSession) -> bool:
     return any("float16" in i.type for i in session.get_inputs())
 
 
@@ -165,7 +166,7 @@ def compare_graphs(graph: Path, reference: onnx.ModelProto | Path, spec, tokeniz
 def _against_reference(graph: Path, reference: onnx.ModelProto | Path | StoredGraph, spec: DecoderSpec, prompts,
                        progress: Progress) -> dict:
     # The quantized graph first, on its own: its session is freed before the reference runs.
-    quant = _session(str(graph))
+    quant = session_for(str(graph))
     ours = [all_logits(quant, spec, ids) for ids in prompts]
     del quant
     gc.collect()
