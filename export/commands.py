@@ -36,11 +36,12 @@ def quant_options(f):
 @click.option("--quant", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="int4", show_default=True)
 @click.option("--max-length", type=int, default=None, help="KV-cache length [default: min(4096, model context)].")
 @quant_options
-@click.option("--gguf-import", type=click.Choice(["exact", "mixed", "requantize"]), default="exact",
+@click.option("--gguf-import", type=click.Choice(["folded", "exact", "mixed", "requantize"]), default="folded",
               show_default=True,
-              help="GGUF Q4_1/Q4_K blocks: exact (a residual term per weight), mixed (exact in the MLP, rounded "
-                   "again in attention: 1.05-1.17x decode, perplexity 1.04x fp32), requantize (all rounded "
-                   "again, wider blocks too: 1.3-1.4x decode, 1.14x); see benchmarks/QUALITY.md.")
+              help="GGUF Q4_1/Q4_K blocks: folded (the block residuals as extra columns of the weight, rounded "
+                   "once), exact (a float residual term per weight, slower), mixed (exact in the MLP, rounded "
+                   "again in attention), requantize (all rounded again, wider blocks too); see "
+                   "benchmarks/QUALITY.md.")
 @click.option("--profile", type=click.Choice(["default", "npu"]), default="default", show_default=True,
               help="npu: standard ONNX ops and static shapes (prefill-chunk + decode graphs) for OpenVINO, QNN "
                    "and any provider; --quant fp32, int8 or int4 (DequantizeLinear blocks); --max-length "

@@ -43,8 +43,9 @@ FLOAT_DATA = "float.onnx.data"  # small float tensors of an int8/int4 export's f
 VERSION = "0.1.0"
 # How GGUF blocks with a minimum per block (Q4_1, Q4_K) are imported; measured on the default
 # model (perplexity vs fp32 / decode speed vs exact, benchmarks/QUALITY.md and RESULTS.md):
-# exact 1.004 / 1x, mixed 1.036 / 1.05-1.17x, requantize 1.144 / 1.3-1.4x.
-GGUF_IMPORTS = ("exact", "mixed", "requantize")
+# exact 1.004 / 1x, mixed 1.036 / 1.05-1.17x, requantize 1.144 / 1.3-1.4x; folded (the default):
+# the residuals folded into the weight (quantize/block_offsets.py fold_minimum).
+GGUF_IMPORTS = ("folded", "exact", "mixed", "requantize")
 MLP_WEIGHTS = (".gate_up.weight", ".up.weight", ".down.weight")  # where "mixed" keeps the exact import
 
 
@@ -58,10 +59,11 @@ class ExportOptions:
     embeddings: str = "int8"  # int8 | int4 | fp
     lm_head: str = "int8"
     rounding: str = "search"  # 4-bit rounding of float weights: "search" (least-squares scales) or "rtn"
-    # GGUF blocks with a minimum per block (Q4_1, Q4_K), see GGUF_IMPORTS: "exact" (a residual
+    # GGUF blocks with a minimum per block (Q4_1, Q4_K), see GGUF_IMPORTS: "folded" (the block
+    # residuals as extra input columns of the weight, rounded once), "exact" (a float residual
     # branch per weight, slower decode), "mixed" (exact in the MLP, rounded again in attention) or
     # "requantize" (all rounded again with searched scales: fastest, lossy).
-    gguf_import: str = "exact"
+    gguf_import: str = "folded"
     validate: bool = True
     force: bool = False
     profile: str = "default"  # "npu": static standard-op graphs (export/npu_export.py)
@@ -274,10 +276,10 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
     bits = config.validate().bits
     embed_bits = {"int8": 8, "int4": 4}.get(config.embeddings_choice(), 0)
     if isinstance(blocks, _LazySourceBlocks):
-        pre, minimums = blocks, blocks.minimums
+        pre, minimums, folded = blocks, blocks.minimums, blocks.folded
         blocks.embed_bits = embed_bits
     else:
-        pre, minimums = _source_blocks(blocks, bits, embed_bits, options.block_size, options.gguf_import)
+        pre, minimums, folded = _source_blocks(blocks, bits, embed_bits, options.block_size, options.gguf_import)
     progress.stage(f"quantizing to {options.quant} (block {options.block_size}, "
                    f"{'symmetric' if options.symmetric else 'asymmetric'})")
     bar = progress.bar("quantize", total=None)
@@ -290,6 +292,10 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
         from edge_infer.quantize.block_offsets import add_block_offsets
 
         add_block_offsets(q, minimums, options.block_size)
+    if folded:
+        from edge_infer.quantize.block_offsets import add_block_sums
+
+        add_block_sums(q, folded, options.block_size)
     info: dict[str, Any] = {"summary": quantize_summary(q)}  # the record's details (QuantRecord)
     requantized = info["summary"].get("requantized") or []
     if requantized:
@@ -300,6 +306,9 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
     if minimums:
         info["gguf_q4_1"] = (f"{len(minimums)} Q4_1/Q4_K weights imported exactly "
                              "(integer zero point + block residual)")
+    if folded:
+        info["gguf_q4_1_folded"] = (f"{len(folded)} Q4_1/Q4_K weights imported with their block residuals "
+                                    "folded into the weight (integer zero point + residual columns rounded once)")
     mixed = sorted(name for name, b in blocks.items() if b is None)
     if mixed:
         info["mixed_source_types"] = mixed
@@ -321,6 +330,7 @@ class _LazySourceBlocks:
         self.weights, self.bits, self.options = weights, bits, options
         self.embed_bits = 8
         self.minimums: dict[str, np.ndarray] = {}
+        self.folded: set[str] = set()
         self.seen: dict[str, object] = {}
         self.kept: set[str] = set()  # graph names whose source blocks were used as they are
         self.used = 0
@@ -344,8 +354,10 @@ class _LazySourceBlocks:
         if b is None:
             return default
         o = self.options
-        pre, minimums = _source_blocks({canonical: b}, self.bits, self.embed_bits, o.block_size, o.gguf_import)
+        pre, minimums, folded = _source_blocks({canonical: b}, self.bits, self.embed_bits, o.block_size,
+                                               o.gguf_import)
         self.minimums.update(minimums)
+        self.folded.update(folded)
         self.used += len(pre)
         if name in pre:
             self.kept.add(name)
@@ -353,7 +365,7 @@ class _LazySourceBlocks:
 
 
 def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,
-                   gguf_import: str = "exact") -> tuple[dict, dict]:
+                   gguf_import: str = "folded") -> tuple[dict, dict, set]:
     """GGUF blocks that the rewrite can use as they are, keyed by graph initializer name, plus the
     per-block residuals of scale-and-minimum formats (Q4_1, Q4_K) for quantize.block_offsets.
 
@@ -363,11 +375,13 @@ def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,
     attention weights that would need the residual branch; "requantize" leaves out every such
     weight and wider blocks (Q8_0 in an int4 export): every weight is then rounded to what was asked.
     """
-    from edge_infer.quantize.block_offsets import split_minimum
+    from edge_infer.quantize.block_offsets import fold_minimum, split_minimum
     from edge_infer.quantize.nbits import split_blocks
 
     names = {"embed.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
-    pre, minimums = {}, {}
+    pre: dict = {}
+    minimums: dict = {}
+    folded: set[str] = set()
     for canonical, b in blocks.items():
         if b is None:
             continue
@@ -379,18 +393,27 @@ def _source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,
         split = split_minimum(ql)
         if split is not None and not exact_split and ql.block_size != block_size:
             continue  # a minimum per block is added back at the export's block size only: round once instead
+        fold = split is not None and gguf_import == "folded" and exact_split
         if split is not None:
-            keep = gguf_import == "exact" or (gguf_import == "mixed" and canonical.endswith(MLP_WEIGHTS))
+            keep = gguf_import in ("exact", "folded") or (gguf_import == "mixed" and canonical.endswith(MLP_WEIGHTS))
             if canonical in names or not keep:  # (the embedding gather has no residual branch)
                 continue
-            ql, minimums[name] = split
+            if not fold:
+                ql, minimums[name] = split
         if exact_split and ql.block_size != block_size:
             factor = ql.block_size // block_size
             ql = split_blocks(ql, block_size)
             if name in minimums:
                 minimums[name] = np.repeat(minimums[name], factor, axis=1)
+        if fold:
+            folded_ql = fold_minimum(ql)
+            if folded_ql is None:
+                ql, minimums[name] = split_minimum(ql)  # type: ignore[misc]
+            else:
+                ql = folded_ql
+                folded.add(name)
         pre[name] = ql
-    return pre, minimums
+    return pre, minimums, folded
 
 
 def _as_linear(b):

@@ -51,6 +51,7 @@ from .nbits import (
     nbits_initializers,
     quantize_rtn,
 )
+from .block_offsets import folded_columns
 from .config import CHOICES, EMBED_GATHER, LM_HEAD_MATMUL, LM_HEAD_TRANSPOSE, QuantConfig
 from .search import quantize_search
 
@@ -234,7 +235,7 @@ def _obtain(
     n, k = (dims[1], dims[0]) if job.transposed else dims  # W (K, N) or W_embed (V, D)
     pre = prequantized.get(job.weight)
     if pre is not None:
-        if (pre.n, pre.k) != (n, k):
+        if pre.n != n or pre.k not in (k, folded_columns(k, pre.block_size)):  # (block sums folded in)
             raise ValueError(f"prequantized {job.weight} is (N={pre.n}, K={pre.k}), the graph needs ({n}, {k})")
         if pre.bits == job.bits and pre.block_size == config.block_size:
             return pre

@@ -87,7 +87,8 @@ def gguf_file(tmp_path_factory):
 def test_imported_blocks_compute_the_gguf_weights(gguf_file, tmp_path):
     """int4 (float activations) equals the fp32 export of the dequantized GGUF up to float rounding."""
     fp32 = export_model(gguf_file, tmp_path / "fp32", ExportOptions(quant="fp32", max_length=64, validate=False))
-    int4 = export_model(gguf_file, tmp_path / "int4", ExportOptions(quant="int4", max_length=64, accuracy_level=0))
+    int4 = export_model(gguf_file, tmp_path / "int4", ExportOptions(quant="int4", max_length=64, accuracy_level=0,
+                                                                   gguf_import="exact"))
     manifest = json.loads((int4 / "manifest.json").read_text())
     assert manifest["quantization"]["summary"]["requantized"] == []
     assert "imported exactly" in manifest["quantization"]["gguf_q4_1"]
@@ -101,7 +102,8 @@ def test_imported_blocks_compute_the_gguf_weights(gguf_file, tmp_path):
 
 def test_block_16_split_is_exact_too(gguf_file, tmp_path):
     int4 = export_model(gguf_file, tmp_path / "b16", ExportOptions(quant="int4", max_length=64, block_size=16,
-                                                                 accuracy_level=0, validate=False))
+                                                                 accuracy_level=0, validate=False,
+                                                                 gguf_import="exact"))
     fp32 = export_model(gguf_file, tmp_path / "fp32", ExportOptions(quant="fp32", max_length=64, validate=False))
     a, b = edge_infer.load(fp32, device="cpu"), edge_infer.load(int4, device="cpu")
     ids = np.array([[3, 4, 5, 6, 7, 8]])
@@ -111,24 +113,30 @@ def test_block_16_split_is_exact_too(gguf_file, tmp_path):
 
 
 def test_gguf_import_modes(gguf_file, tmp_path):
-    """--gguf-import: exact keeps a residual branch for every Q4_1 weight, mixed only in the MLP,
-    requantize for none (and can take the Q8_0 embedding down to int4); the rounded weights stay
-    close to the GGUF's own, and mixed sits between the other two."""
+    """--gguf-import: exact keeps a float residual branch for every Q4_1 weight, mixed only in the
+    MLP, folded and requantize for none (requantize can take the Q8_0 embedding down to int4);
+    folded feeds those weights [x, blocksum(x)] instead. The rounded weights stay close to the
+    GGUF's own: folded next to exact, far below mixed and requantize."""
     import onnx
 
     opts = dict(quant="int4", max_length=64, accuracy_level=0, validate=False)
-    out = {mode: export_model(gguf_file, tmp_path / mode, ExportOptions(**opts, gguf_import=mode))
-           for mode in ("exact", "mixed", "requantize")}
+    modes = ("exact", "folded", "mixed", "requantize")
+    out = {mode: export_model(gguf_file, tmp_path / mode, ExportOptions(**opts, gguf_import=mode)) for mode in modes}
     fast4 = export_model(gguf_file, tmp_path / "fast4", ExportOptions(**opts, gguf_import="requantize",
                                                                      embeddings="int4", lm_head="int4"))
-    residuals = {mode: [n.name for n in onnx.load(f / "model.onnx").graph.node if n.op_type == "MatMul"]
-                 for mode, f in out.items()}  # plain MatMuls: the exact import's residual terms
+    graphs = {mode: onnx.load(f / "model.onnx").graph for mode, f in out.items()}
+    residuals = {mode: [n.name for n in g.node if n.op_type == "MatMul"]
+                 for mode, g in graphs.items()}  # plain MatMuls: the exact import's residual terms
     assert len(residuals["exact"]) == 3 * LAYERS  # qkv and gate_up and down are Q4_1 (o is Q4_0: no residual)
     assert residuals["mixed"] and all("/mlp/" in name for name in residuals["mixed"])
-    assert len(residuals["mixed"]) == 2 * LAYERS and residuals["requantize"] == []
+    assert len(residuals["mixed"]) == 2 * LAYERS and residuals["requantize"] == residuals["folded"] == []
+    widened = {n.name: [a.i for a in n.attribute if a.name == "K"][0] for n in graphs["folded"].node
+               if n.op_type == "MatMulNBits" and n.input[0].endswith("/x_and_sums")}
+    assert len(widened) == 3 * LAYERS and sorted(set(widened.values())) == [HIDDEN + HIDDEN // 32, FFN + FFN // 32]
     for mode, f in out.items():
         q = json.loads((f / "manifest.json").read_text())["quantization"]
-        assert q["gguf_import"] == mode and ("gguf_q4_1" in q) == (mode != "requantize")
+        assert q["gguf_import"] == mode
+        assert ("gguf_q4_1" in q) == (mode in ("exact", "mixed")) and ("gguf_q4_1_folded" in q) == (mode == "folded")
     heads = [n for n in onnx.load(fast4 / "model.onnx").graph.node if n.name.startswith("/lm_head/MatMul")]
     assert [a.i for n in heads for a in n.attribute if a.name == "bits"] == [4]  # not kept at Q8_0's 8 bits
     fp32 = edge_infer.load(export_model(gguf_file, tmp_path / "fp32", ExportOptions(quant="fp32", max_length=64,
@@ -140,7 +148,27 @@ def test_gguf_import_modes(gguf_file, tmp_path):
         m = edge_infer.load(f, device="cpu")
         lb = m.forward(ids, m.new_cache(), logits_to_keep=10)[0]
         err[mode] = np.abs(lb - la).mean() / np.abs(la).mean()
-    assert err["exact"] < 1e-4 < err["mixed"] < err["requantize"] < 0.3  # random weights are the worst case
+    assert err["exact"] < 1e-4 < err["folded"] < err["mixed"] / 5  # random weights are the worst case
+    assert err["mixed"] < err["requantize"] < 0.3
+
+
+def test_folded_residuals_are_rounded_once_within_their_bound(gguf_file):
+    """fold_minimum's weights are split_minimum's exact ones plus the residual columns, which differ
+    from the exact residuals by at most half a step of their own 4-bit blocks (<= max(d) / 30)."""
+    from edge_infer.export.gguf_file import read_gguf
+    from edge_infer.quantize.block_offsets import fold_minimum, split_minimum
+    from edge_infer.quantize.nbits import dequantize
+
+    ql = read_gguf(gguf_file).tensors["blk.0.ffn_up.weight"].blocks()
+    base, residuals = split_minimum(ql)
+    folded = fold_minimum(ql)
+    assert folded.k == base.k + residuals.shape[1] and folded.bits == 4
+    w = dequantize(folded)  # (N, K + n_blocks)
+    np.testing.assert_array_equal(w[:, :base.k], dequantize(base))
+    step = np.repeat(folded.scales[:, base.n_blocks:], 32, axis=1)[:, :residuals.shape[1]]
+    err = np.abs(w[:, base.k:] - residuals)
+    assert (err <= step / 2 + 1e-7).all() and err.max() <= np.abs(ql.scales).max() / 30 + 1e-7
+    assert err.max() > 0  # rounded, not exact: the bound is what is claimed
 
 
 def test_gguf_tokenizer_and_template_travel_with_the_export(gguf_file, tmp_path):
@@ -158,7 +186,8 @@ def test_k_quants_are_imported_exactly(tmp_path):
                                                   "attn_output": QT.Q6_K, "ffn_gate": QT.Q4_K, "ffn_up": QT.Q4_K,
                                                   "ffn_down": QT.Q6_K, "token_embd": QT.Q8_0}, hidden=256, ffn=256)
     fp32 = export_model(path, tmp_path / "fp32", ExportOptions(quant="fp32", max_length=64, validate=False))
-    int4 = export_model(path, tmp_path / "int4", ExportOptions(quant="int4", max_length=64, accuracy_level=0))
+    int4 = export_model(path, tmp_path / "int4", ExportOptions(quant="int4", max_length=64, accuracy_level=0,
+                                                              gguf_import="exact"))
     q = json.loads((int4 / "manifest.json").read_text())["quantization"]
     assert q["summary"]["requantized"] == [] and q["summary"]["quantized_by_bits"].get("8", 0) == 5
     a, b = edge_infer.load(fp32, device="cpu"), edge_infer.load(int4, device="cpu")
