@@ -19,8 +19,9 @@ That branch is four small nodes and a float (n_blocks, N) matrix per weight: on 
 the nodes cost a quarter of a decode step, on a 1.5B one the matrix adds a fifth to the bytes
 read per token. The folded import (the default, `fold_minimum` / `add_block_sums`) puts R into
 the weight itself as extra input columns, rounded to the weight's bits in blocks of their own,
-and feeds the MatMulNBits [x, blocksum(x)]: no float matrix, no Add, one branch per input shared
-by the weights that read it, and the residuals are the only thing rounded (at most max(d) / 30).
+and feeds the MatMulNBits [x, blocksum(x)] (a MatMul with a 0/1 matrix shared by the weights of
+one K, and a Concat): two small nodes instead of four, no float matrix per weight, and the
+residuals are the only thing rounded (at most max(d) / 30).
 """
 
 from __future__ import annotations
@@ -117,10 +118,12 @@ def folded_columns(k: int, block_size: int) -> int:
 def add_block_sums(model: onnx.ModelProto, folded: set[str], block_size: int) -> int:
     """Feed each MatMulNBits built from a weight in `folded` with [x, blocksum(x)]; returns the count.
 
-    Weights that read the same input share one block-sum branch (Reshape, ReduceSum, Concat).
+    The block sums are one MatMul with a 0/1 matrix (K, n_blocks), shared by every weight of the
+    same K, so it stays in cache; weights that read the same input share one branch (MatMul, Concat).
     """
     graph = model.graph
     widened: dict[str, str] = {}  # input name -> its [x, blocksum(x)] name
+    indicators: dict[int, str] = {}  # K -> the shared (K, n_blocks) 0/1 matrix
     rewritten, added = [], 0
     for node in graph.node:
         if node.op_type != "MatMulNBits" or not any(node.input[1].startswith(w + "_Q") for w in folded):
@@ -128,17 +131,17 @@ def add_block_sums(model: onnx.ModelProto, folded: set[str], block_size: int) ->
             continue
         x = node.input[0]
         if x not in widened:
-            k = next(a.i for a in node.attribute if a.name == "K")
-            n_blocks = k // (block_size + 1)  # k = K + K / block_size
+            n_blocks = next(a.i for a in node.attribute if a.name == "K") // (block_size + 1)  # K + K / block
+            k = n_blocks * block_size
+            if k not in indicators:
+                ones = np.repeat(np.eye(n_blocks, dtype=np.float32), block_size, axis=0)  # (K, n_blocks)
+                indicators[k] = f"block_sums/indicator_{k}x{n_blocks}"
+                graph.initializer.append(numpy_helper.from_array(ones, indicators[k]))
             base = node.name.rsplit("/", 1)[0] + "/block_sums"
-            shape = numpy_helper.from_array(np.array([0, 0, n_blocks, block_size], dtype=np.int64), base + "/shape")
-            axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), base + "/axes")
-            graph.initializer.extend([shape, axes])
             widened[x] = base + "/x_and_sums"
             rewritten += [
-                helper.make_node("Reshape", [x, shape.name], [base + "/x_blocks"], name=base + "/Reshape"),
-                helper.make_node("ReduceSum", [base + "/x_blocks", axes.name], [base + "/sums"],
-                                 name=base + "/ReduceSum", keepdims=0),  # (batch, seq, n_blocks)
+                helper.make_node("MatMul", [x, indicators[k]], [base + "/sums"],
+                                 name=base + "/MatMul"),  # (batch, seq, n_blocks)
                 helper.make_node("Concat", [x, base + "/sums"], [widened[x]], name=base + "/Concat",
                                  axis=-1),  # (batch, seq, K + n_blocks)
             ]

@@ -125,14 +125,16 @@ def test_gguf_import_modes(gguf_file, tmp_path):
     fast4 = export_model(gguf_file, tmp_path / "fast4", ExportOptions(**opts, gguf_import="requantize",
                                                                      embeddings="int4", lm_head="int4"))
     graphs = {mode: onnx.load(f / "model.onnx").graph for mode, f in out.items()}
-    residuals = {mode: [n.name for n in g.node if n.op_type == "MatMul"]
-                 for mode, g in graphs.items()}  # plain MatMuls: the exact import's residual terms
+    residuals = {mode: [n.name for n in g.node if n.op_type == "MatMul" and "/block_min/" in n.name]
+                 for mode, g in graphs.items()}  # the exact import's float residual terms
     assert len(residuals["exact"]) == 3 * LAYERS  # qkv and gate_up and down are Q4_1 (o is Q4_0: no residual)
     assert residuals["mixed"] and all("/mlp/" in name for name in residuals["mixed"])
     assert len(residuals["mixed"]) == 2 * LAYERS and residuals["requantize"] == residuals["folded"] == []
     widened = {n.name: [a.i for a in n.attribute if a.name == "K"][0] for n in graphs["folded"].node
                if n.op_type == "MatMulNBits" and n.input[0].endswith("/x_and_sums")}
     assert len(widened) == 3 * LAYERS and sorted(set(widened.values())) == [HIDDEN + HIDDEN // 32, FFN + FFN // 32]
+    sums = [n for n in graphs["folded"].node if n.name.endswith("/block_sums/MatMul")]
+    assert len(sums) == 3 * LAYERS and len({n.input[1] for n in sums}) == 2  # one 0/1 matrix per K
     for mode, f in out.items():
         q = json.loads((f / "manifest.json").read_text())["quantization"]
         assert q["gguf_import"] == mode
