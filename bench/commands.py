@@ -40,7 +40,8 @@ def _model_info(model, path: str) -> dict:
     m = model.manifest
     return {"path": path, "architecture": m.geometry.architecture, "weights": m.quantization.describe(accuracy=True),
             "kv_cache": m.kv_dtype,
-            "source": m.source.get("description"), "device": model.describe_device()}
+            "source": m.source.get("description"), "device": model.describe_device(),
+            "padding": model.describe_padding()}
 
 
 def _machine_line(machine: dict) -> str:
@@ -142,6 +143,7 @@ def _print_bench(report: dict) -> None:
     click.echo(f"machine  {_machine_line(report['machine'])}")
     mi = report["model"]
     click.echo(f"model    {mi['path']}: {mi['architecture']} {mi['weights']}, KV cache {mi['kv_cache']}, device {mi['device']}")
+    click.echo(f"padding  {mi['padding']}")
     click.echo(f"prompts  {s['text']}, {s['text_tokens']} tokens; {s['sampling']}; "
                f"medians of {s['runs']} runs after {s['warmup']} warmup")
     click.echo()

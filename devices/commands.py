@@ -1,4 +1,5 @@
-"""`edge-infer devices`: the execution providers onnxruntime offers here, and what `--device` would pick.
+"""`edge-infer devices`: the execution providers onnxruntime offers here, what `--device` would pick,
+and what the batch invariance probe has measured on this machine.
 
 Mounted by edge_infer/cli.py; onnxruntime loads inside the command.
 """
@@ -10,7 +11,9 @@ import click
 
 @click.command()
 @click.option("--device", default="auto", show_default=True, help="Show the plan for this request.")
-def devices(device):
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="The thread count whose probe results to show [default: physical cores].")
+def devices(device, threads):
     """List execution providers and what `--device auto` would choose, with reasons."""
     from edge_infer.devices import ModelTraits, available_providers, describe, resolve
 
@@ -27,3 +30,26 @@ def devices(device):
         click.echo(f"\n--device {device} for a {dtype} model: {plan.device} ({', '.join(plan.providers)})")
         for reason in plan.reasons:
             click.echo(f"  {reason}")
+    _invariance(device, threads)
+
+
+def _invariance(device: str, threads: int | None) -> None:
+    """The probe's verdicts cached for this machine, and the padding a model of those kernels gets."""
+    from edge_infer.devices import ModelTraits, available_providers, physical_cores, resolve
+    from edge_infer.devices.padding import choose
+    from edge_infer.devices.probe_cache import cached_results, cpu_identity
+
+    try:
+        plan = resolve(device, available_providers(), ModelTraits(contrib_ops=True))
+    except Exception:
+        return
+    count = threads or physical_cores()
+    path, found = cached_results(plan.session_providers(), count)
+    click.echo(f"\nbatch invariance on {cpu_identity()['cpu']} ({plan.device}, {count} threads), "
+               f"probed kernels cached in {path}:")
+    if not found:
+        click.echo("  none probed yet: loading a model (or `edge-infer inspect MODEL`) probes its kernels")
+        return
+    for described, result in found:
+        click.echo(f"  {described}: {result.verdict}" + (f" ({result.detail})" if result.detail else ""))
+    click.echo(f"  a model of all these kernels pads: {choose([r for _, r in found], 'auto', True).describe()}")

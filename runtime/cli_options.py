@@ -58,6 +58,7 @@ def load_model(path: str, device: str, threads: int | None, quiet: bool = False,
             click.echo(f"  {reason}", err=True)
         if skipped:
             click.echo(f"  skipped {', '.join(skipped)} (why: `edge-infer devices`)", err=True)
+        click.echo(f"  padding {model.describe_padding()}", err=True)
     return model
 
 

@@ -133,15 +133,22 @@ def chat(model, system, stats, max_tokens, stop, device, threads, **kw):
 @click.argument("model", type=click.Path())
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest.")
-def inspect(model, no_verify, as_json):
-    """Summarize a model folder's manifest and verify every file's hash."""
+@click.option("--device", default="auto", show_default=True, help="The device whose padding to show.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: cores].")
+@click.option("--padding", type=click.Choice(["auto", "attention", "rows"]), default=None,
+              help="Check a forced padding mode [default: auto, or $EDGE_INFER_PADDING].")
+def inspect(model, no_verify, as_json, device, threads, padding):
+    """Summarize a model folder's manifest, verify every file's hash, and say which padding keeps its
+    passes batch-invariant on this machine (its kernels probed, or read from the probe cache)."""
     import json
 
+    from edge_infer.devices import available_providers, resolve
+    from edge_infer.devices.padding import requested
     from edge_infer.runtime.manifest import load_manifest
-    from edge_infer.runtime.model import check_external_data
+    from edge_infer.runtime.model import check_external_data, choose_padding, model_traits
 
     m = load_manifest(model, verify=not no_verify)
-    check_external_data(m.folder / m.graph_file)  # the same file-safety checks as `run`
+    proto = check_external_data(m.folder / m.graph_file)  # the same file-safety checks as `run`
     if as_json:
         click.echo(json.dumps(m.raw, indent=2))
         return
@@ -158,3 +165,8 @@ def inspect(model, no_verify, as_json):
                + ("" if no_verify else ", all sha256 verified"))
     if m.validation:
         click.echo(f"validation  {json.dumps(m.validation)}")
+    plan = resolve(device, available_providers(), model_traits(m))
+    chosen = choose_padding(m, proto, plan, requested(padding), threads)
+    click.echo(f"padding     {chosen.describe()} (device {plan.device})")
+    for r in chosen.probes:
+        click.echo(f"              {r.line()}")

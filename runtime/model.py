@@ -16,6 +16,10 @@ import onnx
 from edge_infer.devices.ort import ort
 
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
+from edge_infer.devices import padding as padding_modes
+from edge_infer.devices.invariance import kernel_configs
+from edge_infer.devices.probe_cache import probe_graph
+from edge_infer.devices.providers import share_threads
 from edge_infer.runtime.cache import ConcatKVCache, KVCache
 from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
@@ -39,8 +43,9 @@ def load_text_side(folder: Path, manifest: Manifest) -> tuple[Tokenizer, ChatTem
     return Tokenizer(folder / tok.file, tok), template
 
 
-def check_external_data(graph_path: Path) -> None:
-    """Refuse external-data references that leave the model folder (absolute, `..`, links)."""
+def check_external_data(graph_path: Path) -> onnx.ModelProto:
+    """Refuse external-data references that leave the model folder (absolute, `..`, links); returns
+    the graph without its external data (what the batch invariance probe reads)."""
     root = graph_path.parent.resolve()
     proto = onnx.load(str(graph_path), load_external_data=False)
     for t in proto.graph.initializer:
@@ -55,20 +60,54 @@ def check_external_data(graph_path: Path) -> None:
             raise ModelFileError(f"{graph_path}: external data '{location}' is a link out of the model folder")
         if target.exists() and target.stat().st_nlink > 1:
             raise ModelFileError(f"{graph_path}: external data '{location}' is a hard link; copy the file instead")
+    return proto
+
+
+STATIC_UNPADDED = "a static plan (--profile npu) runs separate fixed-shape prefill and decode graphs"
+
+
+def model_traits(manifest: Manifest) -> ModelTraits:
+    """What the model needs from a provider, from its manifest."""
+    bits = manifest.quantization.bits
+    contrib = manifest.kv_layout == "shared" or bool(bits)  # GroupQueryAttention / MatMulNBits
+    return ModelTraits(dtype=manifest.dtype, contrib_ops=contrib, quant_bits=bits)
+
+
+def choose_padding(manifest: Manifest, proto: onnx.ModelProto, plan: DevicePlan, asked: str,
+                   threads: int | None = None, allow_spinning: bool = True,
+                   shared_threads: bool = False) -> padding_modes.Padding:
+    """The padding `manifest`'s graph `proto` runs with on `plan`'s device, from a probe of its kernels
+    with the session options the model gets (devices/padding.py; cached per machine)."""
+    if manifest.kv_layout == "static":
+        return padding_modes.unpadded(STATIC_UNPADDED, asked)
+    if manifest.kv_layout != "shared":
+        return padding_modes.unpadded("the graph concatenates its cache, so a pass cannot carry a padding row", asked)
+    pads_in_graph = manifest.raw.get("graph", {}).get("attention_padding") == "in-graph"
+    if LOGITS_TO_KEEP not in manifest.inputs and not pads_in_graph:
+        return padding_modes.unpadded("an export without logits_to_keep cannot take a padding id", asked)
+
+    def options() -> ort.SessionOptions:  # the model session's options, for the probe's one-node sessions
+        o = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
+        o.log_severity_level = 3
+        return o
+
+    pool = options()
+    count = pool.intra_op_num_threads if pool.use_per_session_threads else share_threads(threads)
+    results = probe_graph(kernel_configs(proto), options, plan.session_providers(), count)
+    where = "this CPU" if plan.device == "cpu" else f"this {plan.device} device"
+    return padding_modes.choose(results, asked, pads_in_graph, where)
 
 
 class Model:
     def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None,
-                 allow_spinning: bool = True, shared_threads: bool = False):
+                 allow_spinning: bool = True, shared_threads: bool = False, padding: str | None = None):
         self.manifest = manifest
         folder = manifest.folder
         graph_path = folder / manifest.graph_file
-        check_external_data(graph_path)
+        asked = padding_modes.requested(padding)
+        proto = check_external_data(graph_path)
         check_kv_memory(folder / MANIFEST, manifest.kv_bytes(), f"max_length {manifest.geometry.max_length}")
-        bits = manifest.quantization.bits
-        contrib = manifest.kv_layout == "shared" or bool(bits)  # GroupQueryAttention / MatMulNBits
-        traits = ModelTraits(dtype=manifest.dtype, contrib_ops=contrib, quant_bits=bits)
-        self.plan: DevicePlan = resolve(device, available_providers(), traits)
+        self.plan: DevicePlan = resolve(device, available_providers(), model_traits(manifest))
         options = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
         self.shared_threads = not options.use_per_session_threads  # also True once the process has the pool
         options.log_severity_level = 3
@@ -86,13 +125,13 @@ class Model:
         self._has_keep = LOGITS_TO_KEEP in manifest.inputs
         # query_seqlens (exports from issue 12 on): rows with different numbers of new ids in one pass.
         self._ragged = QUERY_SEQLENS in manifest.inputs
-        # Pad one-id passes to two ids, so a position's logits do not depend on how its pass was
-        # grouped (see forward_rows). Graphs that concatenate their cache have no room for it, and
-        # graphs that pad their attention themselves (exports from issue 12's second round on,
-        # export/graph.py _one_token_padding) need no padding id: their matmuls keep one row.
+        # Batch invariance (devices/padding.py): the graph pads one-token attention itself (exports from
+        # issue 12's second round on, export/graph.py _one_token_padding), and where this machine's
+        # matmuls differ between 1 and M rows forward_rows gives every one-id row a padding id too
+        # (pad_ids; the only mechanism of older exports). Graphs that concatenate their cache cannot pad.
         self.pads_in_graph = manifest.raw.get("graph", {}).get("attention_padding") == "in-graph"
-        # Older exports: forward_rows gives every one-id row a padding id (False turns it off).
-        self.pad_ids = manifest.kv_layout == "shared" and self._has_keep and not self.pads_in_graph
+        self.padding = choose_padding(manifest, proto, self.plan, asked, threads, allow_spinning, shared_threads)
+        self.pad_ids = self.padding.mode == "rows"  # False turns the padding id off (benchmarks do)
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
         g = manifest.geometry
@@ -101,8 +140,9 @@ class Model:
 
     @property
     def batch_invariant(self) -> bool:
-        """Whether a position's logits are the same bits however its pass was grouped."""
-        return self.pads_in_graph or self.pad_ids
+        """Whether a position's logits are the same bits however its pass was grouped: what the probe
+        verified on this machine under the padding in force (self.padding says why)."""
+        return self.padding.invariant and self.pad_ids == (self.padding.mode == "rows")
 
     def _binding(self, cache: KVCache) -> ort.IOBinding:
         """The cache's IOBinding for this session, its KV buffers bound once as past and present."""
@@ -123,6 +163,10 @@ class Model:
 
     def describe_device(self) -> str:
         return f"{self.plan.device} ({', '.join(self.providers)})"
+
+    def describe_padding(self) -> str:
+        """'rows (forced), batch-invariant: MatMulNBits bits=4 ... differs between 1 and 2 rows on this CPU'."""
+        return self.padding.describe()
 
     def new_cache(self, batch: int = 1, max_length: int | None = None) -> KVCache:
         if self.manifest.kv_layout == "concat":
@@ -181,12 +225,14 @@ class Model:
         (keep None: all). The cache's offset is not touched: the caller owns the lengths (a batched
         view of slots), or forward() advances a batch-1 cache.
 
-        Batch invariance: a graph with int8 activations (and GroupQueryAttention's one-token decode
-        path, for any dtype) computes a position's logits differently in a one-token pass than in a
-        pass of two or more tokens, and any two passes of two or more tokens agree bitwise. So a row
-        with one id also feeds a padding id after it (its KV entry lands past the row's length, where
-        the next pass overwrites it): a position's logits then do not depend on how its pass was
-        grouped (decode step, verification, prefill chunk, server row). Needs room for the padding
+        Batch invariance: GroupQueryAttention's one-token path (on every CPU measured) and, on some
+        CPUs, a matmul's one-row kernel round differently from their paths for two or more rows,
+        while passes of two or more agree bitwise (devices/invariance.py probes this machine). So a
+        row with one id also feeds a padding id after it (its KV entry lands past the row's length,
+        where the next pass overwrites it) in "rows" mode (pad_ids), and in a wider pass in either
+        mode (free: the pass is that wide anyway); a one-token pass in "attention" mode keeps one row
+        and the graph pads only its attention. A position's logits then do not depend on how its pass
+        was grouped (decode step, verification, prefill chunk, server row). Needs room for the padding
         position; at the very end of the cache the row runs alone, unpadded.
         """
         batch = cache.batch
@@ -250,8 +296,13 @@ class Model:
 
 
 def load(path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify: bool = True,
-         allow_spinning: bool = True, shared_threads: bool = False) -> Model:
+         allow_spinning: bool = True, shared_threads: bool = False, padding: str | None = None) -> Model:
     """Load an exported model folder: verify its manifest and hashes, then open a session.
+
+    padding: "auto" (default; $EDGE_INFER_PADDING when None) picks the cheapest padding that makes
+    every pass grouping give the same bits on this machine, measured by a probe of the graph's
+    kernels (devices/padding.py, cached per machine); "attention" or "rows" forces one (tests, A/Bs).
+    `Model.batch_invariant` and `Model.describe_padding()` say what was verified and why.
 
     allow_spinning=False stops onnxruntime's worker threads spinning after each run: a little
     slower alone, but a second session on the same cores no longer fights it.
@@ -267,6 +318,6 @@ def load(path: str | os.PathLike, device: str = "auto", threads: int | None = No
         from edge_infer.runtime.static_plan import StaticModel
 
         return StaticModel(manifest, device=device, threads=threads, allow_spinning=allow_spinning,
-                           shared_threads=shared_threads)
+                           shared_threads=shared_threads, padding=padding)
     return Model(manifest, device=device, threads=threads,
-                 allow_spinning=allow_spinning, shared_threads=shared_threads)
+                 allow_spinning=allow_spinning, shared_threads=shared_threads, padding=padding)

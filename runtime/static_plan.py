@@ -25,7 +25,8 @@ from edge_infer.devices.accelerators import session_for, strict_plan
 from edge_infer.runtime.cache import KVCache
 from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
 from edge_infer.runtime.manifest import Manifest
-from edge_infer.runtime.model import Model, check_external_data, load_text_side
+from edge_infer.runtime.model import STATIC_UNPADDED, Model, check_external_data, load_text_side
+from edge_infer.devices import padding as padding_modes
 from edge_infer.contract.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past, present
 
 
@@ -101,8 +102,12 @@ class StaticModel(Model):
     """A Model whose manifest describes a static plan (prefill-chunk graph + decode graph)."""
 
     def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None,
-                 allow_spinning: bool = True, shared_threads: bool = False, strict: bool = True):
+                 allow_spinning: bool = True, shared_threads: bool = False, strict: bool = True,
+                 padding: str | None = None):
         self.manifest = manifest
+        # its prefill-chunk and decode graphs are different graphs: no padding makes them agree bitwise
+        self.padding = padding_modes.unpadded(STATIC_UNPADDED, padding_modes.requested(padding))
+        self.pads_in_graph = self.pad_ids = False
         self.static = StaticPlan.from_manifest(manifest)
         folder = manifest.folder
         traits = ModelTraits(dtype=manifest.dtype, contrib_ops=False, static_shapes=True)
