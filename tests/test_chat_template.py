@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
+import tracemalloc
 
 import jinja2
 import pytest
 
+from edge_infer.runtime import chat_template
 from edge_infer.runtime.chat_template import ChatTemplate, TemplateLimits
 from edge_infer.contract.errors import UserError
 
@@ -48,6 +49,27 @@ TOOLS_TEMPLATE = """\
 
 USER = [{"role": "user", "content": "Hi"}]
 FAST = TemplateLimits(max_seconds=0.3)
+
+
+class TickClock:
+    """A monotonic clock that advances `step` seconds each time it is read: the render's time bound
+    then fires after a fixed number of checks, however loaded the machine is."""
+
+    def __init__(self, step: float):
+        self.step, self.now, self.reads = step, 0.0, 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        self.now += self.step
+        return self.now
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch) -> TickClock:
+    """Every render in this file runs on a clock of about 1 ms per deadline check (FAST: ~300 checks)."""
+    tick = TickClock(1 / 1024)  # exact in binary, so the sums do not drift
+    monkeypatch.setattr(chat_template, "time", tick)
+    return tick
 
 
 def render(source: str, messages=USER, limits: TemplateLimits = FAST, **kw) -> str:
@@ -220,18 +242,27 @@ BOMBS = [
 
 
 @pytest.mark.parametrize("source", BOMBS)
-def test_resource_bombs_are_refused_quickly(source):
-    start = time.monotonic()
-    with pytest.raises(UserError, match="chat template"):
-        render(source)
-    assert time.monotonic() - start < 3.0
+def test_resource_bombs_are_refused_before_they_are_built(source):
+    """Refused by a size check before the bomb is built (memory stays far below any bomb's size), or
+    by the time bound (FAST: 0.3 s of the 1 ms-per-check clock) for the ones that only spin."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match="chat template"):
+            render(source)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB allocated"  # the bombs build 100 MiB to GiBs
 
 
-def test_default_time_bound_is_two_seconds():
-    start = time.monotonic()
+def test_default_time_bound_is_two_seconds(clock):
+    """The bound fires at the first deadline check past 2 s of the render's own clock (a million
+    loop iterations, so a bound that never fires fails the test rather than hanging it)."""
+    clock.step = 0.25  # exact in binary: 2 s is 8 checks after the render reads its start
     with pytest.raises(UserError, match="took longer than 2 s"):
-        ChatTemplate("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}").render(USER)
-    assert 1.9 < time.monotonic() - start < 4.0
+        ChatTemplate("{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}").render(USER)
+    assert clock.reads == 10  # the start, 8 checks within the bound, the one past it
+    assert TemplateLimits().max_seconds == 2.0
 
 
 def test_output_bound_message():

@@ -1,14 +1,17 @@
 """The engine under load: isolation, prefix cache, cancellation, capacity, shutdown.
 
-Tiny random model; a SlowModel wrapper makes decode steps take a known time
-where a test needs requests to overlap deterministically.
+Tiny random model; a SlowModel wrapper makes decode steps take a known time where a test
+needs requests to overlap, and counts them; it can hold its steps until the test lets them
+go, so "within a step" is a count of steps, not a time. Timeouts here only catch hangs.
 """
 
 import asyncio
+import json
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,18 +38,46 @@ PROMPTS = [
 ]
 
 
-class SlowModel:
-    """The model with a fixed delay per decode step."""
+HANG = 60.0  # seconds: a wait this long means a hang, never a slow machine
 
-    def __init__(self, model, delay: float):
-        self._model, self.delay = model, delay
+
+class SlowModel:
+    """The model with a fixed delay per decode step, counting its steps.
+
+    hold_after=n: steps after the n-th wait until `release` is set (the test sets it), so a
+    request cannot run to its end while the test is still arranging what it checks.
+    """
+
+    def __init__(self, model, delay: float, hold_after: int | None = None):
+        self._model, self.delay, self.hold_after = model, delay, hold_after
+        self.steps = 0
+        self.release = threading.Event()
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
     def forward_rows(self, *args):  # the engine's batched step
+        self.steps += 1
+        if self.hold_after is not None and self.steps > self.hold_after:
+            assert self.release.wait(HANG), "the test never released the held step"
         time.sleep(self.delay)
         return self._model.forward_rows(*args)
+
+
+def steps_at_cancel(monkeypatch, slow: SlowModel) -> list[int]:
+    """slow.steps at each cancel from the HTTP side (the first is the one that counts); releases held steps."""
+    from edge_infer.serve.request import Handle
+
+    seen: list[int] = []
+    cancel = Handle.cancel
+
+    def spy(self):
+        seen.append(slow.steps)
+        slow.release.set()
+        cancel(self)
+
+    monkeypatch.setattr(Handle, "cancel", spy)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +90,11 @@ def model(path):
     return edge_infer.load(path, device="cpu", threads=1)
 
 
-def wait_until(predicate, timeout=5.0) -> float:
-    start = time.monotonic()
+def wait_until(predicate, timeout=HANG) -> None:
+    deadline = time.monotonic() + timeout  # a hang guard only
     while not predicate():
-        assert time.monotonic() - start < timeout, "timed out"
+        assert time.monotonic() < deadline, "timed out"
         time.sleep(0.002)
-    return time.monotonic() - start
 
 
 def run_engine(engine: Engine, requests):
@@ -77,7 +107,7 @@ def run_engine(engine: Engine, requests):
     out = []
     for q in queues:
         parts = []
-        while isinstance(event := q.get(timeout=30), Delta):
+        while isinstance(event := q.get(timeout=HANG), Delta):
             parts.append(event.text)
         out.append(("".join(parts), event))
     return out
@@ -168,7 +198,7 @@ def test_long_prompt_prefill_does_not_stall_running_streams_beyond_a_chunk(model
         long = tuple(model.tokenizer.encode(PROMPTS[1] * 6, add_special_tokens=False))[:60]
         assert len(long) == 60
         engine.submit(GenerationRequest(long, 2, SamplingParams(), request_id="long"), q2.put)
-        while isinstance(q2.get(timeout=10), Delta):
+        while isinstance(q2.get(timeout=HANG), Delta):
             pass
         assert len(turns) == 15  # 60 prompt tokens in chunks of 4
         assert all(decoding == 1 for decoding in turns)  # the running stream advanced in every one of them
@@ -176,33 +206,44 @@ def test_long_prompt_prefill_does_not_stall_running_streams_beyond_a_chunk(model
         engine.stop()
 
 
-def test_streaming_client_disconnect_frees_the_slot_within_a_step(model):
-    slow = SlowModel(model, 0.02)
+def test_streaming_client_disconnect_frees_the_slot_within_a_step(model, monkeypatch):
+    slow = SlowModel(model, 0.005, hold_after=8)  # after 8 steps it waits: the request cannot end by itself
+    cancelled_at = steps_at_cancel(monkeypatch, slow)
     app = build_app(slow, ServerConfig(model_id="m"), EngineConfig(parallel=2))
     engine = app.state.engine
     with ServerThread(app) as s:
         body = {"prompt": "The quick brown fox", "max_tokens": 100, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=10) as r:
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=HANG) as r:
             lines = r.iter_lines()
             for line in lines:
                 if line.startswith("data: ") and '"text":"' in line:
                     break
             assert engine.snapshot()["busy"] == 1
-        took = wait_until(lambda: engine.snapshot()["busy"] == 0)
-        assert took < 0.25  # one step is 20 ms; the rest is the event loop noticing the close
+        wait_until(lambda: engine.snapshot()["busy"] == 0)
+        # The close cancels the request; the step running then is the last one it takes.
+        assert cancelled_at and slow.steps - cancelled_at[0] <= 1, (cancelled_at, slow.steps)
         text = httpx.get(s.url + "/metrics").text
         assert 'edge_infer_generations_total{reason="cancelled"} 1.0' in text
         completion = float(re.search(r"^edge_infer_completion_tokens_total (\S+)", text, re.M).group(1))
-        assert completion < 50
+        assert completion < 100  # cancelled, not run to max_tokens
 
 
-def test_non_streaming_client_disconnect_frees_the_slot(model):
-    app = build_app(SlowModel(model, 0.02), ServerConfig(model_id="m"), EngineConfig(parallel=1))
+def test_non_streaming_client_disconnect_frees_the_slot(model, monkeypatch):
+    slow = SlowModel(model, 0.0, hold_after=0)  # the first decode step waits for the cancel
+    cancelled_at = steps_at_cancel(monkeypatch, slow)
+    app = build_app(slow, ServerConfig(model_id="m"), EngineConfig(parallel=1))
     engine = app.state.engine
     with ServerThread(app) as s:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(s.url + "/v1/completions", json={"prompt": "The quick", "max_tokens": 100}, timeout=0.3)
-        assert wait_until(lambda: engine.snapshot()["busy"] == 0) < 0.25
+        host, port = s.url.removeprefix("http://").rsplit(":", 1)
+        body = json.dumps({"prompt": "The quick", "max_tokens": 100}).encode()
+        with socket.create_connection((host, int(port)), timeout=HANG) as sock:  # a client that goes away
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() +
+                         b"\r\n\r\n" + body)
+            wait_until(lambda: engine.snapshot()["busy"] == 1 and slow.steps >= 1)  # running, no answer yet
+        wait_until(lambda: engine.snapshot()["busy"] == 0)
+        assert cancelled_at and slow.steps - cancelled_at[0] <= 1, (cancelled_at, slow.steps)
+        assert 'edge_infer_generations_total{reason="cancelled"} 1.0' in httpx.get(s.url + "/metrics").text
 
 
 def test_over_capacity_is_429_and_the_server_recovers(model):
@@ -252,13 +293,13 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(path, tmp_path):
                 break
         assert url, "no startup line"
         headers = {"Authorization": "Bearer k-123"}
-        wait_until(lambda: _ok(url + "/health"), timeout=20)
+        wait_until(lambda: _ok(url + "/health"))
         result = {"lines": []}
         streaming = threading.Event()
 
         def stream():
             body = {"prompt": "The quick", "max_tokens": 100, "stream": True}
-            with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=20) as r:
+            with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=HANG) as r:
                 for ln in r.iter_lines():
                     if ln:
                         result["lines"].append(ln)
@@ -266,10 +307,10 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(path, tmp_path):
 
         t = threading.Thread(target=stream)
         t.start()
-        assert streaming.wait(20), "the stream never started"  # SIGTERM lands mid-stream, however loaded the machine
+        assert streaming.wait(HANG), "the stream never started"  # SIGTERM lands mid-stream, however loaded the machine
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-        t.join(10)
+        assert proc.wait(timeout=HANG) == 0
+        t.join(HANG)
         assert result["lines"][-1] == "data: [DONE]"  # finished, or ended with an error event, never cut
     finally:
         if proc.poll() is None:
@@ -290,15 +331,14 @@ def test_shutdown_ends_a_running_stream_with_an_error_event_after_the_grace(mode
     s = ServerThread(app).__enter__()
     try:
         body = {"prompt": "The quick", "max_tokens": 100, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=10) as r:
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=HANG) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            start = time.monotonic()
             s.server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
             rest = [ln for ln in lines if ln]
-        assert time.monotonic() - start < 2
+        # 100 steps of 20 ms outlast the 0.2 s grace: the stream ends with the shutdown error, not its length.
         assert '"code":"server_shutting_down"' in rest[-2] and rest[-1] == "data: [DONE]"
-        s.thread.join(10)
+        s.thread.join(HANG)
         assert not s.thread.is_alive()
     finally:
         s.stop()
