@@ -22,6 +22,14 @@ which replicas are up.
 
 Each engine is its own deployment rather than N replicas of one, because Ray's HTTP proxy picks
 replicas without reading the body, and prefix affinity needs the body.
+
+Offline: Ray reports usage statistics to usage-stats.ray.io by default (ray/_common/usage/usage_lib.py,
+sent from the dashboard process, which runs even with include_dashboard=False). `serve_cluster`
+switches them off (OFFLINE_ENV) in its own environment before Ray is imported, so every process the
+local cluster starts inherits it, and in the job's runtime_env and every deployment's, so workers get
+it on a cluster someone else started too (whose head reports unless it was started with
+RAY_USAGE_STATS_ENABLED=0 or `ray start --disable-usage-stats`). The rest of Ray's cluster path
+stays on the machine: metrics are a local Prometheus endpoint, the dashboard is not started.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +52,8 @@ ROUTINGS = ("prefix", "round-robin")
 DOWN_FOR_S = 5.0  # a replica that failed is skipped this long (Ray restarts it meanwhile)
 KEY_CHARS = 2048  # of a completion prompt: its start decides the replica
 BODY_LIMIT = 1 << 20  # what the router reads; the replica's app answers 413 above its own limit
+# Ray's usage statistics off: in this process before Ray starts, and in every worker's runtime_env.
+OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @dataclass(frozen=True)
@@ -172,16 +183,19 @@ def build_application(config: ClusterConfig):
     engine = dict(config.engine or {})
     grace = float(engine.get("shutdown_grace_s", 5.0))
     parallel = int(engine.get("parallel", 4))
+    # num_cpus 0: threads are the engine's own, Ray's CPU accounting stays out of it. The runtime_env
+    # also reaches replicas started by `serve run` (app_builder), where serve_cluster set nothing.
+    actor_options = {"num_cpus": 0, "runtime_env": offline_runtime_env()}
     replica_cls: Any = serve.deployment(
         EngineReplica, num_replicas=1, max_ongoing_requests=parallel + int(engine.get("max_queue", 32)) + 4,
         graceful_shutdown_timeout_s=grace + 2, health_check_period_s=2, health_check_timeout_s=30,
-        ray_actor_options={"num_cpus": 0})  # threads are the engine's own: Ray's CPU accounting stays out of it
+        ray_actor_options=actor_options)
     handles = [replica_cls.options(name=f"replica-{i}").bind(config.model, server, engine, config.device,
                                                              config.threads, config.verify, i)
                for i in range(config.replicas)]
     router_cls: Any = serve.deployment(serve.ingress()(Router), name="router", num_replicas=1,
                                   max_ongoing_requests=4096, graceful_shutdown_timeout_s=grace + 4,
-                                  ray_actor_options={"num_cpus": 0})
+                                  ray_actor_options=actor_options)
     return router_cls.bind(handles, config.routing, parallel)
 
 
@@ -436,19 +450,33 @@ async def _merged_health(router: Router, request):
                         status_code=200 if up else 503)
 
 
+def offline_runtime_env() -> dict[str, Any]:
+    """The runtime_env that switches Ray's usage statistics off in a worker."""
+    return {"env_vars": dict(OFFLINE_ENV)}
+
+
+def init_ray(address: str | None) -> None:
+    """Start a local Ray cluster (address None) or join one, with usage statistics off (OFFLINE_ENV)."""
+    os.environ.update(OFFLINE_ENV)  # before ray is imported: it and every process it starts read it
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=offline_runtime_env())
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False,
+                 runtime_env=offline_runtime_env())
+
+
 def serve_cluster(config: ClusterConfig, host: str, port: int, address: str | None = None) -> None:
     """Start (or join) Ray, run the application at host:port, and block until SIGTERM / Ctrl-C."""
     import signal
     import threading
 
+    config.validate()
+    init_ray(address)
     import ray
     from ray import serve
 
-    config.validate()
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
     serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=False)
     stop = threading.Event()
