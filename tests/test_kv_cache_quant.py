@@ -100,6 +100,7 @@ def test_logits_stay_close_to_the_float_cache(pair, kv_kind):
 
 def test_quantized_cache_is_batch_invariant(pair):
     _, m = pair
+    assert m.batch_invariant, m.describe_padding()  # the padding the probe chose for this machine (auto)
     ref = m.forward(np.array([IDS]), m.new_cache(), logits_to_keep=len(IDS))[0]
     cache = m.new_cache()
     steps = np.stack([m.forward(np.array([[t]]), cache)[0, -1] for t in IDS])
@@ -113,6 +114,7 @@ def test_quantized_cache_is_batch_invariant(pair):
 
 def test_greedy_speculation_equals_plain_decoding(pair):
     _, m = pair
+    assert m.batch_invariant, m.describe_padding()
     prompt = IDS * 3  # repeats, so lookup has guesses to verify
     plain = list(generate_step(m, prompt, m.new_cache(), make_sampler(SamplingParams()), 30))
     for n in (3, 10):
@@ -174,6 +176,7 @@ def test_server_rows_with_an_int8_cache_equal_solo_runs(tiny_exports):
     from edge_infer.serve.request import GenerationRequest
 
     m = edge_infer.load(tiny_exports("llama", "int4", kv_cache="int8"), device="cpu", threads=1)
+    assert m.batch_invariant, m.describe_padding()
     prompts = ["The quick brown fox", "Paris is the capital", "def f(x): return", "Numbers 0123", "Tabs and"]
     budgets = [12, 20, 7, 16, 10]
     want = [generate(m, p, max_tokens=n) for p, n in zip(prompts, budgets)]
