@@ -2,16 +2,23 @@
 
 Runs in the provider environments (`.venv-npu`: onnxruntime-openvino, CPU device;
 `.venv-qnn`: the QNN plugin, HTP backend simulated on x86). Each provider's tests skip,
-with the reason, where its package is absent (so the normal suite skips them all).
+with the reason, where its package is absent (so the normal suite skips them all, and
+tests/conftest.py allows those skips under EDGE_INFER_STRICT_SKIPS). EDGE_INFER_NPU_DEVICE
+names the provider an environment is for (`make test-npu` sets it): that one missing fails.
 
 What is checked on each provider, for tiny llama and qwen2 and for the real default model:
   * the model loads with `session.disable_cpu_ep_fallback=1` and only the accelerator;
   * session profiling shows every node on the accelerator;
-  * a graph with contrib ops is refused under the same settings (the check can fail);
-  * greedy ids against the default builder's fp32 export on the CPU provider, same run;
-  * the int4 variant's KL against that fp32 reference, printed beside the default int4's.
+  * a graph with a contrib op is refused under the same settings (the check can fail);
+  * greedy ids against the same npu-profile graph on the CPU provider, same run (the npu graph
+    equals the default builder's fp32 export on the CPU: tests/test_npu_profile.py, in .venv;
+    onnxruntime-openvino's onnxruntime, 1.24, cannot load the default builder's graphs);
+  * the int8 and int4 variants' KL against that fp32 reference.
 
-Set EDGE_INFER_NPU_MODELS to a folder with npu-fp32, npu-int4, npu-int8, default-fp32, default-int4
+The default model on QNN's simulated HTP takes tens of minutes on 2 cores: it runs only with
+EDGE_INFER_NPU_SLOW=1 (`EDGE_INFER_NPU_SLOW=1 make test-npu`), a named exclusion in strict mode.
+
+Set EDGE_INFER_NPU_MODELS to a folder with npu-fp32, npu-int4 and npu-int8
 exports of the default model (`make test-npu` makes them) to skip re-exporting here.
 """
 
@@ -48,6 +55,8 @@ def have(device: str) -> bool:
 @pytest.fixture(params=list(DEVICES), ids=lambda d: d.split(":")[0])
 def device(request):
     if not have(request.param):
+        if os.environ.get("EDGE_INFER_NPU_DEVICE") == request.param:  # this environment exists for it
+            pytest.fail(f"{DEVICES[request.param]} is missing here: {INSTALL[request.param]}")
         pytest.skip(INSTALL[request.param])
     return request.param
 
@@ -99,14 +108,14 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_tiny_fp32_runs_entirely_on_the_accelerator(device, kind, npu_tiny, tiny_exports, tmp_path):
+def test_tiny_fp32_runs_entirely_on_the_accelerator(device, kind, npu_tiny, tmp_path):
     folder = npu_tiny(kind)
     model = edge_infer.load(folder, device=device)
     assert model.plan.providers == (DEVICES[device],)  # no CPU provider in the plan
     for graph in ("prefill.onnx", "decode.onnx"):
         placed = node_providers(folder / graph, device, tmp_path)
         assert placed and placed <= {DEVICES[device], "QNN"}, placed  # the QNN plugin profiles as "QNN"
-    reference = edge_infer.load(tiny_exports(kind, "fp32"), device="cpu")
+    reference = edge_infer.load(folder, device="cpu")  # the same graph on the CPU provider
     expected = our_greedy(reference, IDS, 16)
     if device.split(":")[0] in FP16_DEVICES:
         agree = float((teacher_forced(model, IDS, expected).argmax(-1) == expected).mean())
@@ -116,11 +125,21 @@ def test_tiny_fp32_runs_entirely_on_the_accelerator(device, kind, npu_tiny, tiny
         assert our_greedy(model, IDS, 16) == expected
 
 
-def test_contrib_graph_is_refused_with_fallback_disabled(device, tiny_exports):
-    """The negative control: the same settings refuse a graph with com.microsoft ops."""
+def test_contrib_graph_is_refused_with_fallback_disabled(device, tmp_path):
+    """The negative control: the same settings refuse a graph with a com.microsoft op that neither
+    accelerator has (FastGelu; a one-node graph, static shapes, that every onnxruntime here parses)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("FastGelu", ["x"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "contrib", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    onnx.save(helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17),
+                                                                     helper.make_opsetid("com.microsoft", 1)]),
+              tmp_path / "contrib.onnx")
     plan = strict_plan(resolve(device, available_providers(), ModelTraits(contrib_ops=False, static_shapes=True)))
     with pytest.raises(Exception, match="CPU EP|fallback"):
-        session_for(str(tiny_exports("llama", "fp32") / "model.onnx"), plan, cpu_session_options(), strict=True)
+        session_for(str(tmp_path / "contrib.onnx"), plan, cpu_session_options(), strict=True)
 
 
 def test_tiny_int4(device, npu_tiny):
@@ -151,13 +170,17 @@ def default_folder(name: str, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_default_model_on_the_accelerator(device, tmp_path_factory, tmp_path):
+    from conftest import NPU_SLOW_ENV
+
+    if device == "qnn" and os.environ.get(NPU_SLOW_ENV) != "1":
+        pytest.skip(f"the default model on QNN's simulated HTP takes tens of minutes: opt in with {NPU_SLOW_ENV}=1")
     pytest.importorskip("gguf")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    reference = edge_infer.load(default_folder("default-fp32", tmp_path_factory), device="cpu")
+    npu_fp32 = default_folder("npu-fp32", tmp_path_factory)
+    reference = edge_infer.load(npu_fp32, device="cpu")  # the same graph on the CPU provider
     ids = encode_prompt(reference, messages)
     n = 6 if device == "qnn" else 24  # the HTP simulator takes tens of seconds per pass
     expected = our_greedy(reference, ids, n)
-    npu_fp32 = default_folder("npu-fp32", tmp_path_factory)
     model = edge_infer.load(npu_fp32, device=device)
     assert model.plan.providers == (DEVICES[device],)
     got = our_greedy(model, ids, n)
@@ -168,14 +191,15 @@ def test_default_model_on_the_accelerator(device, tmp_path_factory, tmp_path):
     else:
         assert got == expected
         # int4: KL against the fp32 reference on the same positions, beside the default int4 export's.
-        default4 = edge_infer.load(default_folder("default-int4", tmp_path_factory), device="cpu")
         npu4 = edge_infer.load(default_folder("npu-int4", tmp_path_factory), device=device)
         ref = teacher_forced(reference, ids, expected)
-        kl_npu, kl_default = _kl(ref, teacher_forced(npu4, ids, expected)), _kl(ref, teacher_forced(default4, ids, expected))
+        kl_npu = _kl(ref, teacher_forced(npu4, ids, expected))
         npu8 = edge_infer.load(default_folder("npu-int8", tmp_path_factory), device=device)
         kl_npu8 = _kl(ref, teacher_forced(npu8, ids, expected))
-        print(f"KL vs fp32 over {len(expected)} positions: npu int8 on {device} {kl_npu8:.4f}, npu int4 on {device} "
-              f"{kl_npu:.4f}, default int4 on cpu {kl_default:.4f}")
+        # (The default builder's int4 export cannot be loaded by onnxruntime-openvino's onnxruntime,
+        # 1.24: its KL against fp32 on the same prompt was 0.0026, README "NPU".)
+        print(f"KL vs fp32 over {len(expected)} positions: npu int8 on {device} {kl_npu8:.4f}, "
+              f"npu int4 on {device} {kl_npu:.4f}")
         assert kl_npu8 < 0.05
         assert kl_npu < 0.5  # a second rounding of the Q4_1 blocks, as the default's --gguf-import requantize
 
