@@ -37,9 +37,12 @@ def test_run_streams_text(cli, tiny_exports):
 
 
 def test_run_reports_device_and_timings(cli, tiny_exports):
+    import edge_infer
+
     result = cli("run", tiny_exports("qwen2", "fp32"), "hello", "--max-tokens", "3")
     assert result.exit_code == 0
-    assert "device cpu (CPUExecutionProvider)" in result.output
+    # what --device auto picks here: cpu (CPUExecutionProvider) on a CPU-only onnxruntime build
+    assert f"device {edge_infer.load(tiny_exports('qwen2', 'fp32')).describe_device()}" in result.output
     assert "prompt tokens" in result.output and "decode" in result.output
 
 
@@ -48,14 +51,17 @@ def test_run_reports_device_and_timings(cli, tiny_exports):
     (["run", "{model}", "hi", "--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["run", "{model}", "hi", "--top-p", "0"], "top_p must be a finite number in (0, 1]"),
     (["run", "{model}", "hi", "--device", "tpu"], "unknown device 'tpu'"),
-    (["run", "{model}", "hi", "--device", "cuda"], "available here"),
+    (["run", "{model}", "hi", "--device", "{missing}"], "available here"),  # a known device this build lacks
     (["run", "{model}", "hi", "--max-tokens", "1000"], "exceeds the context of 128"),
     (["export", "/nonexistent/ckpt", "-o", "{tmp}/out"], "no such file or folder"),
     (["inspect", "/nonexistent/model"], "no such model folder"),
 ])
 def test_bad_input_exits_2_with_one_line(cli, tiny_exports, tmp_path, args, text):
+    from edge_infer.devices import PROVIDERS, available_providers
+
     model = tiny_exports("llama", "fp32")
-    args = [a.format(model=model, tmp=tmp_path) for a in args]
+    missing = next(p.name for p in PROVIDERS if p.ort_name not in available_providers())
+    args = [a.format(model=model, tmp=tmp_path, missing=missing) for a in args]
     assert_user_error(cli(*args), text)
 
 
@@ -87,9 +93,16 @@ def test_export_progress_and_quiet(cli, tiny_checkpoints, tmp_path):
 
 
 def test_devices_lists_cpu_and_explains_auto(cli):
+    from edge_infer.devices import ModelTraits, available_providers, resolve
+
     result = cli("devices")
     assert result.exit_code == 0
-    assert "CPUExecutionProvider" in result.output and "cuda: skipped" in result.output
+    assert "CPUExecutionProvider" in result.output
+    # auto's walk as this onnxruntime build reports its providers ("cuda: skipped, ..." without a GPU)
+    plan = resolve("auto", available_providers(), ModelTraits(dtype="fp32", contrib_ops=True))
+    assert plan.reasons and all(f"  {reason}\n" in result.output for reason in plan.reasons)
+    if "CUDAExecutionProvider" not in available_providers():
+        assert "cuda: skipped" in result.output
 
 
 def test_chat_repl(cli, tiny_exports):
