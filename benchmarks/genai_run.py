@@ -10,16 +10,17 @@ import argparse
 import json
 
 import numpy as np
-import onnxruntime_genai as og
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--ids", required=True, help="prompt token ids, comma-separated")
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--text", default=None)
     args = ap.parse_args()
+    import onnxruntime_genai as og  # after the arguments: `--help` works in any venv
+
     model = og.Model(args.model)
     prompt = [int(i) for i in args.ids.split(",")]
     params = og.GeneratorParams(model)
