@@ -74,6 +74,8 @@ class KernelConfig:
     def describe(self) -> str:
         """One line for people: 'MatMulNBits bits=4 block=32 acc=4 K=576 N=1536'."""
         d = dict(self.params)
+        if "unprobed" in d:
+            return f"{self.op} ({d['unprobed']})"
         if self.op == "MatMulNBits":
             extra = "".join(f" {short}={d[k]}" for k, short in (("zero_points", "zp"), ("bias", "bias"), ("g_idx", "g_idx"))
                             if d.get(k) not in (None, "", 0))
@@ -83,7 +85,9 @@ class KernelConfig:
         if self.op in ("MatMul", "Gemm"):
             return f"{self.op} {d['dtype']} K={d['K']} N={d['N']}"
         kv = d["past_dtype"] + (f" {d['kv_cache_bit_width']}-bit" if d.get("kv_cache_bit_width") else "")
-        return (f"GroupQueryAttention heads={d['num_heads']}/{d['kv_num_heads']} head_dim={d['head_dim']} "
+        extra = "".join(f" {short}={d[k]:g}" for k, short in (("local_window_size", "window"), ("softcap", "softcap"))
+                        if d.get(k) not in (None, -1, 0, 0.0))
+        return (f"GroupQueryAttention heads={d['num_heads']}/{d['kv_num_heads']} head_dim={d['head_dim']}{extra} "
                 f"cache {kv}")
 
 
@@ -110,7 +114,7 @@ def kernel_configs(proto: onnx.ModelProto) -> list[KernelConfig]:
     inits = {t.name: t for t in g.initializer}
     inputs = {i.name: i for i in g.input}
     producer = {o: n for n in g.node for o in n.output}
-    dtype_name = _dtype_name
+
     def weight(name: str) -> tuple[tuple[int, ...], int] | None:
         """(shape, data type) of an initializer, or of an initializer seen through a 2-D Transpose."""
         if name in inits:
@@ -131,30 +135,38 @@ def kernel_configs(proto: onnx.ModelProto) -> list[KernelConfig]:
         if node.op_type == "MatMulNBits" and node.domain == MS:
             ins = list(node.input) + [""] * 6
             if ins[2] not in inits:
-                continue
-            zp = dtype_name(inits[ins[3]].data_type) if ins[3] in inits else ("dynamic" if ins[3] else "")
-            config = KernelConfig("MatMulNBits", (
-                ("K", a["K"]), ("N", a["N"]), ("bits", a.get("bits", 4)), ("block_size", a["block_size"]),
-                ("accuracy_level", a.get("accuracy_level", 0)), ("dtype", dtype_name(inits[ins[2]].data_type)),
-                ("zero_points", zp), ("g_idx", int(bool(ins[4]))), ("bias", int(bool(ins[5])))))
+                config = unprobed(node, "scales computed in the graph")
+            else:
+                zp = _dtype_name(inits[ins[3]].data_type) if ins[3] in inits else ("dynamic" if ins[3] else "")
+                config = KernelConfig("MatMulNBits", (
+                    ("K", a["K"]), ("N", a["N"]), ("bits", a.get("bits", 4)), ("block_size", a["block_size"]),
+                    ("accuracy_level", a.get("accuracy_level", 0)), ("dtype", _dtype_name(inits[ins[2]].data_type)),
+                    ("zero_points", zp), ("g_idx", int(bool(ins[4]))), ("bias", int(bool(ins[5])))))
         elif node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and len(node.input) >= 2:
             w = weight(node.input[1])
-            if w is None or len(w[0]) != 2 or node.input[0] in inits:
+            if w is None or len(w[0]) != 2 or node.input[0] in inits:  # two activations, or an odd weight
+                config = unprobed(node, "not a 2-D weight after one input of activations")
+                seen.setdefault(config.key(), config)
                 continue
             (k, n), data_type = w
             trans_b = a.get("transB", 0) if node.op_type == "Gemm" else 0
             if trans_b:
                 k, n = n, k
-            params: tuple[tuple[str, Any], ...] = (("K", int(k)), ("N", int(n)), ("dtype", dtype_name(data_type)))
+            params: tuple[tuple[str, Any], ...] = (("K", int(k)), ("N", int(n)), ("dtype", _dtype_name(data_type)))
             if node.op_type == "Gemm":
                 params += (("transB", int(trans_b)), ("alpha", float(a.get("alpha", 1.0))),
                            ("beta", float(a.get("beta", 1.0))), ("bias", int(len(node.input) > 2 and bool(node.input[2]))))
             config = KernelConfig(node.op_type, params)
         elif node.op_type == "GroupQueryAttention" and node.domain == MS:
-            config = _gqa_config(node, a, inits, inputs, dtype_name)
+            config = _gqa_config(node, a, inits, inputs) or unprobed(node, "its cache is not a graph input of known shape")
         if config is not None:
             seen.setdefault(config.key(), config)
     return list(seen.values())
+
+
+def unprobed(node: onnx.NodeProto, why: str) -> KernelConfig:
+    """A row-sensitive node the probe cannot rebuild: its verdict is UNKNOWN, so nothing is claimed."""
+    return KernelConfig(node.op_type, (("unprobed", why),))
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,7 +188,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return out
 
 
-def _gqa_config(node, attrs, inits, inputs, dtype_name) -> KernelConfig | None:
+def _gqa_config(node, attrs, inits, inputs) -> KernelConfig | None:
     """GroupQueryAttention's configuration: its attributes, the cache's type and width, and what
     feeds each optional input ('' absent, 'dynamic', or an initializer's dtype and trailing shape)."""
     ins = list(node.input) + [""] * (len(GQA_SLOTS) - len(node.input))
@@ -198,12 +210,12 @@ def _gqa_config(node, attrs, inits, inputs, dtype_name) -> KernelConfig | None:
             feeds.append((slot, ""))
         elif name in inits:  # cos/sin caches: their row count is the export's max_length, not a code path
             shape = tuple(inits[name].dims)[1:] if slot in ("cos_cache", "sin_cache") else tuple(inits[name].dims)
-            feeds.append((slot, f"{dtype_name(inits[name].data_type)}{list(shape)}"))
+            feeds.append((slot, f"{_dtype_name(inits[name].data_type)}{list(shape)}"))
         else:
             feeds.append((slot, "dynamic"))
-    past_dtype = dtype_name(tt.elem_type)
+    past_dtype = _dtype_name(tt.elem_type)
     cos = inits.get(ins[7])  # the activations' dtype: the rotary cache's, else a float cache's
-    dtype = dtype_name(cos.data_type) if cos is not None else (past_dtype if past_dtype.startswith("float") else "float")
+    dtype = _dtype_name(cos.data_type) if cos is not None else (past_dtype if past_dtype.startswith("float") else "float")
     params = tuple(sorted((k, v) for k, v in attrs.items()))
     return KernelConfig("GroupQueryAttention", params + (
         ("head_dim", head_dim), ("dtype", dtype), ("past_dtype", past_dtype), ("past_width", width),

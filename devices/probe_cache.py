@@ -15,6 +15,8 @@ import logging
 import os
 import platform
 import sys
+import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,10 @@ def cache_root() -> Path:
         return Path(os.environ["EDGE_INFER_CACHE_DIR"])
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]) / "edge-infer"
-    home = Path.home()
+    try:
+        home = Path.home()
+    except RuntimeError:  # no home folder to be found: a cache for this boot only
+        return Path(tempfile.gettempdir()) / "edge-infer-cache"
     if sys.platform == "darwin":
         return home / "Library" / "Caches" / "edge-infer"
     if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
@@ -99,7 +104,7 @@ class ProbeCache:
         if not fresh:
             return
         self.entries.update(fresh)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"machine": self.key, "results": self.entries}, indent=1), encoding="utf-8")

@@ -36,6 +36,8 @@ def probe(config: KernelConfig, make_options: Callable[[], Any], providers: Sequ
     from edge_infer.devices.ort import ort
 
     t0 = time.perf_counter()
+    if config.get("unprobed"):
+        return ProbeResult(config, UNKNOWN, "the probe cannot rebuild it")
     run_config = config.probed()
     rng = np.random.default_rng(int(hashlib.sha256(config.key().encode()).hexdigest()[:8], 16))
     try:
