@@ -21,7 +21,7 @@ read per token. The folded import (the default, `fold_minimum` / `add_block_sums
 the weight itself as extra input columns, rounded to the weight's bits in blocks of their own,
 and feeds the MatMulNBits [x, blocksum(x)] (a MatMul with a 0/1 matrix shared by the weights of
 one K, and a Concat): two small nodes instead of four, no float matrix per weight, and the
-residuals are the only thing rounded (at most max(d) / 30).
+residuals are the only thing rounded (twice, hi and lo parts: at most max(d) / 450).
 """
 
 from __future__ import annotations
@@ -86,12 +86,15 @@ def add_block_offsets(model: onnx.ModelProto, minimums: dict[str, np.ndarray], b
 def fold_minimum(ql: QuantizedLinear) -> QuantizedLinear | None:
     """The same weight with its block residuals folded into extra input columns, else None.
 
-    Returns blocks of K + n_blocks columns: the first K are split_minimum's integer-zero-point
-    blocks, the last n_blocks hold R (N, n_blocks) rounded to ql.bits in blocks of their own, so
-    one MatMulNBits over [x, blocksum(x)] computes x @ W.T (add_block_sums builds that input). The
-    residuals are rounded once, |R| <= d / 2 in 2**bits - 1 steps: the weights then differ from
-    the source's by at most max(d) / 30 (4 bits), against d / 2 for rounding the weights again.
-    A weight whose residuals exceed that (zero points clipped to the range) keeps the exact branch.
+    Returns blocks of K + 2 * P columns (P = n_blocks rounded up to whole blocks): the first K are
+    split_minimum's integer-zero-point blocks; the next P hold R (N, n_blocks) rounded to ql.bits
+    in blocks of their own, and the last P what that rounding left over, rounded the same way. So
+    one MatMulNBits over [x, blocksum(x), blocksum(x)] computes x @ W.T (add_block_sums builds
+    that input). |R| <= d / 2, and two roundings of 2**bits - 1 steps leave at most max(d) / 450
+    (4 bits) of it: a residual error is the same for the 32 weights of a block (a shift, which the
+    block sum multiplies), so one rounding (max(d) / 30) measurably cost perplexity and two do not.
+    A weight whose residuals exceed that bound (zero points clipped to the range) keeps the exact
+    branch.
     """
     split = split_minimum(ql)
     if split is None:
@@ -99,31 +102,39 @@ def fold_minimum(ql: QuantizedLinear) -> QuantizedLinear | None:
     base, residuals = split
     if base.k != base.k_padded:  # GGUF rows are whole blocks; anything else keeps the exact branch
         return None
-    extra = quantize_rtn(residuals, base.bits, base.block_size, symmetric=False)  # k = n_blocks
-    err = np.abs(dequantize(extra) - residuals).max(initial=0.0)
-    if err > np.abs(base.scales).max(initial=0.0) / (2 * ((1 << base.bits) - 1)) * 1.001:
+    steps = (1 << base.bits) - 1
+    hi = quantize_rtn(residuals, base.bits, base.block_size, symmetric=False)  # (N, P) blocks
+    left = residuals - dequantize(hi)
+    lo = quantize_rtn(left, base.bits, base.block_size, symmetric=False)
+    err = np.abs(dequantize(lo) - left).max(initial=0.0)
+    if err > np.abs(base.scales).max(initial=0.0) / (2 * steps * steps) * 1.001:
         return None  # minimums outside the block's range (clipped zero points): keep the exact branch
-    assert base.zero_points is not None and extra.zero_points is not None
-    return QuantizedLinear(bits=base.bits, block_size=base.block_size, q=np.concatenate([base.q, extra.q], axis=1),
-                           scales=np.concatenate([base.scales, extra.scales], axis=1),
-                           zero_points=np.concatenate([base.zero_points, extra.zero_points], axis=1),
-                           k=base.k + residuals.shape[1])
+    parts = (base, hi, lo)
+    zps = [p.zero_points for p in parts]
+    assert all(z is not None for z in zps)
+    return QuantizedLinear(bits=base.bits, block_size=base.block_size, q=np.concatenate([p.q for p in parts], axis=1),
+                           scales=np.concatenate([p.scales for p in parts], axis=1),
+                           zero_points=np.concatenate(zps, axis=1),  # type: ignore[arg-type]
+                           k=base.k + hi.k_padded + lo.k_padded)
 
 
 def folded_columns(k: int, block_size: int) -> int:
-    """Input columns a folded weight of in_features k reads: k plus one block sum per block."""
-    return k + -(-k // block_size)
+    """Input columns a folded weight of in_features k reads: k, then its block sums twice, each
+    padded with zeros to whole blocks."""
+    n_blocks = -(-k // block_size)
+    return k + 2 * (-(-n_blocks // block_size) * block_size)
 
 
 def add_block_sums(model: onnx.ModelProto, folded: set[str], block_size: int) -> int:
-    """Feed each MatMulNBits built from a weight in `folded` with [x, blocksum(x)]; returns the count.
+    """Feed each MatMulNBits built from a weight in `folded` with [x, sums, sums]; returns the count.
 
-    The block sums are one MatMul with a 0/1 matrix (K, n_blocks), shared by every weight of the
-    same K, so it stays in cache; weights that read the same input share one branch (MatMul, Concat).
+    The block sums (padded with zeros to whole blocks) are one MatMul with a 0/1 matrix shared by
+    every weight of the same K, so it stays in cache; weights that read the same input share one
+    branch (MatMul, Concat).
     """
     graph = model.graph
-    widened: dict[str, str] = {}  # input name -> its [x, blocksum(x)] name
-    indicators: dict[int, str] = {}  # K -> the shared (K, n_blocks) 0/1 matrix
+    widened: dict[str, str] = {}  # input name -> its [x, sums, sums] name
+    indicators: dict[int, str] = {}  # K -> the shared (K, P) 0/1 matrix
     rewritten, added = [], 0
     for node in graph.node:
         if node.op_type != "MatMulNBits" or not any(node.input[1].startswith(w + "_Q") for w in folded):
@@ -131,19 +142,22 @@ def add_block_sums(model: onnx.ModelProto, folded: set[str], block_size: int) ->
             continue
         x = node.input[0]
         if x not in widened:
-            n_blocks = next(a.i for a in node.attribute if a.name == "K") // (block_size + 1)  # K + K / block
-            k = n_blocks * block_size
+            wide = next(a.i for a in node.attribute if a.name == "K")
+            k = next(k for k in range(block_size, wide, block_size) if folded_columns(k, block_size) == wide)
+            n_blocks = k // block_size
+            padded = -(-n_blocks // block_size) * block_size
             if k not in indicators:
-                ones = np.repeat(np.eye(n_blocks, dtype=np.float32), block_size, axis=0)  # (K, n_blocks)
-                indicators[k] = f"block_sums/indicator_{k}x{n_blocks}"
+                ones = np.zeros((k, padded), dtype=np.float32)  # (K, P)
+                ones[:, :n_blocks] = np.repeat(np.eye(n_blocks, dtype=np.float32), block_size, axis=0)
+                indicators[k] = f"block_sums/indicator_{k}x{padded}"
                 graph.initializer.append(numpy_helper.from_array(ones, indicators[k]))
             base = node.name.rsplit("/", 1)[0] + "/block_sums"
             widened[x] = base + "/x_and_sums"
+            sums = base + "/sums"  # (batch, seq, P)
             rewritten += [
-                helper.make_node("MatMul", [x, indicators[k]], [base + "/sums"],
-                                 name=base + "/MatMul"),  # (batch, seq, n_blocks)
-                helper.make_node("Concat", [x, base + "/sums"], [widened[x]], name=base + "/Concat",
-                                 axis=-1),  # (batch, seq, K + n_blocks)
+                helper.make_node("MatMul", [x, indicators[k]], [sums], name=base + "/MatMul"),
+                helper.make_node("Concat", [x, sums, sums], [widened[x]], name=base + "/Concat",
+                                 axis=-1),  # (batch, seq, K + 2 P)
             ]
         node.input[0] = widened[x]
         rewritten.append(node)
