@@ -134,6 +134,8 @@ class Model:
         self.pad_ids = self.padding.mode == "rows"  # False turns the padding id off (benchmarks do)
         self._input_names = {i.name for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
+        width = next(o.shape[-1] for o in self.session.get_outputs() if o.name == LOGITS)
+        self._vocab = width if isinstance(width, int) else manifest.geometry.vocab_size
         g = manifest.geometry
         self._past = [past_pair(i) for i in range(g.num_layers)]
         self._present = [present_pair(i) for i in range(g.num_layers)]
@@ -290,9 +292,14 @@ class Model:
             binding.bind_cpu_input(LOGITS_TO_KEEP, np.array([keep], dtype=np.int64))
         if self._ragged:
             binding.bind_cpu_input(QUERY_SEQLENS, query_lengths)  # (batch,)
-        binding.bind_output(LOGITS)  # its shape changes between prefill chunks: rebound every pass
+        # A fresh array for the logits every pass (their shape changes between passes, and a caller may
+        # hold the last ones), bound as the output so onnxruntime writes into it: no copy out, and no
+        # Python wrapper for each of the cache's outputs (get_outputs makes one per output).
+        rows = keep if self._has_keep else ids.shape[1]
+        logits = np.empty((ids.shape[0], rows, self._vocab), dtype=np.float32)  # (batch, logits_to_keep, vocab)
+        binding.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()  # (batch, logits_to_keep, vocab)
+        return logits
 
 
 def load(path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify: bool = True,

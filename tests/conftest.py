@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -7,6 +10,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The invariance probe's verdicts (devices/probe_cache.py) go to a folder of this run, not the user's cache:
+# every test run probes this machine afresh and removes the folder at exit.
+if "EDGE_INFER_CACHE_DIR" not in os.environ:
+    os.environ["EDGE_INFER_CACHE_DIR"] = tempfile.mkdtemp(prefix="edge-infer-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["EDGE_INFER_CACHE_DIR"], ignore_errors=True)
 
 STRICT_ENV = "EDGE_INFER_STRICT_SKIPS"
 # Opt-in for the default model on QNN's simulated HTP (tests/test_npu_providers.py): tens of minutes.
