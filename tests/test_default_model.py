@@ -58,11 +58,6 @@ def greedy_margins(model, question: str, max_tokens: int = 24) -> tuple[str, lis
     return model.tokenizer.decode(ids), margins
 
 
-def test_fp32_answers_paris(fp32):
-    model = edge_infer.load(fp32, device="cpu")
-    assert "Paris" in edge_infer.generate(model, QUESTION, max_tokens=32)
-
-
 def test_int4_quality(int4):
     """int4 stays within a measured margin of fp32 (same weights)."""
     model = edge_infer.load(int4, device="cpu")
