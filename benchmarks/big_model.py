@@ -12,6 +12,15 @@ fp32 at this geometry), not the model.
 
     python benchmarks/big_model.py OUT_DIR                    # 1B-class: OUT_DIR/hf, OUT_DIR/model.Q4_0.gguf
     python benchmarks/big_model.py OUT_DIR --layers 2 --hidden 256 --ffn 512 --heads 4 --kv-heads 2
+    python benchmarks/big_model.py OUT_DIR --qwen2-1.5b       # OUT_DIR/qwen2-1.5b.Q4_K_M.gguf (1.0 GB)
+
+`--qwen2-1.5b` writes a GGUF with Qwen2.5-1.5B-Instruct's geometry and llama.cpp's Q4_K_M tensor
+types instead (qwen2: 28 layers, hidden 1536, 12 heads / 2 KV heads, head_dim 128, FFN 8960, vocab
+151936, tied embeddings, rope theta 1e6, q/k/v biases): Q4_K matrices, Q6_K for attn_v and ffn_down
+where llama.cpp's `use_more_bits` says so (14 of 28 layers each), the tied token_embd Q6_K, norms
+and biases F32. K-quant blocks are random bytes with small f16 scales (valid, not a trained model);
+the 151936-entry byte-level BPE vocabulary is SmolLM2's extended with synthetic merges, then
+Qwen's 22 special tokens and llama.cpp's [PAD] entries up to the embedding's rows.
 """
 
 from __future__ import annotations
@@ -183,6 +192,131 @@ def write_gguf(path: Path, g: Geometry, seed: int, meta: dict) -> None:
     w.close()
 
 
+QWEN2_1_5B = Geometry(layers=28, hidden=1536, heads=12, kv_heads=2, ffn=8960, vocab=151936, context=32768,
+                      rope_theta=1000000.0)
+QWEN2_REGULAR = 151643  # Qwen2.5's ordinary tokens; 22 specials follow, then padding rows
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+                  "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                  "<|repo_name|>", "<|file_sep|>"]
+QWEN2_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                "{% endif %}")
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v / ffn_down get Q6_K in a Q4_K_M file."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def qwen2_tokenizer_metadata(vocab: int) -> dict:
+    """tokenizer.* keys of a qwen2-style byte-level BPE with `vocab` entries: SmolLM2's ordinary
+    tokens and merges, synthetic merges (pairs of its first tokens) up to 151643 ordinary tokens,
+    Qwen's specials (CONTROL) and `[PAD<i>]` entries (UNUSED) up to `vocab`, as llama.cpp's converter pads."""
+    small = tokenizer_metadata(49152)
+    base = [t for t, ty in zip(small["tokenizer.ggml.tokens"], small["tokenizer.ggml.token_type"]) if ty == 1]
+    merges = list(small["tokenizer.ggml.merges"])
+    tokens = list(base)
+    seen = set(tokens)
+    first = base[:600]
+    for a in first:
+        for b in first:
+            if len(tokens) >= QWEN2_REGULAR:
+                break
+            if a + b not in seen:
+                seen.add(a + b)
+                tokens.append(a + b)
+                merges.append(f"{a} {b}")
+    assert len(tokens) == QWEN2_REGULAR, len(tokens)
+    types = [1] * len(tokens) + [3] * len(QWEN2_SPECIALS)
+    tokens += QWEN2_SPECIALS
+    pads = [f"[PAD{i}]" for i in range(len(tokens), vocab)]
+    tokens += pads
+    types += [5] * len(pads)
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.eos_token_id": QWEN2_REGULAR + 2, "tokenizer.ggml.padding_token_id": QWEN2_REGULAR,
+            "tokenizer.ggml.bos_token_id": QWEN2_REGULAR, "tokenizer.ggml.add_bos_token": False,
+            "tokenizer.chat_template": QWEN2_CHATML}
+
+
+def kquant_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype) -> np.ndarray:
+    """Random but valid Q4_K / Q6_K blocks: random bytes, f16 scales small enough that the weights
+    stay within about +-0.04 (Q4_K: d and dmin at bytes 0 and 2; Q6_K: d at byte 208)."""
+    import gguf
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    n, k = shape
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    fields = {gguf.GGMLQuantizationType.Q4_K: ((0, 1e-5, 4e-5), (2, 1e-5, 4e-5)),
+              gguf.GGMLQuantizationType.Q6_K: ((208, 2e-6, 1e-5),)}[qtype]
+    for pos, lo, hi in fields:
+        raw[..., pos:pos + 2] = rng.uniform(lo, hi, (n, k // block)).astype(np.float16).view(np.uint8).reshape(
+            n, k // block, 2)
+    return raw.reshape(n, -1)
+
+
+def write_qwen2_kquant_gguf(path: Path, g: Geometry, seed: int) -> None:
+    """A Q4_K_M-typed qwen2 GGUF of geometry `g` (see the module docstring), one tensor at a time."""
+    import gguf
+    from gguf.constants import GGML_QUANT_SIZES
+
+    qt = gguf.GGMLQuantizationType
+    h, kv, f = g.hidden, g.kv_heads * g.head_dim, g.ffn
+    plan: list[tuple[str, tuple[int, ...], object]] = [("token_embd.weight", (g.vocab, h), qt.Q6_K)]
+    for i in range(g.layers):
+        b, more = f"blk.{i}.", use_more_bits(i, g.layers)
+        plan += [(b + "attn_norm.weight", (h,), qt.F32),
+                 (b + "attn_q.weight", (h, h), qt.Q4_K), (b + "attn_q.bias", (h,), qt.F32),
+                 (b + "attn_k.weight", (kv, h), qt.Q4_K), (b + "attn_k.bias", (kv,), qt.F32),
+                 (b + "attn_v.weight", (kv, h), qt.Q6_K if more else qt.Q4_K), (b + "attn_v.bias", (kv,), qt.F32),
+                 (b + "attn_output.weight", (h, h), qt.Q4_K),
+                 (b + "ffn_norm.weight", (h,), qt.F32),
+                 (b + "ffn_gate.weight", (f, h), qt.Q4_K), (b + "ffn_up.weight", (f, h), qt.Q4_K),
+                 (b + "ffn_down.weight", (h, f), qt.Q6_K if more else qt.Q4_K)]
+    plan.append(("output_norm.weight", (h,), qt.F32))
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_name("qwen2-1.5b-geometry-random")
+    for key, value in {"block_count": g.layers, "context_length": g.context, "embedding_length": h,
+                       "feed_forward_length": f, "attention.head_count": g.heads,
+                       "attention.head_count_kv": g.kv_heads}.items():
+        w.add_uint32(f"qwen2.{key}", value)
+    w.add_float32("qwen2.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32("qwen2.rope.freq_base", g.rope_theta)
+    w.add_uint32("general.file_type", 15)  # MOSTLY_Q4_K_M
+    for key, value in qwen2_tokenizer_metadata(g.vocab).items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
+    for name, shape, qtype in plan:
+        if qtype == qt.F32:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4, raw_dtype=qtype)
+        else:
+            block, size = GGML_QUANT_SIZES[qtype]  # type: ignore[index]
+            byte_shape = (shape[0], shape[1] // block * size)
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, shape, qtype in plan:
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        if qtype != qt.F32:
+            w.write_tensor_data(kquant_blocks(rng, shape, qtype))
+        elif name.endswith("norm.weight"):
+            w.write_tensor_data(rng.uniform(0.8, 1.2, shape).astype(np.float32))
+        else:  # q/k/v biases
+            w.write_tensor_data((rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32))
+    w.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -191,7 +325,15 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(d, field))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=("hf", "gguf"), default=None)
+    p.add_argument("--qwen2-1.5b", dest="qwen2", action="store_true",
+                   help="write OUT/qwen2-1.5b.Q4_K_M.gguf (Qwen2.5-1.5B's geometry, llama.cpp's Q4_K_M types) only")
     a = p.parse_args(argv)
+    if a.qwen2:
+        a.out.mkdir(parents=True, exist_ok=True)
+        print(f"{QWEN2_1_5B.n_params() / 1e6:.0f}M parameters (without biases): {QWEN2_1_5B}")
+        write_qwen2_kquant_gguf(a.out / "qwen2-1.5b.Q4_K_M.gguf", QWEN2_1_5B, a.seed)
+        print(f"wrote {a.out / 'qwen2-1.5b.Q4_K_M.gguf'}")
+        return
     g = Geometry(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, a.context)
     a.out.mkdir(parents=True, exist_ok=True)
     meta = tokenizer_metadata(g.vocab)

@@ -12,12 +12,15 @@ read once the process ends; no sampling. CPU seconds (user + sys, all threads) c
 same rusage: on a shared, loaded machine they compare tools more fairly than wall time. A
 second RSS column samples the process's anonymous memory (RssAnon) every 50 ms to separate
 heap from mapped files. The stage timings of each edge-infer run come from its progress
-output. Results append to --out (JSON), and a Markdown table is printed.
+output, each with the peak anonymous RSS sampled while it ran (`stage_peak_anon_mib`). With
+--sha256 the sha256 of the export's model.onnx.data is recorded (to check that a change keeps the
+exported bits). Results append to --out (JSON), and a Markdown table is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -46,8 +49,10 @@ def _anon_kib(pid: int) -> int:
 
 
 def measure(cmd: list[str], log: Path) -> dict:
-    """Run cmd; its peak RSS (MiB, ru_maxrss), peak anonymous RSS (sampled) and wall seconds."""
+    """Run cmd; its peak RSS (MiB, ru_maxrss), peak anonymous RSS (sampled), wall seconds and the
+    anonymous RSS samples ((seconds since start, KiB), in `samples`)."""
     start = time.perf_counter()
+    samples: list[tuple[float, int]] = []
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         peak_anon = [0]
@@ -55,7 +60,9 @@ def measure(cmd: list[str], log: Path) -> dict:
 
         def sample() -> None:
             while not done.wait(0.05):
-                peak_anon[0] = max(peak_anon[0], _anon_kib(proc.pid))
+                kib = _anon_kib(proc.pid)
+                samples.append((time.perf_counter() - start, kib))
+                peak_anon[0] = max(peak_anon[0], kib)
 
         t = threading.Thread(target=sample, daemon=True)
         t.start()
@@ -65,7 +72,18 @@ def measure(cmd: list[str], log: Path) -> dict:
     seconds = time.perf_counter() - start
     return {"rc": os.waitstatus_to_exitcode(status), "seconds": round(seconds, 1),
             "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024), "peak_anon_mib": round(peak_anon[0] / 1024)}
+            "peak_rss_mib": round(usage.ru_maxrss / 1024), "peak_anon_mib": round(peak_anon[0] / 1024),
+            "samples": samples}
+
+
+def stage_peaks(stage_list: list[tuple[float, str]], samples: list[tuple[float, int]]) -> list[tuple[float, str, int]]:
+    """(start, stage, peak anonymous RSS in MiB while it ran) per stage, from the samples."""
+    out = []
+    for k, (t0, name) in enumerate(stage_list):
+        t1 = stage_list[k + 1][0] if k + 1 < len(stage_list) else float("inf")
+        peak = max((kib for t, kib in samples if t0 <= t < t1), default=0)
+        out.append((t0, name, round(peak / 1024)))
+    return out
 
 
 def stages(log: Path) -> list[tuple[float, str]]:
@@ -88,12 +106,13 @@ def main() -> None:
     ap.add_argument("--validate", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="where outputs go (removed after each run)")
+    ap.add_argument("--sha256", action="store_true", help="record the sha256 of each export's model.onnx.data")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="export-memory-", dir=args.work))
     rows = []
     runs = []
-    for kind, src in (("GGUF Q4_0", args.gguf), ("HF fp16 folder", args.hf)):
+    for kind, src in ((f"GGUF {args.gguf.name if args.gguf else ''}", args.gguf), ("HF fp16 folder", args.hf)):
         if src is None:
             continue
         for validate in {"both": (False, True), "yes": (True,), "no": (False,)}[args.validate]:
@@ -111,8 +130,15 @@ def main() -> None:
         r = measure(cmd, log)
         r.update(tool=tool, source=kind, validate=validate, stages=stages(log), cpu=cpu_name(),
                  log_tail=log.read_text(errors="replace").splitlines()[-6:])
+        r["stage_peak_anon_mib"] = stage_peaks(r["stages"], r.pop("samples"))
         if r["rc"]:
             print("\n".join(r["log_tail"]))
+        if args.sha256 and (work / "out" / "model.onnx.data").exists():
+            digest = hashlib.sha256()
+            with open(work / "out" / "model.onnx.data", "rb") as data:
+                for chunk in iter(lambda: data.read(1 << 24), b""):
+                    digest.update(chunk)
+            r["data_sha256"] = digest.hexdigest()
         shutil.rmtree(work / "out", ignore_errors=True)
         shutil.rmtree(work / "cache", ignore_errors=True)
         rows.append(r)

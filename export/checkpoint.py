@@ -64,9 +64,16 @@ class SafetensorsFile:
         _check_packed(path, self.entries, size - self.data_start)
 
     def get(self, name: str) -> np.ndarray:
+        return self.get_rows(name, 0, None)
+
+    def get_rows(self, name: str, start: int, stop: int | None) -> np.ndarray:
+        """Rows start:stop (axis 0) of a tensor in float32; only their bytes are read."""
         dtype, shape, begin, end = self.entries[name]
-        raw = np.frombuffer(self._map, dtype=_DTYPES[dtype], count=(end - begin) // np.dtype(_DTYPES[dtype]).itemsize,
-                            offset=self.data_start + begin).reshape(shape)
+        raw: np.ndarray = np.frombuffer(self._map, dtype=_DTYPES[dtype],
+                                        count=(end - begin) // np.dtype(_DTYPES[dtype]).itemsize,
+                                        offset=self.data_start + begin).reshape(shape)
+        if shape:
+            raw = raw[start:stop]
         if dtype == "BF16":  # bfloat16 is the top half of a float32
             out = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
@@ -148,6 +155,9 @@ class SafetensorsSource:
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
 
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._where[name].get_rows(name, start, stop)
+
     def blocks(self, name: str):
         return None
 
@@ -220,7 +230,10 @@ class LazyWeights(Mapping):
         if self.deferred and t.transform is None and shape_of is not None:
             shapes = [tuple(shape_of(s)) for s in t.sources]
             shape = (sum(s[0] for s in shapes),) + shapes[0][1:]
-            return Deferred(lambda: self.compute(name), shape)
+            rows = None
+            if len(t.sources) == 1 and hasattr(self.source, "get_rows") and len(shape) == 2:
+                rows = lambda start, stop: self.source.get_rows(t.sources[0], start, stop)  # noqa: E731
+            return Deferred(lambda: self.compute(name), shape, rows=rows)
         return self.compute(name)
 
     def compute(self, name: str) -> np.ndarray:
@@ -261,19 +274,37 @@ def concat_blocks(parts: list):
 class Deferred:
     """A float weight not read yet: the graph builder's `.T` and `.astype` are recorded, and the values
     are made from the source when they are needed (`materialize`), e.g. by the quantizer, one weight
-    at a time. Anything else asked of it (numpy functions, other attributes) materializes it first."""
+    at a time. Anything else asked of it (numpy functions, other attributes) materializes it first.
+    `rows(start, stop)`, when the source can read part of the weight, gives rows start:stop of the
+    untransposed weight (`materialize_rows`), so a vocabulary-sized one can be walked in slices."""
 
     def __init__(self, compute: Callable[[], np.ndarray], shape: tuple[int, ...], dtype=np.float32,
-                 transposed: bool = False):
+                 transposed: bool = False, rows: Callable[[int, int], np.ndarray] | None = None):
         self.compute, self.shape, self.dtype, self.transposed = compute, tuple(shape), np.dtype(dtype), transposed
+        self.rows = rows
         self.ndim = len(self.shape)
 
     @property
     def T(self) -> Deferred:  # noqa: N802 (numpy's name)
-        return Deferred(self.compute, self.shape[::-1], self.dtype, not self.transposed)
+        return Deferred(self.compute, self.shape[::-1], self.dtype, not self.transposed, self.rows)
 
     def astype(self, dtype, copy: bool = True) -> Deferred:
-        return Deferred(self.compute, self.shape, dtype, self.transposed)
+        return Deferred(self.compute, self.shape, dtype, self.transposed, self.rows)
+
+    @property
+    def row_slices(self) -> bool:
+        """Whether `materialize_rows` reads only the rows asked for (else it reads the whole weight)."""
+        return self.rows is not None and not self.transposed
+
+    def materialize_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of `materialize()`, the same values."""
+        if not self.row_slices:
+            return self.materialize()[start:stop]
+        w = self.rows(start, stop)  # type: ignore[misc]
+        stop = min(stop, self.shape[0])
+        if w.shape != (max(stop - start, 0),) + self.shape[1:]:
+            raise ValueError(f"deferred weight rows {start}:{stop} have shape {w.shape}")
+        return w.astype(self.dtype, copy=False)
 
     def materialize(self) -> np.ndarray:
         w = self.compute()

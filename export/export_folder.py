@@ -252,7 +252,7 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
     out = DataFile(tmp / DATA_FILE)
     try:
         q, info = _quantize(model, spec, pre, options, progress, read=reference.read,
-                            sink=lambda t: out.move(t, tmp, data.deferred))
+                            sink=lambda t: out.move(t, tmp, data.deferred), read_rows=reference.read_rows)
         progress.stage("writing model")
         save_streamed(q, tmp / GRAPH_FILE, out, tmp, data.deferred)
     finally:
@@ -265,10 +265,11 @@ def _remove_float_graph(folder: Path) -> None:
 
 
 def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: ExportOptions,
-              progress: Progress, read=None, sink=None) -> tuple[onnx.ModelProto, dict]:
+              progress: Progress, read=None, sink=None, read_rows=None) -> tuple[onnx.ModelProto, dict]:
     """Quantize `model`; `blocks` is a dict of source blocks (canonical name -> blocks) or a
     `_LazySourceBlocks`. Streaming: `read(tensor)` gives a float weight stored outside the
-    protobuf, and `sink(tensor)` moves each new tensor to the data file (quantize_graph)."""
+    protobuf, `read_rows(tensor, start, stop)` rows of one, and `sink(tensor)` moves each new tensor
+    to the data file (quantize_graph)."""
     from edge_infer.quantize.rewrite import quantize_graph, quantize_summary
 
     config = options.quant_config()
@@ -283,7 +284,8 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
     progress.stage(f"quantizing to {options.quant} (block {options.block_size}, "
                    f"{'symmetric' if options.symmetric else 'asymmetric'})")
     bar = progress.bar("quantize", total=None)
-    q = quantize_graph(model, config, prequantized=pre or None, progress=bar.update, loader=read, sink=sink)
+    q = quantize_graph(model, config, prequantized=pre or None, progress=bar.update, loader=read, sink=sink,
+                       row_loader=read_rows)
     bar.close()
     n_pre = len(pre)
     if isinstance(blocks, _LazySourceBlocks):

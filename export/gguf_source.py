@@ -29,6 +29,16 @@ class GGUFWeights:
         _release(t)
         return out
 
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of `get(name)`, dequantizing only those (a GGUF tensor read as it is);
+        other entries (views with a transform) are read whole and sliced."""
+        t = self._tensors[name]
+        if not isinstance(t, GGUFTensor):
+            return self.get(name)[start:stop]
+        out = t.dequantize_rows(start, stop)
+        _release(t)
+        return out
+
     def source_type(self, name: str) -> str:
         """The ggml type of a weight ("Q4_K"; "Q4_K+Q6_K" when stacked from several tensors)."""
         t = self._tensors[name]

@@ -10,6 +10,11 @@ segments run one after another on every prompt, each session freed before the ne
 and the values between them are a few hidden states per prompt. The logits equal the whole
 graph's up to onnxruntime's float rounding (the same kernels, fused per segment instead of
 across the whole graph).
+
+A weight bigger than a segment's budget is not read whole when it is a vocabulary-sized
+embedding: its Gather runs here in numpy, a slice of rows at a time, and a MatMul by its
+transpose (a tied lm_head) computes the logits a slice of the vocabulary at a time
+(`_row_steps`), so neither the fp32 matrix nor its transpose is ever in memory whole.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from edge_infer.quantize.external import read_tensor
+from edge_infer.quantize.external import read_rows, read_tensor
 
 DEFAULT_MAX_BYTES = 256 << 20
+ROW_SLICE_BYTES = 64 << 20  # rows of a vocabulary-sized weight read at a time (fp32)
 
 
 def _nbytes(t: TensorProto) -> int:
@@ -35,17 +41,26 @@ def _nbytes(t: TensorProto) -> int:
     return count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def plan_segments(graph: onnx.GraphProto, max_bytes: int = DEFAULT_MAX_BYTES) -> list[list[onnx.NodeProto]]:
+def plan_segments(graph: onnx.GraphProto, max_bytes: int = DEFAULT_MAX_BYTES,
+                  alone: Mapping[str, Any] | None = None) -> list[list[onnx.NodeProto]]:
     """Consecutive runs of nodes whose initializers add up to at most `max_bytes` (a single node
-    with more weights than that gets a segment of its own)."""
+    with more weights than that gets a segment of its own; a node that adds no weights stays in
+    the current one). Nodes in `alone` (keyed by their first output) get a segment of their own;
+    nodes it maps to None are left out (their work is done by another node's step)."""
+    alone = alone or {}
     sizes = {t.name: _nbytes(t) for t in graph.initializer}
     segments: list[list[onnx.NodeProto]] = [[]]
     held: set[str] = set()
     total = 0
     for node in graph.node:
+        if _key(node) in alone:
+            if alone[_key(node)] is not None:
+                segments += [[node], []]
+                held, total = set(), 0
+            continue
         new = {n for n in node.input if n in sizes and n not in held}
         extra = sum(sizes[n] for n in new)
-        if segments[-1] and total + extra > max_bytes:
+        if segments[-1] and extra and total + extra > max_bytes:
             segments.append([])
             held, total = set(), 0
             new = {n for n in node.input if n in sizes}
@@ -53,7 +68,7 @@ def plan_segments(graph: onnx.GraphProto, max_bytes: int = DEFAULT_MAX_BYTES) ->
         segments[-1].append(node)
         held |= new
         total += extra
-    return segments
+    return [s for s in segments if s]
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,86 @@ class StoredGraph:
     def read(self, t: TensorProto) -> np.ndarray:
         return read_tensor(t, self.folder, self.deferred)
 
+    def read_rows(self, t: TensorProto, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of `read(t)`, reading only those where the storage allows."""
+        return read_rows(t, self.folder, self.deferred, start, stop)
+
+
+@dataclass(frozen=True)
+class _RowStep:
+    """A node run here over row slices of a big weight (`weight`, (V, D)): "gather" (Gather on axis 0
+    of the weight) or "matmul_t" (MatMul(x, Transpose(weight)), the Transpose folded in)."""
+
+    kind: str
+    node: onnx.NodeProto
+    weight: str
+
+    def reads(self) -> list[str]:
+        """The values (not weights) it reads."""
+        return [self.node.input[1 if self.kind == "gather" else 0]]
+
+
+def _key(node: onnx.NodeProto) -> str:
+    """A node's identity across walks of the graph (protobuf may hand out a new wrapper each time)."""
+    return node.output[0] if node.output else ""
+
+
+def _row_steps(graph: onnx.GraphProto, inits: Mapping[str, TensorProto], max_bytes: int) -> dict[str, Any]:
+    """Nodes over weights above `max_bytes` that run a row slice at a time (first output -> _RowStep),
+    and the Transposes they fold in (-> None)."""
+    def big(name: str) -> bool:
+        t = inits.get(name)
+        return (t is not None and len(t.dims) == 2 and _nbytes(t) > max_bytes
+                and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16))
+
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    producer = {o: node for node in graph.node for o in node.output}
+    steps: dict[str, Any] = {}
+    for node in graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and axis == 0 and big(node.input[0]) \
+                and node.input[1] not in inits:
+            steps[_key(node)] = _RowStep("gather", node, node.input[0])
+        elif node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in producer:
+            t = producer[node.input[1]]
+            perm = [list(a.ints) for a in t.attribute if a.name == "perm"]
+            if (t.op_type == "Transpose" and perm in ([[1, 0]], []) and big(t.input[0])
+                    and readers.get(t.output[0]) == 1 and t.output[0] not in outputs):
+                steps[_key(node)] = _RowStep("matmul_t", node, t.input[0])
+                steps[_key(t)] = None
+    return steps
+
+
+def _run_row_step(step: _RowStep, stored: StoredGraph, t: TensorProto, values: list[dict[str, np.ndarray]]) -> None:
+    """Run `step` on every feed's values, reading the weight a slice of rows at a time."""
+    rows, cols = (int(d) for d in t.dims)
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    per = max(1, ROW_SLICE_BYTES // max(1, cols * dtype.itemsize))
+    out = []
+    for v in values:
+        x = v[step.reads()[0]]
+        if step.kind == "gather":
+            ids = np.where(x < 0, x + rows, x).astype(np.int64)
+            out.append((ids, np.empty(ids.shape + (cols,), dtype)))
+        else:
+            out.append((x, np.empty(x.shape[:-1] + (rows,), np.result_type(x.dtype, dtype))))
+    for start in range(0, rows, per):
+        stop = min(rows, start + per)
+        w = stored.read_rows(t, start, stop)
+        for x, o in out:
+            if step.kind == "gather":
+                hit = (x >= start) & (x < stop)
+                o[hit] = w[x[hit] - start]
+            else:
+                o[..., start:stop] = x @ w.T
+        del w
+    for v, (_, o) in zip(values, out):
+        v[step.node.output[0]] = o
+
 
 def run_segmented(stored: StoredGraph, feeds: list[dict[str, np.ndarray]], outputs: list[str],
                   max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[list[np.ndarray]], int]:
@@ -81,16 +176,26 @@ def run_segmented(stored: StoredGraph, feeds: list[dict[str, np.ndarray]], outpu
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     graph_inputs = {i.name: i for i in graph.input}
-    segments = plan_segments(graph, max_bytes)
+    row_steps = _row_steps(graph, inits, max_bytes)
+    segments = plan_segments(graph, max_bytes, alone=row_steps)
     # Which segment reads each value last, so values are dropped once no later segment needs them.
     last_use: dict[str, int] = {name: len(segments) for name in outputs}
     for k, nodes in enumerate(segments):
         for node in nodes:
-            for name in node.input:
+            step = row_steps.get(_key(node))
+            for name in (step.reads() if step is not None else node.input):
                 if name and name not in inits:
                     last_use[name] = max(last_use.get(name, -1), k)
     values = [dict(f) for f in feeds]
     for k, nodes in enumerate(segments):
+        step = row_steps.get(_key(nodes[0]))
+        if step is not None:
+            _run_row_step(step, stored, inits[step.weight], values)
+            for v in values:
+                for name in [n for n in v if last_use.get(n, -1) <= k and n not in outputs]:
+                    del v[name]
+            gc.collect()
+            continue
         produced = {o for node in nodes for o in node.output if o}
         needed = [n for node in nodes for n in node.input if n and n not in inits and n not in produced]
         needed = list(dict.fromkeys(needed))

@@ -121,6 +121,36 @@ def read_tensor(t: TensorProto, folder: Path, deferred: Mapping[str, Any] | None
     return out
 
 
+def read_rows(t: TensorProto, folder: Path, deferred: Mapping[str, Any] | None, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop (axis 0) of an initializer, the same values as `read_tensor(...)[start:stop]`,
+    reading only those rows where the storage allows it (external data, a deferred weight whose
+    source reads rows); otherwise the tensor is read whole and sliced."""
+    if t.data_location != TensorProto.EXTERNAL or not t.dims:
+        return read_tensor(t, folder, deferred)[start:stop]
+    info = {e.key: e.value for e in t.external_data}
+    if info.get("location") == PLACEHOLDER:
+        values = (deferred or {}).get(t.name)
+        if values is not None and getattr(values, "row_slices", False):
+            return values.materialize_rows(start, stop)
+        return read_tensor(t, folder, deferred)[start:stop]
+    location = info.get("location", "")
+    if not location or os.path.isabs(location) or ".." in Path(location).parts:
+        raise ValueError(f"initializer {t.name}: external data location {location!r} is not inside the folder")
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    shape = tuple(t.dims)
+    start, stop = max(0, min(start, shape[0])), max(0, min(stop, shape[0]))
+    stop = max(start, stop)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    if int(info.get("length", shape[0] * row_bytes)) != shape[0] * row_bytes:
+        raise ValueError(f"initializer {t.name}: {info.get('length')} bytes of external data for shape {shape} {dtype}")
+    out = np.empty((stop - start,) + shape[1:], dtype=dtype)
+    with open(Path(folder) / location, "rb") as f:
+        f.seek(int(info.get("offset", 0)) + start * row_bytes)
+        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+            raise ValueError(f"initializer {t.name}: external data ends early in {location}")
+    return out
+
+
 def save_streamed(model: onnx.ModelProto, graph_path: Path, data: DataFile, folder: Path | None = None,
                   deferred: Mapping[str, Any] | None = None) -> None:
     """Write `model` to `graph_path`: every initializer not yet in `data` (inline ones from later

@@ -81,6 +81,7 @@ def quantize_graph(
     *,
     loader: Callable[[TensorProto], np.ndarray] | None = None,
     sink: Callable[[TensorProto], TensorProto] | None = None,
+    row_loader: Callable[[TensorProto, int, int], np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """A copy of `model` with its linear layers (and embedding/lm_head) block-quantized.
 
@@ -93,7 +94,10 @@ def quantize_graph(
 
     Streaming (quantize.external): `loader` reads an externally stored float initializer,
     and `sink` takes each new initializer as it is made and returns the proto to keep
-    (its bytes moved to a data file), so only one weight is in memory at a time.
+    (its bytes moved to a data file), so only one weight is in memory at a time. `row_loader(tensor,
+    start, stop)` reads rows of one: an embedding-shaped (untransposed) weight is then read and
+    rounded `ROUND_SLICE_ROWS` rows at a time (the same result, rows are rounded independently),
+    so a vocabulary-sized one is never whole in float.
     """
     config.validate()
     prequantized = prequantized or {}
@@ -112,7 +116,7 @@ def quantize_graph(
     for done, job in enumerate(jobs, start=1):
         tensor = inits[job.weight]
         dtype = _FLOAT_TYPES[tensor.data_type]
-        ql = _obtain(job, tensor, config, prequantized, requantized, loader)
+        ql = _obtain(job, tensor, config, prequantized, requantized, loader, row_loader)
         names, tensors = nbits_initializers(ql, job.weight, dtype)
         for t in tensors:
             if t.name in inits:
@@ -229,6 +233,7 @@ def _obtain(
     prequantized: Mapping[str, QuantizedLinear],
     requantized: list[str],
     loader: Callable[[TensorProto], np.ndarray] | None = None,
+    row_loader: Callable[[TensorProto, int, int], np.ndarray] | None = None,
 ) -> QuantizedLinear:
     """The quantized (N, K) weight for a job: imported blocks when they fit, else rounded here."""
     dims = tuple(tensor.dims)
@@ -247,6 +252,9 @@ def _obtain(
         )  # fmt: skip
         requantized.append(job.weight)
         return _round(dequantize(pre), job.bits, config)
+    if tensor.data_location == TensorProto.EXTERNAL and row_loader is not None and not job.transposed \
+            and n > ROUND_SLICE_ROWS:
+        return _round_in_slices(lambda start, stop: row_loader(tensor, start, stop), n, job.bits, config)
     if tensor.data_location == TensorProto.EXTERNAL:
         if loader is None:
             raise UserError(f"initializer {job.weight} is stored externally: "
@@ -259,6 +267,28 @@ def _obtain(
 
 
 RTN_ROWS = 4096  # rows rounded at a time: rounding's temporaries stay a few times one slice, not the tensor
+ROUND_SLICE_ROWS = 4 * RTN_ROWS  # rows of a weight read (in float) at a time when it can be read in rows
+
+
+def _round_in_slices(rows: Callable[[int, int], np.ndarray], n: int, bits: int, config: QuantConfig) -> QuantizedLinear:
+    """`_round` of an (n, K) weight read ROUND_SLICE_ROWS rows at a time (`rows(start, stop)`), into
+    arrays allocated once: equal to rounding the whole weight, since every row is rounded on its own."""
+    arrays: list[np.ndarray | None] = []
+    first: QuantizedLinear | None = None
+    for start in range(0, n, ROUND_SLICE_ROWS):
+        w = rows(start, min(n, start + ROUND_SLICE_ROWS)).astype(np.float32, copy=False)
+        part = _round(w, bits, config)
+        del w
+        values = (part.q, part.scales, part.zero_points)
+        if first is None:
+            first = part
+            arrays = [None if a is None else np.empty((n,) + a.shape[1:], a.dtype) for a in values]
+        for whole, a in zip(arrays, values):
+            if whole is not None and a is not None:
+                whole[start:start + a.shape[0]] = a
+    assert first is not None and arrays[0] is not None and arrays[1] is not None
+    return QuantizedLinear(bits=first.bits, block_size=first.block_size, q=arrays[0], scales=arrays[1],
+                           zero_points=arrays[2], k=first.k)
 
 
 def _round(w: np.ndarray, bits: int, config: QuantConfig) -> QuantizedLinear:
