@@ -9,8 +9,10 @@ trimmed back after every step):
 
   unpadded   the cache has no spare position, so the graph cannot pad: one row everywhere (not invariant)
   attention  padding="attention": the graph gives GroupQueryAttention a zero second row; matmuls keep one row
-  rows       padding="rows": a padding id after the token, so every matmul runs two rows (and the
-             lm_head two logit rows: logits are kept from the end of the pass)
+  rows       padding="rows": the previous id re-fed in front of the token, so every matmul runs two
+             rows and the token stays last (the lm_head computes one logit row)
+  rows-after padding="rows" with a padding id after the token instead (what a row without a known
+             previous id gets): every matmul two rows, and the lm_head two logit rows
 
 Prints the probe's verdict for this machine (which mode `auto` picks and why), then milliseconds per
 step (median, p10) and the ratio to unpadded.
@@ -38,7 +40,8 @@ def main() -> None:
     # One shared thread pool: sessions with pools of their own spin on each other's cores.
     load = {p: edge_infer.load(args.model, device="cpu", threads=args.threads, shared_threads=True, padding=p)
             for p in ("auto", "attention", "rows")}
-    variants = {"unpadded": load["attention"], "attention": load["attention"], "rows": load["rows"]}
+    variants = {"unpadded": load["attention"], "attention": load["attention"], "rows": load["rows"],
+                "rows-after": load["rows"]}
     assert load["attention"].pads_in_graph, "MODEL must pad its attention in the graph"
     print(f"CPU: {cpu_model()}, {args.threads} threads, {args.steps} interleaved steps per variant")
     print(f"auto: {load['auto'].describe_padding()}\n")
@@ -56,7 +59,10 @@ def main() -> None:
         for _ in range(args.steps):
             for name, m in variants.items():
                 start = time.perf_counter()
-                m.forward(np.array([[token]]), caches[name])
+                if name == "rows-after":  # pad=True: the padding id after the token, whatever is known
+                    m.forward_rows([[token]], caches[name], np.array([ctx]), keep=1, pad=True)
+                else:
+                    m.forward(np.array([[token]]), caches[name])
                 times[name].append(time.perf_counter() - start)
                 caches[name].trim(ctx)
         base = float(np.median(times["unpadded"]))

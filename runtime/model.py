@@ -235,7 +235,10 @@ class Model:
         mode (free: the pass is that wide anyway); a one-token pass in "attention" mode keeps one row
         and the graph pads only its attention. A position's logits then do not depend on how its pass
         was grouped (decode step, verification, prefill chunk, server row). Needs room for the padding
-        position; at the very end of the cache the row runs alone, unpadded.
+        position; at the very end of the cache the row runs alone, unpadded. A decode step at batch 1
+        in "rows" mode feeds the previous id again in front of its id instead of a padding id after
+        it: the pass recomputes that position's keys and values to the same bits (passes of two or
+        more rows agree), and the id stays last, so the lm_head computes one row of logits, not two.
         """
         batch = cache.batch
         assert len(feeds) == batch and lengths.shape == (batch,), "one feed and one length per row"
@@ -247,6 +250,9 @@ class Model:
             mask = np.ones((1, start + n), dtype=np.int64)  # (1, total_sequence_length)
             positions = np.arange(start, start + n, dtype=np.int64)[None, :]  # (1, n)
             return [self._run_concat(ids, mask, positions, cache, min(keep or n, n))[0]]
+        prev = self._previous_id(feeds, cache, lengths) if pad is None and self.pad_ids else None
+        if prev is not None:  # "rows" mode, one id at batch 1: re-feed the id before it instead (see below)
+            return self.forward_rows([[prev, feeds[0][0]]], cache, lengths - 1, keep=1, pad=False)
         real = [len(f) for f in feeds]
         if pad is None:  # a graph that pads its attention does it for one-token passes; in a wider pass
             # a one-id row still takes a padding id (free: the pass is that wide anyway)
@@ -280,6 +286,14 @@ class Model:
         k = seq - first
         out = self._run(ids, mask, positions, cache, k, np.array(fed, dtype=np.int64))  # (batch, k, vocab)
         return [out[r, real[r] - want[r] - first:real[r] - first] for r in range(batch)]
+
+    @staticmethod
+    def _previous_id(feeds: list, cache: KVCache, lengths: np.ndarray) -> int | None:
+        """The id a batch-1 cache holds just before a lone id fed at lengths[0], when it knows it."""
+        if cache.batch != 1 or len(feeds[0]) != 1:
+            return None
+        at = int(lengths[0]) - 1
+        return int(cache.tokens[at]) if 0 <= at < len(cache.tokens) and at < cache.offset else None
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
              keep: int, query_lengths: np.ndarray) -> np.ndarray:

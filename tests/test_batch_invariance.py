@@ -224,9 +224,11 @@ def test_a_matmul_that_needs_two_rows_turns_on_rows_mode(tiny_exports, monkeypat
     seen = bound_ids(m)
     cache = m.new_cache()
     m.forward(np.array([IDS[:5]]), cache)
-    m.forward(np.array([[IDS[5]]]), cache)  # a decode step: its id and a padding id, two rows for every matmul
-    m.decode_batch(np.array([IDS[6]]), cache, np.array([6]))
-    assert [s.shape for s in seen] == [(1, 5), (1, 2), (1, 2)] and seen[1][0, 0] == IDS[5] and seen[2][0, 0] == IDS[6]
+    m.forward(np.array([[IDS[5]]]), cache)  # a decode step: two rows for every matmul, the previous id re-fed
+    m.decode_batch(np.array([IDS[6]]), cache, np.array([6]))  # in front, so the step's id is last (one logit row)
+    assert [s.tolist() for s in seen[1:]] == [[[IDS[4], IDS[5]]], [[IDS[5], IDS[6]]]] and seen[0].shape == (1, 5)
+    m.forward(np.array([[IDS[0]]]), m.new_cache())  # nothing before it: a padding id after it
+    assert seen[3].shape == (1, 2) and seen[3][0, 0] == IDS[0]
     np.testing.assert_array_equal(one_token_steps(m, IDS), one_pass(m, IDS))  # rows mode: invariant here too
 
     forced = edge_infer.load(folder, device="cpu", threads=2, padding="attention")
