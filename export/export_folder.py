@@ -151,10 +151,12 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             float_kept = {n for n, o in (("embed.weight", options.embeddings), ("lm_head.weight", options.lm_head))
                           if o == "fp"}
             quant_info["gguf_tensors"] = import_report(arch.recipe(spec, source.config), source.weights,
-                                                       set(quant_info.pop("_kept", ())), options.quant, float_kept)
+                                                       set(quant_info.pop("_kept", ())), options.quant, float_kept,
+                                                       set(quant_info.pop("_folded", ())))
             for line in summary_lines(quant_info["gguf_tensors"]):
                 progress.note(f"GGUF {line}")
         quant_info.pop("_kept", None)  # working state of the report, not part of the manifest
+        quant_info.pop("_folded", None)
         del model
         _write_tokenizer(source, tmp)
         validation = {}
@@ -317,6 +319,7 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
         progress.note(f"{len(mixed)} fused weights combine source tensors of different quantization types; "
                       "they are quantized once from the exact float weights")
     info["_kept"] = sorted(pre.kept if isinstance(pre, _LazySourceBlocks) else pre)  # read by gguf_report
+    info["_folded"] = sorted(folded)
     if n_pre:
         info["source_blocks"] = f"{n_pre} weights kept their source quantization where bits and block size matched"
     return q, info

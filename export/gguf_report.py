@@ -16,15 +16,18 @@ GRAPH_NAMES = {"embed.weight": "model.embed_tokens.weight", "lm_head.weight": "l
 
 
 def import_report(recipe: dict[str, Take], weights, kept: set[str], quant: str,
-                  float_kept: set[str] = frozenset()) -> dict:
+                  float_kept: set[str] = frozenset(), folded: set[str] = frozenset()) -> dict:
     """{"by_type": {type: {path: count}}, "tensors": {canonical: "TYPE: path"}}; `kept` holds the graph
     initializer names whose source blocks were used as they are, `float_kept` the canonical names an
-    option keeps float (--embeddings fp, --lm-head fp)."""
+    option keeps float (--embeddings fp, --lm-head fp), `folded` the graph names whose block residuals
+    were folded into the weight (quantize/block_offsets.py: rounded, at most max(d) / 450)."""
     tensors, by_type = {}, {}
     for canonical, take in recipe.items():
         types = "+".join(sorted({weights.source_type(s) for s in take.sources}))
         graph_name = GRAPH_NAMES.get(canonical, f"model.{canonical}")
-        if graph_name in kept:
+        if graph_name in folded:
+            path = "residuals folded"
+        elif graph_name in kept:
             path = "exact"
         elif (quant in ("fp32", "fp16") or not canonical.endswith(".weight") or "norm" in canonical
               or canonical in float_kept):
