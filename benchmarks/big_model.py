@@ -74,6 +74,19 @@ class Geometry:
         return sum(int(np.prod(s)) for _, _, s in self.tensors())
 
 
+
+def add_metadata(w, meta: dict) -> None:
+    """Write GGUF key/values, each with the type its Python value implies (bool, uint32, string, array)."""
+    for key, value in meta.items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
+
 def weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """The fp16 weight `name`: its own generator, so the two files agree without holding the model."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
@@ -161,15 +174,7 @@ def write_gguf(path: Path, g: Geometry, seed: int, meta: dict) -> None:
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_float32("llama.rope.freq_base", g.rope_theta)
     w.add_uint32("general.file_type", 2)  # MOSTLY_Q4_0
-    for key, value in meta.items():
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value)
+    add_metadata(w, meta)
     plan = []
     for name, gname, shape in g.tensors():
         qtype = qt.Q4_0 if len(shape) == 2 else qt.F32
@@ -286,15 +291,7 @@ def write_qwen2_kquant_gguf(path: Path, g: Geometry, seed: int) -> None:
     w.add_float32("qwen2.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_float32("qwen2.rope.freq_base", g.rope_theta)
     w.add_uint32("general.file_type", 15)  # MOSTLY_Q4_K_M
-    for key, value in qwen2_tokenizer_metadata(g.vocab).items():
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value)
+    add_metadata(w, qwen2_tokenizer_metadata(g.vocab))
     for name, shape, qtype in plan:
         if qtype == qt.F32:
             w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4, raw_dtype=qtype)
