@@ -7,6 +7,8 @@
 - `io_names.py`: the decoder graph's input and output names, spelled once.
 - `quantization.py`: the manifest's quantization record, typed (QuantSettings, QuantRecord): written
   by export and quantize, read back by the runtime.
+- `graph_record.py`: the manifest's graph record, typed (GraphRecord), and the KV cache's size
+  (kv_cache_bytes): written by export, read back by the runtime.
 
 Devices, runtime, quantize, export, bench and serve all import these from here, never from each
 other (tests/test_borders.py keeps it so).

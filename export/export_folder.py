@@ -12,7 +12,7 @@ external-data file as it is made, so memory holds about one weight rather than t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from edge_infer.export.progress import Progress
 from edge_infer.export.sources import Source, open_source
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
+from edge_infer.contract.graph_record import GraphRecord, kv_cache_bytes
 from edge_infer.contract.quantization import QuantRecord
 from edge_infer.contract.model_folder import (CHAT_TEMPLATE_FILE, DATA_FILE, GRAPH_FILE, INLINE_BELOW, TOKENIZER_FILE,
                                          write_manifest)
@@ -127,8 +128,8 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     max_length = resolve_max_length(spec, options.max_length)
     progress.note(f"architecture {spec.model_type} ({route} route): {spec.num_layers} layers, hidden "
                   f"{spec.hidden_size}, {spec.num_heads} heads / {spec.num_kv_heads} kv heads, vocab {spec.vocab_size}")
-    kv_per = {"int8": 1, "int4": 0.5}.get(options.kv_cache, 2 if options.quant == "fp16" else 4)
-    kv_mib = 2 * spec.num_layers * spec.num_kv_heads * max_length * spec.head_dim * kv_per
+    kv_dtype = options.kv_cache if options.kv_cache != "float" else "fp16" if options.quant == "fp16" else "fp32"
+    kv_mib = kv_cache_bytes(kv_dtype, spec.num_layers, spec.num_kv_heads, spec.head_dim, max_length)
     progress.note(f"max_length {max_length} (model context {spec.max_position_embeddings}): "
                   f"KV cache {kv_mib / 2**20:.0f} MiB per sequence")
     with atomic_folder(out, options.force) as tmp:
@@ -173,27 +174,36 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             kv_record = calibrate_kv_cache(tmp, GRAPH_FILE, source, spec, options.kv_cache, max_length, progress)
         progress.stage("writing manifest")
         quant = QuantRecord(options.quant, options.quant_config(), quant_info)
-        body = _manifest_body(spec, source, io, options, quant, max_length, validation)
+        graph = graph_record(route, io, options)
+        body = _manifest_body(spec, source, graph, quant, max_length, validation)
         if kv_record is not None:
             body["kv_cache"] = kv_record
-            body["graph"]["kv_cache"] += f", {options.kv_cache} with per-channel scales"
-        body["graph"]["route"] = route
-        body["graph"]["kv_layout"] = "shared" if route == "direct" else "concat"
-        if route == "direct":  # one-token passes run attention as two tokens (graph.py _one_token_padding)
-            body["graph"]["attention_padding"] = "in-graph"
-        if route != "direct":
-            body["graph"]["ops"] = "optimum-onnx export (standard ops)"
-            body["graph"]["kv_cache"] = "past and present as separate tensors, concatenated each step"
-        if route == "direct" and kv_record is not None:
-            body["graph"]["genai"] = "not written: onnxruntime-genai does not read a quantized KV cache"
-        elif route == "direct":
+        if route == "direct":
             from edge_infer.export.genai_interop import write_genai_files
 
-            body["graph"]["genai"] = write_genai_files(tmp, body, GRAPH_FILE)
-            progress.note(f"onnxruntime-genai: {body['graph']['genai']}")
+            genai = ("not written: onnxruntime-genai does not read a quantized KV cache" if kv_record is not None
+                     else write_genai_files(tmp, body, GRAPH_FILE))
+            if kv_record is None:
+                progress.note(f"onnxruntime-genai: {genai}")
+            body["graph"] = replace(graph, genai=genai).to_manifest()
         write_manifest(tmp, body)
     progress.done(f"exported to {out}")
     return out
+
+
+def graph_record(route: str, io: GraphIO, options: ExportOptions) -> GraphRecord:
+    """The manifest's graph record of a default-profile export through `route` ("direct" | "optimum")."""
+    graph = GraphRecord(GRAPH_FILE, io.inputs, io.outputs, dtype="fp16" if options.quant == "fp16" else "fp32",
+                        data_file=DATA_FILE, route=route)
+    if route != "direct":
+        return replace(graph, kv_layout="concat", ops="optimum-onnx export (standard ops)",
+                       kv_cache="past and present as separate tensors, concatenated each step")
+    kv_cache = "one buffer of max_length per layer, shared by past and present"
+    if options.kv_cache != "float":
+        kv_cache += f", {options.kv_cache} with per-channel scales"
+    return replace(graph, kv_layout="shared", kv_cache=kv_cache,
+                   ops="com.microsoft GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits",
+                   attention_padding="in-graph")  # one-token passes run attention as two tokens (graph.py)
 
 
 def _route(source: Source) -> str:
@@ -445,7 +455,7 @@ def _write_tokenizer(source: Source, folder: Path) -> None:
         (folder / CHAT_TEMPLATE_FILE).write_text(source.chat_template, encoding="utf-8")
 
 
-def _manifest_body(spec: DecoderSpec, source: Source, io, options: ExportOptions, quant: QuantRecord,
+def _manifest_body(spec: DecoderSpec, source: Source, graph: GraphRecord, quant: QuantRecord,
                    max_length: int, validation: dict) -> dict:
     tok = source.tokenizer
     eos = list(dict.fromkeys(list(source.eos_token_ids) + list(spec.eos_token_ids)))
@@ -458,10 +468,7 @@ def _manifest_body(spec: DecoderSpec, source: Source, io, options: ExportOptions
             "context_length": spec.max_position_embeddings, "sliding_window": spec.sliding_window,
             "tie_word_embeddings": spec.tie_word_embeddings,
         },
-        "graph": {"file": GRAPH_FILE, "data_file": DATA_FILE, "inputs": list(io.inputs), "outputs": list(io.outputs),
-                  "dtype": "fp16" if options.quant == "fp16" else "fp32",
-                  "kv_cache": "one buffer of max_length per layer, shared by past and present",
-                  "ops": "com.microsoft GroupQueryAttention, SkipSimplifiedLayerNormalization, MatMulNBits"},
+        "graph": graph.to_manifest(),
         "quantization": quant.to_manifest(),
         "tokenizer": {
             "file": TOKENIZER_FILE, "bos_token_id": spec.bos_token_id if spec.bos_token_id is not None

@@ -35,6 +35,7 @@ from edge_infer.export.progress import Progress
 from edge_infer.export.sources import open_source
 from edge_infer.contract.errors import UserError
 from edge_infer.contract.model_folder import DATA_FILE, INLINE_BELOW, write_manifest
+from edge_infer.contract.graph_record import GraphRecord
 from edge_infer.contract.quantization import QuantRecord, QuantSettings
 
 NPU_DEFAULT_MAX_LENGTH = 1024  # every pass reads the whole fixed cache: keep it as short as the use needs
@@ -89,16 +90,16 @@ def export_npu(src, out, options, progress: Progress | None = None) -> Path:
                 "format": "DequantizeLinear (opset 21) with block_size, " + (
                     "uint4 with zero points, searched scales" if int4 else "int8 symmetric"),
                 "quantized_weights": bank.quantized})
-        body = export_folder._manifest_body(spec, source, io, options, quant, max_length, {})
-        body["graph"].update(
-            file=DECODE_FILE, data_file=DATA_FILE, dtype="fp32", route="direct", kv_layout="static", profile="npu",
-            target="npu: OpenVINO (CPU/GPU/NPU), QNN HTP; runs on the CPU provider too",
+        graph = GraphRecord(
+            DECODE_FILE, io.inputs, io.outputs, dtype="fp32", data_file=DATA_FILE, route="direct", kv_layout="static",
+            profile="npu", target="npu: OpenVINO (CPU/GPU/NPU), QNN HTP; runs on the CPU provider too",
             ops=f"standard ONNX only (opset {OPSET}): MatMul/Softmax attention, RMSNorm and rotary from "
                 "elementwise ops" + (", DequantizeLinear weight blocks" if options.quant != "fp32" else ""),
             kv_cache=f"one fixed buffer of {max_length} positions per layer held by the runtime; each graph "
                      "returns only the new positions' keys and values",
             static_plan={"max_length": max_length, "prefill": {"file": PREFILL_FILE, "sequence_length": chunk},
                          "decode": {"file": DECODE_FILE, "sequence_length": 1}})
+        body = export_folder._manifest_body(spec, source, graph, quant, max_length, {})
         write_manifest(tmp, body)
         if options.validate:  # through the runtime, so the manifest must exist; then written again with the figures
             progress.stage("validating")

@@ -18,6 +18,7 @@ import numpy as np
 from edge_infer.contract.errors import ModelFileError
 from edge_infer.contract.model_folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from edge_infer.contract.io_names import POSITION_IDS
+from edge_infer.contract.graph_record import GraphRecord, kv_cache_bytes, kv_storage
 from edge_infer.contract.quantization import QuantRecord
 from edge_infer.runtime.manifest_schema import check_raw
 
@@ -63,10 +64,7 @@ class GenerationDefaults:
 class Manifest:
     folder: Path
     geometry: Geometry
-    graph_file: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    dtype: str  # weights and activations: fp32 | fp16
+    graph: GraphRecord
     quantization: QuantRecord
     tokenizer: TokenizerSpec
     generation: GenerationDefaults
@@ -76,9 +74,26 @@ class Manifest:
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
+    def graph_file(self) -> str:
+        return self.graph.file
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.graph.inputs
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.graph.outputs
+
+    @property
+    def dtype(self) -> str:
+        """Weights and activations: fp32 | fp16."""
+        return self.graph.dtype
+
+    @property
     def kv_layout(self) -> str:
         """"shared": one max_length buffer bound as past and present; "concat": optimum-style growth."""
-        return str(self.raw.get("graph", {}).get("kv_layout") or "shared")
+        return self.graph.kv_layout or "shared"
 
     @property
     def quant_scheme(self) -> str:
@@ -97,16 +112,11 @@ class Manifest:
     @property
     def kv_numpy(self) -> tuple[np.dtype, int]:
         """(numpy dtype, values per head stored per position) of the cache buffers."""
-        g = self.geometry
-        kinds: dict[str, tuple[np.dtype, int]] = {
-            "fp32": (np.dtype(np.float32), g.head_dim), "fp16": (np.dtype(np.float16), g.head_dim),
-            "int8": (np.dtype(np.int8), g.head_dim), "int4": (np.dtype(np.uint8), g.head_dim // 2)}
-        return kinds[self.kv_dtype]
+        return kv_storage(self.kv_dtype, self.geometry.head_dim)
 
     def kv_bytes(self, batch: int = 1, max_length: int | None = None) -> int:
         g = self.geometry
-        dtype, width = self.kv_numpy
-        return 2 * g.num_layers * batch * g.num_kv_heads * (max_length or g.max_length) * width * dtype.itemsize
+        return kv_cache_bytes(self.kv_dtype, g.num_layers, g.num_kv_heads, g.head_dim, max_length or g.max_length, batch)
 
 
 def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
@@ -170,12 +180,13 @@ def _parse(folder: Path, raw: dict) -> Manifest:
     files = raw["files"]
     for name in files:
         _check_relative(folder, name)
-    for name in (gr["file"], tok.file) + ((tok.chat_template_file,) if tok.chat_template_file else ()):
+    graph = GraphRecord.from_manifest(gr)
+    for name in (graph.file, tok.file) + ((tok.chat_template_file,) if tok.chat_template_file else ()):
         if name not in files:
             raise ValueError(f"'{name}' is referenced but not listed in files")
     return Manifest(
-        folder=folder, geometry=geometry, graph_file=str(gr["file"]), inputs=tuple(gr["inputs"]),
-        outputs=tuple(gr["outputs"]), dtype=str(gr["dtype"]), quantization=QuantRecord.from_manifest(raw.get("quantization", {}), str(gr["dtype"])),
+        folder=folder, geometry=geometry, graph=graph,
+        quantization=QuantRecord.from_manifest(raw.get("quantization", {}), graph.dtype),
         tokenizer=tok, generation=GenerationDefaults.from_manifest(raw.get("generation", {})), source=dict(raw.get("source", {})),
         validation=dict(raw.get("validation", {})), files=dict(files), raw=raw,
     )

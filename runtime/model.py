@@ -82,7 +82,7 @@ def choose_padding(manifest: Manifest, proto: onnx.ModelProto, plan: DevicePlan,
         return padding_modes.unpadded(STATIC_UNPADDED, asked)
     if manifest.kv_layout != "shared":
         return padding_modes.unpadded("the graph concatenates its cache, so a pass cannot carry a padding row", asked)
-    pads_in_graph = manifest.raw.get("graph", {}).get("attention_padding") == "in-graph"
+    pads_in_graph = manifest.graph.attention_padding == "in-graph"
     if LOGITS_TO_KEEP not in manifest.inputs and not pads_in_graph:
         return padding_modes.unpadded("an export without logits_to_keep cannot take a padding id", asked)
 
@@ -129,7 +129,7 @@ class Model:
         # issue 12's second round on, export/graph.py _one_token_padding), and where this machine's
         # matmuls differ between 1 and M rows forward_rows gives every one-id row a padding id too
         # (pad_ids; the only mechanism of older exports). Graphs that concatenate their cache cannot pad.
-        self.pads_in_graph = manifest.raw.get("graph", {}).get("attention_padding") == "in-graph"
+        self.pads_in_graph = manifest.graph.attention_padding == "in-graph"
         self.padding = choose_padding(manifest, proto, self.plan, asked, threads, allow_spinning, shared_threads)
         self.pad_ids = self.padding.mode == "rows"  # False turns the padding id off (benchmarks do)
         self._input_names = {i.name for i in self.session.get_inputs()}

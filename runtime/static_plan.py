@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
@@ -47,7 +48,7 @@ class StaticPlan:
     @classmethod
     def from_manifest(cls, m: Manifest) -> StaticPlan:
         try:
-            raw = m.raw["graph"]["static_plan"]
+            raw: Any = m.graph.static_plan
             plan = cls(int(raw["max_length"]), StaticGraph(str(raw["prefill"]["file"]), int(raw["prefill"]["sequence_length"])),
                        StaticGraph(str(raw["decode"]["file"]), int(raw["decode"]["sequence_length"])))
         except (KeyError, TypeError, ValueError) as e:

@@ -82,7 +82,7 @@ class Engine:
         config.validate()
         if model.manifest.kv_layout != "shared":
             raise UserError("serving needs a model from the direct graph builder (kv_layout shared); this one was "
-                            f"exported through the {model.manifest.raw['graph'].get('route')} route")
+                            f"exported through the {model.manifest.graph.route} route")
         self.model = model
         self.config = config
         self.metrics = metrics or Metrics()
