@@ -237,8 +237,10 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
         yield DONE
 
     from edge_infer.serve.anthropic import add_routes  # /v1/messages: the Anthropic Messages API
+    from edge_infer.serve.page import add_page_routes
 
     add_routes(app, engine, config, read_json, EventQueue, EventStream, read_reply)
+    add_page_routes(app)  # the chat page at /
 
     app.add_middleware(KeyGuard, config=config)
     if config.cors_origins:

@@ -6,7 +6,7 @@ The stack, outermost first:
               that does not name this server (DNS rebinding), even on /health
   CORS        only when --cors-origin names origins (never a wildcard); it
               answers preflights, which carry no key
-  KeyGuard    every route but /health needs `Authorization: Bearer KEY` (or
+  KeyGuard    every route but /health and the chat page's files needs `Authorization: Bearer KEY` (or
               `x-api-key: KEY`, as Anthropic's clients send it) when a key is
               set (constant-time compare); POST bodies must be JSON and
               at most max_body_bytes by their Content-Length
@@ -19,9 +19,10 @@ import json
 
 from edge_infer.serve.config import ServerConfig
 from edge_infer.serve.metrics import Metrics, route_label
+from edge_infer.serve.page import PUBLIC_PATHS
 from edge_infer.serve.protocol import APIError
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health"}) | PUBLIC_PATHS  # the chat page's files hold no secret
 
 
 async def send_error(send, error: APIError) -> None:

@@ -21,3 +21,6 @@ def test_wheel_holds_only_the_edge_infer_package(tmp_path):
     assert "edge_infer/cli.py" in names and "edge_infer/runtime/model.py" in names
     # `edge-infer bench` and `eval` measure with the shipped text when given none: it installs with the code.
     assert "edge_infer/bench/measure.py" in names and "edge_infer/bench/text/01-lighthouse.txt" in names
+    # The chat page at / ships inside the package: no build step, nothing fetched at run time.
+    for name in ("index.html", "chat.js", "markdown.js", "chat.css"):
+        assert f"edge_infer/serve/ui/{name}" in names, name
