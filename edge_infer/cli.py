@@ -6,6 +6,8 @@ folders they drive (each imports only click at load; heavy modules inside the co
     devices               devices/commands.py
     bench, eval           bench/commands.py
     serve                 serve/commands.py
+    list, rm, cp, pack,   export/store/commands.py (the model store; `show` is `inspect` by a second name)
+    import, pull
 """
 
 from __future__ import annotations
@@ -53,10 +55,13 @@ def _mount() -> None:
     from edge_infer.devices.commands import devices
     from edge_infer.export.commands import export, quantize
     from edge_infer.runtime.commands import chat, inspect, run
+    from edge_infer.export.store.commands import copy, import_, list_models, pack, pull, remove
     from edge_infer.serve.commands import serve
 
-    for command in (export, quantize, run, chat, devices, inspect, bench, evaluate, serve):
+    for command in (export, quantize, run, chat, devices, inspect, bench, evaluate, serve,
+                    list_models, remove, copy, pack, import_, pull):
         main.add_command(command)
+    main.add_command(inspect, name="show")
 
 
 _mount()

@@ -30,9 +30,22 @@ def quant_options(f):
     return f
 
 
+def destination(out: str | None, name: str | None):
+    """The folder to write: -o's path, or the store's folder for --name (exactly one of them)."""
+    from edge_infer.contract.errors import UserError
+    from edge_infer.contract.model_store import folder_of
+
+    if (out is None) == (name is None):
+        raise UserError("say where the model goes: -o FOLDER, or --name NAME to keep it in the model store"
+                        + (" (not both)" if out is not None else ""))
+    return folder_of(name) if name is not None else out
+
+
 @click.command()
 @click.argument("src", type=click.Path(exists=False))
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Model folder to create.")
+@click.option("-o", "--output", "out", default=None, type=click.Path(), help="Model folder to create.")
+@click.option("--name", default=None, help="Write into the model store as NAME or NAME:TAG instead of -o "
+              "(`edge-infer list`; $EDGE_INFER_HOME).")
 @click.option("--quant", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="int4", show_default=True)
 @click.option("--max-length", type=int, default=None, help="KV-cache length [default: min(4096, model context)].")
 @quant_options
@@ -54,9 +67,10 @@ def quant_options(f):
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the source / fp32.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding,
+def export(src, out, name, quant, max_length, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding,
            gguf_import, profile, chunk, kv_cache, no_validate, force, quiet):
     """Export a Hugging Face folder or a .gguf file to an ONNX model folder."""
+    from edge_infer.contract.model_store import parse_name
     from edge_infer.export.export_folder import ExportOptions, export_model
     from edge_infer.export.progress import Progress
 
@@ -64,23 +78,28 @@ def export(src, out, quant, max_length, block_size, symmetric, embeddings, lm_he
                             embeddings=embeddings, lm_head=lm_head, accuracy_level=accuracy_level,
                             rounding=rounding, gguf_import=gguf_import, validate=not no_validate,
                             force=force, profile=profile, chunk=chunk, kv_cache=kv_cache)
+    out = destination(out, name)
     export_model(src, out, options, Progress(quiet=quiet))
+    if name is not None and not quiet:
+        click.echo(f"stored as {parse_name(name)} ({out})", err=True)
 
 
 @click.command()
 @click.argument("model", type=click.Path())
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Model folder to create.")
+@click.option("-o", "--output", "out", default=None, type=click.Path(), help="Model folder to create.")
+@click.option("--name", default=None, help="Write into the model store as NAME or NAME:TAG instead of -o.")
 @click.option("--quant", type=click.Choice(["int8", "int4"]), default="int4", show_default=True)
 @quant_options
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the input model.")
 @click.option("--force", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
-def quantize(model, out, quant, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding, no_validate,
-             force, quiet):
+def quantize(model, out, name, quant, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding,
+             no_validate, force, quiet):
     """Quantize an exported fp32/fp16 model folder to int8 or int4 (MatMulNBits)."""
     from edge_infer.export.progress import Progress
     from edge_infer.export.quantize_exported import quantize_folder
     from edge_infer.quantize.config import QuantConfig
 
     config = QuantConfig.from_options(quant, block_size, symmetric, accuracy_level, embeddings, lm_head, rounding)
-    quantize_folder(model, out, config, validate=not no_validate, force=force, progress=Progress(quiet=quiet))
+    quantize_folder(model, destination(out, name), config, validate=not no_validate, force=force,
+                    progress=Progress(quiet=quiet))

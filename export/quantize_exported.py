@@ -32,6 +32,7 @@ def quantize_folder(src: str | Path, out: str | Path, config: QuantConfig, valid
     src, out = Path(src), Path(out)
     progress.stage(f"verifying {src}")
     manifest = load_manifest(src, verify=True)
+    src = manifest.folder  # a model store name becomes its folder
     if manifest.quant_scheme not in ("fp32", "fp16"):
         raise UserError(f"{src}: is already quantized ({manifest.quant_scheme}); quantize an fp32 or fp16 export")
     if manifest.kv_layout == "static":

@@ -17,6 +17,7 @@ import numpy as np
 
 from edge_infer.contract.errors import ModelFileError
 from edge_infer.contract.model_folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from edge_infer.contract.model_store import resolve_model
 from edge_infer.contract.io_names import POSITION_IDS
 from edge_infer.contract.graph_record import GraphRecord, kv_cache_bytes, kv_storage
 from edge_infer.contract.quantization import QuantRecord
@@ -119,9 +120,11 @@ class Manifest:
         return kv_cache_bytes(self.kv_dtype, g.num_layers, g.num_kv_heads, g.head_dim, max_length or g.max_length, batch)
 
 
-def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
-    """Read and check `folder/manifest.json`; with `verify`, check every file's size and sha256."""
-    folder = Path(folder)
+def load_manifest(ref: str | Path, verify: bool = True) -> Manifest:
+    """Read and check `folder/manifest.json`; with `verify`, check every file's size and sha256.
+
+    `ref` is a folder, or a model store name (contract/model_store.py: a path that exists wins)."""
+    folder = resolve_model(ref)
     path = folder / MANIFEST
     if not folder.exists():
         raise ModelFileError(f"{folder}: no such model folder")

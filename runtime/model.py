@@ -318,7 +318,8 @@ class Model:
 
 def load(path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify: bool = True,
          allow_spinning: bool = True, shared_threads: bool = False, padding: str | None = None) -> Model:
-    """Load an exported model folder: verify its manifest and hashes, then open a session.
+    """Load an exported model folder (or a model store name, `edge-infer list`): verify its manifest and
+    hashes, then open a session.
 
     padding: "auto" (default; $EDGE_INFER_PADDING when None) picks the cheapest padding that makes
     every pass grouping give the same bits on this machine, measured by a probe of the graph's
