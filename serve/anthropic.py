@@ -10,7 +10,8 @@ message_start, content_block_start / content_block_delta / content_block_stop
 for each block, message_delta (stop reason, output tokens), message_stop.
 Errors use Anthropic's shape {"type": "error", "error": {"type", "message"}}.
 Authentication, Host checks and body limits are the server's middleware, as
-for the OpenAI routes (`x-api-key` is accepted there alongside Bearer).
+for the OpenAI routes (`x-api-key` is accepted there alongside Bearer). Reading,
+the model check, submission and the reply's parts are serve/http_layer.py's.
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ import json
 import uuid
 from typing import Any, AsyncIterator
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
-from edge_infer.contract.errors import ContextLengthError, TokenizerError
-from edge_infer.serve.engine import QueueFull, ShuttingDown
+from edge_infer.serve.http_layer import (Done, Submission, Text, client_gone, error_route, generation, prepare_prompt,
+                                         read_request, server_state, submit)
 from edge_infer.serve.protocol import APIError, _sampling, _stops, bad
-from edge_infer.serve.request import Delta, Failed, Finished, GenerationRequest
-from edge_infer.serve.structured import ReplyStream, prepare, split_reply
+from edge_infer.serve.request import Finished
 
 _FIELDS = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",
            "tools", "tool_choice", "metadata", "service_tier"}
@@ -152,112 +151,80 @@ def _event(name: str, data: dict) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
-def add_routes(app, engine, config, read_json, EventQueue, EventStream, read_reply) -> None:
-    """Register the Messages API on `app` (called by serve.app.create_app)."""
-    model = engine.model
-    vocab = model.manifest.geometry.vocab_size
+router = APIRouter(route_class=error_route(error_response))  # Anthropic's error shape on every route
 
-    async def parse(request: Request, allowed: set[str]):
-        body = await read_json(request, config.max_body_bytes)
-        _check(body, allowed)
-        name = body.get("model")
-        if isinstance(name, str) and not config.serves(name):  # as the OpenAI routes (absent: the one served)
-            shown = name.encode("utf-8", "backslashreplace").decode()
-            raise APIError(404, f"model: '{shown}' is not served here; this server serves '{config.model_id}' "
-                           "(serve it under another name with --model-alias)")
-        messages, tools, choice, parallel = to_chat(body)
-        try:
-            prepared = await run_in_threadpool(lambda: prepare(model, messages, kind="chat", tools=tools,
-                                                               tool_choice=choice, parallel_tool_calls=parallel))
-        except TokenizerError:  # the model's own tokenizer.json broke on this text: retrying won't help
-            raise APIError(500, "the model's tokenizer failed on this text; the model's tokenizer.json is faulty "
-                           "for this input", headers={"x-should-retry": "false"}) from None
-        return body, prepared
 
-    @app.post("/v1/messages/count_tokens")
-    async def count_tokens(request: Request):
-        try:
-            _, prepared = await parse(request, _COUNT_FIELDS)
-        except APIError as e:
-            return error_response(e)
-        return {"input_tokens": len(prepared.ids)}
+async def _parse(request: Request, allowed: set[str]):
+    body, served = await read_request(request)
+    _check(body, allowed)
+    messages, tools, choice, parallel = to_chat(body)
+    prepared = await prepare_prompt(served, messages, kind="chat", tools=tools, tool_choice=choice,
+                                    parallel_tool_calls=parallel)
+    return body, served, prepared
 
-    @app.post("/v1/messages")
-    async def messages(request: Request):
-        try:
-            return await create(request)
-        except APIError as e:
-            return error_response(e)
 
-    async def create(request: Request):
-        body, prepared = await parse(request, _FIELDS)
-        max_tokens = body.get("max_tokens")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise bad("max_tokens", f"max_tokens is required and must be a positive integer, got {max_tokens!r}")
-        sampling = _sampling({k: body[k] for k in ("temperature", "top_p", "top_k") if body.get(k) is not None},
-                             vocab)
-        stops = _stops(body.get("stop_sequences"), config.max_stops)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise bad("stream", "stream must be true or false")
-        rid = "msg_" + uuid.uuid4().hex[:24]
-        events = EventQueue()
-        gen = GenerationRequest(tuple(prepared.ids), max_tokens, sampling, stops, rid, constraint=prepared.constraint)
-        try:
-            handle = engine.submit(gen, events.push)
-        except ContextLengthError as e:
-            raise bad("max_tokens", str(e)) from None
-        except QueueFull as e:
-            raise APIError(429, str(e), headers={"Retry-After": "1"}) from None
-        except ShuttingDown as e:
-            raise APIError(503, str(e)) from None
-        name = body.get("model") if isinstance(body.get("model"), str) else config.model_id
-        head = {"id": rid, "type": "message", "role": "assistant", "model": name}
-        if stream:
-            return EventStream(stream_events(head, len(prepared.ids), events, prepared.plan), handle.cancel)
-        text, final = await read_reply(request.receive, events, handle)
-        if final is None or (isinstance(final, Finished) and final.finish_reason == "cancelled"):
-            return Response(status_code=499)
-        if isinstance(final, Failed):
-            raise APIError(final.status, final.message)
-        content, calls, finish = split_reply(text, final.finish_reason, prepared.plan)
-        return {**head, "content": blocks(content, calls), **_stop(finish, final), "usage": _usage(final.usage)}
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(request: Request):
+    _, _, prepared = await _parse(request, _COUNT_FIELDS)
+    return {"input_tokens": len(prepared.ids)}
 
-    async def stream_events(head: dict, n_prompt: int, events, plan) -> AsyncIterator[bytes]:
-        yield _event("message_start", {"type": "message_start", "message": {
-            **head, "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": n_prompt, "output_tokens": 0}}})
-        reply = ReplyStream(plan)
-        index, text_open = 0, False
-        async for event in events.events():
-            if isinstance(event, Delta):
-                text = reply.feed(event.text)
-                if text:
-                    yield _text_delta(index, text, opened=text_open)
-                    text_open = True
-            elif isinstance(event, Finished):
-                if event.finish_reason == "cancelled":
-                    return
-                text, calls, finish = reply.finish(event.finish_reason)
-                if text:
-                    yield _text_delta(index, text, opened=text_open)
-                    text_open = True
-                if text_open:
-                    yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
-                    index += 1
-                for block in blocks(None, calls) if calls else []:
-                    args = json.dumps(block["input"], ensure_ascii=False)
-                    yield _event("content_block_start", {"type": "content_block_start", "index": index,
-                                                         "content_block": {**block, "input": {}}})
-                    yield _event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                         "delta": {"type": "input_json_delta", "partial_json": args}})
-                    yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
-                    index += 1
-                yield _event("message_delta", {"type": "message_delta", "delta": _stop(finish, event),
-                                               "usage": {"output_tokens": event.usage.completion_tokens}})
-                yield _event("message_stop", {"type": "message_stop"})
-            else:
-                yield _event("error", {"type": "error", "error": {"type": "api_error", "message": event.message}})
+
+@router.post("/v1/messages")
+async def messages(request: Request):
+    body, served, prepared = await _parse(request, _FIELDS)
+    max_tokens = body.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise bad("max_tokens", f"max_tokens is required and must be a positive integer, got {max_tokens!r}")
+    sampling = _sampling({k: body[k] for k in ("temperature", "top_p", "top_k") if body.get(k) is not None},
+                         served.vocab_size)
+    stops = _stops(body.get("stop_sequences"), server_state(request).config.max_stops)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad("stream", "stream must be true or false")
+    rid = "msg_" + uuid.uuid4().hex[:24]
+    submission = submit(served, prepared, generation(prepared, max_tokens, sampling, stops, rid), "messages")
+    name = body.get("model") if isinstance(body.get("model"), str) else served.model_id
+    head = {"id": rid, "type": "message", "role": "assistant", "model": name}
+    if stream:
+        return submission.stream(_events(head, len(prepared.ids), submission))
+    reply = await submission.collect(request)
+    if reply is None:
+        return client_gone()
+    return {**head, "content": blocks(reply.content, reply.calls), **_stop(reply.finish, reply.final),
+            "usage": _usage(reply.final.usage)}
+
+
+async def _events(head: dict, n_prompt: int, submission: Submission) -> AsyncIterator[bytes]:
+    yield _event("message_start", {"type": "message_start", "message": {
+        **head, "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": n_prompt, "output_tokens": 0}}})
+    index, text_open = 0, False
+    async for part in submission.parts():
+        if isinstance(part, Text):
+            yield _text_delta(index, part.text, opened=text_open)
+            text_open = True
+        elif isinstance(part, Done):
+            if text_open:
+                yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+                index += 1
+            for block in blocks(None, part.calls) if part.calls else []:
+                yield _tool_use(index, block)
+                index += 1
+            yield _event("message_delta", {"type": "message_delta", "delta": _stop(part.finish, part.final),
+                                           "usage": {"output_tokens": part.final.usage.completion_tokens}})
+            yield _event("message_stop", {"type": "message_stop"})
+        else:
+            yield _event("error", {"type": "error", "error": {"type": "api_error", "message": part.message}})
+
+
+def _tool_use(index: int, block: dict) -> bytes:
+    """A tool_use block as Anthropic streams it: start (empty input), the input as one JSON delta, stop."""
+    args = json.dumps(block["input"], ensure_ascii=False)
+    return (_event("content_block_start", {"type": "content_block_start", "index": index,
+                                           "content_block": {**block, "input": {}}})
+            + _event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                             "delta": {"type": "input_json_delta", "partial_json": args}})
+            + _event("content_block_stop", {"type": "content_block_stop", "index": index}))
 
 
 def _stop(finish: str, final: Finished) -> dict:

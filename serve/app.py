@@ -1,119 +1,109 @@
-"""The FastAPI app: OpenAI-compatible routes over the engine.
+"""The FastAPI app and its OpenAI-compatible routes, a thin translator over serve/http_layer.py.
 
-A request is parsed and tokenized here (in a worker thread: a chat template
-render is bounded but not free), checked against the context, then handed to
-the engine. Engine events cross back to the event loop through
-`call_soon_threadsafe`. A client that goes away, streaming or not, cancels its
-request at once, so the engine frees the slot at its next step.
+`make_app` builds the app over a `ModelResolver` (which model a request is
+for) and mounts the routers: the server's own (/health, /metrics), the OpenAI
+routes here, the Anthropic routes (serve/anthropic.py). A new API is one more
+module-level router that reads, prepares, submits and replies through the
+layer. The middlewares (Host allow-list, API key, CORS) wrap them all.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
-import json
 import logging
 import time
 from pathlib import Path
 from typing import AsyncIterator
 
-import anyio
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from edge_infer.contract.errors import ContextLengthError, TokenizerError, UserError
 from edge_infer.serve.config import EngineConfig, ServerConfig
-from edge_infer.serve.engine import Engine, QueueFull, ShuttingDown
+from edge_infer.serve.engine import Engine
 from edge_infer.serve.guards import HostGuard, KeyGuard
+from edge_infer.serve.http_layer import (Done, ModelResolver, ServerState, Served, SingleModel, Submission, Text,
+                                         client_gone, generation, openai_error, prepare_prompt, read_request,
+                                         server_state, service, submit)
 from edge_infer.serve.metrics import Metrics
-from edge_infer.serve.protocol import (DONE, APIError, ChunkWriter, ParsedRequest, bad, completion_body, new_id,
+from edge_infer.serve.protocol import (DONE, APIError, ChunkWriter, ParsedRequest, completion_body, new_id,
                                        parse_chat, parse_completion, sse)
-from edge_infer.serve.request import Delta, Failed, Finished, GenerationRequest
-from edge_infer.serve.structured import ReplyStream, prepare, split_reply
 
 log = logging.getLogger("edge_infer.serve")
 
-
-class EventQueue:
-    """Engine events for one request, delivered on the event loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def push(self, event) -> None:  # called from the engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-    async def events(self) -> AsyncIterator:
-        while True:
-            event = await self.queue.get()
-            yield event
-            if not isinstance(event, Delta):
-                return
+router = APIRouter()  # the OpenAI routes
 
 
-async def _watch_disconnect(receive, on_disconnect) -> None:
-    """Wait for the client to go away (the request body is already read), then call on_disconnect."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            on_disconnect()
-            return
+def _card(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "edge-infer"}
 
 
-class EventStream(Response):
-    """A Server-Sent Events response that cancels its request when the client disconnects."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, chunks: AsyncIterator[bytes], on_close):
-        self.chunks, self.on_close = chunks, on_close
-        self.status_code = 200
-        self.background = None
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                def gone() -> None:
-                    self.on_close()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(_watch_disconnect, receive, gone)
-                await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-                async for chunk in self.chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                tg.cancel_scope.cancel()
-        except OSError:  # the connection broke while sending
-            pass
-        finally:
-            self.on_close()
+@router.get("/v1/models")
+async def models(request: Request):
+    return {"object": "list", "data": [_card(i) for i in server_state(request).models.ids()]}
 
 
-def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAPI:
-    config.validate()
-    model = engine.model
-    vocab = model.manifest.geometry.vocab_size
+@router.get("/v1/models/{model_id:path}")
+async def one_model(request: Request, model_id: str):
+    return _card(server_state(request).models.resolve(model_id).model_id)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if not engine.alive:
-            engine.start()
-        yield
-        engine.begin_shutdown(0.0)
-        await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="edge-infer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.engine, app.state.metrics = engine, metrics
+@router.post("/v1/chat/completions")
+async def chat(request: Request):
+    body, served = await read_request(request)
+    parsed = parse_chat(body, server_state(request).config.max_stops, served.vocab_size)
+    return await _generate(request, served, parsed)
 
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    body, served = await read_request(request)
+    parsed = parse_completion(body, server_state(request).config.max_stops, served.vocab_size)
+    return await _generate(request, served, parsed)
+
+
+async def _generate(request: Request, served: Served, parsed: ParsedRequest):
+    prepared = await prepare_prompt(served, parsed.prompt, kind=parsed.kind, response_format=parsed.response_format,
+                                    tools=parsed.tools, tool_choice=parsed.tool_choice,
+                                    parallel_tool_calls=parsed.parallel_tool_calls)
+    rid = new_id(parsed.kind)
+    gen = generation(prepared, parsed.max_tokens, parsed.sampling, parsed.stop, rid)
+    submission = submit(served, prepared, gen, "messages" if parsed.kind == "chat" else "prompt")
+    if parsed.stream:
+        writer = ChunkWriter(parsed.kind, rid, served.model_id, parsed.include_usage)
+        return submission.stream(_chunks(writer, submission))
+    reply = await submission.collect(request)
+    if reply is None:
+        return client_gone()
+    return completion_body(parsed.kind, rid, served.model_id, reply.content, reply.finish, reply.final.usage,
+                           reply.calls)
+
+
+async def _chunks(writer: ChunkWriter, submission: Submission) -> AsyncIterator[bytes]:
+    first = writer.start()
+    if first:
+        yield first
+    async for part in submission.parts():
+        if isinstance(part, Text):
+            yield writer.delta(part.text)
+        elif isinstance(part, Done):
+            for chunk in writer.tool_calls(part.calls):
+                yield chunk
+            yield writer.delta("", part.finish)
+            tail = writer.usage(part.final.usage)
+            if tail:
+                yield tail
+        else:
+            yield sse(APIError(part.status, part.message, type="server_error", code=part.code).body())
+    yield DONE
+
+
+def _install_error_answers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return openai_error(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -125,123 +115,33 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
         log.error("internal error on %s: %s: %s", request.url.path, type(e).__name__, e)
         return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
 
-    @app.get("/health")
-    async def health():
-        if not engine.alive:
-            return JSONResponse({"status": "error", "detail": "the engine is not running"}, status_code=503)
-        return {"status": "ok", **engine.snapshot()}
 
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type=metrics.content_type)
+def make_app(models: ModelResolver, config: ServerConfig, metrics: Metrics) -> FastAPI:
+    """The app over `models` (app.state.server: a ServerState; app.state.engine: the first engine)."""
+    config.validate()
 
-    def model_card() -> dict:
-        return {"id": config.model_id, "object": "model", "created": int(time.time()), "owned_by": "edge-infer"}
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for engine in models.engines():
+            if not engine.alive:
+                engine.start()
+        yield
+        for engine in models.engines():
+            engine.begin_shutdown(0.0)
+        for engine in models.engines():
+            await run_in_threadpool(engine.stop)
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
+    app = FastAPI(title="edge-infer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.server = ServerState(config, models, metrics)
+    app.state.engine, app.state.metrics = next(iter(models.engines())), metrics
+    _install_error_answers(app)
 
-    @app.get("/v1/models/{model_id:path}")
-    async def one_model(model_id: str):
-        if not config.serves(model_id):
-            raise APIError(404, f"no model named {model_id!r}; this server serves {config.model_id!r}",
-                           type="invalid_request_error", param="model", code="model_not_found")
-        return model_card()
-
-    async def read_body(request: Request) -> dict:
-        body = await read_json(request, config.max_body_bytes)
-        name = body.get("model")
-        if isinstance(name, str) and not config.serves(name):  # absent: the one model served
-            shown = name.encode("utf-8", "backslashreplace").decode()
-            raise APIError(404, f"The model '{shown}' does not exist; this server serves '{config.model_id}' "
-                           "(GET /v1/models)", type="invalid_request_error", param="model", code="model_not_found")
-        return body
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        parsed = parse_chat(await read_body(request), config.max_stops, vocab)
-        return await generate(request, parsed)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        parsed = parse_completion(await read_body(request), config.max_stops, vocab)
-        return await generate(request, parsed)
-
-    async def generate(request: Request, parsed: ParsedRequest):
-        field = "messages" if parsed.kind == "chat" else "prompt"
-        try:
-            prepared = await run_in_threadpool(functools.partial(
-                prepare, model, parsed.prompt, kind=parsed.kind, response_format=parsed.response_format,
-                tools=parsed.tools, tool_choice=parsed.tool_choice, parallel_tool_calls=parsed.parallel_tool_calls))
-        except TokenizerError as e:  # the model's tokenizer broke on this text: ours to fix, retrying won't help
-            log.error("tokenizer failed on %s: %s", request.url.path, e)
-            raise APIError(500, "the model's tokenizer failed on this text; the model's tokenizer.json is faulty "
-                           "for this input", type="server_error", code=e.code,
-                           headers={"x-should-retry": "false"}) from None
-        except UserError as e:
-            raise bad(field, str(e)) from None
-        ids = prepared.ids
-        rid = new_id(parsed.kind)
-        events = EventQueue()
-        gen = GenerationRequest(tuple(ids), parsed.max_tokens, parsed.sampling, parsed.stop, rid,
-                                constraint=prepared.constraint)
-        try:
-            handle = engine.submit(gen, events.push)
-        except ContextLengthError as e:
-            param = "max_tokens" if parsed.max_tokens and len(ids) < engine.max_length else field
-            raise APIError(400, str(e), param=param, code=e.code) from None
-        except QueueFull as e:
-            raise APIError(429, str(e), type="rate_limit_error", code="server_busy",
-                           headers={"Retry-After": "1"}) from None
-        except ShuttingDown as e:
-            raise APIError(503, str(e), type="server_error", code="server_shutting_down") from None
-        if parsed.stream:
-            return EventStream(stream_chunks(parsed, rid, events, prepared.plan), handle.cancel)
-        return await collect(request, parsed, rid, events, handle, prepared.plan)
-
-    async def collect(request: Request, parsed: ParsedRequest, rid: str, events: EventQueue, handle, plan=None):
-        text, final = await read_reply(request.receive, events, handle)
-        if final is None or (isinstance(final, Finished) and final.finish_reason == "cancelled"):
-            return Response(status_code=499)  # the client is gone; nobody reads this
-        if isinstance(final, Failed):
-            raise APIError(final.status, final.message, type="server_error", code=final.code)
-        content, calls, finish = split_reply(text, final.finish_reason, plan)
-        return completion_body(parsed.kind, rid, config.model_id, content, finish, final.usage, calls)
-
-    async def stream_chunks(parsed: ParsedRequest, rid: str, events: EventQueue, plan=None) -> AsyncIterator[bytes]:
-        writer = ChunkWriter(parsed.kind, rid, config.model_id, parsed.include_usage)
-        reply = ReplyStream(plan)
-        first = writer.start()
-        if first:
-            yield first
-        async for event in events.events():
-            if isinstance(event, Delta):
-                text = reply.feed(event.text)
-                if text:
-                    yield writer.delta(text)
-            elif isinstance(event, Finished):
-                if event.finish_reason == "cancelled":
-                    return
-                text, calls, finish = reply.finish(event.finish_reason)
-                if text:
-                    yield writer.delta(text)
-                for chunk in writer.tool_calls(calls):
-                    yield chunk
-                yield writer.delta("", finish)
-                tail = writer.usage(event.usage)
-                if tail:
-                    yield tail
-            else:
-                yield sse(APIError(event.status, event.message, type="server_error", code=event.code).body())
-        yield DONE
-
-    from edge_infer.serve.anthropic import add_routes  # /v1/messages: the Anthropic Messages API
+    from edge_infer.serve import anthropic  # /v1/messages: the Anthropic Messages API
     from edge_infer.serve.page import add_page_routes
 
-    add_routes(app, engine, config, read_json, EventQueue, EventStream, read_reply)
+    for routes in (service, router, anthropic.router):
+        app.include_router(routes)
     add_page_routes(app)  # the chat page at /
-
     app.add_middleware(KeyGuard, config=config)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
@@ -251,40 +151,9 @@ def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAP
     return app
 
 
-async def read_reply(receive, events: EventQueue, handle) -> tuple[str, Finished | Failed | None]:
-    """A non-streamed request's whole text and its final event (None: the client left first, and
-    its request was cancelled so the slot frees at the next step)."""
-    parts: list[str] = []
-    final: Finished | Failed | None = None
-    async with anyio.create_task_group() as tg:
-        def gone() -> None:
-            handle.cancel()
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(_watch_disconnect, receive, gone)
-        async for event in events.events():
-            if isinstance(event, Delta):
-                parts.append(event.text)
-            else:
-                final = event
-        tg.cancel_scope.cancel()
-    return "".join(parts), final
-
-
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, read at most `limit` bytes (chunked bodies have no Content-Length)."""
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    return data
+def create_app(engine: Engine, config: ServerConfig, metrics: Metrics) -> FastAPI:
+    """The app of a one-model server."""
+    return make_app(SingleModel(engine, config), config, metrics)
 
 
 def build_app(model, server: ServerConfig, engine: EngineConfig = EngineConfig()) -> FastAPI:

@@ -230,8 +230,9 @@ def test_unknown_route_has_the_openai_error_shape(server):
 
 
 def test_no_route_takes_file_paths_or_manages_models(server):
-    routes = {(tuple(sorted(r.methods)), r.path) for r in server.app.routes if hasattr(r, "methods")}
-    assert routes == {(("GET",), "/health"), (("GET",), "/metrics"), (("GET",), "/v1/models"),
+    from edge_infer.serve.http_layer import route_table
+
+    assert route_table(server.app) == {(("GET",), "/health"), (("GET",), "/metrics"), (("GET",), "/v1/models"),
                       (("GET",), "/v1/models/{model_id:path}"), (("POST",), "/v1/chat/completions"),
                       (("POST",), "/v1/completions"), (("POST",), "/v1/messages"),
                       (("POST",), "/v1/messages/count_tokens"), (("GET",), "/"), (("GET",), "/ui/{name}")}

@@ -1,0 +1,402 @@
+"""One HTTP layer under every API the server speaks (OpenAI, Anthropic, and whatever is added next).
+
+A protocol module is a thin translator: it turns its request body into a prompt
+and a `GenerationRequest`, and this layer's parts back into its own answers.
+Everything else happens here, once:
+
+  read      the body (at most max_body_bytes, a JSON object) and the model it
+            names, resolved by the app's `ModelResolver` (one message for a
+            model this server does not serve)
+  prepare   template, tokenize and compile the output grammar, in a worker
+            thread (a chat template render is bounded but not free)
+  submit    to the resolved model's engine; its refusals become HTTP answers
+            (context too long 400, queue full 429, shutting down 503)
+  reply     the engine's events as protocol-neutral parts (`Text`, `Done`,
+            `Failed`), streamed, or collected into one `Reply`; a client that
+            goes away cancels its request at once, so the engine frees the slot
+            at its next step
+  errors    `APIError` is answered in the OpenAI shape by the app; a protocol
+            with another shape mounts its router with `error_route(render)`
+
+The app's state holds a `ServerState`: the server's settings, its metrics and
+the resolver that maps a request's "model" to one served model (today
+`SingleModel`; a server of several models installs another resolver).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Iterable, Protocol, Union
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+
+from edge_infer.contract.errors import ContextLengthError, TokenizerError, UserError
+from edge_infer.runtime.tools import ToolCall
+from edge_infer.serve.config import ServerConfig
+from edge_infer.serve.engine import Engine, QueueFull, ShuttingDown
+from edge_infer.serve.metrics import Metrics
+from edge_infer.serve.protocol import APIError, bad
+from edge_infer.serve.request import Delta, Failed, Finished, GenerationRequest, Handle
+from edge_infer.serve.structured import Prepared, ReplyStream, prepare, split_reply
+
+log = logging.getLogger("edge_infer.serve")
+
+
+# -- which model a request is for --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Served:
+    """A model a request resolved to: the id replies carry and the engine that runs it."""
+
+    model_id: str
+    engine: Engine
+
+    @property
+    def model(self):
+        return self.engine.model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.manifest.geometry.vocab_size
+
+
+class ModelResolver(Protocol):
+    """Maps a request's "model" to a served model (None: the request named none)."""
+
+    def resolve(self, name: str | None) -> Served: ...  # raises model_not_found
+    def ids(self) -> list[str]: ...  # what /v1/models lists
+    def engines(self) -> Iterable[Engine]: ...  # started and stopped with the app
+
+
+def model_not_found(name: str, served: list[str]) -> APIError:
+    """The one answer to a request for a model this server does not serve."""
+    shown = name.encode("utf-8", "backslashreplace").decode()  # a lone surrogate must not break the JSON
+    listed = ", ".join(f"'{s}'" for s in served)
+    return APIError(404, f"The model '{shown}' does not exist; this server serves {listed} (GET /v1/models; "
+                    "serve a model under another name with --model-alias)", type="invalid_request_error",
+                    param="model", code="model_not_found")
+
+
+class SingleModel:
+    """A one-model server: its id and its aliases name it; a request that names no model gets it."""
+
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.served = Served(config.model_id, engine)
+        self.config = config
+
+    def resolve(self, name: str | None) -> Served:
+        if name is None or self.config.serves(name):
+            return self.served
+        raise model_not_found(name, self.ids())
+
+    def ids(self) -> list[str]:
+        return [self.config.model_id]
+
+    def engines(self) -> list[Engine]:
+        return [self.served.engine]
+
+
+@dataclass
+class ServerState:
+    """What every route reads from `request.app.state.server`."""
+
+    config: ServerConfig
+    models: ModelResolver
+    metrics: Metrics
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+# -- reading a request ---------------------------------------------------------------------
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, read at most `limit` bytes (chunked bodies have no Content-Length)."""
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+async def read_request(request: Request) -> tuple[dict, Served]:
+    """The body and the model it names (a 404 for a model not served here)."""
+    state = server_state(request)
+    body = await read_json(request, state.config.max_body_bytes)
+    name = body.get("model")
+    return body, state.models.resolve(name if isinstance(name, str) else None)
+
+
+async def prepare_prompt(served: Served, prompt: Any, *, kind: str, **options) -> Prepared:
+    """Template, tokenize and compile in a worker thread; a bad prompt is a 400 naming its field, a
+    tokenizer that breaks on the text is a 500 that says not to retry."""
+    field = "messages" if kind == "chat" else "prompt"
+    try:
+        return await run_in_threadpool(functools.partial(prepare, served.model, prompt, kind=kind, **options))
+    except TokenizerError as e:  # the model's tokenizer broke on this text: ours to fix, retrying won't help
+        log.error("tokenizer failed on a %s request: %s", kind, e)
+        raise APIError(500, "the model's tokenizer failed on this text; the model's tokenizer.json is faulty "
+                       "for this input", type="server_error", code=e.code,
+                       headers={"x-should-retry": "false"}) from None
+    except UserError as e:
+        raise bad(field, str(e)) from None
+
+
+# -- submitting and replying ------------------------------------------------------------------
+
+
+class EventQueue:
+    """Engine events for one request, delivered on the event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def push(self, event) -> None:  # called from the engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def events(self) -> AsyncIterator:
+        while True:
+            event = await self.queue.get()
+            yield event
+            if not isinstance(event, Delta):
+                return
+
+
+@dataclass(frozen=True)
+class Text:
+    """Reply text to send now."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The reply ended: its tool calls (already parsed), finish reason, and the engine's final event."""
+
+    calls: list[ToolCall]
+    finish: str
+    final: Finished
+
+
+Part = Union[Text, Done, Failed]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A whole reply, for a request that does not stream."""
+
+    content: str | None
+    calls: list[ToolCall]
+    finish: str
+    final: Finished
+
+
+class Submission:
+    """A request in the engine: its events, as parts to stream or one reply to collect."""
+
+    def __init__(self, handle: Handle, events: EventQueue, prepared: Prepared):
+        self.handle, self.events, self.prepared = handle, events, prepared
+
+    async def parts(self) -> AsyncIterator[Part]:
+        """Text as it may be sent (tool calls held back until they parse), then `Done` or `Failed`;
+        nothing more after a cancel."""
+        reply = ReplyStream(self.prepared.plan)
+        async for event in self.events.events():
+            if isinstance(event, Delta):
+                text = reply.feed(event.text)
+                if text:
+                    yield Text(text)
+            elif isinstance(event, Finished):
+                if event.finish_reason == "cancelled":
+                    return
+                text, calls, finish = reply.finish(event.finish_reason)
+                if text:
+                    yield Text(text)
+                yield Done(calls, finish, event)
+            else:
+                yield event
+
+    def stream(self, chunks: AsyncIterator[bytes]) -> "EventStream":
+        """An SSE response of `chunks` (the protocol's rendering of `parts()`) that cancels on disconnect."""
+        return EventStream(chunks, self.handle.cancel)
+
+    async def collect(self, request: Request) -> Reply | None:
+        """The whole reply; None when the client left first (its request was cancelled). A failed
+        generation raises its APIError."""
+        text, final = await read_reply(request.receive, self.events, self.handle)
+        if final is None or (isinstance(final, Finished) and final.finish_reason == "cancelled"):
+            return None
+        if isinstance(final, Failed):
+            raise APIError(final.status, final.message, type="server_error", code=final.code)
+        content, calls, finish = split_reply(text, final.finish_reason, self.prepared.plan)
+        return Reply(content, calls, finish, final)
+
+
+CLIENT_GONE = 499  # nobody reads this answer: the client went away before the reply was whole
+
+
+def client_gone() -> Response:
+    return Response(status_code=CLIENT_GONE)
+
+
+def submit(served: Served, prepared: Prepared, gen: GenerationRequest, field: str) -> Submission:
+    """Queue `gen` on the served model's engine; its refusals are HTTP answers (`field`: what holds the prompt)."""
+    events = EventQueue()
+    engine = served.engine
+    try:
+        handle = engine.submit(gen, events.push)
+    except ContextLengthError as e:
+        param = "max_tokens" if gen.max_tokens and len(gen.prompt_ids) < engine.max_length else field
+        raise APIError(400, str(e), param=param, code=e.code) from None
+    except QueueFull as e:
+        raise APIError(429, str(e), type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"}) from None
+    except ShuttingDown as e:
+        raise APIError(503, str(e), type="server_error", code="server_shutting_down") from None
+    return Submission(handle, events, prepared)
+
+
+def generation(prepared: Prepared, max_tokens: int | None, sampling, stop: tuple[str, ...],
+               request_id: str) -> GenerationRequest:
+    return GenerationRequest(tuple(prepared.ids), max_tokens, sampling, stop, request_id,
+                             constraint=prepared.constraint)
+
+
+# -- event streams -------------------------------------------------------------------------------
+
+
+async def _watch_disconnect(receive, on_disconnect) -> None:
+    """Wait for the client to go away (the request body is already read), then call on_disconnect."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            on_disconnect()
+            return
+
+
+class EventStream(Response):
+    """A Server-Sent Events response that cancels its request when the client disconnects."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None]):
+        self.chunks, self.on_close = chunks, on_close
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                def gone() -> None:
+                    self.on_close()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(_watch_disconnect, receive, gone)
+                await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                async for chunk in self.chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tg.cancel_scope.cancel()
+        except OSError:  # the connection broke while sending
+            pass
+        finally:
+            self.on_close()
+
+
+async def read_reply(receive, events: EventQueue, handle: Handle) -> tuple[str, Finished | Failed | None]:
+    """A non-streamed request's whole text and its final event (None: the client left first, and
+    its request was cancelled so the slot frees at the next step)."""
+    parts: list[str] = []
+    final: Finished | Failed | None = None
+    async with anyio.create_task_group() as tg:
+        def gone() -> None:
+            handle.cancel()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(_watch_disconnect, receive, gone)
+        async for event in events.events():
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            else:
+                final = event
+        tg.cancel_scope.cancel()
+    return "".join(parts), final
+
+
+# -- error answers ------------------------------------------------------------------------------
+
+
+def openai_error(e: APIError) -> JSONResponse:
+    """The app's default error answer: {"error": {"message", "type", "param", "code"}}."""
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def error_route(render: Callable[[APIError], Response]) -> type[APIRoute]:
+    """A route class for a router whose protocol answers errors in its own shape (pass it as the
+    APIRouter's route_class); errors raised before the route runs keep the app's OpenAI shape."""
+
+    class ProtocolRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def answer(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except APIError as e:
+                    return render(e)
+
+            return answer
+
+    return ProtocolRoute
+
+
+# -- the server's own routes ------------------------------------------------------------------------
+
+service = APIRouter()
+
+
+@service.get("/health")
+async def health(request: Request):
+    engines = list(server_state(request).models.engines())
+    if not all(e.alive for e in engines):
+        return JSONResponse({"status": "error", "detail": "the engine is not running"}, status_code=503)
+    return {"status": "ok", **engines[0].snapshot()}
+
+
+@service.get("/metrics")
+async def prometheus(request: Request):
+    metrics = server_state(request).metrics
+    return Response(metrics.render(), media_type=metrics.content_type)
+
+
+def route_table(app) -> set[tuple[tuple[str, ...], str]]:
+    """Every (methods, path) the app answers, through included routers (FastAPI includes them lazily)."""
+    table: set[tuple[tuple[str, ...], str]] = set()
+    pending = list(app.routes)
+    while pending:
+        route = pending.pop()
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            pending += included.routes
+        elif getattr(route, "methods", None):
+            table.add((tuple(sorted(route.methods)), route.path))
+    return table
