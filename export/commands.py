@@ -64,11 +64,15 @@ def destination(out: str | None, name: str | None):
               help="KV cache storage: float (the model's dtype), or int8 / int4 with per-channel scales "
                    "calibrated at export (a quarter / an eighth of fp32's memory; the manifest records the "
                    "perplexity cost on held-out text).")
+@click.option("--chat-template", default=None, metavar="NAME|FILE",
+              help="Store this chat template in place of the model's own: a built-in one (chatml, llama2, llama3, "
+                   "mistral, gemma, phi3, zephyr) or a Jinja file [default: the model's; for a file without one, "
+                   "its family's built-in template when the architecture names one].")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the source / fp32.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def export(src, out, name, quant, max_length, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding,
-           gguf_import, profile, chunk, kv_cache, no_validate, force, quiet):
+           gguf_import, profile, chunk, kv_cache, chat_template, no_validate, force, quiet):
     """Export a Hugging Face folder or a .gguf file to an ONNX model folder."""
     from edge_infer.contract.model_store import parse_name
     from edge_infer.export.export_folder import ExportOptions, export_model
@@ -77,7 +81,8 @@ def export(src, out, name, quant, max_length, block_size, symmetric, embeddings,
     options = ExportOptions(quant=quant, max_length=max_length, block_size=block_size, symmetric=symmetric,
                             embeddings=embeddings, lm_head=lm_head, accuracy_level=accuracy_level,
                             rounding=rounding, gguf_import=gguf_import, validate=not no_validate,
-                            force=force, profile=profile, chunk=chunk, kv_cache=kv_cache)
+                            force=force, profile=profile, chunk=chunk, kv_cache=kv_cache,
+                            chat_template=chat_template)
     out = destination(out, name)
     export_model(src, out, options, Progress(quiet=quiet))
     if name is not None and not quiet:

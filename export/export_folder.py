@@ -24,7 +24,7 @@ from edge_infer.export.atomic import atomic_folder, check_target
 from edge_infer.export.checkpoint import LazyWeights
 from edge_infer.export.graph import GraphIO, build_decoder
 from edge_infer.export.progress import Progress
-from edge_infer.export.sources import Source, open_source
+from edge_infer.export.sources import Source, open_source, with_chat_template
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
 from edge_infer.contract.graph_record import GraphRecord, kv_cache_bytes
@@ -72,6 +72,9 @@ class ExportOptions:
     # The KV cache's storage (export/kv_calibrate.py): "float" (the model's dtype), or "int8" /
     # "int4" with calibrated per-channel scales, which GroupQueryAttention applies as it writes.
     kv_cache: str = "float"
+    # --chat-template NAME|FILE: a built-in template or a Jinja file, stored in place of the model's own
+    # (runtime/template_library.py); None keeps the model's, or its family's when it has none.
+    chat_template: str | None = None
 
     def check(self) -> None:
         if self.quant not in QUANTS:
@@ -113,7 +116,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     out = Path(out)
     check_target(out, options.force)
     progress.stage(f"reading {src}")
-    source = open_source(src)
+    source = with_chat_template(open_source(src), options.chat_template, progress.note)
     route = _route(source)
     if route == "direct":
         arch = load_arch(source.config.get("model_type"))
@@ -476,6 +479,7 @@ def _manifest_body(spec: DecoderSpec, source: Source, graph: GraphRecord, quant:
             "eos_token_ids": eos, "pad_token_id": spec.pad_token_id,
             "bos_token": source.bos_token, "eos_token": source.eos_token,
             "chat_template_file": CHAT_TEMPLATE_FILE if source.chat_template else None,
+            "chat_template_origin": source.chat_template_origin if source.chat_template else None,
         },
         "generation": {"max_new_tokens": 256, "source_defaults": source.generation},
         "source": {"kind": source.kind, "name": source.path.name, "description": source.describe()},

@@ -32,7 +32,7 @@ from edge_infer.export.npu_graph import (
     check_supported,
 )
 from edge_infer.export.progress import Progress
-from edge_infer.export.sources import open_source
+from edge_infer.export.sources import open_source, with_chat_template
 from edge_infer.contract.errors import UserError
 from edge_infer.contract.model_folder import DATA_FILE, INLINE_BELOW, write_manifest
 from edge_infer.contract.graph_record import GraphRecord
@@ -50,7 +50,7 @@ def export_npu(src, out, options, progress: Progress | None = None) -> Path:
     out = Path(out)
     check_target(out, options.force)
     progress.stage(f"reading {src}")
-    source = open_source(src)
+    source = with_chat_template(open_source(src), options.chat_template, progress.note)
     if export_folder._route(source) != "direct":
         raise UserError(f"--profile npu needs an architecture with a direct builder; "
                         f"'{source.config.get('model_type')}' goes through optimum-onnx")

@@ -29,6 +29,9 @@ class Source:
     eos_token_ids: tuple[int, ...]
     chat_template: str | None
     generation: dict[str, Any]
+    # Where the template came from: "model" (the file's own), "built-in NAME" or "file NAME"
+    # (with_chat_template); None without a template.
+    chat_template_origin: str | None = None
 
     def describe(self) -> str:
         return f"{self.kind}:{self.path.name}"
@@ -41,8 +44,39 @@ def open_source(path: str | Path) -> Source:
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise ModelFileError(f"{p}: expected a Hugging Face checkpoint folder or a .gguf file")
-        return _open_gguf(p)
-    return _open_hf(p)
+        source = _open_gguf(p)
+    else:
+        source = _open_hf(p)
+    source.chat_template_origin = "model" if source.chat_template else None
+    return source
+
+
+def with_chat_template(source: Source, spec: str | None, note) -> Source:
+    """The source with the chat template the export stores: `spec` (--chat-template NAME|FILE) when
+    given, else the model's own, else its family's built-in one when the architecture names exactly
+    one family; else none, and `note` warns that the model takes raw text."""
+    from edge_infer.runtime.chat_template import ChatTemplate
+    from edge_infer.runtime.template_library import BUILTIN, for_architecture, resolve
+
+    if spec is not None:
+        choice = resolve(spec)
+        ChatTemplate(choice.source)  # a syntax error is the option's, reported now
+        source.chat_template, source.chat_template_origin = choice.source, choice.origin
+        note(f"chat template: {choice.origin} (--chat-template)")
+        return source
+    if source.chat_template:
+        return source
+    model_type = source.config.get("model_type")
+    name = for_architecture(model_type, lambda t: source.tokenizer.token_to_id(t) is not None)
+    where = "the GGUF file has no tokenizer.chat_template" if source.kind == "gguf" else "the model has no chat template"
+    if name is None:
+        note(f"warning: {where} and its architecture ({model_type}) names no single family: the model will take "
+             f"raw text; give it one with --chat-template NAME|FILE ({', '.join(BUILTIN)})")
+        return source
+    source.chat_template, source.chat_template_origin = BUILTIN[name], f"built-in {name}"
+    note(f"chat template: {where}; using the built-in '{name}' template for architecture {model_type} "
+         "(--chat-template NAME|FILE chooses another)")
+    return source
 
 
 def _token_text(value) -> str | None:

@@ -44,11 +44,19 @@ def sampling_from_options(kw: dict):
     return params
 
 
-def load_model(path: str, device: str, threads: int | None, quiet: bool = False, shared_threads: bool = False):
+def chat_template_option(f):
+    """--chat-template for the commands that load a model (`run`, `chat`, `serve`)."""
+    return click.option("--chat-template", default=None, metavar="NAME|FILE",
+                        help="Chat template in place of the model's own: a built-in one (chatml, llama2, llama3, "
+                             "mistral, gemma, phi3, zephyr) or a Jinja file.")(f)
+
+
+def load_model(path: str, device: str, threads: int | None, quiet: bool = False, shared_threads: bool = False,
+               chat_template: str | None = None):
     """Load a model folder; unless `quiet`, say on stderr what runs it and why."""
     from edge_infer.runtime.model import load
 
-    model = load(path, device=device, threads=threads, shared_threads=shared_threads)
+    model = load(path, device=device, threads=threads, shared_threads=shared_threads, chat_template=chat_template)
     if not quiet:
         click.echo(f"[{model.manifest.geometry.architecture} {model.manifest.quant_scheme}, "
                    f"device {model.describe_device()}]", err=True)

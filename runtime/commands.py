@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from edge_infer.runtime.cli_options import (load_model, sampling_from_options, sampling_options,
+from edge_infer.runtime.cli_options import (chat_template_option, load_model, sampling_from_options, sampling_options,
                                             speculative_from_options, speculative_options, wants_shared_threads)
 
 
@@ -26,10 +26,11 @@ from edge_infer.runtime.cli_options import (load_model, sampling_from_options, s
 @click.option("--regex", default=None, help="Constrain the output to this regular expression.")
 @click.option("--grammar", "lark", type=click.Path(dir_okay=False), default=None,
               help="Constrain the output to the Lark grammar in this file.")
+@chat_template_option
 @sampling_options
 @speculative_options
 def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, json_schema, json_object, regex, lark,
-        **kw):
+        chat_template, **kw):
     """Generate from PROMPT ('-' reads stdin) and stream the text to stdout."""
     from edge_infer.contract.errors import check_text
     from edge_infer.runtime.cli_constraints import constraint_options
@@ -42,11 +43,15 @@ def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, js
     check_text(prompt, "PROMPT")  # an undecodable argv byte arrives as a lone surrogate: refused, exit 2
     for i, s in enumerate([system or ""] + list(stop)):
         check_text(s, "--system" if i == 0 else "--stop")
-    m = load_model(model, device, threads, quiet=not stats, shared_threads=wants_shared_threads(kw))
+    m = load_model(model, device, threads, quiet=not stats, shared_threads=wants_shared_threads(kw),
+                   chat_template=chat_template)
     speculative = speculative_from_options(kw, m, device, threads)
     messages = None
     if not raw and m.chat_template is not None:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    elif not raw:
+        click.echo("[this model has no chat template: PROMPT goes in as raw text; --chat-template NAME|FILE gives "
+                   "it one]", err=True)
     last = None
     for chunk in stream_generate(m, messages or prompt, max_tokens=max_tokens, sampling=sampling, stop=stop,
                                  speculative=speculative, **structured):

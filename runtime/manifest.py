@@ -49,6 +49,7 @@ class TokenizerSpec:
     bos_token: str | None = None
     eos_token: str | None = None
     chat_template_file: str | None = None
+    chat_template_origin: str | None = None  # "model", "built-in NAME" or "file NAME" (runtime/template_library.py)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def _parse(folder: Path, raw: dict) -> Manifest:
         file=str(t["file"]), bos_token_id=t.get("bos_token_id"),
         eos_token_ids=tuple(int(i) for i in t.get("eos_token_ids", [])), pad_token_id=t.get("pad_token_id"),
         bos_token=t.get("bos_token"), eos_token=t.get("eos_token"), chat_template_file=t.get("chat_template_file"),
+        chat_template_origin=t.get("chat_template_origin"),
     )
     files = raw["files"]
     for name in files:

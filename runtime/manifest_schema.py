@@ -129,6 +129,7 @@ def check_raw(path: Path, raw: dict) -> None:
     t = _Section(path, raw, "tokenizer")
     t.text("file")
     t.text("chat_template_file", optional=True)
+    t.text("chat_template_origin", optional=True)  # "model", "built-in NAME" or "file NAME"
     for key in ("bos_token_id", "pad_token_id"):
         t.optional_integer(key, 0, vocab - 1)
     eos = t.d.get("eos_token_ids", [])

@@ -317,7 +317,8 @@ class Model:
 
 
 def load(path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify: bool = True,
-         allow_spinning: bool = True, shared_threads: bool = False, padding: str | None = None) -> Model:
+         allow_spinning: bool = True, shared_threads: bool = False, padding: str | None = None,
+         chat_template: str | None = None) -> Model:
     """Load an exported model folder (or a model store name, `edge-infer list`): verify its manifest and
     hashes, then open a session.
 
@@ -334,12 +335,22 @@ def load(path: str | os.PathLike, device: str = "auto", threads: int | None = No
     whole process: onnxruntime then refuses sessions with pools of their own, so every later
     `load` joins the pool, and a session you open with onnxruntime directly needs
     `SessionOptions.use_per_session_threads = False`.
+
+    chat_template: a built-in template's name (chatml, llama3, gemma, ...) or a Jinja file, used in
+    place of the folder's own (runtime/template_library.py).
     """
     manifest = load_manifest(Path(path), verify=verify)
+    model: Model
     if manifest.kv_layout == "static":  # a fixed-shape plan (--profile npu): runtime/static_plan.py
         from edge_infer.runtime.static_plan import StaticModel
 
-        return StaticModel(manifest, device=device, threads=threads, allow_spinning=allow_spinning,
-                           shared_threads=shared_threads, padding=padding)
-    return Model(manifest, device=device, threads=threads,
-                 allow_spinning=allow_spinning, shared_threads=shared_threads, padding=padding)
+        model = StaticModel(manifest, device=device, threads=threads, allow_spinning=allow_spinning,
+                            shared_threads=shared_threads, padding=padding)
+    else:
+        model = Model(manifest, device=device, threads=threads,
+                      allow_spinning=allow_spinning, shared_threads=shared_threads, padding=padding)
+    if chat_template is not None:
+        from edge_infer.runtime.template_library import override
+
+        override(model, chat_template)
+    return model

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from edge_infer.runtime.cli_options import speculative_from_options, speculative_options, wants_shared_threads
+from edge_infer.runtime.cli_options import (chat_template_option, speculative_from_options, speculative_options,
+                                            wants_shared_threads)
 
 
 @click.command()
@@ -50,10 +51,11 @@ from edge_infer.runtime.cli_options import speculative_from_options, speculative
 @click.option("--routing", type=click.Choice(["prefix", "round-robin"]), default="prefix", show_default=True,
               help="With --ray: send a request to the replica holding its prompt prefix (fallback: least loaded).")
 @click.option("--ray-address", default=None, help="With --ray: a running Ray cluster to join [default: start one].")
+@chat_template_option
 @speculative_options
 def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_queue, prefill_chunk,
           default_max_tokens, allowed_host, cors_origin, model_name, model_alias, shutdown_grace, device, threads,
-          log_level, use_ray, replicas, routing, ray_address, **speculative_kw):
+          log_level, use_ray, replicas, routing, ray_address, chat_template, **speculative_kw):
     """Serve MODEL over an OpenAI-compatible HTTP API (chat and text completions, streaming).
 
     With --speculative, a request that decodes alone has its guesses verified several at a time;
@@ -84,6 +86,9 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
     server_config.validate()  # before loading anything: a refused bind costs nothing
     engine_config.validate()
     if use_ray:
+        if chat_template is not None:
+            raise UserError("--chat-template is not passed to Ray replicas yet: export the folder with "
+                            "--chat-template instead")
         _serve_on_ray(model, server_config, engine_config, replicas, routing, ray_address, device, threads,
                       speculative_kw)
         return
@@ -94,7 +99,8 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
 
     sock = bind(host, port)  # before loading: a port in use fails fast
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
-    m = load(model, device=device, threads=threads, shared_threads=wants_shared_threads(speculative_kw))
+    m = load(model, device=device, threads=threads, shared_threads=wants_shared_threads(speculative_kw),
+             chat_template=chat_template)
     speculative = speculative_from_options(speculative_kw, m, device, threads)
     if speculative is not None:
         engine_config = dataclasses.replace(engine_config, speculative=speculative)
@@ -105,7 +111,8 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
                f"{parallel} slots x {engine.max_length} positions, KV cache {kv:.0f} MiB"
                + (f"; speculative {speculative.mode}" if speculative is not None else "") + "]", err=True)
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"serving '{server_config.model_id}' at http://{shown}:{sock.getsockname()[1]}/v1"
+    base = f"http://{shown}:{sock.getsockname()[1]}"
+    click.echo(f"serving '{server_config.model_id}' at {base}/v1, chat page at {base}/"
                + (" (API key required)" if server_config.api_key else ""), err=True)
     serve_forever(app, engine, sock, log_level)
 

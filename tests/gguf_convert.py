@@ -66,15 +66,16 @@ def random_blocks(shape, qtype: QT, rng) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-def write_gguf(kind: str, model, path: Path, qtype: QT = QT.F32) -> Path:
+def write_gguf(kind: str, model, path: Path, qtype: QT = QT.F32, chat_template: str | None = CHATML) -> Path:
     """`model` (a transformers CausalLM of family `kind`) as llama.cpp's converter would write it.
     2-D weights get `qtype`: F32, or what gguf.quants can write (F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)
     from the model's weights; K-quants as random valid blocks (gguf cannot write them), so the file
-    then holds other weights than the model: compare exports of the file with each other."""
+    then holds other weights than the model: compare exports of the file with each other.
+    chat_template=None writes no tokenizer.chat_template (as many GGUF files on the hub)."""
     cfg = model.config
     arch = GGUF_ARCH[kind]
     if kind == "gpt2":
-        return _write_gpt2(model, path)
+        return _write_gpt2(model, path, chat_template)
     n_layers, heads, kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     w = gguf.GGUFWriter(str(path), arch)
@@ -120,7 +121,7 @@ def write_gguf(kind: str, model, path: Path, qtype: QT = QT.F32) -> Path:
         if kind == "gemma2":
             w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
-    _add_tokenizer(w)
+    _add_tokenizer(w, chat_template)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
     tensors: dict[str, np.ndarray] = {}
@@ -159,7 +160,7 @@ def write_gguf(kind: str, model, path: Path, qtype: QT = QT.F32) -> Path:
     return path
 
 
-def _write_gpt2(model, path: Path) -> Path:
+def _write_gpt2(model, path: Path, chat_template: str | None = CHATML) -> Path:
     """GPT-2: Conv1D weights transposed to (out, in); the tied head written again as `output`."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "gpt2")
@@ -170,7 +171,7 @@ def _write_gpt2(model, path: Path) -> Path:
     w.add_block_count(cfg.n_layer)
     w.add_head_count(cfg.n_head)
     w.add_layer_norm_eps(cfg.layer_norm_epsilon)
-    _add_tokenizer(w)
+    _add_tokenizer(w, chat_template)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)
     for hf_name, t in model.state_dict().items():
         if hf_name.endswith(".attn.bias") or hf_name.endswith(".attn.masked_bias") or hf_name == "lm_head.weight":
@@ -190,7 +191,7 @@ def _write_gpt2(model, path: Path) -> Path:
     return path
 
 
-def _add_tokenizer(w: gguf.GGUFWriter) -> None:
+def _add_tokenizer(w: gguf.GGUFWriter, chat_template: str | None = CHATML) -> None:
     tok = make_tokenizer()
     model = json.loads(tok.to_str())["model"]
     vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
@@ -203,4 +204,5 @@ def _add_tokenizer(w: gguf.GGUFWriter) -> None:
     w.add_bos_token_id(0)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
