@@ -38,7 +38,7 @@ class GraphRecord:
     kv_layout: str | None = None  # "shared" | "concat" | "static"; None: written before the field, "shared"
     attention_padding: str | None = None  # "in-graph": one-token passes run attention as two tokens
     genai: str | None = None  # whether onnxruntime-genai files were written, for people
-    profile: str | None = None  # "npu": static standard-op graphs
+    profile: str | None = None  # "npu": static standard-op graphs; "gpu": fp16 activations and KV cache
     target: str | None = None  # the devices a profile is for, for people
     static_plan: Mapping[str, Any] | None = None  # the npu profile's two graphs (runtime/static_plan.py)
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys not named above, kept as read

@@ -12,8 +12,10 @@ What each provider can run (as of onnxruntime 1.32):
   * NPUs (QNN, CoreML, OpenVINO) run standard ONNX ops only, so a model that
     needs contrib ops would run almost entirely on the CPU fallback: `auto`
     skips them and an explicit request is refused;
-  * fp16 graphs need a GPU or NPU: the CPU provider lacks fp16 kernels for
-    most ops.
+  * fp16 graphs are for GPUs and NPUs. The CPU provider of onnxruntime 1.32 has fp16 kernels for
+    MatMulNBits, GroupQueryAttention and the (Skip)SimplifiedLayerNormalization ops, not for plain
+    MatMul or elementwise ops (onnxruntime casts those to fp32 and back): `auto` skips it, an
+    explicit `--device cpu` runs an fp16 model (the parity check of the gpu profile), slowly.
 
 onnxruntime is imported only inside the functions that talk to it, so importing
 this module (e.g. for `edge-infer --help`) stays cheap.
@@ -102,12 +104,17 @@ class DevicePlan:
         return [(name, dict(opts)) for name, opts in zip(self.providers, self.provider_options)]
 
 
-def unsuitable(provider: Provider, model: ModelTraits) -> str | None:
-    """Why `provider` cannot run `model`, or None if it can."""
-    if model.dtype == "fp16" and not provider.fp16:
+FP16_ON_CPU = ("fp16 on the CPU provider: onnxruntime runs plain MatMul and elementwise ops in fp32 with casts "
+               "around them; correct but slower than the default export (use it for checks)")
+
+
+def unsuitable(provider: Provider, model: ModelTraits, explicit: bool = False) -> str | None:
+    """Why `provider` cannot run `model`, or None if it can. explicit: the user named this provider
+    (an fp16 model then runs on the CPU too)."""
+    if model.dtype == "fp16" and not provider.fp16 and not (explicit and provider.kind == "cpu"):
         return (
-            "fp16 models need a GPU or NPU (the CPU provider has no fp16 kernels for most ops); "
-            "use an fp32, int8 or int4 export on CPU"
+            "fp16 models are for GPUs and NPUs (on the CPU provider onnxruntime casts most ops to fp32; "
+            "`--device cpu` runs one anyway, slowly); use an fp32, int8 or int4 export on CPU"
         )
     if model.contrib_ops and provider.contrib_ops == "none":
         return (
@@ -147,13 +154,14 @@ def resolve(requested: str, available: Sequence[str], model: ModelTraits) -> Dev
             f"device {name!r} is not available: {provider.ort_name} is not in this onnxruntime build "
             f"({provider.install}); available here: {_names(have)}"
         )
-    why = unsuitable(provider, model)
+    why = unsuitable(provider, model, explicit=True)
     if why is not None:
         can = [p.name for p in PROVIDERS if p.ort_name in have and unsuitable(p, model) is None]
         raise UserError(
             f"device {name!r} cannot run this model: {why}; devices here that can: {', '.join(can) or 'none'}"
         )
-    plan = _plan(provider, have, [f"{name}: requested"])
+    reasons = [f"{name}: requested"] + ([f"{name}: {FP16_ON_CPU}"] if model.dtype == "fp16" and not provider.fp16 else [])
+    plan = _plan(provider, have, reasons)
     return with_option(plan, provider, option) if option else plan
 
 

@@ -55,10 +55,11 @@ def destination(out: str | None, name: str | None):
                    "once), exact (a float residual term per weight, slower), mixed (exact in the MLP, rounded "
                    "again in attention), requantize (all rounded again, wider blocks too); see "
                    "benchmarks/QUALITY.md.")
-@click.option("--profile", type=click.Choice(["default", "npu"]), default="default", show_default=True,
+@click.option("--profile", type=click.Choice(["default", "npu", "gpu"]), default="default", show_default=True,
               help="npu: standard ONNX ops and static shapes (prefill-chunk + decode graphs) for OpenVINO, QNN "
                    "and any provider; --quant fp32, int8 or int4 (DequantizeLinear blocks); --max-length "
-                   "default 1024.")
+                   "default 1024. gpu: the default graph with fp16 activations and KV cache (CUDA, DirectML), "
+                   "MatMulNBits with fp16 scales, fp32 logits; --accuracy-level default 0.")
 @click.option("--chunk", type=int, default=64, show_default=True, help="npu profile: prefill chunk length.")
 @click.option("--kv-cache", type=click.Choice(["float", "int8", "int4"]), default="float", show_default=True,
               help="KV cache storage: float (the model's dtype), or int8 / int4 with per-channel scales "
@@ -78,6 +79,9 @@ def export(src, out, name, quant, max_length, block_size, symmetric, embeddings,
     from edge_infer.export.export_folder import ExportOptions, export_model
     from edge_infer.export.progress import Progress
 
+    if profile == "gpu" and click.get_current_context().get_parameter_source("accuracy_level") \
+            == click.core.ParameterSource.DEFAULT:
+        accuracy_level = 0  # GPU kernels compute MatMulNBits in fp16; level 4's int8 activations are a CPU path
     options = ExportOptions(quant=quant, max_length=max_length, block_size=block_size, symmetric=symmetric,
                             embeddings=embeddings, lm_head=lm_head, accuracy_level=accuracy_level,
                             rounding=rounding, gguf_import=gguf_import, validate=not no_validate,

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from edge_infer.quantize.config import QuantConfig
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
-PROFILES = ("default", "npu")  # npu: standard ONNX ops, static shapes (OpenVINO, QNN, any provider)
+# npu: standard ONNX ops, static shapes (OpenVINO, QNN, any provider); gpu: the default graph with fp16
+# activations and KV cache (CUDA, DirectML), MatMulNBits with fp16 scales, logits cast to fp32.
+PROFILES = ("default", "npu", "gpu")
 DEFAULT_MAX_LENGTH = 4096
 FLOAT_DATA = "float.onnx.data"  # small float tensors of an int8/int4 export's float graph, until it is finished
 VERSION = "0.1.0"
@@ -93,6 +95,11 @@ class ExportOptions:
             raise UserError("--kv-cache int8/int4 needs onnxruntime's GroupQueryAttention, which the npu profile's "
                             "standard-op graphs do not use: drop --kv-cache or --profile npu")
 
+    @property
+    def dtype(self) -> str:
+        """The graph's activations and KV cache: fp16 for --quant fp16 and the gpu profile, else fp32."""
+        return "fp16" if self.quant == "fp16" or self.profile == "gpu" else "fp32"
+
     def quant_config(self) -> QuantConfig | None:
         """The quantization settings these options ask for (None for fp32/fp16): what the rewrite gets
         and what the manifest records."""
@@ -125,13 +132,16 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         from edge_infer.export import optimum_route
 
         spec = optimum_route.generic_spec(source.config)
+        if options.profile == "gpu":
+            raise UserError(f"--profile gpu needs the direct builder, and {spec.model_type} is exported through "
+                            "optimum: export it with the default profile")
         if options.kv_cache != "float":
             raise UserError(f"--kv-cache {options.kv_cache} needs the direct builder, and {spec.model_type} is "
                             "exported through optimum (standard attention ops): export with --kv-cache float")
     max_length = resolve_max_length(spec, options.max_length)
     progress.note(f"architecture {spec.model_type} ({route} route): {spec.num_layers} layers, hidden "
                   f"{spec.hidden_size}, {spec.num_heads} heads / {spec.num_kv_heads} kv heads, vocab {spec.vocab_size}")
-    kv_dtype = options.kv_cache if options.kv_cache != "float" else "fp16" if options.quant == "fp16" else "fp32"
+    kv_dtype = options.kv_cache if options.kv_cache != "float" else options.dtype
     kv_mib = kv_cache_bytes(kv_dtype, spec.num_layers, spec.num_kv_heads, spec.head_dim, max_length)
     progress.note(f"max_length {max_length} (model context {spec.max_position_embeddings}): "
                   f"KV cache {kv_mib / 2**20:.0f} MiB per sequence")
@@ -196,8 +206,8 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
 
 def graph_record(route: str, io: GraphIO, options: ExportOptions) -> GraphRecord:
     """The manifest's graph record of a default-profile export through `route` ("direct" | "optimum")."""
-    graph = GraphRecord(GRAPH_FILE, io.inputs, io.outputs, dtype="fp16" if options.quant == "fp16" else "fp32",
-                        data_file=DATA_FILE, route=route)
+    graph = GraphRecord(GRAPH_FILE, io.inputs, io.outputs, dtype=options.dtype, data_file=DATA_FILE, route=route,
+                        profile="gpu" if options.profile == "gpu" else None)
     if route != "direct":
         return replace(graph, kv_layout="concat", ops="optimum-onnx export (standard ops)",
                        kv_cache="past and present as separate tensors, concatenated each step")
@@ -255,7 +265,7 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
     progress.stage("building graph" + ("" if quantized else " (weights streamed to disk)"))
     data = DataFile(tmp / (FLOAT_DATA if quantized else DATA_FILE))
     try:
-        model, io = build_decoder(spec, weights, max_length, dtype="fp16" if options.quant == "fp16" else "fp32",
+        model, io = build_decoder(spec, weights, max_length, dtype=options.dtype,
                                   store=data)
         if not quantized:
             save_streamed(model, tmp / GRAPH_FILE, data)
@@ -266,13 +276,32 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
     pre = _LazySourceBlocks(weights, 4 if options.quant == "int4" else 8, options)
     out = DataFile(tmp / DATA_FILE)
     try:
-        q, info = _quantize(model, spec, pre, options, progress, read=reference.read,
-                            sink=lambda t: out.move(t, tmp, data.deferred), read_rows=reference.read_rows)
+        read, read_rows = _source_precision(reference, data.deferred)
+        q, info = _quantize(model, spec, pre, options, progress, read=read,
+                            sink=lambda t: out.move(t, tmp, data.deferred), read_rows=read_rows)
         progress.stage("writing model")
         save_streamed(q, tmp / GRAPH_FILE, out, tmp, data.deferred)
     finally:
         out.close()
     return q, io, info, reference
+
+
+def _source_precision(reference, deferred: dict):
+    """The quantizer's readers: a weight not read yet comes in the source's float32, not rounded to
+    the graph's dtype first, so an fp16-activation export (--profile gpu) rounds every weight to the
+    same int4/int8 codes as the default export and differs from it only in fp16 scales."""
+    from edge_infer.export.checkpoint import Deferred
+
+    def read(t):
+        d = deferred.get(t.name)
+        return d.astype(np.float32).materialize() if isinstance(d, Deferred) else reference.read(t)
+
+    def read_rows(t, start: int, stop: int):
+        d = deferred.get(t.name)
+        return d.astype(np.float32).materialize_rows(start, stop) if isinstance(d, Deferred) \
+            else reference.read_rows(t, start, stop)
+
+    return read, read_rows
 
 
 def _remove_float_graph(folder: Path) -> None:

@@ -167,7 +167,7 @@ def _against_reference(graph: Path, reference: onnx.ModelProto | Path | StoredGr
                        progress: Progress) -> dict:
     # The quantized graph first, on its own: its session is freed before the reference runs.
     quant = session_for(str(graph))
-    ours = [all_logits(quant, spec, ids) for ids in prompts]
+    ours = [all_logits(quant, spec, ids, np.float16 if is_fp16(quant) else np.float32) for ids in prompts]
     del quant
     release_freed_memory()
     with tempfile.TemporaryDirectory(prefix=".edge-infer-ref-", dir=graph.parent) as tmp:
@@ -179,16 +179,17 @@ def _against_reference(graph: Path, reference: onnx.ModelProto | Path | StoredGr
             reference = path
         stored = StoredGraph.load(reference) if isinstance(reference, (str, Path)) else reference
         ref, n_segments = _reference_logits(stored, spec, prompts)
+        float_name = "fp16" if _float_dtype(stored.model) == np.float16 else "fp32"
     agree, total, kls = 0, 0, []
     for a, b, ids in zip(ref, ours, prompts):
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(ids)
         kls.append(_kl(a, b))
     kl = float(np.concatenate(kls).mean())
-    progress.note(f"quantized vs fp32: top-1 agreement {agree}/{total} ({agree / total:.1%}), mean KL {kl:.4f} "
+    progress.note(f"quantized vs {float_name}: top-1 agreement {agree}/{total} ({agree / total:.1%}), mean KL {kl:.4f} "
                   f"(fp32 reference run in {n_segments} segment(s) of <= {REFERENCE_SEGMENT_BYTES >> 20} MiB "
                   "of weights)")
-    return {"reference": "fp32 export of the same weights", "top1_agreement": agree / total,
+    return {"reference": f"{float_name} export of the same weights", "top1_agreement": agree / total,
             "mean_kl": kl, "positions": total,
             "reference_run": f"whole graph, every position of {len(prompts)} prompts, run in {n_segments} "
                              f"segment(s) of <= {REFERENCE_SEGMENT_BYTES >> 20} MiB of weights each"}
@@ -211,9 +212,15 @@ def _reference_logits(stored: StoredGraph, spec, prompts) -> tuple[list[np.ndarr
     """Every position's logits of the float graph, run segment by segment (bounded memory)."""
     feeds = []
     for ids in prompts:
-        feeds.append(prompt_feed(spec, ids))
+        feeds.append(prompt_feed(spec, ids, _float_dtype(stored.model)))
     outs, n_segments = run_segmented(stored, feeds, [LOGITS], REFERENCE_SEGMENT_BYTES)
     return [o[0][0][-len(ids):] for o, ids in zip(outs, prompts)], n_segments
+
+
+def _float_dtype(model: onnx.ModelProto) -> type[np.floating]:
+    """The dtype of a float graph's KV cache inputs (fp16 in the gpu profile's float graph)."""
+    kv = [i for i in model.graph.input if i.name.startswith("past_key_values")]
+    return np.float16 if kv and kv[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
 
 
 def _parameter_count(graph: Path) -> int:

@@ -45,6 +45,12 @@ def split_minimum(ql: QuantizedLinear) -> tuple[QuantizedLinear, np.ndarray] | N
                            zero_points=z.astype(np.uint8), k=ql.k), residuals
 
 
+def _float_dtype(graph: onnx.GraphProto, node: onnx.NodeProto) -> np.dtype:
+    """The activations' dtype of a MatMulNBits node: its scales' (fp16 in an fp16 graph, else fp32)."""
+    scales = next((t for t in graph.initializer if t.name == node.input[2]), None)
+    return helper.tensor_dtype_to_np_dtype(scales.data_type) if scales is not None else np.dtype(np.float32)
+
+
 def add_block_offsets(model: onnx.ModelProto, minimums: dict[str, np.ndarray], block_size: int) -> int:
     """Add blocksum(x) @ M.T after each MatMulNBits built from a weight in `minimums`; returns the count."""
     graph = model.graph
@@ -65,7 +71,7 @@ def add_block_offsets(model: onnx.ModelProto, minimums: dict[str, np.ndarray], b
         base = node.name.rsplit("/", 1)[0] + "/block_min"
         shape = numpy_helper.from_array(np.array([0, 0, n_blocks, block_size], dtype=np.int64), base + "/shape")
         axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), base + "/axes")
-        mt = numpy_helper.from_array(np.ascontiguousarray(m.T), weight + "_min")  # (n_blocks, N)
+        mt = numpy_helper.from_array(np.ascontiguousarray(m.T, _float_dtype(graph, node)), weight + "_min")  # (n_blocks, N)
         graph.initializer.extend([shape, axes, mt])
         x, y = node.input[0], node.output[0]
         main = y + "/nbits"
@@ -147,8 +153,8 @@ def add_block_sums(model: onnx.ModelProto, folded: set[str], block_size: int) ->
             n_blocks = k // block_size
             padded = -(-n_blocks // block_size) * block_size
             if k not in indicators:
-                ones = np.zeros((k, padded), dtype=np.float32)  # (K, P)
-                ones[:, :n_blocks] = np.repeat(np.eye(n_blocks, dtype=np.float32), block_size, axis=0)
+                ones = np.zeros((k, padded), dtype=_float_dtype(graph, node))  # (K, P), the activations' dtype
+                ones[:, :n_blocks] = np.repeat(np.eye(n_blocks, dtype=ones.dtype), block_size, axis=0)
                 indicators[k] = f"block_sums/indicator_{k}x{padded}"
                 graph.initializer.append(numpy_helper.from_array(ones, indicators[k]))
             base = node.name.rsplit("/", 1)[0] + "/block_sums"

@@ -196,13 +196,17 @@ def test_external_data_outside_the_folder_is_refused(tiny_exports, tmp_path):
         edge_infer.load(folder, device="cpu")
 
 
-def test_fp16_export_is_refused_on_cpu_with_a_clear_message(tiny_exports, cpu_only_build):
+def test_fp16_export_is_skipped_by_auto_on_cpu_and_runs_when_asked(tiny_exports, cpu_only_build):
     folder = tiny_exports("llama", "fp16")
     assert load_manifest(folder).dtype == "fp16"
-    with pytest.raises(UserError, match="fp16"):
-        edge_infer.load(folder, device="cpu")
     with pytest.raises(UserError, match="fp16"):  # auto, where nothing but the CPU is there (a GPU would take it)
         edge_infer.load(folder, device="auto")
+    model = edge_infer.load(folder, device="cpu")  # explicit: the fp16 parity checks (tests/test_gpu_profile.py)
+    ref = edge_infer.load(tiny_exports("llama", "fp32"), device="cpu")
+    ids = np.array([[5, 17, 42, 99, 7, 250, 31, 8]])
+    a = ref.forward(ids, ref.new_cache(), logits_to_keep=8)[0]
+    b = model.forward(ids, model.new_cache(), logits_to_keep=8)[0]
+    assert 0 < np.abs(a - b).max() <= 0.01 * np.abs(a).max() + 0.01
 
 
 def test_quantized_logits_stay_close_to_fp32(tiny_exports):
