@@ -48,3 +48,8 @@ def past_pair(layer: int) -> tuple[str, str]:
 
 def present_pair(layer: int) -> tuple[str, str]:
     return present(layer, "key"), present(layer, "value")
+
+# Embedding graphs (export --task embed, encoder models): the final hidden state, pooled by the runtime.
+#   input_ids, attention_mask  (batch, sequence_length)  int64, right-padded
+#   -> last_hidden_state       (batch, sequence_length, hidden)  float32
+LAST_HIDDEN_STATE = "last_hidden_state"

@@ -28,6 +28,9 @@ _PUBLIC = {
     "Chunk": "edge_infer.runtime.generate",
     "FinishReason": "edge_infer.runtime.generate",
     "Timings": "edge_infer.runtime.generate",
+    "embed": "edge_infer.runtime.embed",
+    "load_embedding": "edge_infer.runtime.embed",
+    "EmbeddingModel": "edge_infer.runtime.embed",
     "SamplingParams": "edge_infer.runtime.sampling",
     "SpeculativeConfig": "edge_infer.runtime.speculative",
     "UserError": "edge_infer.contract.errors",
@@ -39,6 +42,7 @@ __all__ = [*_PUBLIC, "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time names load on first use
     from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
+    from edge_infer.runtime.embed import EmbeddingModel, embed, load_embedding
     from edge_infer.runtime.generate import Chunk, FinishReason, Timings, generate, stream_generate
     from edge_infer.runtime.model import Model, load
     from edge_infer.runtime.sampling import SamplingParams

@@ -246,6 +246,9 @@ class LazyWeights(Mapping):
     def __iter__(self):
         return iter(self.recipe)
 
+    def __contains__(self, name: object) -> bool:  # without reading the weight (Mapping's default would)
+        return name in self.recipe
+
     def __len__(self) -> int:
         return len(self.recipe)
 

@@ -69,11 +69,18 @@ def destination(out: str | None, name: str | None):
               help="Store this chat template in place of the model's own: a built-in one (chatml, llama2, llama3, "
                    "mistral, gemma, phi3, zephyr) or a Jinja file [default: the model's; for a file without one, "
                    "its family's built-in template when the architecture names one].")
+@click.option("--task", type=click.Choice(["auto", "generate", "embed"]), default="auto", show_default=True,
+              help="embed: the final hidden state instead of logits, pooled and normalized as the folder's "
+                   "sentence-transformers files say (edge_infer.embed, POST /v1/embeddings); auto: embed for "
+                   "encoders (BERT, XLM-RoBERTa, ModernBERT, NomicBERT), generate otherwise.")
+@click.option("--matryoshka/--no-matryoshka", default=None,
+              help="embed: whether a prefix of the vector is an embedding too (requests may then ask for fewer "
+                   "dimensions) [default: as the source's config says].")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the source / fp32.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def export(src, out, name, quant, max_length, block_size, symmetric, embeddings, lm_head, accuracy_level, rounding,
-           gguf_import, profile, chunk, kv_cache, chat_template, no_validate, force, quiet):
+           gguf_import, profile, chunk, kv_cache, chat_template, task, matryoshka, no_validate, force, quiet):
     """Export a Hugging Face folder or a .gguf file to an ONNX model folder."""
     from edge_infer.contract.model_store import parse_name
     from edge_infer.export.export_folder import ExportOptions, export_model
@@ -86,7 +93,7 @@ def export(src, out, name, quant, max_length, block_size, symmetric, embeddings,
                             embeddings=embeddings, lm_head=lm_head, accuracy_level=accuracy_level,
                             rounding=rounding, gguf_import=gguf_import, validate=not no_validate,
                             force=force, profile=profile, chunk=chunk, kv_cache=kv_cache,
-                            chat_template=chat_template)
+                            chat_template=chat_template, task=task, matryoshka=matryoshka)
     out = destination(out, name)
     export_model(src, out, options, Progress(quiet=quiet))
     if name is not None and not quiet:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from edge_infer.quantize.config import QuantConfig
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
+TASKS = ("auto", "generate", "embed")
 # npu: standard ONNX ops, static shapes (OpenVINO, QNN, any provider); gpu: the default graph with fp16
 # activations and KV cache (CUDA, DirectML), MatMulNBits with fp16 scales, logits cast to fp32.
 PROFILES = ("default", "npu", "gpu")
@@ -77,6 +78,10 @@ class ExportOptions:
     # --chat-template NAME|FILE: a built-in template or a Jinja file, stored in place of the model's own
     # (runtime/template_library.py); None keeps the model's, or its family's when it has none.
     chat_template: str | None = None
+    # "generate" (logits), "embed" (the final hidden state, pooled at run time: export/embed_export.py) or
+    # "auto": embed for an encoder folder (BERT, XLM-RoBERTa, ModernBERT, NomicBERT), generate otherwise.
+    task: str = "auto"
+    matryoshka: bool | None = None  # embed: a prefix of the vector is an embedding too (None: as the source says)
 
     def check(self) -> None:
         if self.quant not in QUANTS:
@@ -89,6 +94,8 @@ class ExportOptions:
             raise UserError(f"--profile must be one of {', '.join(PROFILES)}, got '{self.profile}'")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise UserError(f"--block-size must be one of 16, 32, 64, 128, 256, got {self.block_size}")
+        if self.task not in TASKS:
+            raise UserError(f"--task must be one of {', '.join(TASKS)}, got '{self.task}'")
         if self.kv_cache not in KV_CACHE_KINDS:
             raise UserError(f"--kv-cache must be one of {', '.join(KV_CACHE_KINDS)}, got '{self.kv_cache}'")
         if self.kv_cache != "float" and self.profile == "npu":
@@ -115,6 +122,14 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
                  progress: Progress | None = None) -> Path:
     """Export `src` (HF folder or .gguf) to the model folder `out`; returns its path."""
     options.check()
+    if options.task != "generate":
+        from edge_infer.export.embed_export import export_embedding, source_is_encoder
+
+        if options.task == "embed" or source_is_encoder(src):
+            return export_embedding(src, out, options, progress or Progress(quiet=True))
+    elif _is_encoder(src):
+        raise UserError(f"{src} is an encoder model: it embeds text and cannot generate it; export it with "
+                        "--task embed (or auto)")
     if options.profile == "npu":
         from edge_infer.export.npu_export import export_npu
 
@@ -219,6 +234,12 @@ def graph_record(route: str, io: GraphIO, options: ExportOptions) -> GraphRecord
                    attention_padding="in-graph")  # one-token passes run attention as two tokens (graph.py)
 
 
+def _is_encoder(src: str | Path) -> bool:
+    from edge_infer.export.embed_export import source_is_encoder
+
+    return source_is_encoder(src)
+
+
 def _route(source: Source) -> str:
     """"direct" (our fused graph builder) when the architecture has one, else "optimum"."""
     from edge_infer.export.arch import ALIASES, SUPPORTED, resolve_model_type
@@ -243,7 +264,8 @@ def resolve_max_length(spec: DecoderSpec, requested: int | None) -> int:
 
 
 def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, options: ExportOptions,
-                    tmp: Path, progress: Progress) -> tuple[onnx.ModelProto, GraphIO, dict, StoredGraph | None]:
+                    tmp: Path, progress: Progress, recipe: dict | None = None,
+                    build=None) -> tuple[onnx.ModelProto, GraphIO, dict, StoredGraph | None]:
     """Build (and quantize) the direct route's graph one tensor at a time, straight into `tmp`.
 
     fp32/fp16: each weight is read from the memory-mapped source when the builder asks for it
@@ -254,19 +276,20 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
     in float at all). Only small or transformed float tensors go to FLOAT_DATA, removed before
     the folder is finished. The float graph stays the validation reference (read again from the
     source, segment by segment). Returns (graph proto, io, what the quantization did (the record's
-    details), that reference or None).
+    details), that reference or None). Embedding exports (export/embed_export.py) pass their own
+    `recipe` and `build(weights, dtype, store) -> (graph, io)` (an encoder, or the decoder's hidden head).
     """
     from edge_infer.export.segments import StoredGraph
     from edge_infer.quantize.external import DataFile, save_streamed
 
     quantized = options.quant in ("int8", "int4")
-    weights = LazyWeights(arch.recipe(spec, source.config), source.weights)
+    weights = LazyWeights(recipe if recipe is not None else arch.recipe(spec, source.config), source.weights)
     weights.deferred = quantized
     progress.stage("building graph" + ("" if quantized else " (weights streamed to disk)"))
     data = DataFile(tmp / (FLOAT_DATA if quantized else DATA_FILE))
     try:
-        model, io = build_decoder(spec, weights, max_length, dtype=options.dtype,
-                                  store=data)
+        model, io = (build(weights, options.dtype, data) if build is not None
+                     else build_decoder(spec, weights, max_length, dtype=options.dtype, store=data))
         if not quantized:
             save_streamed(model, tmp / GRAPH_FILE, data)
             return model, io, {}, None

@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_infer.export.rope import cos_sin_cache
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.quantize.external import DataFile
-from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, KV_KINDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS,
+from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, KV_KINDS, LAST_HIDDEN_STATE, LOGITS, LOGITS_TO_KEEP, POSITION_IDS,
                                             QUERY_SEQLENS, past, past_pair, present, present_pair)
 
 OPSET = 21
@@ -88,8 +88,12 @@ class _Builder:
 
 
 def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_length: int,
-                  dtype: str = "fp32", store: DataFile | None = None) -> tuple[onnx.ModelProto, GraphIO]:
+                  dtype: str = "fp32", store: DataFile | None = None,
+                  head: str = "lm_head") -> tuple[onnx.ModelProto, GraphIO]:
     """The decoder graph for `spec` with `weights` (canonical names, float32 arrays).
+
+    `head` "hidden" (export --task embed) ends at the final norm: the output is
+    `last_hidden_state` (batch, sequence_length, hidden) for every position, no logits_to_keep input.
 
     With a `store`, each initializer goes to its external-data file as soon as it is built and
     `weights` may be a lazy mapping: the graph then never holds more than one weight's array.
@@ -101,9 +105,13 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
               helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence_length"])]
     if spec.position == "learned":
         inputs.append(helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch", "sequence_length"]))
-    inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    if head == "lm_head":
+        inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
     inputs.append(helper.make_tensor_value_info(QUERY_SEQLENS, TensorProto.INT64, ["batch"]))
-    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", LOGITS_TO_KEEP, spec.vocab_size])]
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", LOGITS_TO_KEEP, spec.vocab_size])
+               if head == "lm_head" else
+               helper.make_tensor_value_info(LAST_HIDDEN_STATE, TensorProto.FLOAT,
+                                             ["batch", "sequence_length", spec.hidden_size])]
     for i in range(spec.num_layers):
         for kind in KV_KINDS:
             inputs.append(helper.make_tensor_value_info(past(i, kind), b.onnx_dtype, kv_shape))
@@ -156,6 +164,19 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
         name = f"/model/layers.{i + 1}/input_layernorm" if i + 1 < spec.num_layers else "/model/norm"
         h, residual = _skip_norm(b, spec, weights, nxt, mlp, residual, name)
 
+    if head == "hidden":  # (batch, sequence_length, hidden): pooled by runtime/embed.py
+        b.op("Cast", [h], "/model/hidden/Cast", outputs=[LAST_HIDDEN_STATE], to=TensorProto.FLOAT)
+    else:
+        _lm_head(b, spec, weights, h, embed)
+    graph = helper.make_graph(b.nodes, f"edge_infer_{spec.model_type}", inputs, outputs, initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="edge-infer")
+    model.ir_version = 10
+    io = GraphIO(tuple(i.name for i in inputs), tuple(o.name for o in outputs))
+    return model, io
+
+
+def _lm_head(b: _Builder, spec: DecoderSpec, weights, h: str, embed: str) -> None:
     # Logits for the last `logits_to_keep` positions only.  # (batch, logits_to_keep, hidden)
     start = b.one("Neg", [LOGITS_TO_KEEP], "/lm_head/keep/Neg")
     h = b.one("Slice", [h, start, b.const([np.iinfo(np.int64).max]), b.const([1])], "/lm_head/Slice")
@@ -169,13 +190,6 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
         logits = b.one("Mul", [b.one("Tanh", [b.one("Div", [logits, cap], "/lm_head/softcap/Div")],
                                      "/lm_head/softcap/Tanh"), cap], "/lm_head/softcap/Mul")
     b.op("Cast", [logits], "/lm_head/Cast", outputs=[LOGITS], to=TensorProto.FLOAT)
-
-    graph = helper.make_graph(b.nodes, f"edge_infer_{spec.model_type}", inputs, outputs, initializer=b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="edge-infer")
-    model.ir_version = 10
-    io = GraphIO(tuple(i.name for i in inputs), tuple(o.name for o in outputs))
-    return model, io
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_infer.contract.embedding import TASK_EMBED
 from edge_infer.contract.errors import ModelFileError
 from edge_infer.contract.model_folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from edge_infer.contract.model_store import resolve_model
@@ -126,6 +127,23 @@ def load_manifest(ref: str | Path, verify: bool = True) -> Manifest:
 
     `ref` is a folder, or a model store name (contract/model_store.py: a path that exists wins)."""
     folder = resolve_model(ref)
+    path, raw = read_manifest_json(folder)
+    if raw.get("task") == TASK_EMBED:
+        raise ModelFileError(f"{folder}: is an embedding model (exported with --task embed or from an encoder), "
+                             "it does not generate text: use edge_infer.embed() or POST /v1/embeddings, and a "
+                             "text-generation export for chat")
+    check_raw(path, raw)  # every field typed and in range before anything is built from it
+    try:
+        m = _parse(folder, raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-export the model") from None
+    if verify:
+        verify_files(m)
+    return m
+
+
+def read_manifest_json(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """(path, parsed JSON) of `folder`'s manifest, its envelope (format, version, valid Unicode) checked."""
     path = folder / MANIFEST
     if not folder.exists():
         raise ModelFileError(f"{folder}: no such model folder")
@@ -151,14 +169,7 @@ def load_manifest(ref: str | Path, verify: bool = True) -> Manifest:
     except UnicodeEncodeError as e:
         raise ModelFileError(f"{path}: holds text that is not valid Unicode (at character {e.start} of its "
                              "values); re-export the model") from None
-    check_raw(path, raw)  # every field typed and in range before anything is built from it
-    try:
-        m = _parse(folder, raw)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-export the model") from None
-    if verify:
-        verify_files(m)
-    return m
+    return path, raw
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -206,9 +217,15 @@ def _check_relative(folder: Path, name: str) -> None:
 
 def verify_files(m: Manifest) -> None:
     """Every listed file exists with its recorded size and sha256; names the first that does not."""
-    root = m.folder.resolve()
-    for name, entry in m.files.items():
-        path = m.folder / name
+    verify_listed(m.folder, m.files)
+
+
+def verify_listed(folder: Path, files: dict[str, dict[str, Any]]) -> None:
+    """verify_files for a manifest read without a Manifest record (an embedding folder's)."""
+    root = folder.resolve()
+    for name, entry in files.items():
+        _check_relative(folder, name)
+        path = folder / name
         if not path.is_file():
             raise ModelFileError(f"{path}: missing (listed in {MANIFEST}); re-export or re-copy the model folder")
         if path.is_symlink() or not path.resolve().is_relative_to(root):

@@ -1,0 +1,96 @@
+"""Tiny random encoder checkpoints (BERT, XLM-RoBERTa, ModernBERT) with sentence-transformers pooling
+files, and the reference embeddings: transformers' last_hidden_state pooled as the folder says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tiny import TEXT
+
+ENCODERS = ("bert", "xlm-roberta", "modernbert")
+# (pooling mode key in 1_Pooling/config.json, Normalize module or not), per family in these tests
+POOLING = {"bert": ("pooling_mode_mean_tokens", True), "xlm-roberta": ("pooling_mode_cls_token", False),
+           "modernbert": ("pooling_mode_mean_tokens", True), "qwen3": ("pooling_mode_lasttoken", True)}
+SPECIALS = {"bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+            "xlm-roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],  # id 1 = padding_idx, as in XLM-R
+            "modernbert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
+
+
+def make_encoder_tokenizer(kind: str):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    specials = SPECIALS[kind]
+    unk = specials[3] if kind == "xlm-roberta" else "[UNK]"
+    tok = Tokenizer(models.WordPiece(unk_token=unk))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    cls, sep = (specials[0], specials[2]) if kind == "xlm-roberta" else ("[CLS]", "[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))])
+    return tok
+
+
+def make_encoder_config(kind: str, vocab: int, **over):
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128)
+    if kind == "bert":
+        return transformers.BertConfig(**{**common, "pad_token_id": 0, **over})
+    if kind == "xlm-roberta":
+        return transformers.XLMRobertaConfig(**{**common, "max_position_embeddings": 130, "pad_token_id": 1,
+                                                "bos_token_id": 0, "eos_token_id": 2, "type_vocab_size": 1, **over})
+    if kind == "modernbert":  # 3 layers: global, sliding (window 8), sliding; local rope differs
+        return transformers.ModernBertConfig(**{**common, "num_hidden_layers": 3, "local_attention": 8,
+                                                "global_attn_every_n_layers": 3, "local_rope_theta": 1000.0,
+                                                "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3,
+                                                "cls_token_id": 2, "sep_token_id": 3, **over})
+    raise ValueError(kind)
+
+
+def write_pooling(folder: Path, mode: str, normalize: bool) -> None:
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, mode: True}))
+
+
+def make_encoder_checkpoint(kind: str, folder: Path, seed: int = 0, **over) -> Path:
+    import torch
+    from transformers import AutoModel
+
+    tok = make_encoder_tokenizer(kind)
+    config = make_encoder_config(kind, tok.get_vocab_size(), **over)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # larger weights than the default init, so the layers matter
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5) if "norm" in name.lower() else p.normal_(0, 0.1)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save(str(folder / "tokenizer.json"))
+    write_pooling(folder, *POOLING[kind])
+    return folder
+
+
+def reference_embeddings(folder: Path, ids: list[list[int]], pooling: str, normalize: bool, causal: bool = False):
+    """transformers' last_hidden_state of each text alone, pooled and normalized: (texts, hidden) float64."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    out = []
+    with torch.no_grad():
+        for row in ids:
+            h = model(input_ids=torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long))
+            h = h.last_hidden_state[0].double().numpy()  # (seq, hidden)
+            v = {"mean": h.mean(0), "cls": h[0], "last_token": h[-1], "max": h.max(0)}[pooling]
+            out.append(v / np.linalg.norm(v) if normalize else v)
+    return np.stack(out)
