@@ -54,6 +54,8 @@ def export_embedding(src: str | Path, out: str | Path, options: ExportOptions, p
     progress.stage(f"reading {src}")
     source = open_source(src)
     encoder = resolve_encoder_type(source.config.get("model_type")) is not None
+    if encoder and options.quant == "fp16":
+        raise UserError("encoder exports take --quant fp32, int8 or int4 (their activations stay fp32)")
     build = _encoder_build(source) if encoder else _decoder_build(source, options)
     record = _record(source, build, options)  # before anything is built: an unsupported pipeline stops here
     progress.note(f"embedding export ({'encoder' if encoder else 'decoder'}) of {build.model_type}: "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +22,7 @@ from edge_infer.contract.embedding import TASK_EMBED, EmbeddingRecord
 from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
 from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, PAST_PREFIX, POSITION_IDS,
                                           QUERY_SEQLENS)
-from edge_infer.runtime.manifest import TokenizerSpec, read_manifest_json, verify_listed
+from edge_infer.runtime.manifest import Manifest, load_manifest
 from edge_infer.runtime.tokenizer import Tokenizer
 
 BATCH_ROWS = 32  # texts per pass
@@ -43,22 +42,25 @@ class Embeddings:
 class EmbeddingModel:
     """A loaded embedding folder: its record, tokenizer and onnxruntime session."""
 
-    def __init__(self, folder: Path, raw: dict, threads: int | None = None):
+    def __init__(self, manifest: Manifest, threads: int | None = None):
         from edge_infer.devices.ort import ort
         from edge_infer.devices.providers import cpu_session_options
+        from edge_infer.runtime.model import check_external_data
 
-        self.folder, self.raw = folder, raw
-        self.name = folder.name
-        self.record = EmbeddingRecord.from_manifest(raw.get("embedding"))
-        g, t = raw["model"], raw["tokenizer"]
-        self.vocab_size, self.num_layers = int(g["vocab_size"]), int(g["num_layers"])
-        self.kv_shape = (int(g["num_kv_heads"]), int(g["head_dim"]))
-        self.dtype = np.float16 if raw["graph"].get("dtype") == "fp16" else np.float32
-        spec = TokenizerSpec(file=str(t["file"]), bos_token_id=t.get("bos_token_id"),
-                             eos_token_ids=tuple(t.get("eos_token_ids") or ()), pad_token_id=t.get("pad_token_id"))
-        self.tokenizer = Tokenizer(folder / spec.file, spec)
+        assert manifest.embedding is not None, "an embedding folder (manifest task embed)"
+        self.manifest, self.folder, self.raw = manifest, manifest.folder, manifest.raw
+        self.name = manifest.folder.name
+        self.record = manifest.embedding
+        g = manifest.geometry
+        self.vocab_size, self.num_layers = g.vocab_size, g.num_layers
+        self.kv_shape = (g.num_kv_heads, g.head_dim)
+        self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+        spec = manifest.tokenizer
+        self.tokenizer = Tokenizer(self.folder / spec.file, spec)
         self.pad_id = spec.pad_token_id if spec.pad_token_id is not None else 0
-        self.session = ort.InferenceSession(str(folder / raw["graph"]["file"]), cpu_session_options(threads),
+        graph = self.folder / manifest.graph_file
+        check_external_data(graph)  # no tensor read from outside the folder
+        self.session = ort.InferenceSession(str(graph), cpu_session_options(threads),
                                             providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
 
@@ -181,28 +183,19 @@ def _texts(texts: Sequence[str] | str) -> list[str]:
 
 
 def load_embedding(path: str | os.PathLike, threads: int | None = None, verify: bool = True) -> EmbeddingModel:
-    """Open an embedding folder; a text-generation folder gets an error that says what to export instead."""
-    folder = Path(path)
-    _, raw = read_manifest_json(folder)
-    if raw.get("task") != TASK_EMBED:
-        arch = (raw.get("model") or {}).get("architecture", "?") if isinstance(raw.get("model"), dict) else "?"
-        raise UserError(f"model {folder.name} is a text-generation model ({arch}) and has no embedding output: "
-                        "export an embedding model (`edge-infer export SRC --task embed -o OUT`, or an encoder "
-                        "folder such as BERT) and embed with that")
-    if not isinstance(raw.get("files"), dict) or not isinstance(raw.get("graph"), dict):
-        raise ModelFileError(f"{folder}: manifest is missing its files or graph section; re-export the model")
-    if verify:
-        verify_listed(folder, raw["files"])
-    try:
-        return EmbeddingModel(folder, raw, threads)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"{folder}: malformed embedding manifest ({type(e).__name__}: {e}); "
-                             "re-export the model") from None
+    """Open an embedding folder (a path, or a model store name); a text-generation folder gets an error
+    that says what to export instead."""
+    manifest = load_manifest(path, verify=verify)
+    if manifest.task != TASK_EMBED:
+        raise UserError(f"model {manifest.folder.name} is a text-generation model ({manifest.geometry.architecture}) "
+                        "and has no embedding output: export an embedding model (`edge-infer export SRC --task embed "
+                        "-o OUT`, or an encoder folder such as BERT) and embed with that")
+    return EmbeddingModel(manifest, threads)
 
 
 def embed(model: EmbeddingModel | str | os.PathLike, texts: Sequence[str] | str, dimensions: int | None = None,
           threads: int | None = None) -> np.ndarray:
-    """Embed `texts` (a string or a list) with `model` (a loaded EmbeddingModel or a folder path):
+    """Embed `texts` (a string or a list) with `model` (a loaded EmbeddingModel, a folder path or a store name):
     (len(texts), dimensions) float32, L2-normalized when the model's record says so."""
     if not isinstance(model, EmbeddingModel):
         model = load_embedding(model, threads=threads)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_infer.contract.embedding import TASK_EMBED
+from edge_infer.contract.embedding import TASK_EMBED, EmbeddingRecord
 from edge_infer.contract.errors import ModelFileError
 from edge_infer.contract.model_folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from edge_infer.contract.model_store import resolve_model
@@ -94,6 +94,15 @@ class Manifest:
         return self.graph.dtype
 
     @property
+    def task(self) -> str:
+        """"generate" (logits), or "embed" (last_hidden_state, pooled by runtime/embed.py as `embedding` says)."""
+        return TASK_EMBED if self.raw.get("task") == TASK_EMBED else "generate"
+
+    @property
+    def embedding(self) -> EmbeddingRecord | None:
+        return EmbeddingRecord.from_manifest(self.raw["embedding"]) if self.task == TASK_EMBED else None
+
+    @property
     def kv_layout(self) -> str:
         """"shared": one max_length buffer bound as past and present; "concat": optimum-style growth."""
         return self.graph.kv_layout or "shared"
@@ -118,6 +127,8 @@ class Manifest:
         return kv_storage(self.kv_dtype, self.geometry.head_dim)
 
     def kv_bytes(self, batch: int = 1, max_length: int | None = None) -> int:
+        if self.task == TASK_EMBED:  # an embedding pass keeps no cache
+            return 0
         g = self.geometry
         return kv_cache_bytes(self.kv_dtype, g.num_layers, g.num_kv_heads, g.head_dim, max_length or g.max_length, batch)
 
@@ -127,23 +138,6 @@ def load_manifest(ref: str | Path, verify: bool = True) -> Manifest:
 
     `ref` is a folder, or a model store name (contract/model_store.py: a path that exists wins)."""
     folder = resolve_model(ref)
-    path, raw = read_manifest_json(folder)
-    if raw.get("task") == TASK_EMBED:
-        raise ModelFileError(f"{folder}: is an embedding model (exported with --task embed or from an encoder), "
-                             "it does not generate text: use edge_infer.embed() or POST /v1/embeddings, and a "
-                             "text-generation export for chat")
-    check_raw(path, raw)  # every field typed and in range before anything is built from it
-    try:
-        m = _parse(folder, raw)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-export the model") from None
-    if verify:
-        verify_files(m)
-    return m
-
-
-def read_manifest_json(folder: Path) -> tuple[Path, dict[str, Any]]:
-    """(path, parsed JSON) of `folder`'s manifest, its envelope (format, version, valid Unicode) checked."""
     path = folder / MANIFEST
     if not folder.exists():
         raise ModelFileError(f"{folder}: no such model folder")
@@ -169,7 +163,14 @@ def read_manifest_json(folder: Path) -> tuple[Path, dict[str, Any]]:
     except UnicodeEncodeError as e:
         raise ModelFileError(f"{path}: holds text that is not valid Unicode (at character {e.start} of its "
                              "values); re-export the model") from None
-    return path, raw
+    check_raw(path, raw)  # every field typed and in range before anything is built from it
+    try:
+        m = _parse(folder, raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-export the model") from None
+    if verify:
+        verify_files(m)
+    return m
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -217,15 +218,9 @@ def _check_relative(folder: Path, name: str) -> None:
 
 def verify_files(m: Manifest) -> None:
     """Every listed file exists with its recorded size and sha256; names the first that does not."""
-    verify_listed(m.folder, m.files)
-
-
-def verify_listed(folder: Path, files: dict[str, dict[str, Any]]) -> None:
-    """verify_files for a manifest read without a Manifest record (an embedding folder's)."""
-    root = folder.resolve()
-    for name, entry in files.items():
-        _check_relative(folder, name)
-        path = folder / name
+    root = m.folder.resolve()
+    for name, entry in m.files.items():
+        path = m.folder / name
         if not path.is_file():
             raise ModelFileError(f"{path}: missing (listed in {MANIFEST}); re-export or re-copy the model folder")
         if path.is_symlink() or not path.resolve().is_relative_to(root):

@@ -17,8 +17,10 @@ import re
 from pathlib import Path
 from typing import Any, NoReturn
 
+from edge_infer.contract.embedding import TASK_EMBED, EmbeddingRecord
 from edge_infer.contract.errors import ModelFileError
-from edge_infer.contract.io_names import INPUT_IDS, KV_KINDS, LOGITS, PAST_PREFIX, PRESENT_PREFIX, past, present
+from edge_infer.contract.io_names import (INPUT_IDS, KV_KINDS, LAST_HIDDEN_STATE, LOGITS, PAST_PREFIX, PRESENT_PREFIX,
+                                          past, present)
 
 MAX_LAYERS = 1024
 MAX_HEADS = 1 << 12
@@ -107,13 +109,15 @@ def check_raw(path: Path, raw: dict) -> None:
     g.text("dtype", choices=_DTYPES)
     g.text("kv_layout", optional=True, choices=_KV_LAYOUTS)
     inputs, outputs = g.str_list("inputs"), g.str_list("outputs")
+    if raw.get("task") == TASK_EMBED:  # an embedding graph: last_hidden_state out, KV inputs only on decoders
+        _check_embedding(path, raw, g, inputs, outputs)
     for kind, names, template, prefix in (("inputs", inputs, past, PAST_PREFIX),
                                           ("outputs", outputs, present, PRESENT_PREFIX)):
         want = {template(i, kv) for i in range(layers) for kv in KV_KINDS}
         have = {n for n in names if n.startswith(prefix)}
-        if have != want:
+        if have != want and not (raw.get("task") == TASK_EMBED and not have):
             g.fail(f"graph.{kind}", f"has {len(have) // 2} layers of {prefix}*, but model.num_layers is {layers}")
-    if INPUT_IDS not in inputs or LOGITS not in outputs:
+    if INPUT_IDS not in inputs or (LOGITS not in outputs and raw.get("task") != TASK_EMBED):
         g.fail("graph", f"must have an {INPUT_IDS} input and a {LOGITS} output")
     if g.d.get("kv_layout") == "static":  # two fixed-shape graphs: what the runtime allocates comes from here
         plan: Any = g.d.get("static_plan")
@@ -167,6 +171,18 @@ def check_raw(path: Path, raw: dict) -> None:
         defaults = gen.d.get("source_defaults")
         if defaults is not None:
             _check_source_defaults(gen, defaults)
+
+
+def _check_embedding(path: Path, raw: dict, g: _Section, inputs: list[str], outputs: list[str]) -> None:
+    """An embedding folder (manifest task "embed"): its record readable, its graph ending in last_hidden_state."""
+    if raw.get("task") != TASK_EMBED:
+        g.fail("task", f"is {_show(raw.get('task'))}, expected {TASK_EMBED!r} or absent")
+    try:
+        EmbeddingRecord.from_manifest(raw.get("embedding"))
+    except ModelFileError as e:
+        raise SchemaError(f"{path}: {e}") from None
+    if LAST_HIDDEN_STATE not in outputs or INPUT_IDS not in inputs:
+        g.fail("graph", f"of an embedding model must have an {INPUT_IDS} input and a {LAST_HIDDEN_STATE} output")
 
 
 def _check_source_defaults(gen: _Section, defaults: Any) -> None:

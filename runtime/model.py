@@ -22,6 +22,7 @@ from edge_infer.devices.probe_cache import probe_graph
 from edge_infer.devices.providers import share_threads
 from edge_infer.runtime.cache import ConcatKVCache, KVCache
 from edge_infer.runtime.chat_template import ChatTemplate
+from edge_infer.contract.embedding import TASK_EMBED
 from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
 from edge_infer.contract.model_folder import MANIFEST
 from edge_infer.runtime.manifest import Manifest, load_manifest
@@ -340,6 +341,10 @@ def load(path: str | os.PathLike, device: str = "auto", threads: int | None = No
     place of the folder's own (runtime/template_library.py).
     """
     manifest = load_manifest(Path(path), verify=verify)
+    if manifest.task == TASK_EMBED:
+        raise UserError(f"{manifest.folder}: is an embedding model (exported with --task embed or from an encoder); "
+                        "it does not generate text: use edge_infer.embed() or POST /v1/embeddings with it, and a "
+                        "text-generation export for chat")
     model: Model
     if manifest.kv_layout == "static":  # a fixed-shape plan (--profile npu): runtime/static_plan.py
         from edge_infer.runtime.static_plan import StaticModel

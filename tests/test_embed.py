@@ -132,7 +132,7 @@ def test_generation_and_embedding_folders_refuse_each_other(exports, tiny_export
     chat = tiny_exports("llama", "int8")
     with pytest.raises(UserError, match=r"text-generation model \(llama\).*--task embed"):
         load_embedding(chat)
-    with pytest.raises(UserError, match="is an embedding model"):
+    with pytest.raises(UserError, match="is an embedding model.*edge_infer.embed"):
         edge_infer.load(exports("bert")[1])
 
 
@@ -164,3 +164,16 @@ def test_export_refusals(exports, tmp_path):
     with pytest.raises(ModelFileError, match="module 'Dense' is not supported"):
         export_model(src, tmp_path / "b", ExportOptions(quant="fp32"))
     assert not (tmp_path / "b").exists()
+
+
+def test_store_name(exports, tmp_path, monkeypatch):
+    import edge_infer
+    from edge_infer.contract.model_store import folder_of, parse_name
+    from edge_infer.export.store.catalog import entry
+
+    monkeypatch.setenv("EDGE_INFER_HOME", str(tmp_path / "home"))
+    folder = exports("bert")[1]
+    shutil.copytree(folder, folder_of("mini-embed"))
+    np.testing.assert_array_equal(edge_infer.embed("mini-embed", TEXTS), edge_infer.embed(folder, TEXTS))
+    listed = entry(parse_name("mini-embed"))
+    assert listed.problem is None and listed.architecture == "bert" and listed.kv_bytes == 0  # no cache kept
