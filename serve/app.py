@@ -137,9 +137,10 @@ def make_app(models: ModelResolver, config: ServerConfig, metrics: Metrics) -> F
     _install_error_answers(app)
 
     from edge_infer.serve import anthropic  # /v1/messages: the Anthropic Messages API
+    from edge_infer.serve import embeddings  # /v1/embeddings
     from edge_infer.serve.page import add_page_routes
 
-    for routes in (service, router, anthropic.router):
+    for routes in (service, router, anthropic.router, embeddings.router):
         app.include_router(routes)
     add_page_routes(app)  # the chat page at /
     app.add_middleware(KeyGuard, config=config)

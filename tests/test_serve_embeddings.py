@@ -1,0 +1,96 @@
+"""POST /v1/embeddings: request checks, the response shape (float and base64), and a chat model asked to embed.
+
+The route's answers are checked against runtime/embed.py on the same folder in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+import openai
+import pytest
+
+from tiny_encoders import make_encoder_checkpoint
+
+KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def embed_folder(tmp_path_factory):
+    from edge_infer.export.export_folder import ExportOptions, export_model
+
+    root = tmp_path_factory.mktemp("serve-embed")
+    src = make_encoder_checkpoint("bert", root / "src")
+    return export_model(src, root / "mini-embed", ExportOptions(quant="int8"))
+
+
+@pytest.fixture(scope="module")
+def embedder(embed_folder):
+    from edge_infer.serve.embeddings import load_embedder
+
+    return load_embedder(embed_folder, threads=1)
+
+
+def _answer(embedder, body: dict) -> dict:
+    from edge_infer.serve.embeddings import embed_request, parse_embedding_request
+
+    return asyncio.run(embed_request(embedder, "mini-embed", parse_embedding_request(body)))
+
+
+def test_float_and_base64_answers_match_the_runtime(embedder):
+    texts = ["first text", "a second, longer text about Paris"]
+    want = embedder.model.embed(texts)
+    floats = _answer(embedder, {"input": texts})
+    assert [d["index"] for d in floats["data"]] == [0, 1] and floats["model"] == "mini-embed"
+    np.testing.assert_array_equal(np.array([d["embedding"] for d in floats["data"]], np.float32), want)
+    packed = _answer(embedder, {"input": texts, "encoding_format": "base64"})
+    decoded = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in packed["data"]])
+    np.testing.assert_array_equal(decoded, want)
+    tokens = sum(len(i) for i in embedder.model.tokenize(texts))
+    assert floats["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_token_arrays(embedder):
+    ids = embedder.model.tokenize(["first text", "second"])
+    one = _answer(embedder, {"input": ids[0]})
+    many = _answer(embedder, {"input": ids})
+    assert one["data"][0]["embedding"] == many["data"][0]["embedding"]
+    assert many["usage"]["prompt_tokens"] == len(ids[0]) + len(ids[1])
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"input": ""}, "input", "empty string"),
+    ({"input": []}, "input", "non-empty"),
+    ({"input": ["ok", 3]}, "input", "not a mix"),
+    ({"input": [[1, 2], []]}, "input", "not a mix"),
+    ({"input": "ok", "encoding_format": "int8"}, "encoding_format", "'float' or 'base64'"),
+    ({"input": "ok", "dimensions": 0}, "dimensions", "positive integer"),
+    ({"input": "ok", "dimensions": 16}, "dimensions", "not trained to be shortened"),
+    ({"input": "word " * 400}, "input", "takes at most"),
+    ({"input": [5, 10 ** 9]}, "input", "outside model"),
+])
+def test_bad_requests_are_400s_naming_the_field(embedder, body, param, words):
+    from edge_infer.serve.protocol import APIError
+
+    with pytest.raises(APIError) as e:
+        _answer(embedder, body)
+    assert e.value.status == 400 and e.value.param == param and words in e.value.message
+
+
+def test_a_chat_model_asked_to_embed_says_what_to_do(tiny_exports):
+    import edge_infer
+    from edge_infer.serve.app import build_app
+    from edge_infer.serve.config import EngineConfig, ServerConfig
+    from edge_infer.serve.runner import ServerThread
+
+    model = edge_infer.load(tiny_exports("llama", "fp32"), device="cpu", threads=1)
+    app = build_app(model, ServerConfig(model_id="tiny-chat", api_key=KEY), EngineConfig(parallel=1))
+    with ServerThread(app) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(model="tiny-chat", input="hello")
+        assert "'tiny-chat' is a text-generation model" in str(e.value) and "--task embed" in str(e.value)
+        with pytest.raises(openai.NotFoundError):
+            client.embeddings.create(model="no-such-model", input="hello")
