@@ -55,7 +55,7 @@ class Embedder:
             return self.model.embed_ids(ids, req.dimensions)
 
     def close(self) -> None:
-        self.model.session = None  # type: ignore[assignment]  # the session's memory goes with its last reference
+        self.model.session = None  # the session's memory goes with its last reference
 
 
 def load_embedder(folder, threads: int | None = None) -> Embedder:
