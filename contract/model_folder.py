@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+# progress(done, total): bytes hashed so far of all the files being hashed
+BytesProgress = Callable[[int, int], None]
 
 MANIFEST = "manifest.json"
 FORMAT = "edge-infer"
@@ -22,24 +25,41 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 INLINE_BELOW = 1024  # bytes: smaller tensors stay inside the graph's protobuf, larger go to DATA_FILE
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22, read: Callable[[int], None] | None = None) -> str:
+    """The file's sha256; `read(n)` after each block of n bytes (progress)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if read is not None:
+                read(len(block))
     return h.hexdigest()
 
 
-def file_entry(path: Path) -> dict[str, Any]:
-    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+def file_entry(path: Path, read: Callable[[int], None] | None = None) -> dict[str, Any]:
+    return {"sha256": sha256_file(path, read=read), "size": path.stat().st_size}
 
 
-def write_manifest(folder: Path, body: dict[str, Any]) -> Path:
+def hashing_counter(paths: list[Path], progress: BytesProgress | None) -> Callable[[int], None] | None:
+    """A `read(n)` for sha256_file that reports the bytes hashed over all of `paths` to `progress`."""
+    if progress is None:
+        return None
+    total = sum(p.stat().st_size for p in paths)
+    done = [0]
+    progress(0, total)
+
+    def read(n: int) -> None:
+        done[0] += n
+        progress(done[0], total)
+
+    return read
+
+
+def write_manifest(folder: Path, body: dict[str, Any], progress: BytesProgress | None = None) -> Path:
     """Hash every file in `folder` into `body` and write the manifest (call this last)."""
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = file_entry(p)
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    read = hashing_counter(paths, progress)
+    files = {p.relative_to(folder).as_posix(): file_entry(p, read) for p in paths}
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": files}
     path = folder / MANIFEST
     tmp = folder / (MANIFEST + ".tmp")

@@ -38,7 +38,7 @@ _PUBLIC = {
     "ContextLengthError": "edge_infer.contract.errors",
 }
 
-__all__ = [*_PUBLIC, "__version__"]
+__all__ = [*_PUBLIC, "export", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time names load on first use
     from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
@@ -50,6 +50,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time names load on fi
 
 
 def __getattr__(name: str) -> Any:
+    if name == "export":  # the export package, callable as export(src, out, progress=..., **options) (export/api.py)
+        return importlib.import_module("edge_infer.export")
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'edge_infer' has no attribute {name!r}")

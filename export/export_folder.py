@@ -23,7 +23,7 @@ from edge_infer.export.arch import load_arch
 from edge_infer.export.atomic import atomic_folder, check_target
 from edge_infer.export.checkpoint import LazyWeights
 from edge_infer.export.graph import GraphIO, build_decoder
-from edge_infer.export.progress import Progress
+from edge_infer.export.progress import CountedWeights, Progress
 from edge_infer.export.sources import Source, open_source, with_chat_template
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
@@ -200,7 +200,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             from edge_infer.export.kv_calibrate import calibrate_kv_cache
 
             kv_record = calibrate_kv_cache(tmp, GRAPH_FILE, source, spec, options.kv_cache, max_length, progress)
-        progress.stage("writing manifest")
+        hashing = progress.stage("writing manifest", unit="B", key="manifest")
         quant = QuantRecord(options.quant, options.quant_config(), quant_info)
         graph = graph_record(route, io, options)
         body = _manifest_body(spec, source, graph, quant, max_length, validation)
@@ -214,7 +214,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             if kv_record is None:
                 progress.note(f"onnxruntime-genai: {genai}")
             body["graph"] = replace(graph, genai=genai).to_manifest()
-        write_manifest(tmp, body)
+        write_manifest(tmp, body, hashing.update)
     progress.done(f"exported to {out}")
     return out
 
@@ -285,11 +285,13 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
     quantized = options.quant in ("int8", "int4")
     weights = LazyWeights(recipe if recipe is not None else arch.recipe(spec, source.config), source.weights)
     weights.deferred = quantized
-    progress.stage("building graph" + ("" if quantized else " (weights streamed to disk)"))
+    building = progress.stage("building graph" + ("" if quantized else " (weights streamed to disk)"),
+                              total=len(weights), unit="weight")
     data = DataFile(tmp / (FLOAT_DATA if quantized else DATA_FILE))
     try:
-        model, io = (build(weights, options.dtype, data) if build is not None
-                     else build_decoder(spec, weights, max_length, dtype=options.dtype, store=data))
+        counted = CountedWeights(weights, building)
+        model, io = (build(counted, options.dtype, data) if build is not None
+                     else build_decoder(spec, counted, max_length, dtype=options.dtype, store=data))
         if not quantized:
             save_streamed(model, tmp / GRAPH_FILE, data)
             return model, io, {}, None
@@ -302,8 +304,8 @@ def _build_streamed(arch, spec: DecoderSpec, source: Source, max_length: int, op
         read, read_rows = _source_precision(reference, data.deferred)
         q, info = _quantize(model, spec, pre, options, progress, read=read,
                             sink=lambda t: out.move(t, tmp, data.deferred), read_rows=read_rows)
-        progress.stage("writing model")
-        save_streamed(q, tmp / GRAPH_FILE, out, tmp, data.deferred)
+        writing = progress.stage("writing model", unit="tensor")
+        save_streamed(q, tmp / GRAPH_FILE, out, tmp, data.deferred, progress=writing.update)
     finally:
         out.close()
     return q, io, info, reference
@@ -349,7 +351,7 @@ def _quantize(model: onnx.ModelProto, spec: DecoderSpec, blocks, options: Export
     else:
         pre, minimums, folded = _source_blocks(blocks, bits, embed_bits, options.block_size, options.gguf_import)
     progress.stage(f"quantizing to {options.quant} (block {options.block_size}, "
-                   f"{'symmetric' if options.symmetric else 'asymmetric'})")
+                   f"{'symmetric' if options.symmetric else 'asymmetric'})", unit="weight")
     bar = progress.bar("quantize", total=None)
     q = quantize_graph(model, config, prequantized=pre or None, progress=bar.update, loader=read, sink=sink,
                        row_loader=read_rows)

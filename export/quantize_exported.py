@@ -49,15 +49,15 @@ def quantize_folder(src: str | Path, out: str | Path, config: QuantConfig, valid
     scheme = f"int{config.bits}"
     with atomic_folder(out, force) as tmp:
         progress.stage(f"quantizing to {scheme} (block {config.block_size}, "
-                       f"{'symmetric' if config.symmetric else 'asymmetric'})")
+                       f"{'symmetric' if config.symmetric else 'asymmetric'})", unit="weight")
         bar = progress.bar("quantize", total=None)
         data = DataFile(tmp / DATA_FILE)
         try:
             quantized = quantize_graph(model, config, progress=bar.update, loader=lambda t: read_tensor(t, src),
                                        sink=lambda t: data.move(t, src))
             bar.close()
-            progress.stage("writing model")
-            save_streamed(quantized, tmp / manifest.graph_file, data, src)
+            writing = progress.stage("writing model", unit="tensor")
+            save_streamed(quantized, tmp / manifest.graph_file, data, src, progress=writing.update)
         finally:
             data.close()
         del quantized, model
@@ -72,8 +72,8 @@ def quantize_folder(src: str | Path, out: str | Path, config: QuantConfig, valid
         body["quantization"] = QuantRecord(scheme, config, {"summary": summary, "from": manifest.quant_scheme}).to_manifest()
         body["validation"] = validation
         body["source"] = {**manifest.source, "quantized_from": src.name}
-        progress.stage("writing manifest")
-        write_manifest(tmp, json.loads(json.dumps(body)))
+        hashing = progress.stage("writing manifest", unit="B", key="manifest")
+        write_manifest(tmp, json.loads(json.dumps(body)), hashing.update)
     progress.done(f"quantized to {out}")
     return out
 

@@ -85,7 +85,7 @@ def validate_export(folder: Path, source: Source, spec: DecoderSpec,
                     max_length: int, progress: Progress) -> dict:
     """`reference`: the float graph of an int8/int4 export (a proto, the path of a graph whose
     weights are external data beside it, or a StoredGraph), or None to compare an fp32/fp16 export with transformers."""
-    progress.stage("validating")
+    progress.stage("validating", unit="pass")
     prompts = _prompt_ids(source, max_length)
     if reference is None:
         return _against_source(folder / GRAPH_FILE, source, spec, prompts, progress)
@@ -137,6 +137,7 @@ def _against_source(graph: Path, source: Source, spec: DecoderSpec, prompts, pro
     hf.eval()
     worst, greedy_same = 0.0, 0
     total = 0
+    bar = progress.bar("validating", len(prompts))
     for ids in prompts:
         ours = all_logits(session, spec, ids, np.float16 if spec and is_fp16(session) else np.float32)
         with torch.no_grad():
@@ -144,6 +145,7 @@ def _against_source(graph: Path, source: Source, spec: DecoderSpec, prompts, pro
         worst = max(worst, float(np.abs(ours.astype(np.float32) - ref).max()))
         greedy_same += int((ours.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ids)
+        bar.advance()
     progress.note(f"fp32 vs transformers: max |logit diff| {worst:.2e} over {total} positions, "
                   f"argmax agreement {greedy_same}/{total}")
     return {"source_comparison": "transformers", "max_abs_logit_diff": worst, "positions": total,
@@ -166,8 +168,12 @@ def compare_graphs(graph: Path, reference: onnx.ModelProto | Path, spec, tokeniz
 def _against_reference(graph: Path, reference: onnx.ModelProto | Path | StoredGraph, spec: DecoderSpec, prompts,
                        progress: Progress) -> dict:
     # The quantized graph first, on its own: its session is freed before the reference runs.
+    bar = progress.bar("validating", len(prompts) + 1)  # each prompt on the graph, then the reference run
     quant = session_for(str(graph))
-    ours = [all_logits(quant, spec, ids, np.float16 if is_fp16(quant) else np.float32) for ids in prompts]
+    ours = []
+    for ids in prompts:
+        ours.append(all_logits(quant, spec, ids, np.float16 if is_fp16(quant) else np.float32))
+        bar.advance()
     del quant
     release_freed_memory()
     with tempfile.TemporaryDirectory(prefix=".edge-infer-ref-", dir=graph.parent) as tmp:
@@ -179,6 +185,7 @@ def _against_reference(graph: Path, reference: onnx.ModelProto | Path | StoredGr
             reference = path
         stored = StoredGraph.load(reference) if isinstance(reference, (str, Path)) else reference
         ref, n_segments = _reference_logits(stored, spec, prompts)
+        bar.advance()
         float_name = "fp16" if _float_dtype(stored.model) == np.float16 else "fp32"
     agree, total, kls = 0, 0, []
     for a, b, ids in zip(ref, ours, prompts):

@@ -18,7 +18,7 @@ file, aligned so onnxruntime can map them.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -152,11 +152,13 @@ def read_rows(t: TensorProto, folder: Path, deferred: Mapping[str, Any] | None, 
 
 
 def save_streamed(model: onnx.ModelProto, graph_path: Path, data: DataFile, folder: Path | None = None,
-                  deferred: Mapping[str, Any] | None = None) -> None:
+                  deferred: Mapping[str, Any] | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> None:
     """Write `model` to `graph_path`: every initializer not yet in `data` (inline ones from later
     rewrites, or external ones in another file under `folder`) is appended to `data` first, so the
     protobuf written holds offsets only. Deferred initializers are computed from `deferred` (or, if
-    they are `data`'s own, left deferred: a graph that only feeds the quantizer). Closes `data`."""
+    they are `data`'s own, left deferred: a graph that only feeds the quantizer). Closes `data`.
+    `progress(done, total)` after each initializer."""
     folder = Path(folder) if folder is not None else Path(graph_path).parent
     own = data.path.name
     inits = model.graph.initializer
@@ -168,6 +170,8 @@ def save_streamed(model: onnx.ModelProto, graph_path: Path, data: DataFile, fold
         moved = data.move(t, folder, deferred)
         if moved is not t:
             inits[i].CopyFrom(moved)
+        if progress is not None:
+            progress(i + 1, len(inits))
     data.close()
     onnx.save_model(model, str(graph_path))
 

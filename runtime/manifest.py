@@ -17,7 +17,8 @@ import numpy as np
 
 from edge_infer.contract.embedding import TASK_EMBED, EmbeddingRecord
 from edge_infer.contract.errors import ModelFileError
-from edge_infer.contract.model_folder import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from edge_infer.contract.model_folder import (FORMAT, FORMAT_VERSION, MANIFEST, BytesProgress, hashing_counter,
+                                             sha256_file)
 from edge_infer.contract.model_store import resolve_model
 from edge_infer.contract.io_names import POSITION_IDS
 from edge_infer.contract.graph_record import GraphRecord, kv_cache_bytes, kv_storage
@@ -133,8 +134,9 @@ class Manifest:
         return kv_cache_bytes(self.kv_dtype, g.num_layers, g.num_kv_heads, g.head_dim, max_length or g.max_length, batch)
 
 
-def load_manifest(ref: str | Path, verify: bool = True) -> Manifest:
-    """Read and check `folder/manifest.json`; with `verify`, check every file's size and sha256.
+def load_manifest(ref: str | Path, verify: bool = True, progress: BytesProgress | None = None) -> Manifest:
+    """Read and check `folder/manifest.json`; with `verify`, check every file's size and sha256
+    (`progress(done, total)`: bytes hashed, for a bar).
 
     `ref` is a folder, or a model store name (contract/model_store.py: a path that exists wins)."""
     folder = resolve_model(ref)
@@ -169,7 +171,7 @@ def load_manifest(ref: str | Path, verify: bool = True) -> Manifest:
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFileError(f"{path}: malformed manifest ({type(e).__name__}: {e}); re-export the model") from None
     if verify:
-        verify_files(m)
+        verify_files(m, progress)
     return m
 
 
@@ -216,9 +218,18 @@ def _check_relative(folder: Path, name: str) -> None:
         raise ModelFileError(f"{folder / MANIFEST}: file entry '{name}' points outside the model folder")
 
 
-def verify_files(m: Manifest) -> None:
+def verify_files(m: Manifest, progress: BytesProgress | None = None) -> None:
     """Every listed file exists with its recorded size and sha256; names the first that does not."""
     root = m.folder.resolve()
+    _check_sizes(m, root)
+    read = hashing_counter([m.folder / name for name in m.files], progress)
+    for name, entry in m.files.items():
+        path = m.folder / name
+        if sha256_file(path, read=read) != entry["sha256"]:
+            raise ModelFileError(f"{path}: sha256 does not match {MANIFEST} (file changed or corrupt); re-copy it")
+
+
+def _check_sizes(m: Manifest, root: Path) -> None:
     for name, entry in m.files.items():
         path = m.folder / name
         if not path.is_file():
@@ -234,6 +245,4 @@ def verify_files(m: Manifest) -> None:
             raise ModelFileError(
                 f"{path}: size {size} bytes, expected {entry['size']} (truncated or changed); re-copy the model"
             )
-        if sha256_file(path) != entry["sha256"]:
-            raise ModelFileError(f"{path}: sha256 does not match {MANIFEST} (file changed or corrupt); re-copy it")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -319,7 +320,7 @@ class Model:
 
 def load(path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify: bool = True,
          allow_spinning: bool = True, shared_threads: bool = False, padding: str | None = None,
-         chat_template: str | None = None) -> Model:
+         chat_template: str | None = None, progress: Callable[[str, int, int], None] | None = None) -> Model:
     """Load an exported model folder (or a model store name, `edge-infer list`): verify its manifest and
     hashes, then open a session.
 
@@ -339,12 +340,21 @@ def load(path: str | os.PathLike, device: str = "auto", threads: int | None = No
 
     chat_template: a built-in template's name (chatml, llama3, gemma, ...) or a Jinja file, used in
     place of the folder's own (runtime/template_library.py).
+
+    progress: `progress(stage, done, total)` for an application's bar: "verifying" counts the bytes
+    hashed (with verify), then "opening" (the session and the padding probe) goes 0 -> 1.
     """
-    manifest = load_manifest(Path(path), verify=verify)
+    def report(stage: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else lambda done, total: progress(stage, done, total)
+
+    manifest = load_manifest(Path(path), verify=verify, progress=report("verifying") if verify else None)
     if manifest.task == TASK_EMBED:
         raise UserError(f"{manifest.folder}: is an embedding model (exported with --task embed or from an encoder); "
                         "it does not generate text: use edge_infer.embed() or POST /v1/embeddings with it, and a "
                         "text-generation export for chat")
+    opening = report("opening")
+    if opening is not None:
+        opening(0, 1)
     model: Model
     if manifest.kv_layout == "static":  # a fixed-shape plan (--profile npu): runtime/static_plan.py
         from edge_infer.runtime.static_plan import StaticModel
@@ -358,4 +368,6 @@ def load(path: str | os.PathLike, device: str = "auto", threads: int | None = No
         from edge_infer.runtime.template_library import override
 
         override(model, chat_template)
+    if opening is not None:
+        opening(1, 1)
     return model
