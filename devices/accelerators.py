@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from edge_infer.contract.errors import UserError
     from edge_infer.devices.providers import DevicePlan
 
 QNN_PACKAGE = "onnxruntime_qnn"
@@ -55,6 +56,18 @@ def register_plugins() -> list[str]:
     return names
 
 
+def openvino_devices() -> list[str]:
+    """The devices onnxruntime-openvino sees (["CPU", "GPU.0", "NPU"]); [] without it."""
+    from edge_infer.devices.ort import ort
+
+    try:
+        from onnxruntime.capi import _pybind_state
+
+        return list(_pybind_state.get_available_openvino_device_ids())
+    except (ImportError, AttributeError, RuntimeError):
+        return [] if "OpenVINOExecutionProvider" not in ort.get_available_providers() else ["CPU"]
+
+
 def qnn_devices() -> list:
     from edge_infer.devices.ort import ort
 
@@ -81,6 +94,13 @@ def session_for(path: str, plan: DevicePlan, options, strict: bool, cache_dir: P
     EPContext model (`<graph>_ctx.onnx` + its `.bin`) there once and loads it afterwards;
     OpenVINO gets it as its `cache_dir` for compiled blobs.
     """
+    from edge_infer.devices.native_output import stdout_to_stderr
+
+    with stdout_to_stderr():  # provider libraries' chatter (QNN's `# LIBNATIVE: ...`) stays off stdout
+        return _session_for(path, plan, options, strict, cache_dir, graph_sha256)
+
+
+def _session_for(path: str, plan: DevicePlan, options, strict: bool, cache_dir: Path | None, graph_sha256: str):
     from edge_infer.devices.ort import ort
 
     accelerator = plan.providers[0] != "CPUExecutionProvider"
@@ -99,6 +119,57 @@ def session_for(path: str, plan: DevicePlan, options, strict: bool, cache_dir: P
     if cache_dir is not None and plan.providers[0] == "OpenVINOExecutionProvider":
         providers[0] = (providers[0][0], dict(providers[0][1], cache_dir=str(cache_dir / "openvino")))
     return ort.InferenceSession(path, options, providers=providers)
+
+
+def did_not_start(plan: DevicePlan) -> UserError | None:
+    """The error for a session that failed on `plan` when its provider itself did not start, else None."""
+    from edge_infer.contract.errors import UserError
+
+    why = provider_start_failure(plan)
+    if why is None:
+        return None
+    return UserError(f"device {plan.device} did not start, so nothing ran on it ({why})"
+                     + ("; --device openvino:CPU (or :GPU) picks another OpenVINO device" if plan.device == "openvino"
+                        else "; --device cpu runs the model without it"))
+
+
+def provider_start_failure(plan: DevicePlan) -> str | None:
+    """Why `plan`'s provider does not start here, in its own words, or None when it starts.
+
+    A one-node standard-op graph (Add) is opened on the provider alone with the CPU fallback off
+    and onnxruntime's log captured: if even that fails, the provider itself did not start (a
+    missing device or library), whatever a model's session then said about its nodes.
+    """
+    from onnx import TensorProto, helper
+
+    from edge_infer.devices.native_output import captured_stderr, stdout_to_stderr
+    from edge_infer.devices.ort import ort
+
+    if plan.providers[0] == "CPUExecutionProvider":
+        return None
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "start", [x], [y])
+    model = helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 2  # warnings: where a provider that fails to start says why
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    one = plan.__class__(plan.device, plan.providers[:1], plan.provider_options[:1], plan.reasons)
+    with captured_stderr() as log, stdout_to_stderr():
+        try:
+            if one.providers[0] == QNN_EP:
+                register_plugins()
+                options.add_provider_for_devices(qnn_devices(), dict(one.provider_options[0]))
+                ort.InferenceSession(model.SerializeToString(), options)
+            else:
+                ort.InferenceSession(model.SerializeToString(), options, providers=one.session_providers())
+            error = None
+        except Exception as e:  # onnxruntime's own Fail types
+            error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if error is None:
+        return None
+    said = [line for line in log.lines if "fallback to CPU EP" not in line]
+    return f"{plan.providers[0]}: " + (" ".join(dict.fromkeys(said)) or error)
 
 
 def provider_version(plan: DevicePlan) -> str:

@@ -16,7 +16,14 @@ import click
 def devices(device, threads):
     """List execution providers and what `--device auto` would choose, with reasons."""
     from edge_infer.devices import ModelTraits, available_providers, describe, resolve
+    from edge_infer.devices.installs import collision, describe_installs, imported_init, onnxruntime_installs
 
+    installs = onnxruntime_installs()
+    for line in describe_installs(installs, imported_init()):
+        click.echo(line)
+    problem = collision(installs)
+    if problem:
+        click.echo(f"problem: {problem}\n", err=True)
     rows = describe()
     click.echo(f"{'device':<10}{'provider':<28}{'available':<11}note")
     for r in rows:
@@ -31,6 +38,8 @@ def devices(device, threads):
         for reason in plan.reasons:
             click.echo(f"  {reason}")
     _invariance(device, threads)
+    if problem:
+        raise SystemExit(1)  # the table is printed; the install still needs fixing
 
 
 def _invariance(device: str, threads: int | None) -> None:

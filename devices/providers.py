@@ -61,7 +61,7 @@ PROVIDERS: tuple[Provider, ...] = (
              "Apple Neural Engine / GPU; standard ONNX ops only", {"ModelFormat": "MLProgram"}),
     Provider("openvino", "OpenVINOExecutionProvider", "npu", "none", True,
              "a separate environment with onnxruntime-openvino instead of onnxruntime (`make npu-venv`)",
-             "Intel NPU / GPU / CPU (openvino:NPU|GPU|CPU); standard ONNX ops only", {"device_type": "AUTO:NPU,GPU,CPU"}),
+             "Intel NPU / GPU / CPU (openvino:NPU|GPU|CPU; bare: the best one present); standard ONNX ops only"),
     Provider("qnn", "QNNExecutionProvider", "npu", "none", True,
              "pip install onnxruntime-qnn (a plugin for onnxruntime >= 1.24.2; `make qnn-venv`)",
              "Qualcomm Hexagon NPU (HTP; simulated on x86 Linux); standard ops, static shapes",
@@ -134,18 +134,20 @@ def unsuitable(provider: Provider, model: ModelTraits, explicit: bool = False) -
     return None
 
 
-def resolve(requested: str, available: Sequence[str], model: ModelTraits) -> DevicePlan:
+def resolve(requested: str, available: Sequence[str], model: ModelTraits,
+            openvino_devices: Sequence[str] | None = None) -> DevicePlan:
     """Pick the provider for `model` given `available` (onnxruntime.get_available_providers()).
 
     requested: "auto" or a short name from PROVIDERS. Raises UserError when an
     explicit device is missing or unsuitable, for an unknown name, and when no
-    available provider can run the model.
+    available provider can run the model. openvino_devices: what OpenVINO reports
+    (["CPU", "GPU.0", ...]; None: asked when OpenVINO is planned without `:DEVICE`).
     """
     name, _, option = requested.strip().partition(":")
     name = name.lower()
     have = set(available)
     if name == "auto":
-        return _auto(have, model)
+        return _best_openvino(_auto(have, model), openvino_devices)
     provider = BY_NAME.get(name)
     if provider is None:
         raise UserError(f"unknown device {requested!r}: use auto or one of {', '.join(BY_NAME)}")
@@ -162,7 +164,27 @@ def resolve(requested: str, available: Sequence[str], model: ModelTraits) -> Dev
         )
     reasons = [f"{name}: requested"] + ([f"{name}: {FP16_ON_CPU}"] if model.dtype == "fp16" and not provider.fp16 else [])
     plan = _plan(provider, have, reasons)
-    return with_option(plan, provider, option) if option else plan
+    return with_option(plan, provider, option) if option else _best_openvino(plan, openvino_devices)
+
+
+OPENVINO_ORDER = ("NPU", "GPU", "CPU")  # a bare `--device openvino` takes the first one present
+
+
+def _best_openvino(plan: DevicePlan, devices: Sequence[str] | None) -> DevicePlan:
+    """`plan` with OpenVINO's device_type set to the best device present (NPU, GPU, then CPU), saying
+    which: onnxruntime-openvino's own AUTO:NPU,GPU,CPU does not start at all where one is missing."""
+    if plan.device != "openvino" or "device_type" in plan.provider_options[0]:
+        return plan
+    if devices is None:
+        from edge_infer.devices.accelerators import openvino_devices
+
+        devices = openvino_devices()
+    found = [d for d in OPENVINO_ORDER if any(x.split(".")[0].upper() == d for x in devices)]
+    best = found[0] if found else "CPU"
+    why = (f"openvino: device_type={best}, the best OpenVINO device here (order {', '.join(OPENVINO_ORDER)}; "
+           f"OpenVINO reports {', '.join(devices) or 'none'}); --device openvino:NPU|GPU|CPU picks one")
+    options = (dict(plan.provider_options[0], device_type=best),) + plan.provider_options[1:]
+    return DevicePlan(plan.device, plan.providers, options, plan.reasons + (why,))
 
 
 # The provider option that `--device NAME:VALUE` sets.

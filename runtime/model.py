@@ -18,7 +18,9 @@ from edge_infer.devices.ort import ort
 
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
 from edge_infer.devices import padding as padding_modes
+from edge_infer.devices.accelerators import did_not_start
 from edge_infer.devices.invariance import kernel_configs
+from edge_infer.devices.native_output import stdout_to_stderr
 from edge_infer.devices.probe_cache import probe_graph
 from edge_infer.devices.providers import share_threads
 from edge_infer.runtime.cache import ConcatKVCache, KVCache
@@ -114,15 +116,18 @@ class Model:
         self.shared_threads = not options.use_per_session_threads  # also True once the process has the pool
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(graph_path), options,
-                                                providers=self.plan.session_providers())
+            with stdout_to_stderr():  # provider libraries' chatter stays off stdout (devices/native_output.py)
+                self.session = ort.InferenceSession(str(graph_path), options,
+                                                    providers=self.plan.session_providers())
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelFileError(f"{graph_path}: onnxruntime could not load it on {self.plan.device} ({e})") from None
+            raise did_not_start(self.plan) or ModelFileError(
+                f"{graph_path}: onnxruntime could not load it on {self.plan.device} ({e})") from None
         check_graph_io(graph_path, manifest.geometry, self.session.get_inputs(), self.session.get_outputs(),
                        manifest.kv_dtype)
         self.providers = self.session.get_providers()
-        if self.providers[0] != self.plan.providers[0]:
-            raise UserError(f"requested {self.plan.providers[0]} but onnxruntime runs {self.providers[0]}")
+        if self.providers[0] != self.plan.providers[0]:  # onnxruntime fell back to the CPU: say why
+            raise did_not_start(self.plan) or UserError(
+                f"requested {self.plan.providers[0]} but onnxruntime runs {self.providers[0]}")
         self.tokenizer, self.chat_template = load_text_side(folder, manifest)
         self._has_keep = LOGITS_TO_KEEP in manifest.inputs
         # query_seqlens (exports from issue 12 on): rows with different numbers of new ids in one pass.

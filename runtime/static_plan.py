@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
-from edge_infer.devices.accelerators import session_for, strict_plan
+from edge_infer.devices.accelerators import did_not_start, session_for, strict_plan
 from edge_infer.runtime.cache import KVCache
 from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
 from edge_infer.runtime.manifest import Manifest
@@ -125,6 +125,9 @@ class StaticModel(Model):
                                             graph_sha256=str(manifest.files[g.file]["sha256"])))
             except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                not_started = did_not_start(self.plan)  # the provider, not the graph's nodes
+                if not_started is not None:
+                    raise not_started from None
                 hint = ""
                 if "fallback to CPU EP has been explicitly disabled" in first:
                     hint = (f"; {self.plan.device} cannot run some nodes (onnxruntime's log names them) and the CPU "

@@ -187,3 +187,38 @@ def test_shared_thread_pool_for_a_target_and_its_draft(tiny_exports):
     r = subprocess.run([sys.executable, "-c", SHARED_POOL_SCRIPT, path], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "True"
+
+
+OPENVINO = "OpenVINOExecutionProvider"
+STANDARD = ModelTraits(contrib_ops=False, static_shapes=True)
+
+
+@pytest.mark.parametrize("reported, best", [(["CPU", "GPU.0", "NPU"], "NPU"), (["CPU", "GPU.1"], "GPU"),
+                                            (["CPU"], "CPU"), ([], "CPU")])
+def test_bare_openvino_takes_the_best_device_present(reported, best):
+    for request in ("openvino", "auto"):
+        plan = resolve(request, [OPENVINO, CPU], STANDARD, openvino_devices=reported)
+        assert plan.device == "openvino" and plan.provider_options[0] == {"device_type": best}
+        assert f"openvino: device_type={best}, the best OpenVINO device here" in plan.reasons[-1]
+    plan = resolve("openvino:GPU", [OPENVINO, CPU], STANDARD, openvino_devices=["CPU"])  # asked: kept as asked
+    assert plan.provider_options[0] == {"device_type": "GPU"} and "best" not in " ".join(plan.reasons)
+
+
+def test_native_stdout_goes_to_stderr_and_onnxruntime_log_lines_read_plainly():
+    code = ("import os; from edge_infer.devices.native_output import stdout_to_stderr\n"
+            "with stdout_to_stderr(): os.write(1, b'# LIBNATIVE: chatter\\n')\n"
+            "print('answer')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout == "answer\n" and "# LIBNATIVE: chatter" in run.stderr
+    from edge_infer.devices.native_output import log_message
+
+    line = ("\x1b[1;31m2026-12-07 04:08:21.334770991 [E:onnxruntime:Default, provider_bridge_ort.cc:2310 Create] "
+            "/onnxruntime/core/providers/openvino/openvino_provider_factory.cc:141 std::string ParseDeviceType("
+            "std::shared_ptr<OVCore>) [ERROR] [OpenVINO] Device NPU is not available\x1b[m")
+    assert log_message(line) == "[OpenVINO] Device NPU is not available"
+
+
+def test_cpu_plan_always_starts():
+    from edge_infer.devices.accelerators import did_not_start
+
+    assert did_not_start(resolve("cpu", [CPU], INT4)) is None

@@ -220,3 +220,53 @@ def test_compiled_context_is_cached_and_rebuilt_when_changed(device, npu_tiny):
         blob.write_bytes(blob.read_bytes()[:-1] + b"\0")  # a changed context is not used
     assert our_greedy(edge_infer.load(folder, device=device), IDS, 4) == first
     edge_infer.load(folder, device="cpu")  # the manifest's hashes still verify
+
+
+def test_bare_openvino_takes_the_best_device_present_and_says_which(device, npu_tiny):
+    """onnxruntime-openvino's AUTO:NPU,GPU,CPU does not start where one of them is missing; a bare
+    `--device openvino` asks OpenVINO what it has and takes NPU, GPU, then CPU."""
+    if not device.startswith("openvino"):
+        return  # a QNN environment: nothing to pick
+    from edge_infer.devices.accelerators import openvino_devices
+    from edge_infer.devices.providers import OPENVINO_ORDER
+
+    present = [d for d in OPENVINO_ORDER if any(x.split(".")[0] == d for x in openvino_devices())]
+    model = edge_infer.load(npu_tiny("llama"), device="openvino")
+    assert model.plan.provider_options[0]["device_type"] == present[0]
+    assert any(f"device_type={present[0]}, the best OpenVINO device here" in r for r in model.plan.reasons)
+
+
+def test_provider_that_does_not_start_is_reported_as_that(device, npu_tiny):
+    """An OpenVINO device that is not here: the error is the provider's own message, not "cannot run
+    some nodes" (which onnxruntime's session says once the provider is gone and the fallback is off)."""
+    if not device.startswith("openvino"):
+        return
+    from edge_infer.contract.errors import UserError
+    from edge_infer.devices.accelerators import openvino_devices
+
+    absent = [d for d in ("NPU", "GPU") if not any(x.split(".")[0] == d for x in openvino_devices())]
+    if not absent:  # a machine with every OpenVINO device: nothing can fail to start
+        return
+    with pytest.raises(UserError) as err:
+        edge_infer.load(npu_tiny("llama"), device=f"openvino:{absent[0]}")
+    msg = str(err.value)
+    assert "did not start" in msg and f"Device {absent[0]} is not available" in msg, msg
+    assert "cannot run some nodes" not in msg
+
+
+def test_stdout_carries_only_the_answer(device, npu_tiny):
+    """QNN's library prints `# LIBNATIVE: ...` on fd 1 while a session is made: it goes to stderr."""
+    import subprocess
+    import sys
+
+    folder = npu_tiny("llama")
+    run = subprocess.run([sys.executable, "-m", "edge_infer.cli", "run", str(folder), "hello", "--device", device,
+                          "--max-tokens", "3", "--temperature", "0"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    print(f"{device} stderr: {run.stderr[:300]!r}")
+    reference = subprocess.run([sys.executable, "-m", "edge_infer.cli", "run", str(folder), "hello", "--device", "cpu",
+                                "--max-tokens", "3", "--temperature", "0"], capture_output=True, text=True,
+                               timeout=600)
+    assert "LIBNATIVE" not in run.stdout and "onnxruntime" not in run.stdout
+    if device.split(":")[0] not in FP16_DEVICES:
+        assert run.stdout == reference.stdout  # the model's text, and nothing else
