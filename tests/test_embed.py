@@ -177,3 +177,20 @@ def test_store_name(exports, tmp_path, monkeypatch):
     np.testing.assert_array_equal(edge_infer.embed("mini-embed", TEXTS), edge_infer.embed(folder, TEXTS))
     listed = entry(parse_name("mini-embed"))
     assert listed.problem is None and listed.architecture == "bert" and listed.kv_bytes == 0  # no cache kept
+
+
+def test_nomic_bert_against_its_forward_pass(tmp_path):
+    """NomicBERT (no transformers class: tests/tiny_encoders.py writes the checkpoint and its reference)."""
+    from tiny_encoders import make_nomic_checkpoint, nomic_reference
+
+    from edge_infer.export.export_folder import ExportOptions, export_model
+    from edge_infer.runtime.embed import load_embedding
+
+    src = make_nomic_checkpoint(tmp_path / "src")
+    fp32 = load_embedding(export_model(src, tmp_path / "fp32", ExportOptions(quant="fp32")))
+    ours, ref = fp32.embed(TEXTS), nomic_reference(src, fp32.tokenize(TEXTS))
+    assert _cosines(ours, ref).min() >= 0.9999
+    int8 = load_embedding(export_model(src, tmp_path / "int8", ExportOptions(quant="int8"))).embed(TEXTS)
+    cos = _cosines(int8, ours)
+    print(f"nomic_bert int8 vs fp32 cosine: min {cos.min():.6f}")
+    assert cos.min() >= 0.99

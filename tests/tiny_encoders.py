@@ -94,3 +94,83 @@ def reference_embeddings(folder: Path, ids: list[list[int]], pooling: str, norma
             v = {"mean": h.mean(0), "cls": h[0], "last_token": h[-1], "max": h.max(0)}[pooling]
             out.append(v / np.linalg.norm(v) if normalize else v)
     return np.stack(out)
+
+
+# ---- NomicBERT: transformers has no config class or model for it (its checkpoints ship modeling code run
+# with trust_remote_code), so the tiny checkpoint is written by hand and the reference is the forward pass
+# below, in torch, as nomic-ai's NomicBertModel computes it: word + token-type-0 embeddings, emb_ln, then
+# per layer x = norm1(x + out_proj(attn(Wqkv x))) with rotate-half rotary on q and k, and
+# x = norm2(x + fc2(fc11(x) * silu(fc12(x)))).
+NOMIC_CONFIG = dict(model_type="nomic_bert", n_embd=64, n_head=4, n_inner=96, n_layer=2, n_positions=128,
+                    layer_norm_epsilon=1e-12, rotary_emb_base=1000.0, rotary_emb_fraction=1.0,
+                    rotary_emb_interleaved=False, qkv_proj_bias=False, mlp_fc1_bias=False, mlp_fc2_bias=False,
+                    activation_function="swiglu", prenorm=False, type_vocab_size=2, pad_token_id=0)
+
+
+def make_nomic_checkpoint(folder: Path, seed: int = 0) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    tok = make_encoder_tokenizer("bert")
+    cfg = {**NOMIC_CONFIG, "vocab_size": tok.get_vocab_size(), "architectures": ["NomicBertModel"]}
+    g = torch.Generator().manual_seed(seed)
+    h, inner = cfg["n_embd"], cfg["n_inner"]
+
+    def rand(*shape, scale=0.2):
+        return (torch.randn(*shape, generator=g) * scale).contiguous()
+
+    w = {"embeddings.word_embeddings.weight": rand(cfg["vocab_size"], h),
+         "embeddings.token_type_embeddings.weight": rand(2, h),
+         "emb_ln.weight": 1 + rand(h, scale=0.1), "emb_ln.bias": rand(h, scale=0.1)}
+    for i in range(cfg["n_layer"]):
+        p = f"encoder.layers.{i}."
+        w.update({p + "attn.Wqkv.weight": rand(3 * h, h), p + "attn.out_proj.weight": rand(h, h),
+                  p + "mlp.fc11.weight": rand(inner, h), p + "mlp.fc12.weight": rand(inner, h),
+                  p + "mlp.fc2.weight": rand(h, inner)})
+        for n in ("norm1", "norm2"):
+            w.update({p + n + ".weight": 1 + rand(h, scale=0.1), p + n + ".bias": rand(h, scale=0.1)})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(w, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tok.save(str(folder / "tokenizer.json"))
+    write_pooling(folder, "pooling_mode_mean_tokens", True)
+    return folder
+
+
+def nomic_reference(folder: Path, ids: list[list[int]]):
+    """NomicBERT's mean-pooled, normalized embeddings of each text alone: (texts, hidden) float64."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    w = {k: v.double() for k, v in load_file(str(folder / "model.safetensors")).items()}
+    h, heads = cfg["n_embd"], cfg["n_head"]
+    d = h // heads
+    inv = 1.0 / cfg["rotary_emb_base"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+
+    def ln(x, name):
+        return F.layer_norm(x, (h,), w[name + ".weight"], w[name + ".bias"], cfg["layer_norm_epsilon"])
+
+    def rotate(x, cos, sin):  # (heads, seq, d)
+        half = torch.cat([-x[..., d // 2:], x[..., : d // 2]], dim=-1)
+        return x * cos + half * sin
+
+    out = []
+    for row in ids:
+        t = torch.tensor(row)
+        x = ln(w["embeddings.word_embeddings.weight"][t] + w["embeddings.token_type_embeddings.weight"][0], "emb_ln")
+        angles = torch.outer(torch.arange(len(row), dtype=torch.float64), inv)
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        for i in range(cfg["n_layer"]):
+            p = f"encoder.layers.{i}."
+            q, k, v = (x @ w[p + "attn.Wqkv.weight"].T).view(len(row), 3, heads, d).permute(1, 2, 0, 3)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            a = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, -1) @ v  # (heads, seq, d)
+            x = ln(x + a.transpose(0, 1).reshape(len(row), h) @ w[p + "attn.out_proj.weight"].T, p + "norm1")
+            m = (x @ w[p + "mlp.fc11.weight"].T) * F.silu(x @ w[p + "mlp.fc12.weight"].T)
+            x = ln(x + m @ w[p + "mlp.fc2.weight"].T, p + "norm2")
+        v = x.mean(0).numpy()
+        out.append(v / np.linalg.norm(v))
+    return np.stack(out)
