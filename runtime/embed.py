@@ -75,9 +75,20 @@ class EmbeddingModel:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer.encode(text) for text in texts]
 
-    def embed(self, texts: Sequence[str], dimensions: int | None = None) -> np.ndarray:
-        """(len(texts), dimensions) float32."""
-        return self.embed_ids(self.tokenize(_texts(texts)), dimensions).vectors
+    def embed(self, texts: Sequence[str], dimensions: int | None = None, prompt_name: str | None = None) -> np.ndarray:
+        """(len(texts), dimensions) float32. `prompt_name`: one of the source's sentence-transformers prompts
+        (Qwen3-Embedding's "query", e5's "query"/"passage"), put in front of every text."""
+        prefix = self.prompt(prompt_name)
+        return self.embed_ids(self.tokenize([prefix + t for t in _texts(texts)]), dimensions).vectors
+
+    def prompt(self, name: str | None) -> str:
+        prompts = dict(self.record.prompts)
+        if name is None:
+            return ""
+        if name not in prompts:
+            have = ", ".join(sorted(prompts)) or "none"
+            raise UserError(f"model {self.name} has no prompt named {name!r} (its prompts: {have})")
+        return prompts[name]
 
     def embed_ids(self, ids: Sequence[Sequence[int]], dimensions: int | None = None) -> Embeddings:
         """Vectors for texts given as token ids (the tokenizer's specials already in)."""
@@ -194,9 +205,9 @@ def load_embedding(path: str | os.PathLike, threads: int | None = None, verify: 
 
 
 def embed(model: EmbeddingModel | str | os.PathLike, texts: Sequence[str] | str, dimensions: int | None = None,
-          threads: int | None = None) -> np.ndarray:
+          threads: int | None = None, prompt_name: str | None = None) -> np.ndarray:
     """Embed `texts` (a string or a list) with `model` (a loaded EmbeddingModel, a folder path or a store name):
     (len(texts), dimensions) float32, L2-normalized when the model's record says so."""
     if not isinstance(model, EmbeddingModel):
         model = load_embedding(model, threads=threads)
-    return model.embed(_texts(texts), dimensions)
+    return model.embed(_texts(texts), dimensions, prompt_name)

@@ -37,6 +37,8 @@ def exports(tmp_path_factory):
                 sources[kind] = make_checkpoint(kind, root / "src")
                 if kind == "qwen3":  # Qwen3-Embedding's pipeline; the llama source keeps the decoder default
                     write_pooling(sources[kind], "pooling_mode_lasttoken", True)
+                    (sources[kind] / "config_sentence_transformers.json").write_text(json.dumps(
+                        {"prompts": {"query": "Instruct: find the passage\nQuery:", "document": ""}}))
         if (kind, quant) not in made:
             out = tmp_path_factory.mktemp(f"embed-{kind}-{quant}") / "model"
             made[kind, quant] = export_model(sources[kind], out, ExportOptions(quant=quant, task="embed",
@@ -194,3 +196,14 @@ def test_nomic_bert_against_its_forward_pass(tmp_path):
     cos = _cosines(int8, ours)
     print(f"nomic_bert int8 vs fp32 cosine: min {cos.min():.6f}")
     assert cos.min() >= 0.99
+
+
+def test_named_prompts(exports):
+    from edge_infer.contract.errors import UserError
+    from edge_infer.runtime.embed import load_embedding
+
+    model = load_embedding(exports("qwen3")[1])
+    prefix = "Instruct: find the passage\nQuery:"
+    np.testing.assert_array_equal(model.embed(TEXTS[:2], prompt_name="query"), model.embed([prefix + t for t in TEXTS[:2]]))
+    with pytest.raises(UserError, match="no prompt named 'passage'.*document, query"):
+        model.embed(TEXTS[:1], prompt_name="passage")
