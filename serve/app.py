@@ -21,10 +21,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from edge_infer.contract.model_store import is_name, models_root
 from edge_infer.serve.config import EngineConfig, ServerConfig
 from edge_infer.serve.engine import Engine
 from edge_infer.serve.guards import HostGuard, KeyGuard
-from edge_infer.serve.http_layer import (Done, ModelResolver, ServerState, Served, SingleModel, Submission, Text,
+from edge_infer.serve.http_layer import (Done, ModelResolver, ReleaseHolds, ServerState, Served, SingleModel,
+                                         Submission, Text,
                                          client_gone, generation, openai_error, prepare_prompt, read_request,
                                          server_state, service, submit)
 from edge_infer.serve.metrics import Metrics
@@ -42,12 +44,15 @@ def _card(model_id: str) -> dict:
 
 @router.get("/v1/models")
 async def models(request: Request):
-    return {"object": "list", "data": [_card(i) for i in server_state(request).models.ids()]}
+    served = server_state(request).models
+    return {"object": "list", "data": [{**_card(i), **served.describe(i)} for i in served.ids()]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def one_model(request: Request, model_id: str):
-    return _card(server_state(request).models.resolve(model_id).model_id)
+    served = server_state(request).models
+    found = served.lookup(model_id)
+    return {**_card(found), **served.describe(found)}
 
 
 @router.post("/v1/chat/completions")
@@ -126,14 +131,13 @@ def make_app(models: ModelResolver, config: ServerConfig, metrics: Metrics) -> F
             if not engine.alive:
                 engine.start()
         yield
-        for engine in models.engines():
-            engine.begin_shutdown(0.0)
-        for engine in models.engines():
-            await run_in_threadpool(engine.stop)
+        models.begin_shutdown(0.0)
+        await run_in_threadpool(models.close)
 
     app = FastAPI(title="edge-infer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = ServerState(config, models, metrics)
-    app.state.engine, app.state.metrics = next(iter(models.engines())), metrics
+    # the first engine (None for a server of several models, which loads them on demand)
+    app.state.engine, app.state.metrics = next(iter(models.engines()), None), metrics
     _install_error_answers(app)
 
     from edge_infer.serve import anthropic  # /v1/messages: the Anthropic Messages API
@@ -143,6 +147,7 @@ def make_app(models: ModelResolver, config: ServerConfig, metrics: Metrics) -> F
     for routes in (service, router, anthropic.router, embeddings.router):
         app.include_router(routes)
     add_page_routes(app)  # the chat page at /
+    app.add_middleware(ReleaseHolds)  # innermost: a request's holds on models end with its response
     app.add_middleware(KeyGuard, config=config)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=False,
@@ -164,5 +169,11 @@ def build_app(model, server: ServerConfig, engine: EngineConfig = EngineConfig()
 
 
 def model_id_for(path: str | Path) -> str:
-    """The name a model folder is served under: the folder's name, never its full path."""
-    return Path(path).resolve().name or "model"
+    """The name a model is served under: a store name as given (a folder in the store: its store
+    name), else the folder's name (never a path)."""
+    if not Path(path).exists() and is_name(str(path)):
+        return str(path)
+    folder = Path(path).resolve()
+    if folder.parent.parent == models_root().resolve():
+        return f"{folder.parent.name}:{folder.name}"
+    return folder.name or "model"

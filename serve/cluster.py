@@ -140,12 +140,14 @@ class Picker:
         self.down_until[i] = time.monotonic() + DOWN_FOR_S
 
 
-def merge_metrics(texts: list[str]) -> str:
+def merge_metrics(texts: list[str], label: str = "replica", values: list[str] | None = None) -> str:
     """Prometheus text from each replica as one exposition, a `replica` label on every sample
-    (each family's HELP and TYPE once, then the samples of every replica)."""
+    (each family's HELP and TYPE once, then the samples of every replica); `label` and `values`
+    name another label (serve/multi.py: `model`, one value per model)."""
     heads: dict[str, list[str]] = {}
     samples: dict[str, list[str]] = {}
     for index, text in enumerate(texts):
+        value = str(index) if values is None else values[index]
         family = ""
         for line in text.splitlines():
             if not line.strip():
@@ -159,7 +161,7 @@ def merge_metrics(texts: list[str]) -> str:
                     if not any(h.split()[1] == parts[1] for h in head):
                         head.append(line)
                 continue
-            samples.setdefault(family, []).append(_with_label(line, "replica", str(index)))
+            samples.setdefault(family, []).append(_with_label(line, label, value))
             heads.setdefault(family, [])
     return "".join("".join(f"{h}\n" for h in heads[f]) + "".join(f"{x}\n" for x in samples[f]) for f in samples)
 
@@ -205,15 +207,27 @@ def app_builder(args: dict[str, str]):
     args: model (required), replicas, routing, threads, parallel, max_queue, api_key, model_id."""
     if "model" not in args:
         raise UserError("app_builder needs model=PATH")
-    from pathlib import Path
-
-    from edge_infer.serve.app import model_id_for
-
-    server = {"model_id": args.get("model_id") or model_id_for(args["model"]), "api_key": args.get("api_key")}
+    folder, model_id = model_source(args["model"])
+    server = {"model_id": args.get("model_id") or model_id, "api_key": args.get("api_key")}
     engine = {"parallel": int(args.get("parallel", 4)), "max_queue": int(args.get("max_queue", 32))}
-    return build_application(ClusterConfig(model=str(Path(args["model"]).resolve()), replicas=int(args.get("replicas", 2)),
+    return build_application(ClusterConfig(model=folder, replicas=int(args.get("replicas", 2)),
                                            routing=args.get("routing", "prefix"), threads=int(args.get("threads", 1)),
                                            server=server, engine=engine))
+
+
+def model_source(ref: str) -> tuple[str, str]:
+    """(the absolute folder every replica loads, the id it is served under) of a model folder or a
+    model store name (contract/model_store.py). Replicas serve one model: a server of several models
+    loaded on demand (serve/multi.py) runs in one process, without Ray."""
+    from edge_infer.contract.model_folder import MANIFEST
+    from edge_infer.contract.model_store import resolve_model
+    from edge_infer.serve.app import model_id_for
+
+    folder = resolve_model(ref)
+    if not (folder / MANIFEST).is_file():
+        raise UserError(f"{ref}: not a model folder (no {MANIFEST}) nor a stored model; export one with "
+                        "`edge-infer export SRC --name NAME`")
+    return str(folder.resolve()), model_id_for(ref)
 
 
 class EngineReplica:

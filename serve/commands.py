@@ -12,7 +12,7 @@ from edge_infer.runtime.cli_options import (chat_template_option, speculative_fr
 
 
 @click.command()
-@click.argument("model", type=click.Path())
+@click.argument("models", nargs=-1)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback needs an API key.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -51,12 +51,26 @@ from edge_infer.runtime.cli_options import (chat_template_option, speculative_fr
 @click.option("--routing", type=click.Choice(["prefix", "round-robin"]), default="prefix", show_default=True,
               help="With --ray: send a request to the replica holding its prompt prefix (fallback: least loaded).")
 @click.option("--ray-address", default=None, help="With --ray: a running Ray cluster to join [default: start one].")
+@click.option("--keep-alive", default=None,
+              help="Several models: how long a model stays loaded after its last request (300, 90s, 5m, 1h; 0 "
+                   "unloads at once, -1 never) [default: 5m].")
+@click.option("--max-loaded", type=click.IntRange(min=1), default=None,
+              help="Several models: most loaded at once; the least recently used idle one unloads first.")
+@click.option("--max-memory", default=None,
+              help="Several models: memory budget (e.g. 8G, 512M), checked against each model's files plus the "
+                   "KV cache of its slots before it loads; least recently used idle models unload to make room.")
 @chat_template_option
 @speculative_options
-def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_queue, prefill_chunk,
+def serve(models, host, port, api_key, api_key_file, parallel, max_length, max_queue, prefill_chunk,
           default_max_tokens, allowed_host, cors_origin, model_name, model_alias, shutdown_grace, device, threads,
-          log_level, use_ray, replicas, routing, ray_address, chat_template, **speculative_kw):
-    """Serve MODEL over an OpenAI-compatible HTTP API (chat and text completions, streaming).
+          log_level, use_ray, replicas, routing, ray_address, keep_alive, max_loaded, max_memory, chat_template,
+          **speculative_kw):
+    """Serve MODEL (a folder or a store name) over an OpenAI-compatible HTTP API (chat and text
+    completions, streaming).
+
+    With no MODEL, every model in the store (`edge-infer list`) is served; with several names,
+    those. Each loads when a request first names it, and unloads after --keep-alive idle, or
+    sooner to stay within --max-loaded / --max-memory.
 
     With --speculative, a request that decodes alone has its guesses verified several at a time;
     the output is the same."""
@@ -77,7 +91,9 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
             raise UserError(f"the API key file {api_key_file} is empty")
     from edge_infer.serve.app import model_id_for
 
-    server_config = ServerConfig(model_id=model_name or model_id_for(model), host=host, port=port,
+    many = len(models) != 1 or any(v is not None for v in (keep_alive, max_loaded, max_memory))
+    model = models[0] if len(models) == 1 else ""
+    server_config = ServerConfig(model_id=model_name or (model_id_for(model) if model else ""), host=host, port=port,
                                  api_key=api_key or None, allowed_hosts=tuple(allowed_host),
                                  cors_origins=tuple(cors_origin), model_aliases=tuple(model_alias))
     engine_config = EngineConfig(parallel=parallel, max_queue=max_queue, max_length=max_length,
@@ -85,6 +101,19 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
                                  shutdown_grace_s=shutdown_grace)
     server_config.validate()  # before loading anything: a refused bind costs nothing
     engine_config.validate()
+    if many:
+        from edge_infer.serve.registry import RegistrySettings
+
+        if model_name or model_alias or use_ray or speculative_kw.get("draft_model") or chat_template is not None:
+            raise UserError("--model-name, --model-alias, --ray, --draft and --chat-template serve one model; a "
+                            "server of several models serves each under its store name with its own template "
+                            "(serve one MODEL to use them)")
+        settings = RegistrySettings(keep_alive_s=parse_duration(keep_alive or "5m"), max_loaded=max_loaded,
+                                    max_memory=None if max_memory is None else parse_size(max_memory))
+        settings.validate()
+        _serve_many(list(models) or None, server_config, engine_config, settings, device, threads, log_level,
+                    speculative_kw)
+        return
     if use_ray:
         if chat_template is not None:
             raise UserError("--chat-template is not passed to Ray replicas yet: export the folder with "
@@ -114,7 +143,76 @@ def serve(model, host, port, api_key, api_key_file, parallel, max_length, max_qu
     base = f"http://{shown}:{sock.getsockname()[1]}"
     click.echo(f"serving '{server_config.model_id}' at {base}/v1, chat page at {base}/"
                + (" (API key required)" if server_config.api_key else ""), err=True)
-    serve_forever(app, engine, sock, log_level)
+    serve_forever(app, sock, log_level)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from 300, 90s, 5m, 1h, 0 or -1 (never)."""
+    from edge_infer.contract.errors import UserError
+
+    t = str(text).strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise UserError(f"--keep-alive {text!r}: give seconds (300), or 90s, 5m, 1h; 0 unloads at once, "
+                        "-1 never") from None
+    if value < 0 and value != -1:
+        raise UserError(f"--keep-alive {text!r}: the only negative value is -1 (never unload)")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """Bytes from 8G, 512M, 100K or a plain number of bytes (powers of 1024)."""
+    from edge_infer.contract.errors import UserError
+
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1)
+    except ValueError:
+        raise UserError(f"--max-memory {text!r}: give a size such as 8G, 512M or a number of bytes") from None
+    if value <= 0:
+        raise UserError(f"--max-memory {text!r} must be positive")
+    return int(value)
+
+
+def _serve_many(names, server_config, engine_config, settings, device, threads, log_level, speculative_kw) -> None:
+    """A server of several models (the store, or `names`), each loaded on first use."""
+    import dataclasses
+    import logging
+
+    from edge_infer.contract.errors import UserError
+    from edge_infer.contract.model_folder import MANIFEST
+    from edge_infer.contract.model_store import folder_of, models_root, not_stored, parse_name
+    from edge_infer.runtime.speculative import speculative_config
+    from edge_infer.serve.app import make_app
+    from edge_infer.serve.metrics import Metrics
+    from edge_infer.serve.multi import StoreModels
+    from edge_infer.serve.runner import bind, serve_forever
+
+    for name in names or []:
+        if Path(name).exists():
+            raise UserError(f"{name}: with several models, give store names; add a folder to the store with "
+                            f"`edge-infer import {name} --name NAME`")
+        if not (folder_of(parse_name(name)) / MANIFEST).is_file():
+            raise not_stored(name)
+    spec = speculative_config(speculative_kw.get("speculative"), num_speculative=speculative_kw.get("num_speculative"))
+    engine_config = dataclasses.replace(engine_config, speculative=spec)
+    sock = bind(server_config.host, server_config.port)
+    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
+    models = StoreModels(names, engine_config, settings, device=device, threads=threads)
+    app = make_app(models, server_config, Metrics())
+    keep = settings.keep_alive_s
+    served = f"{len(names)} models" if names else f"the store ({models_root()}, {len(models.ids())} models now)"
+    click.echo(f"serving {served}, each loaded on first use; keep-alive "
+               f"{'forever' if keep < 0 else f'{keep:g} s'}" + (f", at most {settings.max_loaded} loaded"
+               if settings.max_loaded else "") + (f", memory budget {settings.max_memory / 2**20:.0f} MiB"
+               if settings.max_memory else ""), err=True)
+    shown = f"[{server_config.host}]" if ":" in server_config.host else server_config.host
+    click.echo(f"listening at http://{shown}:{sock.getsockname()[1]}/v1"
+               + (" (API key required)" if server_config.api_key else ""), err=True)
+    serve_forever(app, sock, log_level)
 
 
 def _serve_on_ray(model, server_config, engine_config, replicas, routing, address, device, threads, speculative_kw):
@@ -122,21 +220,20 @@ def _serve_on_ray(model, server_config, engine_config, replicas, routing, addres
     import importlib.util
 
     from edge_infer.contract.errors import UserError
-    from edge_infer.contract.model_folder import MANIFEST
 
     if importlib.util.find_spec("ray") is None:
         raise UserError("--ray needs Ray Serve: pip install 'edge-infer[cluster]'")
     if speculative_kw.get("speculative") == "draft":
         raise UserError("--ray serves --speculative lookup or off; a draft model per replica is not supported yet")
-    if not (Path(model) / MANIFEST).is_file():
-        raise UserError(f"{model}: not a model folder (no {MANIFEST}); export one with `edge-infer export`")
     from edge_infer.runtime.speculative import speculative_config
-    from edge_infer.serve.cluster import ClusterConfig, serve_cluster
+    from edge_infer.serve.cluster import ClusterConfig, model_source, serve_cluster
+
+    folder, _ = model_source(model)  # a store name: its folder (each replica loads the same folder)
 
     engine = dataclasses.asdict(engine_config)
     engine["speculative"] = speculative_config(speculative_kw.get("speculative"),
                                                num_speculative=speculative_kw.get("num_speculative"))
-    config = ClusterConfig(model=str(Path(model).resolve()), replicas=replicas, routing=routing,
+    config = ClusterConfig(model=folder, replicas=replicas, routing=routing,
                            threads=threads or 1, device=device, server=dataclasses.asdict(server_config),
                            engine=engine)
     config.validate()

@@ -19,8 +19,11 @@ Everything else happens here, once:
             with another shape mounts its router with `error_route(render)`
 
 The app's state holds a `ServerState`: the server's settings, its metrics and
-the resolver that maps a request's "model" to one served model (today
-`SingleModel`; a server of several models installs another resolver).
+the resolver that maps a request's "model" to one served model: `SingleModel`,
+or serve/multi.py's `StoreModels` for a server of several models loaded on
+demand. A resolver may block while a model loads (read_request calls it in a
+worker thread) and may hand out a hold on the model with it (`Served.release`),
+which `ReleaseHolds` lets go once the whole response is sent.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Served:
 
     model_id: str
     engine: Engine
+    release: Callable[[], None] | None = None  # a hold on the model, let go after the response
 
     @property
     def model(self):
@@ -72,9 +76,17 @@ class Served:
 class ModelResolver(Protocol):
     """Maps a request's "model" to a served model (None: the request named none)."""
 
-    def resolve(self, name: str | None) -> Served: ...  # raises model_not_found
+    shutdown_grace_s: float  # how long running requests get on SIGTERM
+
+    def resolve(self, name: str | None) -> Served: ...  # raises model_not_found; may block while it loads
+    def lookup(self, name: str) -> str: ...  # the id `name` is served under, loading nothing
     def ids(self) -> list[str]: ...  # what /v1/models lists
-    def engines(self) -> Iterable[Engine]: ...  # started and stopped with the app
+    def describe(self, model_id: str) -> dict: ...  # more fields of its /v1/models entry
+    def engines(self) -> Iterable[Engine]: ...  # the running engines (lifespan starts them)
+    def health(self) -> tuple[bool, dict]: ...  # (all well, the /health body)
+    def render_metrics(self, metrics: Metrics) -> bytes: ...  # the /metrics text
+    def begin_shutdown(self, grace_s: float | None = None) -> None: ...  # signal-safe: only sets fields
+    def close(self) -> None: ...  # after the server stopped: stop every engine
 
 
 def model_not_found(name: str, served: list[str]) -> APIError:
@@ -92,17 +104,39 @@ class SingleModel:
     def __init__(self, engine: Engine, config: ServerConfig):
         self.served = Served(config.model_id, engine)
         self.config = config
+        self.shutdown_grace_s = engine.config.shutdown_grace_s
 
     def resolve(self, name: str | None) -> Served:
         if name is None or self.config.serves(name):
             return self.served
         raise model_not_found(name, self.ids())
 
+    def lookup(self, name: str) -> str:
+        return self.resolve(name).model_id
+
     def ids(self) -> list[str]:
         return [self.config.model_id]
 
+    def describe(self, model_id: str) -> dict:
+        return {}
+
     def engines(self) -> list[Engine]:
         return [self.served.engine]
+
+    def health(self) -> tuple[bool, dict]:
+        engine = self.served.engine
+        if not engine.alive:
+            return False, {"status": "error", "detail": "the engine is not running"}
+        return True, {"status": "ok", **engine.snapshot()}
+
+    def render_metrics(self, metrics: Metrics) -> bytes:
+        return metrics.render()
+
+    def begin_shutdown(self, grace_s: float | None = None) -> None:
+        self.served.engine.begin_shutdown(grace_s)
+
+    def close(self) -> None:
+        self.served.engine.stop()
 
 
 @dataclass
@@ -138,11 +172,53 @@ async def read_json(request: Request, limit: int) -> dict:
 
 
 async def read_request(request: Request) -> tuple[dict, Served]:
-    """The body and the model it names (a 404 for a model not served here)."""
+    """The body and the model it names (a 404 for a model not served here; a model that is not
+    loaded yet is loaded, or waited for, in a worker thread)."""
     state = server_state(request)
     body = await read_json(request, state.config.max_body_bytes)
     name = body.get("model")
-    return body, state.models.resolve(name if isinstance(name, str) else None)
+    served = await resolve_model(request, name if isinstance(name, str) else None)
+    return body, served
+
+
+async def resolve_model(request: Request, name: str | None) -> Served:
+    """`name` resolved by the app's resolver; a hold it hands out is let go after the response."""
+    served = await run_in_threadpool(server_state(request).models.resolve, name)
+    if served.release is not None:
+        hold(request, served.release)
+    return served
+
+
+HOLDS = "edge_infer_holds"
+
+
+def hold(request: Request, release: Callable[[], None]) -> None:
+    """Call `release` once this request's response is sent (or failed); see ReleaseHolds."""
+    holds = request.scope.get("state", {}).get(HOLDS)
+    if holds is None:  # an app without ReleaseHolds: let go now rather than never
+        release()
+        return
+    holds.append(release)
+
+
+class ReleaseHolds:
+    """ASGI middleware: runs each request's hold releases after its whole response (a stream
+    included) has been sent, or the request failed or was cancelled."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        holds: list[Callable[[], None]] = []
+        scope.setdefault("state", {})[HOLDS] = holds
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for release in holds:
+                release()
 
 
 async def prepare_prompt(served: Served, prompt: Any, *, kind: str, **options) -> Prepared:
@@ -376,16 +452,14 @@ service = APIRouter()
 
 @service.get("/health")
 async def health(request: Request):
-    engines = list(server_state(request).models.engines())
-    if not all(e.alive for e in engines):
-        return JSONResponse({"status": "error", "detail": "the engine is not running"}, status_code=503)
-    return {"status": "ok", **engines[0].snapshot()}
+    ok, body = server_state(request).models.health()
+    return body if ok else JSONResponse(body, status_code=503)
 
 
 @service.get("/metrics")
 async def prometheus(request: Request):
-    metrics = server_state(request).metrics
-    return Response(metrics.render(), media_type=metrics.content_type)
+    state = server_state(request)
+    return Response(state.models.render_metrics(state.metrics), media_type=state.metrics.content_type)
 
 
 def route_table(app) -> set[tuple[tuple[str, ...], str]]:

@@ -15,22 +15,21 @@ import time
 import uvicorn
 
 from edge_infer.contract.errors import UserError
-from edge_infer.serve.engine import Engine
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: Engine):
+    def __init__(self, config: uvicorn.Config, models):
         super().__init__(config)
-        self.engine = engine
+        self.models = models  # the app's ModelResolver: its engines drain on SIGTERM
 
     def handle_exit(self, sig, frame) -> None:
-        self.engine.begin_shutdown()  # only sets a field: safe inside a signal handler
+        self.models.begin_shutdown()  # only sets fields: safe inside a signal handler
         super().handle_exit(sig, frame)
 
 
-def _uvicorn_config(app, engine: Engine, log_level: str) -> uvicorn.Config:
+def _uvicorn_config(app, models, log_level: str) -> uvicorn.Config:
     return uvicorn.Config(app, log_level=log_level, access_log=log_level == "debug", server_header=False,
-                          timeout_graceful_shutdown=int(engine.config.shutdown_grace_s) + 2, lifespan="on",
+                          timeout_graceful_shutdown=int(models.shutdown_grace_s) + 2, lifespan="on",
                           h11_max_incomplete_event_size=64 * 1024)
 
 
@@ -48,9 +47,10 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_forever(app, engine: Engine, sock: socket.socket, log_level: str = "info") -> None:
+def serve_forever(app, sock: socket.socket, log_level: str = "info") -> None:
     """Serve on a bound socket until SIGTERM / SIGINT; returns normally so the process exits 0."""
-    server = _Server(_uvicorn_config(app, engine, log_level), engine)
+    models = app.state.server.models
+    server = _Server(_uvicorn_config(app, models, log_level), models)
     # uvicorn re-raises the caught signal after shutdown with the handler it found: make that a no-op
     # for SIGTERM, so a clean shutdown ends with exit code 0 rather than death by signal.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
@@ -64,13 +64,13 @@ class ServerThread:
     """The app on a free loopback port in a background thread: `with ServerThread(app) as s: s.url`."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        engine = app.state.engine
         self.app = app
         self.sock = bind(host, port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.engine = engine
-        self.server = _Server(_uvicorn_config(app, engine, log_level), engine)
+        self.engine = app.state.engine  # None for a server of several models
+        self.models = app.state.server.models
+        self.server = _Server(_uvicorn_config(app, self.models, log_level), self.models)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="edge-infer-server", daemon=True)
 
@@ -87,7 +87,7 @@ class ServerThread:
         self.stop()
 
     def stop(self) -> None:
-        self.engine.begin_shutdown(0.0)
+        self.models.begin_shutdown(0.0)
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
