@@ -6,20 +6,19 @@ use as its own engine (its own slots, KV cache and metrics), and the request hol
 response is sent. /v1/models lists the store (each entry with its `status`: loaded, loading or
 unloaded), /health and /metrics report each loaded model under its name.
 
-Other kinds of model plug in by kind: a loader for `EMBED` (an embedding folder, manifest
-`task: embed`) is registered with `StoreModels.loaders[EMBED] = fn`; its routes take the model
-with `lease(name, EMBED)` and let it go with the lease's `release` (or `hold(request, ...)`).
+A model's kind comes from its manifest: an embedding folder (`task: embed`) loads as an embedder
+(serve/embeddings.py), which /v1/embeddings takes with `lease(name, EMBED)` and lets go with the
+lease's `release`; anything else loads as a chat engine. `loaders` maps each kind to its loader.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from edge_infer.contract.embedding import TASK_EMBED
 from edge_infer.contract.errors import UserError
-from edge_infer.contract.model_folder import MANIFEST
 from edge_infer.contract.model_store import folder_of, parse_name, stored_names
 from edge_infer.serve.config import EngineConfig
 from edge_infer.serve.engine import Engine
@@ -33,15 +32,6 @@ log = logging.getLogger("edge_infer.serve")
 Loader = Callable[[str, Path], Loaded]  # (store name, its folder) -> what requests use
 
 
-def read_task(folder: Path) -> str:
-    """CHAT or EMBED, from the manifest's `task` (absent: a text-generation model)."""
-    try:
-        raw = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder / MANIFEST}: cannot be read ({e})") from None
-    return EMBED if isinstance(raw, dict) and raw.get("task") == "embed" else CHAT
-
-
 class StoreModels:
     """The ModelResolver of a server of several models, loaded on demand from the model store."""
 
@@ -51,7 +41,7 @@ class StoreModels:
         self.fixed = None if names is None else [str(parse_name(n)) for n in names]
         self.engine_config, self.device, self.threads = engine_config, device, threads
         self.shutdown_grace_s = engine_config.shutdown_grace_s
-        self.loaders: dict[str, Loader] = {CHAT: self._load_chat}
+        self.loaders: dict[str, Loader] = {CHAT: self._load_chat, EMBED: self._load_embed}
         self.metrics: dict[str, Metrics] = {}  # per model, kept across unloads (counters keep counting)
         self.registry = ModelRegistry(self.ids, lambda n: str(parse_name(n)), self._load, self._estimate, settings)
         self.registry.start()
@@ -133,26 +123,26 @@ class StoreModels:
 
     def _estimate(self, name: str) -> int:
         """Bytes the model will take: its files (weights, tokenizer) plus, for a chat model, the KV
-        cache of all its slots (the engine commits it when it starts)."""
-        folder = folder_of(name)
-        if read_task(folder) != CHAT:
-            raw = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-            return sum(int(f.get("size", 0)) for f in dict(raw.get("files", {})).values())
+        cache of all its slots (the engine commits it when it starts; an embedder keeps none)."""
         from edge_infer.runtime.manifest import load_manifest
 
-        m = load_manifest(folder, verify=False)
+        m = load_manifest(folder_of(name), verify=False)
         files = sum(int(f["size"]) for f in m.files.values())
         c = self.engine_config
         return files + m.kv_bytes(batch=c.parallel, max_length=c.max_length)
 
     def _load(self, name: str) -> Loaded:
+        from edge_infer.runtime.manifest import load_manifest
+
         folder = folder_of(name)
-        kind = read_task(folder)
-        loader = self.loaders.get(kind)
-        if loader is None:
-            raise UserError(f"it is a{'n embedding' if kind == EMBED else ' ' + kind} model, which this server "
-                            "cannot load")
-        return loader(name, folder)
+        kind = EMBED if load_manifest(folder, verify=False).task == TASK_EMBED else CHAT
+        return self.loaders[kind](name, folder)
+
+    def _load_embed(self, name: str, folder: Path) -> Loaded:
+        from edge_infer.serve.embeddings import load_embedder
+
+        embedder = load_embedder(folder, threads=self.threads)
+        return Loaded(EMBED, embedder, embedder.close)
 
     def _load_chat(self, name: str, folder: Path) -> Loaded:
         from edge_infer.runtime.model import load

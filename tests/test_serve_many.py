@@ -221,3 +221,45 @@ def test_ray_replicas_take_a_store_name(home, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a model folder"):
         model_source("empty")
+
+
+def test_chat_and_embeddings_from_one_server(home, tmp_path, monkeypatch):
+    """A chat model and an embedding model behind one server of the store: each request's model loads as
+    its own kind (engine or embedder), a model of the wrong kind for a route is a 400 saying so."""
+    import shutil
+
+    import numpy as np
+    import openai
+
+    import edge_infer
+    from edge_infer.export.export_folder import ExportOptions, export_model
+    from edge_infer.serve.app import make_app
+    from edge_infer.serve.config import EngineConfig, ServerConfig
+    from edge_infer.serve.metrics import Metrics
+    from edge_infer.serve.multi import StoreModels
+    from edge_infer.serve.registry import RegistrySettings
+    from edge_infer.serve.runner import ServerThread
+    from tiny_encoders import make_encoder_checkpoint
+
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy)
+    monkeypatch.setenv("EDGE_INFER_HOME", str(copy))
+    export_model(make_encoder_checkpoint("bert", tmp_path / "bert"), folder_of("mini-embed"), ExportOptions(quant="int8"))
+    texts = ["Paris is the capital of France.", "The quick brown fox"]
+    models = StoreModels(["tiny-llama", "mini-embed"], EngineConfig(parallel=1), RegistrySettings(keep_alive_s=-1),
+                         threads=1)
+    with ServerThread(make_app(models, ServerConfig(model_id=""), Metrics())) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=HANG)
+        got = client.embeddings.create(model="mini-embed", input=texts)
+        want = edge_infer.embed("mini-embed", texts)
+        assert got.model == "mini-embed:latest"
+        assert np.allclose(np.array([d.embedding for d in got.data]), want, atol=1e-6)
+        reply = client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content == alone("tiny-llama")
+        assert statuses(s.url) == {"tiny-llama:latest": "loaded", "mini-embed:latest": "loaded"}
+        health = httpx.get(s.url + "/health", timeout=HANG).json()["models"]
+        assert health["mini-embed:latest"]["kind"] == "embed" and health["tiny-llama:latest"]["kind"] == "chat"
+        with pytest.raises(openai.BadRequestError, match="embedding model"):
+            client.chat.completions.create(model="mini-embed", messages=MESSAGES, max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="chat model"):
+            client.embeddings.create(model="tiny-llama", input="x")

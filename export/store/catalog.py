@@ -30,6 +30,7 @@ class Entry:
     size_bytes: int  # every file the manifest lists, plus the manifest
     kv_bytes: int  # KV cache of one sequence at the exported max_length
     source: str
+    task: str = "generate"  # or "embed": an embedding model (no KV cache)
     problem: str | None = None  # set when the manifest cannot be read (the other fields are blank)
 
 
@@ -41,7 +42,7 @@ def entry(name: ModelName) -> Entry:
         return Entry(name, folder, "?", "?", 0, 0, "?", problem=str(e))
     size = sum(int(f["size"]) for f in m.files.values()) + (folder / MANIFEST).stat().st_size
     return Entry(name, folder, m.geometry.architecture, m.quant_scheme, size, m.kv_bytes(),
-                 str(m.source.get("description", "?")))
+                 str(m.source.get("description", "?")), m.task)
 
 
 def entries() -> list[Entry]:

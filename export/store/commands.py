@@ -27,8 +27,10 @@ def list_models(as_json):
         return
     table = [("NAME", "ARCH", "QUANT", "SIZE", "KV/SEQ", "SOURCE")]
     for e in rows:
-        table.append((str(e.name), e.architecture, e.quantization, human_bytes(e.size_bytes),
-                      human_bytes(e.kv_bytes), e.source if e.problem is None else f"unreadable: {e.problem}"))
+        arch = e.architecture + (" (embed)" if e.task == "embed" else "")
+        kv = "-" if e.task == "embed" else human_bytes(e.kv_bytes)
+        table.append((str(e.name), arch, e.quantization, human_bytes(e.size_bytes), kv,
+                      e.source if e.problem is None else f"unreadable: {e.problem}"))
     widths = [max(len(r[i]) for r in table) for i in range(5)]
     for r in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
