@@ -32,6 +32,11 @@ class ChatSession:
         self.history.clear()
         self.cache.reset()
 
+    def interrupted(self, partial: str) -> None:
+        """A reply stopped part way (Ctrl-C in the REPL): what was shown stays as the assistant's turn."""
+        if self.history and self.history[-1]["role"] == "user":
+            self.history.append({"role": "assistant", "content": partial})
+
     def _messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 

@@ -87,51 +87,21 @@ def _print_timings(chunk) -> None:
 @click.argument("model", type=click.Path())
 @click.option("--system", default=None, help="System message.")
 @click.option("--stats/--no-stats", default=False, show_default=True)
+@chat_template_option
 @sampling_options
 @speculative_options
-def chat(model, system, stats, max_tokens, stop, device, threads, **kw):
-    """Interactive multi-turn chat using the model's chat template (/exit or Ctrl-D ends)."""
-    from edge_infer.contract.errors import UserError, check_text
+def chat(model, system, stats, max_tokens, stop, device, threads, chat_template, **kw):
+    """Interactive multi-turn chat using the model's chat template: line editing and history, multi-line
+    messages between lines of \"\"\", /system, /set, /save, /load, /clear (/help lists them; /exit or Ctrl-D ends)."""
     from edge_infer.runtime.chat import ChatSession
+    from edge_infer.runtime.repl import Repl
 
     sampling = sampling_from_options(kw)
-    m = load_model(model, device, threads, shared_threads=wants_shared_threads(kw))
+    m = load_model(model, device, threads, shared_threads=wants_shared_threads(kw), chat_template=chat_template)
     speculative = speculative_from_options(kw, m, device, threads)
     session = ChatSession(m, system=system, max_tokens=max_tokens, sampling=sampling, stop=stop,
                           speculative=speculative)
-    click.echo("Type a message; /reset clears the history, /exit or Ctrl-D quits.", err=True)
-    if hasattr(sys.stdin, "reconfigure"):  # a bad byte becomes a surrogate that check_text names; next lines still read
-        sys.stdin.reconfigure(errors="surrogateescape")
-    while True:
-        try:
-            line = input(">>> ")
-        except UnicodeDecodeError:
-            click.echo("error: that line is not valid UTF-8; type it again", err=True)
-            continue
-        except EOFError:
-            click.echo()
-            return
-        if line.strip() in ("/exit", "/quit"):
-            return
-        if line.strip() == "/reset":
-            session.reset()
-            continue
-        if not line.strip():
-            continue
-        try:
-            check_text(line, "that message")
-        except UserError as e:  # one bad line (an undecodable paste) does not end the chat
-            click.echo(f"error: {e}", err=True)
-            continue
-        last = None
-        for chunk in session.send(line):
-            click.echo(chunk.text, nl=False)
-            last = chunk
-        click.echo()
-        if session.dropped:
-            click.echo(f"[{session.dropped} oldest messages dropped to fit the context]", err=True)
-        if stats and last and last.timings:
-            _print_timings(last)
+    Repl(session, stats=_print_timings if stats else None).run()
 
 
 @click.command()

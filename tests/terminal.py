@@ -33,7 +33,7 @@ class Terminal:
                 os._exit(127)
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         self.raw = ""  # everything the program wrote
-        self.seen = 0  # how far `expect` has read
+        self.seen = 0  # how far `expect` has read, in text()
 
     def _read(self, timeout: float) -> bool:
         ready, _, _ = select.select([self.fd], [], [], timeout)
@@ -52,10 +52,10 @@ class Terminal:
         """Wait for `pattern` (a regex) in the output after the last match, escape codes removed."""
         deadline = time.monotonic() + timeout
         while True:
-            text = ANSI.sub("", self.raw[self.seen:])
+            text = self.text()[self.seen:]
             m = re.search(pattern, text)
             if m:
-                self.seen = len(self.raw)
+                self.seen += m.end()
                 return m
             left = deadline - time.monotonic()
             assert left > 0, f"timed out waiting for {pattern!r}; the screen ends with {text[-2000:]!r}"
