@@ -24,6 +24,7 @@ from edge_infer.devices.native_output import stdout_to_stderr
 from edge_infer.devices.probe_cache import probe_graph
 from edge_infer.devices.providers import share_threads
 from edge_infer.runtime.cache import ConcatKVCache, KVCache
+from edge_infer.runtime.device_cache import DEVICE_KV, DeviceKVCache
 from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.contract.embedding import TASK_EMBED
 from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
@@ -146,6 +147,8 @@ class Model:
         g = manifest.geometry
         self._past = [past_pair(i) for i in range(g.num_layers)]
         self._present = [present_pair(i) for i in range(g.num_layers)]
+        # Where new caches live: the device's memory on CUDA (runtime/device_cache.py), else numpy arrays.
+        self.kv_device: str | None = DEVICE_KV.get(self.plan.device) if manifest.kv_layout == "shared" else None
 
     @property
     def batch_invariant(self) -> bool:
@@ -158,6 +161,9 @@ class Model:
         def make() -> ort.IOBinding:
             binding = self.session.io_binding()
             binding.bind_output(LOGITS)  # bound first, so it comes back first
+            if isinstance(cache, DeviceKVCache):  # buffers in the device's memory, bound by address
+                cache.bind_kv(binding, self._past, self._present)
+                return binding
             for i, ((pk, pv), (ok, ov)) in enumerate(zip(self._past, self._present)):
                 binding.bind_ortvalue_input(pk, cache.key_values[i])
                 binding.bind_ortvalue_input(pv, cache.value_values[i])
@@ -180,6 +186,8 @@ class Model:
     def new_cache(self, batch: int = 1, max_length: int | None = None) -> KVCache:
         if self.manifest.kv_layout == "concat":
             return ConcatKVCache(self.manifest, batch, max_length)
+        if self.kv_device is not None:
+            return DeviceKVCache(self.manifest, batch, max_length, device=self.kv_device)
         return KVCache(self.manifest, batch, max_length)
 
     def forward(self, ids: np.ndarray, cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
