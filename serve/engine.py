@@ -1,18 +1,21 @@
 """The continuous-batching engine: one scheduler thread owns the model.
 
-Each turn of the loop has three steps (as in vLLM's v1 engine):
+Each turn of the loop has three steps (as in vLLM's v1 engine), and the turn is data:
 
   schedule  under the lock: drop cancelled requests, move waiting requests
             into free slots (longest cached prefix first, else least recently
-            used), pick the one slot that prefills this turn and the slots
-            that decode;
+            used; a request keeps its slot index), and return a `Turn`: the
+            one request that prefills a chunk this turn, the rows that decode
+            and how many guesses each may verify;
   execute   outside the lock: at most one prefill chunk (batch 1, on the
             slot's row of the shared KV cache), then one batched pass over the
             smallest range of rows that holds every decoding slot
-            (runtime.decode.decode_step, the loop stream_generate runs too);
-  update    each row's guesses verified with its request's own sampler, its
-            cache trimmed past its own first rejection; detokenize, match
-            stops, emit text, free the slots of finished requests.
+            (runtime.decode.decode_step, the loop stream_generate runs too;
+            each row's guesses verified with its request's own sampler, its
+            cache trimmed past its own first rejection); returns what each
+            row chose (`Emitted`);
+  update    apply it: detokenize, match stops, emit text, free the slots of
+            finished requests. `Engine.observe` sees each (Turn, emitted).
 
 A long prompt is prefilled one chunk per turn, so the other streams wait at
 most one chunk for their next token. With speculation on, every decoding row
@@ -32,6 +35,8 @@ import itertools
 import logging
 import threading
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -77,6 +82,36 @@ class Slot:
         return int(diff[0]) if diff.size else n
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One scheduler turn, decided under the lock and run outside it (vLLM v1's SchedulerOutput)."""
+
+    prefill: ActiveRequest | None  # the request that prefills a chunk of its prompt (the oldest waiting)
+    chunk: tuple[int, ...]  # the prompt ids it feeds this turn
+    start: int  # the first cache row of the batched decode pass
+    rows: tuple[ActiveRequest | None, ...]  # rows start, start + 1, ...: who decodes there (None: feeds nothing)
+    limits: tuple[int, ...]  # per row: how many guesses it may verify besides its next token
+
+    @property
+    def requests(self) -> list[ActiveRequest]:
+        """Every request this turn runs, the prefill first."""
+        decoding = [q for q in self.rows if q is not None and q is not self.prefill]
+        return ([self.prefill] if self.prefill is not None else []) + decoding
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """What one request's row chose in a turn: tokens in order, and its speculation this turn."""
+
+    seq: ActiveRequest
+    tokens: tuple[int, ...]
+    proposed: int = 0  # guesses verified
+    accepted: int = 0  # of them, accepted
+
+
+TurnObserver = Callable[[Turn, list[Emitted]], None]
+
+
 class Engine:
     def __init__(self, model, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None):
         config.validate()
@@ -99,6 +134,7 @@ class Engine:
         self._stop = False  # set by stop(): end everything and leave the loop
         self._drain_deadline: float | None = None  # set by begin_shutdown(): refuse new, end active at it
         self.metrics.slots_total.set(config.parallel)
+        self._observers: list[TurnObserver] = []
         self.speculative = config.speculative
         self.draft_cache = None  # one draft cache, synced to whichever request speculates (prefix reuse)
         if self.speculative is not None and self.speculative.draft is not None:
@@ -167,6 +203,10 @@ class Engine:
             return {"slots": len(self.slots), "busy": sum(s.seq is not None for s in self.slots),
                     "waiting": len(self._waiting)}
 
+    def observe(self, observer: TurnObserver) -> None:
+        """Call `observer(turn, emitted)` on the engine thread after each turn is applied (tests, tracing)."""
+        self._observers.append(observer)
+
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify()
@@ -183,18 +223,20 @@ class Engine:
                 if not self._busy():
                     self._cond.wait(timeout=0.5 if self._drain_deadline is not None else None)
                     continue
-                prefill, decode = self._schedule()
+                turn = self._schedule()
             try:
-                self._execute(prefill, decode)
+                emitted = self._execute(turn)
             except BaseException as e:  # a failed run (even a library panic, a BaseException) must not take the
                 if is_interrupt(e):  # server down: fail its requests, keep scheduling the others
                     raise
                 log.error("model step failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, UserError))
-                for seq in ([prefill] if prefill else []) + decode:
-                    for slot in self.slots:
-                        if slot.seq is seq:
-                            slot.row.trim(0)  # its cached KV can no longer be trusted
+                for seq in turn.requests:
+                    self.slots[seq.slot].row.trim(0)  # its cached KV can no longer be trusted
                     self._finish(seq, Failed("internal error while generating", 500, "internal_error"))
+                continue
+            self._update(turn, emitted)
+            for observer in self._observers:
+                observer(turn, emitted)
 
     def _busy(self) -> bool:
         return any(s.seq is not None for s in self.slots)
@@ -232,74 +274,94 @@ class Engine:
             slot.row.trim(reuse)
             seq.cached = reuse
             seq.pending = seq.prompt[reuse:]
-            slot.seq = seq
+            slot.seq, seq.slot = seq, slot.index
             slot.last_used = next(self._clock)
             if reuse:
                 self.metrics.prefix_hits.inc()
         self._update_gauges()
 
-    def _schedule(self) -> tuple[ActiveRequest | None, list[ActiveRequest]]:
-        """The slot that prefills a chunk this turn (the oldest), and those that decode."""
+    def _schedule(self) -> Turn:
+        """This turn: the slot that prefills a chunk (the oldest request's), and the rows that decode."""
         prefilling = [s.seq for s in self.slots if s.seq is not None and s.seq.pending]
         prefill = min(prefilling, key=lambda q: q.arrived) if prefilling else None
+        chunk = tuple(prefill.pending[:self.config.prefill_chunk]) if prefill is not None else ()
         decode = [s.seq for s in self.slots if s.seq is not None and not s.seq.pending]
-        return prefill, decode
-
-    def _execute(self, prefill: ActiveRequest | None, decode: list[ActiveRequest]) -> None:
-        if prefill is not None:
-            self._prefill_chunk(prefill)
-            if not prefill.pending and not prefill.done:
-                decode.append(prefill)  # its first token is out; it joins this turn's decode step
-        decode = [q for q in decode if not q.done]
-        if decode:
-            self._decode_step(decode)
-
-    def _slot_of(self, seq: ActiveRequest) -> Slot:
-        return next(s for s in self.slots if s.seq is seq)
-
-    def _prefill_chunk(self, seq: ActiveRequest) -> None:
-        slot = self._slot_of(seq)
-        chunk, seq.pending = seq.pending[:self.config.prefill_chunk], seq.pending[self.config.prefill_chunk:]
-        ids = np.asarray(chunk, dtype=np.int64)[None, :]  # (1, chunk)
-        logits = self.model.forward(ids, slot.row)  # (1, 1, vocab); the row records the chunk
-        if not seq.pending:
-            seq.decoding = Decoding(self.model, seq.prompt, seq.sampler, slot.row, self.speculative,
-                                    self.draft_cache, matcher=seq.matcher)
-            self._take(seq, seq.decoding.first(logits[0, -1]))
-
-    def _decode_step(self, decode: list[ActiveRequest]) -> None:
-        """One pass over the smallest range of rows holding every decoding slot: each row feeds its
-        next token and, when speculating, its guesses."""
-        rows = {self._slot_of(q).index: q for q in decode}
-        start, stop = min(rows), max(rows) + 1
-        decodings, limits = [], []
+        if prefill is not None and len(chunk) == len(prefill.pending) and prefill.max_tokens > 1:
+            decode.append(prefill)  # its first token comes out of the prefill; it joins this turn's decode pass
+        if not decode:
+            return Turn(prefill, chunk, 0, (), ())
+        by_slot = {q.slot: q for q in decode}
+        start, stop = min(by_slot), max(by_slot) + 1
         # Every row of the pass is as wide as its widest (padding is computed in the matmuls), so
         # with several rows each verifies fewer guesses. A draft model proposes only for a request
         # decoding alone: its one cache would be re-synced to each row in turn.
         cap = 0
         if self.speculative is not None and (self.speculative.draft is None or len(decode) == 1):
             cap = max(BATCH_IDS // (stop - start) - 1, 1)
-        for slot in self.slots[start:stop]:
-            seq = rows.get(slot.index)
-            decodings.append(seq.decoding if seq is not None else None)
-            # Guesses + the next token must fit the row, leaving its last position free (the
-            # padding id of a one-id row, or an older graph's dummy write).
-            limits.append(0 if seq is None else
-                          min(cap, seq.max_tokens - seq.generated - 1, self.max_length - 2 - slot.row.offset))
+        rows = tuple(by_slot.get(i) for i in range(start, stop))
+        limits = tuple(0 if q is None else self._guess_limit(q, cap, len(chunk) if q is prefill else None)
+                       for q in rows)
+        return Turn(prefill, chunk, start, rows, limits)
+
+    def _guess_limit(self, seq: ActiveRequest, cap: int, prefilled: int | None) -> int:
+        """Guesses a decoding row may add: guesses + the next token must fit the row, leaving its last
+        position free (the padding id of a one-id row). `prefilled`: the chunk a request joining from its
+        prefill feeds first (its first token then is out)."""
+        offset, generated = self.slots[seq.slot].row.offset, seq.generated
+        if prefilled is not None:
+            offset, generated = offset + prefilled, 1
+        return min(cap, seq.max_tokens - generated - 1, self.max_length - 2 - offset)
+
+    def _execute(self, turn: Turn) -> list[Emitted]:
+        """Run the turn on the model (no request state changes but the rows' runtime state); returns
+        what each row chose, in order: the prefill's first token, then each decoding row's tokens."""
+        emitted: list[Emitted] = []
+        rows = list(turn.rows)
+        if turn.prefill is not None:
+            first = self._prefill_chunk(turn.prefill, turn.chunk)
+            if first is not None:
+                emitted.append(first)
+                if first.tokens[0] in turn.prefill.eos_ids and turn.prefill in rows:
+                    rows[rows.index(turn.prefill)] = None  # it ended on its first token: nothing to decode
+        if any(q is not None for q in rows):
+            emitted += self._decode_pass(turn.start, rows, turn.limits)
+        return emitted
+
+    def _prefill_chunk(self, seq: ActiveRequest, chunk: tuple[int, ...]) -> Emitted | None:
+        """Feed one chunk of the prompt; after the last one, the first token (None before it)."""
+        row = self.slots[seq.slot].row
+        ids = np.asarray(chunk, dtype=np.int64)[None, :]  # (1, chunk)
+        logits = self.model.forward(ids, row)  # (1, 1, vocab); the row records the chunk
+        if len(chunk) < len(seq.pending):
+            return None
+        seq.decoding = Decoding(self.model, seq.prompt, seq.sampler, row, self.speculative, self.draft_cache,
+                                matcher=seq.matcher)
+        return Emitted(seq, (seq.decoding.first(logits[0, -1]),))
+
+    def _decode_pass(self, start: int, rows: list[ActiveRequest | None], limits: tuple[int, ...]) -> list[Emitted]:
+        """One batched pass over rows start.. of the cache: each feeds its next token and, when
+        speculating, its guesses; every request verifies them with its own sampler."""
+        stop = start + len(rows)
         view = self._views.get((start, stop))
         if view is None:
             view = self._views[(start, stop)] = self.cache.rows(start, stop)
-        before = {q: (q.decoding.stats.proposed, q.decoding.stats.accepted) for q in decode}
-        emitted = decode_step(self.model, view, decodings, limits)
-        for slot, tokens in zip(self.slots[start:stop], emitted):
-            seq = rows.get(slot.index)
-            if seq is None:
+        before = [(q.decoding.stats.proposed, q.decoding.stats.accepted) if q is not None else (0, 0) for q in rows]
+        tokens = decode_step(self.model, view, [q.decoding if q is not None else None for q in rows], list(limits))
+        return [Emitted(q, tuple(t), q.decoding.stats.proposed - p, q.decoding.stats.accepted - a)
+                for q, t, (p, a) in zip(rows, tokens, before) if q is not None]
+
+    def _update(self, turn: Turn, emitted: list[Emitted]) -> None:
+        """Apply the turn: the prefill's prompt advances; each row's tokens are taken in order until its
+        request ends (tokens after that are dropped: a stop string or the grammar ended it)."""
+        if turn.prefill is not None:
+            turn.prefill.pending = turn.prefill.pending[len(turn.chunk):]
+        for e in emitted:
+            if e.seq.done:
                 continue
-            proposed, accepted = before[seq]
-            if self.speculative is not None:
-                self.metrics.speculated(seq.decoding.stats.proposed - proposed, seq.decoding.stats.accepted - accepted)
-            for token in tokens:
-                if self._take(seq, token):
+            if self.speculative is not None and e.proposed:
+                self.metrics.speculated(e.proposed, e.accepted)
+            for token in e.tokens:
+                if self._take(e.seq, token):
                     break
 
     def _take(self, seq: ActiveRequest, token: int) -> bool:
@@ -322,11 +384,11 @@ class Engine:
         if seq.done:
             return
         seq.done = True
-        for slot in self.slots:
-            if slot.seq is seq:
-                slot.seq = None
-                if slot.row.offset >= self.max_length:  # keep room for the dummy decode write
-                    slot.row.trim(self.max_length - 1)
+        if seq.slot is not None:
+            slot = self.slots[seq.slot]
+            slot.seq = None
+            if slot.row.offset >= self.max_length:  # keep room for the dummy decode write
+                slot.row.trim(self.max_length - 1)
         self.metrics.finished(seq, event)  # metered and logged before the client hears it has ended
         self._update_gauges()
         u = seq.usage()

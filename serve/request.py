@@ -103,6 +103,7 @@ class ActiveRequest:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.done = False
+        self.slot: int | None = None  # the engine's slot (cache row) while it holds one
         self.decoding = None  # runtime.decode.Decoding over its slot's row, made when its prompt is in
         self.matcher = None  # runtime.constrain.GrammarMatcher for a constrained request (the Decoding drives it)
 

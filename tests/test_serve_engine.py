@@ -23,8 +23,8 @@ import pytest
 from click.testing import CliRunner
 
 import edge_infer
-from edge_infer.runtime.generate import encode_prompt, generate
-from edge_infer.runtime.sampling import SamplingParams
+from edge_infer.runtime.generate import encode_prompt, generate, generate_step
+from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.serve.app import build_app
 from edge_infer.serve.config import EngineConfig, ServerConfig
 from edge_infer.serve.engine import Engine, QueueFull
@@ -176,18 +176,45 @@ def test_prefix_cache_places_the_next_turn_in_its_slot_and_evicts_lru(model):
         engine.stop()
 
 
+def test_turns_record_prefill_chunks_rows_and_what_each_row_chose(model):
+    """A turn is data: the prefill's chunk, the rows of the decode pass with their request (at its
+    slot's row), their guess limits; what the rows chose is the solo generation, token for token."""
+    engine = Engine(model, EngineConfig(parallel=3, prefill_chunk=4))
+    turns = []
+    engine.observe(lambda turn, emitted: turns.append((turn, [(e.seq.request.request_id, e.tokens) for e in emitted])))
+    prompts = [tuple(model.tokenizer.encode(p * 4, add_special_tokens=False))[:10] for p in PROMPTS[:2]]
+    assert all(len(p) == 10 for p in prompts)
+    engine.start()
+    try:
+        events = run_engine(engine, [GenerationRequest(p, 5, SamplingParams(), request_id=str(i))
+                                     for i, p in enumerate(prompts)])
+    finally:
+        engine.stop()
+    prefills = [(t.prefill.request.request_id, len(t.chunk)) for t, _ in turns if t.prefill is not None]
+    assert prefills == [("0", 4), ("0", 4), ("0", 2), ("1", 4), ("1", 4), ("1", 2)]  # oldest first, chunk by chunk
+    for turn, _ in turns:
+        assert len(turn.limits) == len(turn.rows) and set(turn.limits) <= {0}  # no speculation: no guesses
+        for i, q in enumerate(turn.rows):
+            assert q is None or q.slot == turn.start + i  # the row a request decodes on is its slot's
+    chosen: dict[str, list[int]] = {}
+    for _, emitted in turns:
+        for rid, tokens in emitted:
+            chosen.setdefault(rid, []).extend(tokens)
+    for i, p in enumerate(prompts):
+        solo = list(generate_step(model, list(p), model.new_cache(), make_sampler(SamplingParams()), 5))
+        assert chosen[str(i)][:len(solo)] == solo and events[i][1].usage.completion_tokens == len(solo)
+
+
 def test_long_prompt_prefill_does_not_stall_running_streams_beyond_a_chunk(model):
     """While a long prompt prefills chunk by chunk, a running stream gets a token every turn."""
     engine = Engine(SlowModel(model, 0.005), EngineConfig(parallel=2, prefill_chunk=4))
-    turns = []  # for each turn that prefilled the long prompt: how many streams decoded in it
-    real = engine._execute
+    turns = []  # for each turn that prefilled the long prompt: the requests that decoded in it
 
-    def spy(prefill, decode):
-        if prefill is not None and prefill.request.request_id == "long":
-            turns.append(len(decode))
-        real(prefill, decode)
+    def spy(turn, emitted):
+        if turn.prefill is not None and turn.prefill.request.request_id == "long":
+            turns.append([q.request.request_id for q in turn.rows if q is not None])
 
-    engine._execute = spy
+    engine.observe(spy)
     engine.start()
     try:
         q1, q2 = queue.Queue(), queue.Queue()
@@ -201,7 +228,8 @@ def test_long_prompt_prefill_does_not_stall_running_streams_beyond_a_chunk(model
         while isinstance(q2.get(timeout=HANG), Delta):
             pass
         assert len(turns) == 15  # 60 prompt tokens in chunks of 4
-        assert all(decoding == 1 for decoding in turns)  # the running stream advanced in every one of them
+        assert turns[:-1] == [[""]] * 14  # the running stream advanced in every one of them
+        assert sorted(turns[-1]) == ["", "long"]  # the last chunk's first token joins the decode pass
     finally:
         engine.stop()
 
