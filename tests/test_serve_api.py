@@ -235,7 +235,8 @@ def test_no_route_takes_file_paths_or_manages_models(server):
     assert route_table(server.app) == {(("GET",), "/health"), (("GET",), "/metrics"), (("GET",), "/v1/models"),
                       (("GET",), "/v1/models/{model_id:path}"), (("POST",), "/v1/chat/completions"),
                       (("POST",), "/v1/completions"), (("POST",), "/v1/messages"),
-                      (("POST",), "/v1/messages/count_tokens"), (("GET",), "/"), (("GET",), "/ui/{name}")}
+                      (("POST",), "/v1/messages/count_tokens"), (("GET",), "/"), (("GET",), "/ui/{name}"),
+                                        (("POST",), "/v1/embeddings")}
 
 
 def test_metrics_and_request_log_without_prompt_text(server, client, caplog):
