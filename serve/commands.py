@@ -74,9 +74,6 @@ def serve(models, host, port, api_key, api_key_file, parallel, max_length, max_q
 
     With --speculative, a request that decodes alone has its guesses verified several at a time;
     the output is the same."""
-    import dataclasses
-    import logging
-
     from edge_infer.contract.errors import UserError
     from edge_infer.serve.config import EngineConfig, ServerConfig
 
@@ -122,11 +119,20 @@ def serve(models, host, port, api_key, api_key_file, parallel, max_length, max_q
                       speculative_kw)
         return
 
+    _serve_one(model, server_config, engine_config, device, threads, log_level, chat_template, speculative_kw)
+
+
+def _serve_one(model, server_config, engine_config, device, threads, log_level, chat_template, speculative_kw):
+    """A server of one model, loaded before the server starts listening."""
+    import dataclasses
+    import logging
+
     from edge_infer.runtime.model import load
     from edge_infer.serve.app import build_app
     from edge_infer.serve.runner import bind, serve_forever
 
-    sock = bind(host, port)  # before loading: a port in use fails fast
+    host = server_config.host
+    sock = bind(host, server_config.port)  # before loading: a port in use fails fast
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
     m = load(model, device=device, threads=threads, shared_threads=wants_shared_threads(speculative_kw),
              chat_template=chat_template)
@@ -137,7 +143,7 @@ def serve(models, host, port, api_key, api_key_file, parallel, max_length, max_q
     engine = app.state.engine
     kv = engine.cache.nbytes() / 2**20
     click.echo(f"[{m.manifest.geometry.architecture} {m.manifest.quant_scheme} on {m.describe_device()}; "
-               f"{parallel} slots x {engine.max_length} positions, KV cache {kv:.0f} MiB"
+               f"{engine_config.parallel} slots x {engine.max_length} positions, KV cache {kv:.0f} MiB"
                + (f"; speculative {speculative.mode}" if speculative is not None else "") + "]", err=True)
     shown = f"[{host}]" if ":" in host else host
     base = f"http://{shown}:{sock.getsockname()[1]}"
