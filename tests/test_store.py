@@ -287,3 +287,32 @@ def test_pull_names_what_is_missing(home, offline_hub, sources):
         assert cli("pull", bad, ok=False).exit_code == 2
     assert stored_names() == [] and files_under(home) == []
 
+
+
+@pytest.mark.parametrize("platform, env, want", [
+    ("linux", {"XDG_DATA_HOME": "/xdg"}, "/xdg/edge-infer"),
+    ("linux", {}, "~/.local/share/edge-infer"),
+    ("win32", {"LOCALAPPDATA": "/appdata/local"}, "/appdata/local/edge-infer"),
+    ("darwin", {}, "~/Library/Application Support/edge-infer"),
+])
+def test_the_store_defaults_to_the_platform_user_data_directory(monkeypatch, platform, env, want):
+    from edge_infer.contract import model_store
+
+    for var in ("EDGE_INFER_HOME", "XDG_DATA_HOME", "LOCALAPPDATA"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(model_store.sys, "platform", platform)
+    assert model_store.store_home() == Path(want).expanduser()
+    monkeypatch.setenv("EDGE_INFER_HOME", "/elsewhere")
+    assert model_store.models_root() == Path("/elsewhere/models")
+
+
+def test_a_compressed_pack_imports_the_same(two_models, tmp_path, monkeypatch):
+    archive = tmp_path / "llama.tar.gz"
+    cli("pack", "tiny-llama", archive)
+    assert archive.read_bytes()[:2] == b"\x1f\x8b"  # gzip
+    files = {p.name: p.read_bytes() for p in files_under(folder_of("tiny-llama"))}
+    monkeypatch.setenv("EDGE_INFER_HOME", str(tmp_path / "other"))
+    cli("import", archive, "--name", "carried:gz")
+    assert {p.name: p.read_bytes() for p in files_under(folder_of("carried:gz"))} == files
