@@ -166,10 +166,10 @@ def provider_start_failure(plan: DevicePlan) -> str | None:
             error = None
         except Exception as e:  # onnxruntime's own Fail types
             error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if error is None:
-        return None
     said = [line for line in log.lines if "fallback to CPU EP" not in line]
-    return f"{plan.providers[0]}: " + (" ".join(dict.fromkeys(said)) or error)
+    if error is None or ("fallback to CPU EP" in error and not any("Failed to create" in s for s in said)):
+        return None  # it started (and, at most, has no kernel for Add: the model's nodes are the question)
+    return f"{plan.providers[0]}: " + ("; ".join(dict.fromkeys(said)) or error)
 
 
 def provider_version(plan: DevicePlan) -> str:

@@ -218,7 +218,13 @@ def test_native_stdout_goes_to_stderr_and_onnxruntime_log_lines_read_plainly():
     assert log_message(line) == "[OpenVINO] Device NPU is not available"
 
 
-def test_cpu_plan_always_starts():
-    from edge_infer.devices.accelerators import did_not_start
+def test_cpu_plan_always_starts_and_a_provider_without_kernels_is_not_called_unstarted():
+    """The negative control of the start probe (tests/test_npu_providers.py has the positive one:
+    an OpenVINO device that is not there): onnxruntime's Azure provider starts but runs no Add, so
+    its failed probe is the nodes' problem, not a provider that did not start."""
+    from edge_infer.devices.accelerators import did_not_start, provider_start_failure
+    from edge_infer.devices.providers import DevicePlan
 
     assert did_not_start(resolve("cpu", [CPU], INT4)) is None
+    if "AzureExecutionProvider" in available_providers():
+        assert provider_start_failure(DevicePlan("azure", ("AzureExecutionProvider",), ({},), ())) is None
