@@ -89,6 +89,7 @@ def serve(models, host, port, api_key, api_key_file, parallel, max_length, max_q
     from edge_infer.serve.app import model_id_for
 
     many = len(models) != 1 or any(v is not None for v in (keep_alive, max_loaded, max_memory))
+    many = many or _embedding_model(models[0])  # an embedder is held by the registry, never by an engine
     model = models[0] if len(models) == 1 else ""
     server_config = ServerConfig(model_id=model_name or (model_id_for(model) if model else ""), host=host, port=port,
                                  api_key=api_key or None, allowed_hosts=tuple(allowed_host),
@@ -120,6 +121,25 @@ def serve(models, host, port, api_key, api_key_file, parallel, max_length, max_q
         return
 
     _serve_one(model, server_config, engine_config, device, threads, log_level, chat_template, speculative_kw)
+
+
+def _embedding_model(ref: str) -> bool:
+    """Whether `ref` names an embedding model in the store (a server of several models serves it, alone
+    or beside chat models); an embedding folder given by path is refused with how to serve it."""
+    from edge_infer.contract.embedding import TASK_EMBED
+    from edge_infer.contract.errors import UserError
+    from edge_infer.contract.model_store import resolve_model
+    from edge_infer.runtime.manifest import load_manifest
+
+    try:
+        folder = resolve_model(ref)
+        embedding = load_manifest(folder, verify=False).task == TASK_EMBED
+    except UserError:
+        return False  # the one-model path names the problem
+    if embedding and Path(ref).exists():
+        raise UserError(f"{ref} is an embedding model: serve it by store name (`edge-infer import {ref} --name "
+                        "NAME`, then `edge-infer serve NAME`, or beside chat models: `edge-infer serve NAME CHAT`)")
+    return embedding
 
 
 def _serve_one(model, server_config, engine_config, device, threads, log_level, chat_template, speculative_kw):

@@ -94,3 +94,57 @@ def test_a_chat_model_asked_to_embed_says_what_to_do(tiny_exports):
         assert "'tiny-chat' is a text-generation model" in str(e.value) and "--task embed" in str(e.value)
         with pytest.raises(openai.NotFoundError):
             client.embeddings.create(model="no-such-model", input="hello")
+
+
+def test_serve_one_embedding_model_by_name(embed_folder, tmp_path, monkeypatch):
+    """`edge-infer serve NAME` of an embedding model serves /v1/embeddings (through the registry), answering
+    what edge_infer.embed answers; the folder given by path is refused with how to serve it."""
+    import os
+    import re
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from click.testing import CliRunner
+
+    import edge_infer
+    from edge_infer.cli import main
+    from edge_infer.contract.model_store import folder_of
+
+    monkeypatch.setenv("EDGE_INFER_HOME", str(tmp_path / "home"))
+    shutil.copytree(embed_folder, folder_of("mini-embed"))
+    refused = CliRunner().invoke(main, ["serve", str(embed_folder), "--port", "0"])
+    assert refused.exit_code == 2 and "serve it by store name" in refused.output
+
+    proc = subprocess.Popen([sys.executable, "-m", "edge_infer.cli", "serve", "mini-embed", "--port", "0",
+                             "--threads", "1"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening at" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(120), "".join(lines)
+        url = re.search(r"listening at (http://\S+)/v1", "".join(lines)).group(1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        texts = ["a lighthouse on black rock", "bread"]
+        got = client.embeddings.create(model="mini-embed", input=texts)  # base64 on the wire (the client's default)
+        np.testing.assert_allclose(np.array([d.embedding for d in got.data]), edge_infer.embed("mini-embed", texts),
+                                   atol=1e-6)
+        assert got.usage.prompt_tokens == got.usage.total_tokens > 0
+        floats = client.embeddings.create(model="mini-embed", input=texts, encoding_format="float")
+        assert [d.embedding for d in floats.data] == [d.embedding for d in got.data]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
