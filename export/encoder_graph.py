@@ -109,10 +109,10 @@ def _rope_tables(b: _Builder, spec: EncoderSpec, positions: str) -> dict[str, tu
     out = {}
     for kind, theta in thetas.items():
         cos, sin = cos_sin_cache(RopeSpec(theta=theta, rotary_dim=spec.rotary_dim), spec.max_position_embeddings)
-        tables = [np.concatenate([t, t], axis=1) for t in (cos, sin)]  # (max_positions, rotary_dim)
-        out[kind] = tuple(b.one("Gather", [b.weight(f"{n}_cache_{kind}", t), positions], f"/model/rope_{kind}/{n}",
-                                axis=0) for n, t in zip(("cos", "sin"), tables))
-    return out  # type: ignore[return-value]
+        rows = [b.one("Gather", [b.weight(f"{n}_cache_{kind}", np.concatenate([t, t], axis=1)), positions],
+                      f"/model/rope_{kind}/{n}", axis=0) for n, t in (("cos", cos), ("sin", sin))]
+        out[kind] = (rows[0], rows[1])  # each (seq, rotary_dim) from (max_positions, rotary_dim) tables
+    return out
 
 
 def _rotate(b: _Builder, spec: EncoderSpec, x: str, rope: tuple[str, str], name: str) -> str:

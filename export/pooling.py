@@ -43,7 +43,7 @@ def embedding_record(folder: Path, config: dict, hidden: int, context: int, kind
     if isinstance(modules, list):
         pooling, normalize = _from_modules(folder, modules, pooling)
     st = _json(folder / "config_sentence_transformers.json") or {}
-    prompts = st.get("prompts") if isinstance(st.get("prompts"), dict) else {}
+    prompts: dict = st["prompts"] if isinstance(st.get("prompts"), dict) else {}
     bert = _json(folder / "sentence_bert_config.json") or {}
     max_tokens = int(bert.get("max_seq_length") or context)
     if matryoshka is None:
