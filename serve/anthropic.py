@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 
 from edge_infer.serve.http_layer import (Done, Submission, Text, client_gone, error_route, generation, prepare_prompt,
                                          read_request, server_state, submit)
-from edge_infer.serve.protocol import APIError, _sampling, _stops, bad
+from edge_infer.serve.protocol import APIError, Unknown, _sampling, _stops, bad, refuse_unknown
 from edge_infer.serve.request import Finished
 
 _FIELDS = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",
@@ -55,7 +55,7 @@ def _text(content: Any, where: str) -> str:
     raise bad(where, f"{where} must be a string or a list of text blocks")
 
 
-def to_chat(body: dict) -> tuple[list[dict], Any, Any, bool]:
+def to_chat(body: dict, unknown: Unknown = refuse_unknown) -> tuple[list[dict], Any, Any, bool]:
     """(messages, tools, tool_choice, parallel) in the OpenAI shapes, from a Messages API body."""
     out: list[dict] = []
     if body.get("system") is not None:
@@ -65,8 +65,9 @@ def to_chat(body: dict) -> tuple[list[dict], Any, Any, bool]:
         raise bad("messages", "messages must be a non-empty list of {role, content} objects")
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or set(m) - {"role", "content"}:
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise bad(where, f"{where} must be {{'role': 'user' | 'assistant', 'content': ...}}")
+        unknown(sorted(set(m) - {"role", "content"}), where, "role, content")
         content = m.get("content")
         if isinstance(content, str):
             out.append({"role": m["role"], "content": content})
@@ -125,11 +126,8 @@ def _tools(body: dict) -> tuple[Any, Any, bool]:
     return converted, {"auto": "auto", "any": "required", "none": "none"}[kind], parallel
 
 
-def _check(body: dict, allowed: set[str]) -> None:
-    unknown = sorted(k for k in body if k not in allowed)
-    if unknown:
-        raise bad(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}; this server honours "
-                  f"{', '.join(sorted(allowed))}")
+def _check(body: dict, allowed: set[str], unknown: Unknown) -> None:
+    unknown(sorted(k for k in body if k not in allowed), "the request", ", ".join(sorted(allowed)))
 
 
 def blocks(content: str | None, calls: list) -> list[dict]:
@@ -156,8 +154,9 @@ router = APIRouter(route_class=error_route(error_response))  # Anthropic's error
 
 async def _parse(request: Request, allowed: set[str]):
     body, served = await read_request(request)
-    _check(body, allowed)
-    messages, tools, choice, parallel = to_chat(body)
+    unknown = server_state(request).fields.found
+    _check(body, allowed, unknown)
+    messages, tools, choice, parallel = to_chat(body, unknown)
     prepared = await prepare_prompt(served, messages, kind="chat", tools=tools, tool_choice=choice,
                                     parallel_tool_calls=parallel)
     return body, served, prepared

@@ -58,14 +58,16 @@ async def one_model(request: Request, model_id: str):
 @router.post("/v1/chat/completions")
 async def chat(request: Request):
     body, served = await read_request(request)
-    parsed = parse_chat(body, server_state(request).config.max_stops, served.vocab_size)
+    state = server_state(request)
+    parsed = parse_chat(body, state.config.max_stops, served.vocab_size, state.fields.found)
     return await _generate(request, served, parsed)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request):
     body, served = await read_request(request)
-    parsed = parse_completion(body, server_state(request).config.max_stops, served.vocab_size)
+    state = server_state(request)
+    parsed = parse_completion(body, state.config.max_stops, served.vocab_size, state.fields.found)
     return await _generate(request, served, parsed)
 
 
@@ -135,7 +137,7 @@ def make_app(models: ModelResolver, config: ServerConfig, metrics: Metrics) -> F
         await run_in_threadpool(models.close)
 
     app = FastAPI(title="edge-infer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.server = ServerState(config, models, metrics)
+    app.state.server = ServerState.of(config, models, metrics)
     # the first engine (None for a server of several models, which loads them on demand)
     app.state.engine, app.state.metrics = next(iter(models.engines()), None), metrics
     _install_error_answers(app)

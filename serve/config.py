@@ -65,6 +65,7 @@ class ServerConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     max_stops: int = MAX_STOPS
     model_aliases: tuple[str, ...] = ()  # other names a request's "model" may give (--model-alias)
+    strict: bool = False  # unknown request fields are a 400 (--strict), not ignored and counted
 
     def serves(self, name: str) -> bool:
         """Whether a request naming model `name` is for this server (OpenAI answers 404 otherwise)."""

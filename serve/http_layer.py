@@ -45,6 +45,7 @@ from edge_infer.contract.errors import ContextLengthError, TokenizerError, UserE
 from edge_infer.runtime.tools import ToolCall
 from edge_infer.serve.config import ServerConfig
 from edge_infer.serve.engine import Engine, QueueFull, ShuttingDown
+from edge_infer.serve.fields import LENIENT, UnknownFields, llama_and_ollama_extras
 from edge_infer.serve.metrics import Metrics
 from edge_infer.serve.protocol import APIError, bad
 from edge_infer.serve.request import Delta, Failed, Finished, GenerationRequest, Handle
@@ -146,6 +147,12 @@ class ServerState:
     config: ServerConfig
     models: ModelResolver
     metrics: Metrics
+    fields: UnknownFields = LENIENT  # unknown request fields: refused (--strict) or ignored and counted
+
+    @classmethod
+    def of(cls, config: ServerConfig, models: ModelResolver, metrics: Metrics) -> "ServerState":
+        count = lambda name: metrics.ignored_fields.labels(name).inc()  # noqa: E731
+        return cls(config, models, metrics, UnknownFields(strict=config.strict, count=count))
 
 
 def server_state(request: Request) -> ServerState:
@@ -175,7 +182,7 @@ async def read_request(request: Request) -> tuple[dict, Served]:
     """The body and the model it names (a 404 for a model not served here; a model that is not
     loaded yet is loaded, or waited for, in a worker thread)."""
     state = server_state(request)
-    body = await read_json(request, state.config.max_body_bytes)
+    body = llama_and_ollama_extras(await read_json(request, state.config.max_body_bytes), state.fields)
     name = body.get("model")
     served = await resolve_model(request, name if isinstance(name, str) else None)
     return body, served

@@ -41,6 +41,9 @@ class Metrics:
                               buckets=_TTFT_BUCKETS, registry=r)
         self.inter_token = Histogram(p + "inter_token_latency_seconds", "Time between a stream's tokens",
                                      buckets=_ITL_BUCKETS, registry=r)
+        self.ignored_fields = Counter(p + "ignored_fields", "Unknown request fields ignored (serve --strict refuses "
+                                      "them), by name (the first 64 names; later ones count as other)", ["field"],
+                                      registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "Requests waiting for a slot", registry=r)
         self.active_slots = Gauge(p + "active_slots", "Slots running a request", registry=r)
         self.slots_total = Gauge(p + "slots", "Slots (--parallel)", registry=r)

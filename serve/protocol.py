@@ -15,7 +15,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from edge_infer.contract.errors import UserError, check_text
 from edge_infer.runtime.sampling import SamplingParams
@@ -52,6 +52,18 @@ def bad(param: str, message: str, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+# What a parser does with the unknown fields of one object: (names, where, what is honoured) -> None.
+# `refuse_unknown` is the OpenAI API's answer; the server passes serve.fields.UnknownFields.found.
+Unknown = Callable[[list[str], str, str], None]
+
+
+def refuse_unknown(names: list[str], where: str, honoured: str) -> None:
+    if names:
+        raise bad(names[0] if where == "the request" else where,
+                  f"unknown field(s) {', '.join(repr(k) for k in names)} in {where}; this server honours "
+                  f"{honoured}", code="unknown_parameter")
+
+
 @dataclass(frozen=True)
 class ParsedRequest:
     kind: str  # "chat" | "completion"
@@ -67,10 +79,10 @@ class ParsedRequest:
     parallel_tool_calls: bool = True
 
 
-def parse_chat(body: dict, max_stops: int, vocab_size: int) -> ParsedRequest:
+def parse_chat(body: dict, max_stops: int, vocab_size: int, unknown: Unknown = refuse_unknown) -> ParsedRequest:
     _check_fields(body, _COMMON | {"messages", "max_completion_tokens", "response_format", "tools", "tool_choice",
-                                   "parallel_tool_calls"}, _CHAT_OFF)
-    messages = _messages(body.get("messages"))
+                                   "parallel_tool_calls"}, _CHAT_OFF, unknown)
+    messages = _messages(body.get("messages"), unknown)
     max_tokens = _max_tokens(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _max_tokens(body, "max_tokens")
@@ -83,8 +95,9 @@ def parse_chat(body: dict, max_stops: int, vocab_size: int) -> ParsedRequest:
                                parallel_tool_calls=parallel)
 
 
-def parse_completion(body: dict, max_stops: int, vocab_size: int) -> ParsedRequest:
-    _check_fields(body, _COMMON | {"prompt", "response_format"}, _COMPLETION_OFF)
+def parse_completion(body: dict, max_stops: int, vocab_size: int,
+                     unknown: Unknown = refuse_unknown) -> ParsedRequest:
+    _check_fields(body, _COMMON | {"prompt", "response_format"}, _COMPLETION_OFF, unknown)
     return _parsed("completion", _prompt(body.get("prompt"), vocab_size), _max_tokens(body, "max_tokens"),
                    body, max_stops, vocab_size)
 
@@ -112,11 +125,9 @@ def _parsed(kind: str, prompt: Any, max_tokens: int | None, body: dict, max_stop
                          bool(stream), include_usage, response_format)
 
 
-def _check_fields(body: dict, honoured: set[str], off: dict[str, tuple]) -> None:
-    unknown = sorted(k for k in body if k not in honoured and k not in _IGNORED and k not in off)
-    if unknown:
-        raise bad(unknown[0], f"unknown field(s) {', '.join(repr(k) for k in unknown)}; this server honours "
-                  f"{', '.join(sorted(honoured))}", code="unknown_parameter")
+def _check_fields(body: dict, honoured: set[str], off: dict[str, tuple], unknown: Unknown) -> None:
+    unknown(sorted(k for k in body if k not in honoured and k not in _IGNORED and k not in off), "the request",
+            ", ".join(sorted(honoured)))
     if "model" in body and not isinstance(body["model"], str):
         raise bad("model", f"model must be a string, got {type(body['model']).__name__}")
     for name, allowed in off.items():
@@ -188,7 +199,7 @@ def _stops(stop: Any, max_stops: int) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _messages(messages: Any) -> list[dict]:
+def _messages(messages: Any, unknown: Unknown) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "messages must be a non-empty list of {role, content} objects")
     if len(messages) > MAX_MESSAGES:
@@ -198,10 +209,8 @@ def _messages(messages: Any) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(where, f"{where} must be an object with role and content")
-        extra = set(m) - {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
-        if extra:
-            raise bad(where, f"{where} has field(s) {', '.join(sorted(extra))}; a message has role, content, name, "
-                      f"and tool_calls (assistant) or tool_call_id (tool)")
+        unknown(sorted(set(m) - {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}), where,
+                "role, content, name, and tool_calls (assistant) or tool_call_id (tool)")
         role = m.get("role")
         if role not in CHAT_ROLES:
             raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")

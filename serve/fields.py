@@ -1,0 +1,91 @@
+"""Request fields outside the API a route speaks: the extras other servers' clients send, and unknown ones.
+
+Clients written for llama-server or Ollama send fields the OpenAI API lacks.
+Those that map onto a feature of ours are translated before the body is
+checked (`llama_and_ollama_extras`): `n_predict` and Ollama's
+`options.num_predict` are max_tokens, `options.temperature` / `top_p` /
+`top_k` / `seed` / `stop` / `min_p` / `repeat_penalty` the sampling fields,
+`format: "json"` a JSON response_format; `cache_prompt` (our prefix cache is
+always on) and `keep_alive` (a several-model server keeps models loaded by its
+own --keep-alive) are accepted. Any other unknown field is ignored, logged once
+per name and counted in `edge_infer_ignored_fields` (vLLM relaxed its parsing
+the same way); `serve --strict` answers them with a 400 naming the field, as
+the OpenAI API does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from edge_infer.serve.protocol import bad, refuse_unknown
+
+log = logging.getLogger("edge_infer.serve")
+
+MAX_NAMES = 64  # distinct field names logged and labelled; beyond them a scan counts as "other"
+ACCEPTED = frozenset({"cache_prompt", "keep_alive"})  # honoured by what the server always does
+_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop",
+            "min_p": "min_p", "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+            "frequency_penalty": "frequency_penalty", "num_predict": "max_tokens"}
+
+
+class UnknownFields:
+    """What a route does with fields it does not know: refuse (strict) or ignore, log once, count."""
+
+    def __init__(self, strict: bool = False, count: Callable[[str], None] | None = None):
+        self.strict = strict
+        self.count = count
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
+
+    def found(self, names: list[str], where: str, honoured: str) -> None:
+        """`names`: the unknown fields of one object (`where`: 'the request', 'messages[0]', ...)."""
+        if not names:
+            return
+        if self.strict:
+            refuse_unknown(names, where, honoured)
+        for name in names:
+            self._ignore(name[:64], where)
+
+    def _ignore(self, name: str, where: str) -> None:
+        with self.lock:
+            first = name not in self.seen and len(self.seen) < MAX_NAMES
+            if first:
+                self.seen.add(name)
+            label = name if name in self.seen else "other"
+        if first:
+            log.warning("ignoring the unknown request field %r (in %s; serve --strict refuses it)", name, where)
+        if self.count is not None:
+            self.count(label)
+
+
+LENIENT = UnknownFields()
+
+
+def llama_and_ollama_extras(body: dict, fields: UnknownFields) -> dict:
+    """`body` with llama-server's and Ollama's extras moved onto the OpenAI fields they mean (fields the
+    request also gives directly win); under --strict the body is left as it is."""
+    if fields.strict:
+        return body
+    out = {k: v for k, v in body.items() if k not in ACCEPTED}
+    n_predict = out.pop("n_predict", None)
+    if n_predict is not None and out.get("max_tokens") is None:
+        out["max_tokens"] = None if n_predict == -1 else n_predict  # -1: until the context ends
+    if "repeat_penalty" in out:
+        out.setdefault("repetition_penalty", out.pop("repeat_penalty"))
+    if out.get("format") == "json":
+        out.pop("format")
+        out.setdefault("response_format", {"type": "json_object"})
+    options = out.pop("options", None)
+    if options is not None:
+        if not isinstance(options, dict):
+            raise bad("options", "options must be an object (Ollama's: temperature, top_p, num_predict, ...)")
+        for key, value in options.items():
+            if key in _OPTIONS:
+                if _OPTIONS[key] == "max_tokens" and value == -1:
+                    continue
+                out.setdefault(_OPTIONS[key], value)
+            else:
+                fields.found([key], "options", ", ".join(sorted(_OPTIONS)))
+    return out
