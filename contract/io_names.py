@@ -53,3 +53,4 @@ def present_pair(layer: int) -> tuple[str, str]:
 #   input_ids, attention_mask  (batch, sequence_length)  int64, right-padded
 #   -> last_hidden_state       (batch, sequence_length, hidden)  float32
 LAST_HIDDEN_STATE = "last_hidden_state"
+TOKEN_TYPE_IDS = "token_type_ids"  # encoders exported through optimum (BERT-likes): all zeros, one segment

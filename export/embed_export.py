@@ -39,7 +39,15 @@ def source_is_encoder(src: str | Path) -> bool:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (ValueError, UnicodeDecodeError, AttributeError):
         return False  # the regular route names the problem
-    return resolve_encoder_type(model_type) is not None
+    if resolve_encoder_type(model_type) is not None:
+        return True
+    from edge_infer.export.arch import ALIASES, SUPPORTED
+
+    if ALIASES.get(model_type, model_type) in SUPPORTED:
+        return False
+    from edge_infer.export import embed_optimum
+
+    return embed_optimum.supports(model_type)
 
 
 def export_embedding(src: str | Path, out: str | Path, options: ExportOptions, progress: Progress) -> Path:
@@ -53,16 +61,18 @@ def export_embedding(src: str | Path, out: str | Path, options: ExportOptions, p
     check_target(out, options.force)
     progress.stage(f"reading {src}")
     source = open_source(src)
-    encoder = resolve_encoder_type(source.config.get("model_type")) is not None
-    if encoder and options.quant == "fp16":
+    build = _build_for(source, options)
+    if build.kind == "encoder" and options.quant == "fp16":
         raise UserError("encoder exports take --quant fp32, int8 or int4 (their activations stay fp32)")
-    build = _encoder_build(source) if encoder else _decoder_build(source, options)
     record = _record(source, build, options)  # before anything is built: an unsupported pipeline stops here
-    progress.note(f"embedding export ({'encoder' if encoder else 'decoder'}) of {build.model_type}: "
+    progress.note(f"embedding export ({build.kind}, {build.route} route) of {build.model_type}: "
                   f"{build.num_layers} layers, hidden {build.hidden_size}, up to {build.max_tokens} tokens")
     with atomic_folder(out, options.force) as tmp:
-        _, io, quant_info, _ = _build_streamed(None, build.spec, source, build.max_tokens, options, tmp, progress,
-                                               recipe=build.recipe, build=build.graph)
+        if build.route == "optimum":
+            io, quant_info = _write_optimum(source, options, tmp, progress)
+        else:
+            _, io, quant_info, _ = _build_streamed(None, build.spec, source, build.max_tokens, options, tmp,
+                                                   progress, recipe=build.recipe, build=build.graph)
         quant_info.pop("_kept", None)
         quant_info.pop("_folded", None)
         _remove_float_graph(tmp)
@@ -75,13 +85,60 @@ def export_embedding(src: str | Path, out: str | Path, options: ExportOptions, p
 
 
 class _Build:
-    """What differs between the encoder and the decoder route: the spec, its weight recipe, its
-    graph builder and the geometry the manifest records."""
+    """What differs between the routes: the spec, its weight recipe, its graph builder (none on the
+    optimum route) and the geometry the manifest records."""
 
-    def __init__(self, spec: Any, recipe: dict, graph, kind: str, max_tokens: int, kv_heads: int, head_dim: int):
+    def __init__(self, spec: Any, recipe: dict, graph, kind: str, max_tokens: int, kv_heads: int, head_dim: int,
+                 route: str = "direct"):
         self.spec, self.recipe, self.graph, self.kind, self.max_tokens = spec, recipe, graph, kind, max_tokens
+        self.route = route
         self.model_type, self.num_layers, self.hidden_size = spec.model_type, spec.num_layers, spec.hidden_size
         self.num_heads, self.kv_heads, self.head_dim = spec.num_heads, kv_heads, head_dim
+
+
+def _build_for(source: Source, options: ExportOptions) -> _Build:
+    """Our encoder builder, our decoder builder (--task embed), or optimum's feature-extraction export."""
+    from edge_infer.export.arch import ALIASES, SUPPORTED
+    from edge_infer.export.encoders import SUPPORTED as ENCODERS
+
+    model_type = source.config.get("model_type")
+    if resolve_encoder_type(model_type) is not None:
+        return _encoder_build(source)
+    if ALIASES.get(model_type, model_type) in SUPPORTED or source.kind == "gguf":
+        return _decoder_build(source, options)
+    from edge_infer.export import embed_optimum
+
+    if not embed_optimum.supports(model_type):
+        raise UserError(f"architecture '{model_type}' cannot be exported for embeddings: encoders "
+                        f"{', '.join(ENCODERS)}, decoders {', '.join(SUPPORTED)} (--task embed), or what optimum-onnx "
+                        "exports for feature extraction when the export extra is installed")
+    g = embed_optimum.Geometry(source.path)
+    return _Build(g, {}, None, "encoder", g.max_position_embeddings, g.num_heads, g.hidden_size // g.num_heads,
+                  route="optimum")
+
+
+def _write_optimum(source: Source, options: ExportOptions, tmp: Path, progress: Progress) -> tuple[Any, dict]:
+    """optimum's graph, quantized by the same rewrite as ours, saved into `tmp`: (io, quantization details)."""
+    from edge_infer.export import embed_optimum
+    from edge_infer.export.export_folder import save_graph
+    from edge_infer.export.graph import GraphIO
+
+    if options.quant == "fp16":
+        raise UserError("encoder exports take --quant fp32, int8 or int4 (their activations stay fp32)")
+    model = embed_optimum.export_graph(source.path, progress)
+    info: dict = {}
+    config = options.quant_config()
+    if config is not None:
+        from edge_infer.quantize.rewrite import quantize_graph, quantize_summary
+
+        progress.stage(f"quantizing to {options.quant}")
+        model = quantize_graph(model, config)
+        info = {"summary": quantize_summary(model)}
+    progress.stage("writing model")
+    save_graph(model, tmp)
+    inits = {t.name for t in model.graph.initializer}
+    return GraphIO(tuple(i.name for i in model.graph.input if i.name not in inits),
+                   tuple(o.name for o in model.graph.output)), info
 
 
 def _encoder_build(source: Source) -> _Build:
@@ -134,8 +191,9 @@ def _manifest_body(source: Source, build: _Build, io, options: ExportOptions, qu
                   "vocab_size": build.spec.vocab_size, "max_length": build.max_tokens,
                   "context_length": build.spec.max_position_embeddings},
         "graph": GraphRecord(GRAPH_FILE, io.inputs, io.outputs, dtype=_dtype(build, options),
-                             data_file=DATA_FILE, route="direct",
-                             ops=("standard ONNX ops" if build.kind == "encoder" else
+                             data_file=DATA_FILE, route=build.route,
+                             ops=("optimum-onnx feature-extraction export" if build.route == "optimum" else
+                                  "standard ONNX ops" if build.kind == "encoder" else
                                   "com.microsoft GroupQueryAttention (empty past), SkipSimplifiedLayerNormalization")
                              + ", MatMulNBits where quantized").to_manifest(),
         "embedding": record.to_manifest(),

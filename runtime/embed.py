@@ -21,7 +21,7 @@ import numpy as np
 from edge_infer.contract.embedding import TASK_EMBED, EmbeddingRecord
 from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
 from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, PAST_PREFIX, POSITION_IDS,
-                                          QUERY_SEQLENS)
+                                          QUERY_SEQLENS, TOKEN_TYPE_IDS)
 from edge_infer.runtime.manifest import Manifest, load_manifest
 from edge_infer.runtime.tokenizer import Tokenizer
 
@@ -139,6 +139,8 @@ class EmbeddingModel:
             feed[QUERY_SEQLENS] = lengths
             empty = np.zeros((n, self.kv_shape[0], 0, self.kv_shape[1]), self.dtype)  # (batch, kv_heads, 0, head_dim)
             feed.update({name: empty for name in self.inputs if name.startswith(PAST_PREFIX)})
+        if TOKEN_TYPE_IDS in self.inputs:  # optimum's BERT-likes: one segment
+            feed[TOKEN_TYPE_IDS] = np.zeros_like(ids)
         if POSITION_IDS in self.inputs:
             feed[POSITION_IDS] = np.broadcast_to(np.arange(longest, dtype=np.int64), (n, longest)).copy()
         hidden = self.session.run([LAST_HIDDEN_STATE], feed)[0].astype(np.float32)  # (batch, seq, hidden)

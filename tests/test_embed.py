@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tiny_encoders import ENCODERS, make_encoder_checkpoint, reference_embeddings, write_pooling
+from tiny_encoders import ENCODERS, OPTIMUM_ENCODERS, make_encoder_checkpoint, reference_embeddings, write_pooling
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "x", "Paris is the capital of France. Numbers 0123456789.",
          "Tabs and  double  spaces, more than one sliding window of tokens. " * 2]
@@ -31,7 +31,7 @@ def exports(tmp_path_factory):
     def get(kind: str, quant: str = "fp32"):
         if kind not in sources:
             root = tmp_path_factory.mktemp(f"embed-src-{kind}")
-            if kind in ENCODERS:
+            if kind in ENCODERS + OPTIMUM_ENCODERS:
                 sources[kind] = make_encoder_checkpoint(kind, root / "src")
             else:
                 sources[kind] = make_checkpoint(kind, root / "src")
@@ -52,14 +52,16 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-@pytest.mark.parametrize("kind", [*ENCODERS, "qwen3", "llama"])
+@pytest.mark.parametrize("kind", [*ENCODERS, *OPTIMUM_ENCODERS, "qwen3", "llama"])
 def test_parity_with_transformers(exports, kind):
     from edge_infer.runtime.embed import load_embedding
 
     src, folder = exports(kind)
     model = load_embedding(folder)
-    want = {"bert": "mean", "xlm-roberta": "cls", "modernbert": "mean", "qwen3": "last_token", "llama": "last_token"}
+    want = {"bert": "mean", "xlm-roberta": "cls", "modernbert": "mean", "qwen3": "last_token", "llama": "last_token",
+            "mpnet": "mean", "distilbert": "cls"}
     assert model.record.pooling == want[kind]
+    assert model.raw["graph"]["route"] == ("optimum" if kind in OPTIMUM_ENCODERS else "direct")
     ids = model.tokenize(TEXTS)
     if kind == "modernbert":
         assert max(map(len, ids)) > 8  # longer than the sliding window: the local layers' mask matters
@@ -73,7 +75,7 @@ def test_parity_with_transformers(exports, kind):
         np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", [*ENCODERS, "qwen3"])
+@pytest.mark.parametrize("kind", [*ENCODERS, "mpnet", "qwen3"])
 def test_int8_close_to_fp32_and_batch_invariant(exports, kind):
     from edge_infer.runtime.embed import load_embedding
 
@@ -207,3 +209,10 @@ def test_named_prompts(exports):
     np.testing.assert_array_equal(model.embed(TEXTS[:2], prompt_name="query"), model.embed([prefix + t for t in TEXTS[:2]]))
     with pytest.raises(UserError, match="no prompt named 'passage'.*document, query"):
         model.embed(TEXTS[:1], prompt_name="passage")
+
+
+def test_auto_task_routes_encoders_to_embedding(exports):
+    from edge_infer.export.embed_export import source_is_encoder
+
+    assert source_is_encoder(exports("bert")[0]) and source_is_encoder(exports("distilbert")[0])
+    assert not source_is_encoder(exports("qwen3")[0])  # a decoder embeds only with --task embed

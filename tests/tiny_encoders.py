@@ -9,25 +9,30 @@ from pathlib import Path
 from tiny import TEXT
 
 ENCODERS = ("bert", "xlm-roberta", "modernbert")
+OPTIMUM_ENCODERS = ("mpnet", "distilbert")  # no builder of ours: optimum-onnx's feature-extraction export
 # (pooling mode key in 1_Pooling/config.json, Normalize module or not), per family in these tests
 POOLING = {"bert": ("pooling_mode_mean_tokens", True), "xlm-roberta": ("pooling_mode_cls_token", False),
-           "modernbert": ("pooling_mode_mean_tokens", True), "qwen3": ("pooling_mode_lasttoken", True)}
+           "modernbert": ("pooling_mode_mean_tokens", True), "qwen3": ("pooling_mode_lasttoken", True),
+           "mpnet": ("pooling_mode_mean_tokens", True), "distilbert": ("pooling_mode_cls_token", True)}
 SPECIALS = {"bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
             "xlm-roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],  # id 1 = padding_idx, as in XLM-R
-            "modernbert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
+            "modernbert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+            "mpnet": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],  # id 1 = padding_idx, as in MPNet
+            "distilbert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
 
 
 def make_encoder_tokenizer(kind: str):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
     specials = SPECIALS[kind]
-    unk = specials[3] if kind == "xlm-roberta" else "[UNK]"
+    roberta_like = kind in ("xlm-roberta", "mpnet")
+    unk = specials[3] if roberta_like else "[UNK]"
     tok = Tokenizer(models.WordPiece(unk_token=unk))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
     tok.train_from_iterator([TEXT], trainer)
-    cls, sep = (specials[0], specials[2]) if kind == "xlm-roberta" else ("[CLS]", "[SEP]")
+    cls, sep = (specials[0], specials[2]) if roberta_like else ("[CLS]", "[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))])
     return tok
@@ -48,6 +53,12 @@ def make_encoder_config(kind: str, vocab: int, **over):
                                                 "global_attn_every_n_layers": 3, "local_rope_theta": 1000.0,
                                                 "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3,
                                                 "cls_token_id": 2, "sep_token_id": 3, **over})
+    if kind == "mpnet":
+        return transformers.MPNetConfig(**{**common, "max_position_embeddings": 130, "pad_token_id": 1,
+                                           "bos_token_id": 0, "eos_token_id": 2, **over})
+    if kind == "distilbert":
+        return transformers.DistilBertConfig(vocab_size=vocab, dim=64, hidden_dim=128, n_layers=2, n_heads=4,
+                                             max_position_embeddings=128, pad_token_id=0, **over)
     raise ValueError(kind)
 
 
