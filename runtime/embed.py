@@ -42,7 +42,8 @@ class Embeddings:
 class EmbeddingModel:
     """A loaded embedding folder: its record, tokenizer and onnxruntime session."""
 
-    def __init__(self, manifest: Manifest, threads: int | None = None):
+    def __init__(self, manifest: Manifest, threads: int | None = None, device: str = "auto"):
+        from edge_infer.devices import ModelTraits, available_providers, resolve
         from edge_infer.devices.ort import ort
         from edge_infer.devices.providers import cpu_session_options
         from edge_infer.runtime.model import check_external_data
@@ -60,8 +61,14 @@ class EmbeddingModel:
         self.pad_id = spec.pad_token_id if spec.pad_token_id is not None else 0
         graph = self.folder / manifest.graph_file
         check_external_data(graph)  # no tensor read from outside the folder
+        bits = manifest.quantization.bits
+        traits = ModelTraits(dtype=manifest.dtype, contrib_ops=self.record.kind == "decoder" or bool(bits),
+                             quant_bits=bits)
+        self.plan = resolve(device, available_providers(), traits)  # an explicit device that cannot run it: says why
         self.session = ort.InferenceSession(str(graph), cpu_session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+                                            providers=self.plan.session_providers())
+        if self.session.get_providers()[0] != self.plan.providers[0]:
+            raise UserError(f"requested {self.plan.providers[0]} but onnxruntime runs {self.session.get_providers()[0]}")
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     @property
@@ -195,7 +202,8 @@ def _texts(texts: Sequence[str] | str) -> list[str]:
     return out
 
 
-def load_embedding(path: str | os.PathLike, threads: int | None = None, verify: bool = True) -> EmbeddingModel:
+def load_embedding(path: str | os.PathLike, threads: int | None = None, verify: bool = True,
+                   device: str = "auto") -> EmbeddingModel:
     """Open an embedding folder (a path, or a model store name); a text-generation folder gets an error
     that says what to export instead."""
     manifest = load_manifest(path, verify=verify)
@@ -203,13 +211,13 @@ def load_embedding(path: str | os.PathLike, threads: int | None = None, verify: 
         raise UserError(f"model {manifest.folder.name} is a text-generation model ({manifest.geometry.architecture}) "
                         "and has no embedding output: export an embedding model (`edge-infer export SRC --task embed "
                         "-o OUT`, or an encoder folder such as BERT) and embed with that")
-    return EmbeddingModel(manifest, threads)
+    return EmbeddingModel(manifest, threads, device)
 
 
 def embed(model: EmbeddingModel | str | os.PathLike, texts: Sequence[str] | str, dimensions: int | None = None,
-          threads: int | None = None, prompt_name: str | None = None) -> np.ndarray:
+          threads: int | None = None, prompt_name: str | None = None, device: str = "auto") -> np.ndarray:
     """Embed `texts` (a string or a list) with `model` (a loaded EmbeddingModel, a folder path or a store name):
     (len(texts), dimensions) float32, L2-normalized when the model's record says so."""
     if not isinstance(model, EmbeddingModel):
-        model = load_embedding(model, threads=threads)
+        model = load_embedding(model, threads=threads, device=device)
     return model.embed(_texts(texts), dimensions, prompt_name)

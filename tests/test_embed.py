@@ -216,3 +216,12 @@ def test_auto_task_routes_encoders_to_embedding(exports):
 
     assert source_is_encoder(exports("bert")[0]) and source_is_encoder(exports("distilbert")[0])
     assert not source_is_encoder(exports("qwen3")[0])  # a decoder embeds only with --task embed
+
+
+def test_an_explicit_device_that_is_missing_is_named(exports, cpu_only_build):
+    from edge_infer.contract.errors import UserError
+    from edge_infer.runtime.embed import load_embedding
+
+    with pytest.raises(UserError, match="device 'cuda' is not available"):
+        load_embedding(exports("bert")[1], device="cuda")
+    assert load_embedding(exports("bert")[1], device="cpu").plan.device == "cpu"
