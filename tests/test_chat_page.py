@@ -179,3 +179,21 @@ def test_markdown_renderer_builds_only_safe_elements(model, browser):
         code = page.evaluate("t => [...renderMarkdown(t).querySelectorAll('pre code')].map(c => c.textContent)", text)
         assert code == ["print('<script>alert(1)</script>')", "unclosed <img src=x onerror=alert(1)>"]
         page.close()
+
+
+def test_reasoning_is_shown_folded(model, browser):
+    """A reply's reasoning (the server's `reasoning_content` deltas, or `<think>` text left in the content
+    by --reasoning-format none) goes in a folded <details> above the answer, rendered as safely."""
+    with serve(model, SlowModel(model, 0.0), api_key=None) as s:
+        page = browser.new_page()
+        page.goto(s.url + "/")
+        page.wait_for_selector("body.ready")
+        show = """m => { const n = messageNode(m); const d = n.querySelector('details.reasoning');
+                         return d && [d.open, d.querySelector('.md').textContent, n.querySelector(':scope > .md').textContent,
+                                      n.querySelectorAll('b, script').length]; }"""
+        separate = {"role": "assistant", "content": "Paris.", "reasoning": "France's capital <b>is</b>"}
+        assert page.evaluate(show, separate) == [False, "France's capital <b>is</b>", "Paris.", 0]
+        inline = {"role": "assistant", "content": "<think>France's capital</think>Paris."}
+        assert page.evaluate(show, inline) == [False, "France's capital", "Paris.", 0]
+        assert page.evaluate(show, {"role": "assistant", "content": "Paris."}) is None
+        page.close()
