@@ -58,9 +58,9 @@ class Embedder:
         self.model.session = None  # the session's memory goes with its last reference
 
 
-def load_embedder(folder, threads: int | None = None) -> Embedder:
+def load_embedder(folder, threads: int | None = None, device: str = "auto") -> Embedder:
     """What the model registry holds for an embedding folder (its loader for the `embed` kind)."""
-    return Embedder(load_embedding(folder, threads=threads))
+    return Embedder(load_embedding(folder, threads=threads, device=device))
 
 
 def parse_embedding_request(body: dict) -> EmbeddingRequest:

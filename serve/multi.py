@@ -141,7 +141,7 @@ class StoreModels:
     def _load_embed(self, name: str, folder: Path) -> Loaded:
         from edge_infer.serve.embeddings import load_embedder
 
-        embedder = load_embedder(folder, threads=self.threads)
+        embedder = load_embedder(folder, threads=self.threads, device=self.device)
         return Loaded(EMBED, embedder, embedder.close)
 
     def _load_chat(self, name: str, folder: Path) -> Loaded:
