@@ -35,17 +35,21 @@ WARN_RATIO = 1.05  # a perplexity cost the export says out loud
 def calibrate_kv_cache(folder: Path, graph_file: str, source: Source, spec: DecoderSpec, kind: str,
                        max_length: int, progress: Progress) -> dict[str, Any]:
     """Quantize the cache of `folder/graph_file` to `kind`; returns the manifest's kv_cache record."""
-    progress.stage(f"calibrating the {kind} KV cache")
+    # two passes over the text (held-out, calibration), then each layer's scales
+    bar = progress.stage(f"calibrating the {kind} KV cache", total=2 + spec.num_layers, unit="step")
     calib, held_out = _token_ids(source, spec, max_length)
     path = folder / graph_file
     session = session_for(str(path))
     float_logits, presents = _run(session, spec, held_out, np.float16 if is_fp16(session) else np.float32)
+    bar.advance()
     _, presents = _run(session, spec, calib, presents[0].dtype)
+    bar.advance()
     del session
     scales = []
     for i in range(spec.num_layers):
         keys, values = presents[2 * i][0], presents[2 * i + 1][0]  # (kv_heads, n, head_dim)
         scales.append(kv_scales(keys, values, _layer_rope(spec, i, max_length), kind))
+        bar.advance()
     model = onnx.load(str(path), load_external_data=False)  # the header only: weights stay where they are
     quantize_kv_graph(model, scales, kind)
     onnx.save_model(model, str(path))

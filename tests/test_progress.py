@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from terminal import Terminal, edge_infer_argv
 
 import edge_infer
@@ -41,6 +43,17 @@ def test_export_callback_sees_every_stage_in_order(tiny_checkpoints, tmp_path):
     assert len(by["quantizing"]) > 3 and len(by["writing"]) > 3  # counted per weight / tensor, not 0 -> 1
     assert by["manifest"][-1][1] == sum(f["size"] for f in manifest["files"].values())  # bytes hashed
     assert len(by["validating"]) > 2
+    with pytest.raises(edge_infer.UserError, match="export\\(\\) has no option 'quantt'"):
+        edge_infer.export(tiny_checkpoints("llama"), tmp_path / "n", quantt="int4")
+
+
+def test_kv_cache_calibration_stages_count_too(tiny_checkpoints, tmp_path):
+    events: list[tuple[str, int, int]] = []
+    edge_infer.export(tiny_checkpoints("llama"), tmp_path / "m", quant="fp32", max_length=64, kv_cache="int8",
+                      validate=False, progress=lambda *e: events.append(e))
+    by = stages_of(events)
+    assert list(by) == ["reading", "building", "calibrating", "checking", "manifest"]
+    assert [d for d, _ in by["calibrating"]] == list(range(0, 2 + 2 + 1))  # two passes, then 2 layers' scales
 
 
 def test_load_callback_counts_the_bytes_it_verifies(tiny_exports):
