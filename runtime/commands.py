@@ -135,6 +135,9 @@ def inspect(model, no_verify, as_json, device, threads, padding):
     click.echo(f"context     max_length {g.max_length} (model context {g.context_length}); "
                f"KV cache {m.kv_dtype}, {m.kv_bytes() / 2**20:.0f} MiB per sequence")
     click.echo(f"weights     {m.quantization.describe()}")
+    tok = m.tokenizer
+    click.echo("template    " + ((tok.chat_template_origin or "the model's own") if tok.chat_template_file
+                                 else "none: prompts go in as raw text (export --chat-template NAME|FILE)"))
     size = sum(f["size"] for f in m.files.values())
     click.echo(f"files       {len(m.files)} files, {size / 2**20:.1f} MiB"
                + ("" if no_verify else ", all sha256 verified"))

@@ -95,6 +95,7 @@ def test_chat_template_option_at_export_and_at_run(tiny_checkpoints, tmp_path):
     tok = json.loads((out / "manifest.json").read_text())["tokenizer"]
     assert tok["chat_template_origin"] == "built-in llama3"
     assert (out / tok["chat_template_file"]).read_text() == BUILTIN["llama3"]
+    assert "template    built-in llama3" in CliRunner().invoke(main, ["inspect", str(out)]).stdout
 
     custom = tmp_path / "qa.jinja"
     custom.write_text("{{ 'Q: ' ~ messages[-1]['content'] ~ '\\nA:' }}")
