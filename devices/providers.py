@@ -225,6 +225,9 @@ def _plan(provider: Provider, have: set[str], reasons: list[str]) -> DevicePlan:
         names.append(CPU)
         options.append({})
         reasons.append(f"cpu: fallback only, for nodes {provider.name} has no kernel for")
+    if provider.name == "cuda":
+        reasons.append("cuda: the KV cache stays in GPU memory (shared-buffer exports: bound by address, only ids "
+                       "in and logits out per pass); CUDA graphs off (a decode step's mask grows each step)")
     if provider.kind == "gpu" and provider.contrib_ops == "int4":
         reasons.append(
             f"{provider.name}: MatMulNBits support depends on the onnxruntime build; check the session's node placement"

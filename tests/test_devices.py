@@ -36,6 +36,7 @@ def test_auto_picks_cuda_when_present():
     assert plan.providers == (CUDA, CPU)
     assert plan.reasons[0].startswith("cuda: chosen")
     assert plan.session_providers() == [(CUDA, {}), (CPU, {})]
+    assert any(r.startswith("cuda: the KV cache stays in GPU memory") for r in plan.reasons)
 
 
 def test_auto_cpu_only_explains_every_skip():
