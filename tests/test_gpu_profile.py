@@ -104,6 +104,7 @@ def test_tiny_gpu_profile_matches_fp32_on_cpu(kind, exports, tiny_checkpoints):
           f"{clear}/16 with a clear margin")
 
 
+@pytest.mark.slow
 def test_default_model_gpu_profile_matches_fp32_on_cpu(exports):
     from edge_infer.export.sources import default_model_path
 
