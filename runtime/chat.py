@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from edge_infer.contract.errors import ContextLengthError
+from edge_infer.runtime.chat_template import check_template_kwargs
 from edge_infer.runtime.generate import DEFAULT_MAX_TOKENS, Chunk, encode_prompt, stream_generate
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams
@@ -14,8 +15,9 @@ from edge_infer.runtime.speculative import SpeculativeConfig
 class ChatSession:
     def __init__(self, model: Model, system: str | None = None, max_tokens: int | None = None,
                  sampling: SamplingParams | None = None, stop: Sequence[str] = (),
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None, template_kwargs: dict | None = None):
         self.model = model
+        self.template_kwargs = check_template_kwargs(template_kwargs)  # e.g. {"enable_thinking": False}
         self.system = system
         self.max_tokens = max_tokens
         self.sampling = sampling or SamplingParams()
@@ -45,7 +47,7 @@ class ChatSession:
         self.history.append({"role": "user", "content": text})
         self.dropped = 0
         room = self.max_tokens or DEFAULT_MAX_TOKENS
-        while len(encode_prompt(self.model, self._messages())) + room > self.cache.max_length:
+        while len(encode_prompt(self.model, self._messages(), self.template_kwargs)) + room > self.cache.max_length:
             if len(self.history) <= 1:
                 self.history.pop()
                 raise ContextLengthError("this message alone does not fit the context; send a shorter one")
@@ -54,7 +56,8 @@ class ChatSession:
         reply = []
         for chunk in stream_generate(self.model, self._messages(), max_tokens=self.max_tokens,
                                      sampling=self.sampling, stop=self.stop, cache=self.cache,
-                                     speculative=self.speculative, draft_cache=self.draft_cache):
+                                     speculative=self.speculative, draft_cache=self.draft_cache,
+                                     template_kwargs=self.template_kwargs):
             reply.append(chunk.text)
             yield chunk
         self.history.append({"role": "assistant", "content": "".join(reply)})

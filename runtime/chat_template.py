@@ -30,7 +30,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -382,3 +382,19 @@ def _validate_messages(messages: Any) -> None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
+
+
+def check_template_kwargs(template_kwargs: Any) -> dict[str, Any]:
+    """Variables for the chat template beside the messages: a mapping of names to JSON-like values."""
+    if template_kwargs is None:
+        return {}
+    if not isinstance(template_kwargs, Mapping) or not all(isinstance(k, str) for k in template_kwargs):
+        raise UserError("template_kwargs must be a mapping of variable names to values, e.g. "
+                        "{'enable_thinking': False}")
+    taken = sorted(RESERVED_TEMPLATE_VARIABLES & set(template_kwargs))
+    if taken:
+        raise UserError(f"template_kwargs cannot set {', '.join(taken)}: the prompt itself sets it")
+    return dict(template_kwargs)

@@ -109,3 +109,51 @@ def wants_shared_threads(kw: dict) -> bool:
     if mode == "draft" and path is None:
         raise UserError("--speculative draft needs a draft model: add --draft MODEL")
     return path is not None
+
+
+def thinking_options(f):
+    """--think/--no-think and --hide-thinking, for run and chat (reasoning models)."""
+    f = click.option("--hide-thinking", is_flag=True,
+                     help="Reasoning models: do not show the <think> text (shown dimmed by default).")(f)
+    f = click.option("--think/--no-think", "think", default=None,
+                     help="Reasoning models: turn thinking on or off (the template's enable_thinking) "
+                          "[default: the template's].")(f)
+    return f
+
+
+def template_kwargs_from(think: bool | None) -> dict | None:
+    return None if think is None else {"enable_thinking": think}
+
+
+class ReplyPrinter:
+    """Echoes a streamed reply to stdout: a reasoning model's thinking dimmed, or hidden."""
+
+    def __init__(self, model, hide: bool, template_kwargs: dict | None = None):
+        from edge_infer.runtime.reasoning import ReasoningSplitter, emits_thinking, opens_thinking
+
+        template = model.chat_template
+        self.splitter = None
+        if emits_thinking(template):
+            probe = template.render([{"role": "user", "content": "?"}], **(template_kwargs or {}))
+            self.splitter = ReasoningSplitter(inside=opens_thinking(probe))
+        self.hide = hide
+        self.thinking = False  # the last thing shown was thinking (a newline separates it from the answer)
+
+    def feed(self, text: str) -> None:
+        self._show(self.splitter.feed(text) if self.splitter is not None else [("content", text)])
+
+    def finish(self) -> None:
+        if self.splitter is not None:
+            self._show(self.splitter.finish())
+
+    def _show(self, pieces: list[tuple[str, str]]) -> None:
+        for kind, text in pieces:
+            if kind == "reasoning":
+                if not self.hide:
+                    click.echo(click.style(text, dim=True), nl=False)
+                    self.thinking = True
+                continue
+            if self.thinking:
+                click.echo("\n")
+                self.thinking = False
+            click.echo(text, nl=False)

@@ -10,8 +10,9 @@ import sys
 
 import click
 
-from edge_infer.runtime.cli_options import (chat_template_option, load_model, sampling_from_options, sampling_options,
-                                            speculative_from_options, speculative_options, wants_shared_threads)
+from edge_infer.runtime.cli_options import (ReplyPrinter, chat_template_option, load_model, sampling_from_options,
+                                            sampling_options, speculative_from_options, speculative_options,
+                                            template_kwargs_from, thinking_options, wants_shared_threads)
 
 
 @click.command()
@@ -27,10 +28,11 @@ from edge_infer.runtime.cli_options import (chat_template_option, load_model, sa
 @click.option("--grammar", "lark", type=click.Path(dir_okay=False), default=None,
               help="Constrain the output to the Lark grammar in this file.")
 @chat_template_option
+@thinking_options
 @sampling_options
 @speculative_options
 def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, json_schema, json_object, regex, lark,
-        chat_template, **kw):
+        chat_template, think, hide_thinking, **kw):
     """Generate from PROMPT ('-' reads stdin) and stream the text to stdout."""
     from edge_infer.contract.errors import check_text
     from edge_infer.runtime.cli_constraints import constraint_options
@@ -53,11 +55,17 @@ def run(model, prompt, raw, system, stats, max_tokens, stop, device, threads, js
         click.echo("[this model has no chat template: PROMPT goes in as raw text; --chat-template NAME|FILE gives "
                    "it one]", err=True)
     last = None
+    template_kwargs = template_kwargs_from(think) if messages else None
+    printer = ReplyPrinter(m, hide_thinking, template_kwargs) if messages else None
     for chunk in stream_generate(m, messages or prompt, max_tokens=max_tokens, sampling=sampling, stop=stop,
-                                 speculative=speculative, **structured):
-        if chunk.text:
+                                 speculative=speculative, template_kwargs=template_kwargs, **structured):
+        if chunk.text and printer is not None:
+            printer.feed(chunk.text)
+        elif chunk.text:
             click.echo(chunk.text, nl=False)
         last = chunk
+    if printer is not None:
+        printer.finish()
     click.echo()
     if stats and last and last.timings:
         _print_timings(last)
@@ -88,9 +96,10 @@ def _print_timings(chunk) -> None:
 @click.option("--system", default=None, help="System message.")
 @click.option("--stats/--no-stats", default=False, show_default=True)
 @chat_template_option
+@thinking_options
 @sampling_options
 @speculative_options
-def chat(model, system, stats, max_tokens, stop, device, threads, chat_template, **kw):
+def chat(model, system, stats, max_tokens, stop, device, threads, chat_template, think, hide_thinking, **kw):
     """Interactive multi-turn chat using the model's chat template: line editing and history, multi-line
     messages between lines of \"\"\", /system, /set, /save, /load, /clear (/help lists them; /exit or Ctrl-D ends)."""
     from edge_infer.runtime.chat import ChatSession
@@ -100,8 +109,8 @@ def chat(model, system, stats, max_tokens, stop, device, threads, chat_template,
     m = load_model(model, device, threads, shared_threads=wants_shared_threads(kw), chat_template=chat_template)
     speculative = speculative_from_options(kw, m, device, threads)
     session = ChatSession(m, system=system, max_tokens=max_tokens, sampling=sampling, stop=stop,
-                          speculative=speculative)
-    Repl(session, stats=_print_timings if stats else None).run()
+                          speculative=speculative, template_kwargs=template_kwargs_from(think))
+    Repl(session, stats=_print_timings if stats else None, hide_thinking=hide_thinking).run()
 
 
 @click.command()

@@ -141,7 +141,8 @@ def constraint_from(response_format: Mapping | None = None, grammar: Any = None,
 
     response_format: OpenAI's shape: {"type": "text"}, {"type": "json_object"} or
       {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
-      ({"type": "json_schema", "schema": {...}} is accepted too).
+      ({"type": "json_schema", "schema": {...}} is accepted too), or a grammar's shape:
+      {"type": "regex", "regex": ...} / {"type": "lark", "lark": ...}.
     grammar: a Lark grammar string, or {"type": "regex" | "lark", "regex" | "lark": text}.
     model: when given, the grammar is also checked against its tokenizer.
     """
@@ -174,6 +175,8 @@ def constraint_from(response_format: Mapping | None = None, grammar: Any = None,
     kind = response_format.get("type")
     if kind == "text":
         return None
+    if kind in ("regex", "lark"):  # beyond OpenAI's types: the grammar shapes, as `grammar` takes them
+        return constraint_from(grammar=dict(response_format), model=model)
     if kind == "json_object":
         return json_object_constraint(tok)
     if kind == "json_schema":
@@ -184,7 +187,7 @@ def constraint_from(response_format: Mapping | None = None, grammar: Any = None,
         if spec.get("strict") is True:  # OpenAI's strict mode: objects list every property they may have
             schema = closed(schema)
         return json_schema_constraint(schema, tok)
-    raise UserError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+    raise UserError(f"response_format type must be text, json_object, json_schema, regex or lark, got {kind!r}")
 
 
 def closed(schema: Any) -> Any:

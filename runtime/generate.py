@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
 from edge_infer.runtime.cache import KVCache
+from edge_infer.runtime.chat_template import check_template_kwargs
 from edge_infer.runtime.constrain import Constraint, GrammarMatcher, constraint_from
 from edge_infer.runtime.decode import PREFILL_CHUNK, FinishReason, TextStream, decode_tokens, prefill
 from edge_infer.contract.errors import ContextLengthError, UserError, check_text
@@ -63,8 +64,9 @@ class _Clock:
     last: float | None = None
 
 
-def encode_prompt(model: Model, prompt: Prompt) -> list[int]:
-    """Token ids for a string, a list of ids, or chat messages (rendered with the model's template)."""
+def encode_prompt(model: Model, prompt: Prompt, template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+    """Token ids for a string, a list of ids, or chat messages (rendered with the model's template;
+    `template_kwargs` are more variables for it, e.g. {"enable_thinking": False} for Qwen3)."""
     if isinstance(prompt, str):
         if not prompt:
             raise UserError("prompt is empty")
@@ -85,7 +87,7 @@ def encode_prompt(model: Model, prompt: Prompt) -> list[int]:
             for key, value in m.items():
                 if isinstance(value, str):
                     check_text(value, f"messages[{i}].{key}")
-        text = model.chat_template.render(items, add_generation_prompt=True)
+        text = model.chat_template.render(items, add_generation_prompt=True, **check_template_kwargs(template_kwargs))
         return model.tokenizer.encode(text, add_special_tokens=False)
     raise UserError("prompt must be a string, a list of token ids, or a list of {'role', 'content'} messages")
 
@@ -126,7 +128,7 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
                     draft_cache: KVCache | None = None, response_format: dict | Constraint | None = None,
                     grammar: str | dict | Constraint | None = None, tools: list[dict] | None = None,
                     tool_choice: str | dict | None = None, parallel_tool_calls: bool = True,
-                    **sampling_kw) -> Iterator[Chunk]:
+                    template_kwargs: Mapping[str, Any] | None = None, **sampling_kw) -> Iterator[Chunk]:
     """Stream the completion of `prompt` as Chunks; the last one carries finish_reason and timings.
 
     `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
@@ -135,6 +137,8 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     forces are fed in one pass; with speculation, guesses are checked against the grammar.
     `tools` (OpenAI's shape) with `tool_choice` and `parallel_tool_calls`: the tools go into the prompt
     (runtime/tools.py) and the final chunk carries the parsed `tool_calls` (finish_reason "tool_calls").
+    `template_kwargs`: more variables for the chat template ({"enable_thinking": False} turns a Qwen3
+    model's thinking off; runtime/reasoning.py splits the thinking from the answer).
 
     `speculative`: "auto" (the default: prompt lookup while its guesses pay, plain steps when
     they keep failing), "lookup", "off" or None (plain decoding), or a SpeculativeConfig (needed
@@ -155,14 +159,14 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     constraint = constraint_from(response_format, grammar, model=model)  # a bad grammar fails before any work
     plan = None
     if tools is not None:
-        prompt, plan = tool_prompt(model, prompt, tools, tool_choice, parallel_tool_calls)
+        prompt, plan = tool_prompt(model, prompt, tools, tool_choice, parallel_tool_calls, template_kwargs)
         if plan.constraint is not None and constraint is not None:
             raise UserError("a constrained tool_choice cannot be combined with response_format or grammar")
         constraint = constraint or plan.constraint
     if isinstance(stop, str):
         stop = [stop]
     text = TextStream(model.tokenizer.backend, model.tokenizer.eos_ids, list(stop), max_tokens=1)
-    ids = encode_prompt(model, prompt)
+    ids = encode_prompt(model, prompt, template_kwargs)
     cache = cache if cache is not None else model.new_cache()
     budget = plan_max_tokens(model, len(ids), max_tokens, cache.max_length)
     text.max_tokens = budget

@@ -68,7 +68,8 @@ def _line_editing() -> Callable[[], None] | None:
 
 
 class Repl:
-    def __init__(self, session, stats: Callable | None = None):
+    def __init__(self, session, stats: Callable | None = None, hide_thinking: bool = False):
+        self.hide_thinking = hide_thinking
         self.session, self.stats = session, stats
         self.commands = {"/help": self.help, "/system": self.system, "/set": self.set, "/clear": self.clear,
                          "/reset": self.clear, "/save": self.save, "/load": self.load}
@@ -134,12 +135,16 @@ class Repl:
             click.echo(f"error: {e}", err=True)
 
     def reply(self, text: str) -> None:
+        from edge_infer.runtime.cli_options import ReplyPrinter
+
         last, parts = None, []
+        printer = ReplyPrinter(self.session.model, self.hide_thinking, self.session.template_kwargs)
         try:
             for chunk in self.session.send(text):
-                click.echo(chunk.text, nl=False)
+                printer.feed(chunk.text)
                 parts.append(chunk.text)
                 last = chunk
+            printer.finish()
         except KeyboardInterrupt:
             self.session.interrupted("".join(parts))
             click.echo("\n[stopped]", err=True)

@@ -388,9 +388,10 @@ def _native_calls(text: str):
 
 
 def tool_prompt(model, prompt: Any, tools: Any, tool_choice: Any = None,
-                parallel_tool_calls: bool = True) -> tuple[list[int], ToolPlan]:
+                parallel_tool_calls: bool = True, template_kwargs: Any = None) -> tuple[list[int], ToolPlan]:
     """Prompt ids with the tools rendered in, and the plan, for chat messages `prompt` and OpenAI `tools`."""
     from edge_infer.runtime.constrain import grammar_tokenizer
+    from edge_infer.runtime.chat_template import check_template_kwargs
 
     if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt)):
         raise UserError("tools need a chat prompt: a list of {'role', 'content'} messages")
@@ -400,5 +401,6 @@ def tool_prompt(model, prompt: Any, tools: Any, tool_choice: Any = None,
     choice = parse_tool_choice(tool_choice, functions)
     plan = plan_tools(functions, choice, bool(parallel_tool_calls), model.chat_template, grammar_tokenizer(model))
     messages, extra = tool_messages(prompt, plan)
-    text = model.chat_template.render(messages, add_generation_prompt=True, **extra)
+    text = model.chat_template.render(messages, add_generation_prompt=True, **check_template_kwargs(template_kwargs),
+                                      **extra)
     return model.tokenizer.encode(text, add_special_tokens=False), plan

@@ -23,14 +23,15 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from edge_infer.serve.http_layer import (Done, Submission, Text, client_gone, error_route, generation, prepare_prompt,
-                                         read_request, server_state, submit)
-from edge_infer.serve.protocol import APIError, Unknown, _sampling, _stops, bad, refuse_unknown
+from edge_infer.serve.http_layer import (Done, Reasoning, Submission, Text, client_gone, error_route, generation,
+                                         prepare_prompt, read_request, reasoning_split, server_state, submit)
+from edge_infer.serve.protocol import APIError, Unknown, _sampling, _stops, bad, refuse_unknown, template_kwargs
 from edge_infer.serve.request import Finished
 
 _FIELDS = {"model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",
-           "tools", "tool_choice", "metadata", "service_tier"}
-_COUNT_FIELDS = {"model", "messages", "system", "tools", "tool_choice"}
+           "tools", "tool_choice", "metadata", "service_tier", "thinking", "chat_template_kwargs",
+           "response_format"}  # beyond Anthropic's API: the OpenAI routes' structured output (and vLLM's guided_regex)
+_COUNT_FIELDS = {"model", "messages", "system", "tools", "tool_choice", "thinking", "chat_template_kwargs"}
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
@@ -130,19 +131,41 @@ def _check(body: dict, allowed: set[str], unknown: Unknown) -> None:
     unknown(sorted(k for k in body if k not in allowed), "the request", ", ".join(sorted(allowed)))
 
 
-def blocks(content: str | None, calls: list) -> list[dict]:
-    out = [{"type": "text", "text": content}] if content else []
+def blocks(content: str | None, calls: list, reasoning: str | None = None) -> list[dict]:
+    out = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning is not None else []
+    out += [{"type": "text", "text": content}] if content else []
     out += [{"type": "tool_use", "id": "toolu_" + c.id.removeprefix("call_"), "name": c.name,
              "input": json.loads(c.arguments)} for c in calls]
     return out or [{"type": "text", "text": ""}]
 
 
-def _text_delta(index: int, text: str, opened: bool) -> bytes:
-    """A text delta of content block `index`, opening the block first when it is not open yet."""
-    start = b"" if opened else _event("content_block_start", {"type": "content_block_start", "index": index,
-                                                               "content_block": {"type": "text", "text": ""}})
-    return start + _event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                  "delta": {"type": "text_delta", "text": text}})
+class _Blocks:
+    """The content blocks of a streamed reply: a delta of another kind closes the open block first."""
+
+    def __init__(self) -> None:
+        self.index: int = 0
+        self.open: str | None = None
+
+    def delta(self, kind: str, text: str) -> bytes:  # kind: "text" | "thinking"
+        out = b""
+        if self.open != kind:
+            out += self.close()
+            block = {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "",
+                                                                          "signature": ""}
+            out += _event("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                  "content_block": block})
+            self.open = kind
+        delta = {"type": "text_delta", "text": text} if kind == "text" else {"type": "thinking_delta",
+                                                                              "thinking": text}
+        return out + _event("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                    "delta": delta})
+
+    def close(self) -> bytes:
+        if self.open is None:
+            return b""
+        self.open = None
+        self.index += 1
+        return _event("content_block_stop", {"type": "content_block_stop", "index": self.index - 1})
 
 
 def _event(name: str, data: dict) -> bytes:
@@ -157,9 +180,24 @@ async def _parse(request: Request, allowed: set[str]):
     unknown = server_state(request).fields.found
     _check(body, allowed, unknown)
     messages, tools, choice, parallel = to_chat(body, unknown)
+    response_format = body.get("response_format")
+    if response_format is not None and not isinstance(response_format, dict):
+        raise bad("response_format", "response_format must be an object such as {'type': 'json_object'}")
     prepared = await prepare_prompt(served, messages, kind="chat", tools=tools, tool_choice=choice,
-                                    parallel_tool_calls=parallel)
+                                    parallel_tool_calls=parallel, template_kwargs=_template_kwargs(body),
+                                    response_format=response_format)
     return body, served, prepared
+
+
+def _template_kwargs(body: dict) -> dict | None:
+    """chat_template_kwargs, with Anthropic's `thinking` switch as the template's enable_thinking."""
+    kwargs = template_kwargs(body)
+    thinking = body.get("thinking")
+    if thinking is None:
+        return kwargs
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled"):
+        raise bad("thinking", "thinking must be {'type': 'enabled', 'budget_tokens': N} or {'type': 'disabled'}")
+    return {"enable_thinking": thinking["type"] == "enabled", **(kwargs or {})}
 
 
 @router.post("/v1/messages/count_tokens")
@@ -181,7 +219,8 @@ async def messages(request: Request):
     if not isinstance(stream, bool):
         raise bad("stream", "stream must be true or false")
     rid = "msg_" + uuid.uuid4().hex[:24]
-    submission = submit(served, prepared, generation(prepared, max_tokens, sampling, stops, rid), "messages")
+    submission = submit(served, prepared, generation(prepared, max_tokens, sampling, stops, rid), "messages",
+                        reasoning_split(request, served, prepared))
     name = body.get("model") if isinstance(body.get("model"), str) else served.model_id
     head = {"id": rid, "type": "message", "role": "assistant", "model": name}
     if stream:
@@ -189,7 +228,7 @@ async def messages(request: Request):
     reply = await submission.collect(request)
     if reply is None:
         return client_gone()
-    return {**head, "content": blocks(reply.content, reply.calls), **_stop(reply.finish, reply.final),
+    return {**head, "content": blocks(reply.content, reply.calls, reply.reasoning), **_stop(reply.finish, reply.final),
             "usage": _usage(reply.final.usage)}
 
 
@@ -197,18 +236,17 @@ async def _events(head: dict, n_prompt: int, submission: Submission) -> AsyncIte
     yield _event("message_start", {"type": "message_start", "message": {
         **head, "content": [], "stop_reason": None, "stop_sequence": None,
         "usage": {"input_tokens": n_prompt, "output_tokens": 0}}})
-    index, text_open = 0, False
+    out = _Blocks()
     async for part in submission.parts():
         if isinstance(part, Text):
-            yield _text_delta(index, part.text, opened=text_open)
-            text_open = True
+            yield out.delta("text", part.text)
+        elif isinstance(part, Reasoning):
+            yield out.delta("thinking", part.text)
         elif isinstance(part, Done):
-            if text_open:
-                yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
-                index += 1
+            yield out.close()
             for block in blocks(None, part.calls) if part.calls else []:
-                yield _tool_use(index, block)
-                index += 1
+                yield _tool_use(out.index, block)
+                out.index += 1
             yield _event("message_delta", {"type": "message_delta", "delta": _stop(part.finish, part.final),
                                            "usage": {"output_tokens": part.final.usage.completion_tokens}})
             yield _event("message_stop", {"type": "message_stop"})

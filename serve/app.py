@@ -25,10 +25,9 @@ from edge_infer.contract.model_store import is_name, models_root
 from edge_infer.serve.config import EngineConfig, ServerConfig
 from edge_infer.serve.engine import Engine
 from edge_infer.serve.guards import HostGuard, KeyGuard
-from edge_infer.serve.http_layer import (Done, ModelResolver, ReleaseHolds, ServerState, Served, SingleModel,
-                                         Submission, Text,
-                                         client_gone, generation, openai_error, prepare_prompt, read_request,
-                                         server_state, service, submit)
+from edge_infer.serve.http_layer import (Done, ModelResolver, Reasoning, ReleaseHolds, ServerState, Served,
+                                         SingleModel, Submission, Text, client_gone, generation, openai_error,
+                                         prepare_prompt, read_request, reasoning_split, server_state, service, submit)
 from edge_infer.serve.metrics import Metrics
 from edge_infer.serve.protocol import (DONE, APIError, ChunkWriter, ParsedRequest, completion_body, new_id,
                                        parse_chat, parse_completion, sse)
@@ -74,10 +73,13 @@ async def completions(request: Request):
 async def _generate(request: Request, served: Served, parsed: ParsedRequest):
     prepared = await prepare_prompt(served, parsed.prompt, kind=parsed.kind, response_format=parsed.response_format,
                                     tools=parsed.tools, tool_choice=parsed.tool_choice,
-                                    parallel_tool_calls=parsed.parallel_tool_calls)
+                                    parallel_tool_calls=parsed.parallel_tool_calls,
+                                    template_kwargs=parsed.template_kwargs)
     rid = new_id(parsed.kind)
     gen = generation(prepared, parsed.max_tokens, parsed.sampling, parsed.stop, rid)
-    submission = submit(served, prepared, gen, "messages" if parsed.kind == "chat" else "prompt")
+    chat = parsed.kind == "chat"
+    submission = submit(served, prepared, gen, "messages" if chat else "prompt",
+                        reasoning_split(request, served, prepared) if chat else None)
     if parsed.stream:
         writer = ChunkWriter(parsed.kind, rid, served.model_id, parsed.include_usage)
         return submission.stream(_chunks(writer, submission))
@@ -85,7 +87,7 @@ async def _generate(request: Request, served: Served, parsed: ParsedRequest):
     if reply is None:
         return client_gone()
     return completion_body(parsed.kind, rid, served.model_id, reply.content, reply.finish, reply.final.usage,
-                           reply.calls)
+                           reply.calls, reply.reasoning)
 
 
 async def _chunks(writer: ChunkWriter, submission: Submission) -> AsyncIterator[bytes]:
@@ -95,6 +97,8 @@ async def _chunks(writer: ChunkWriter, submission: Submission) -> AsyncIterator[
     async for part in submission.parts():
         if isinstance(part, Text):
             yield writer.delta(part.text)
+        elif isinstance(part, Reasoning):
+            yield writer.reasoning(part.text)
         elif isinstance(part, Done):
             for chunk in writer.tool_calls(part.calls):
                 yield chunk

@@ -59,6 +59,9 @@ from edge_infer.runtime.cli_options import (chat_template_option, speculative_fr
 @click.option("--max-memory", default=None,
               help="Several models: memory budget (e.g. 8G, 512M), checked against each model's files plus the "
                    "KV cache of its slots before it loads; least recently used idle models unload to make room.")
+@click.option("--reasoning-format", type=click.Choice(["none", "separate"]), default="separate", show_default=True,
+              help="Reasoning models (a template that writes <think>): separate returns the thinking as "
+                   "reasoning_content (Anthropic: thinking blocks); none leaves it in the content.")
 @click.option("--strict", is_flag=True,
               help="Answer unknown request fields with a 400, as the OpenAI API does [default: ignore them, log "
                    "each name once, count them in /metrics, and honour llama-server's and Ollama's extras].")
@@ -66,8 +69,8 @@ from edge_infer.runtime.cli_options import (chat_template_option, speculative_fr
 @speculative_options
 def serve(models, host, port, api_key, api_key_file, parallel, max_length, max_queue, prefill_chunk,
           default_max_tokens, allowed_host, cors_origin, model_name, model_alias, shutdown_grace, device, threads,
-          log_level, use_ray, replicas, routing, ray_address, keep_alive, max_loaded, max_memory, strict,
-          chat_template, **speculative_kw):
+          log_level, use_ray, replicas, routing, ray_address, keep_alive, max_loaded, max_memory,
+          reasoning_format, strict, chat_template, **speculative_kw):
     """Serve MODEL (a folder or a store name) over an OpenAI-compatible HTTP API (chat and text
     completions, streaming).
 
@@ -96,7 +99,8 @@ def serve(models, host, port, api_key, api_key_file, parallel, max_length, max_q
     model = models[0] if len(models) == 1 else ""
     server_config = ServerConfig(model_id=model_name or (model_id_for(model) if model else ""), host=host, port=port,
                                  api_key=api_key or None, allowed_hosts=tuple(allowed_host),
-                                 cors_origins=tuple(cors_origin), model_aliases=tuple(model_alias), strict=strict)
+                                 cors_origins=tuple(cors_origin), model_aliases=tuple(model_alias), strict=strict,
+                                 reasoning_format=reasoning_format)
     engine_config = EngineConfig(parallel=parallel, max_queue=max_queue, max_length=max_length,
                                  prefill_chunk=prefill_chunk, default_max_tokens=default_max_tokens,
                                  shutdown_grace_s=shutdown_grace)

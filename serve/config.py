@@ -66,12 +66,15 @@ class ServerConfig:
     max_stops: int = MAX_STOPS
     model_aliases: tuple[str, ...] = ()  # other names a request's "model" may give (--model-alias)
     strict: bool = False  # unknown request fields are a 400 (--strict), not ignored and counted
+    reasoning_format: str = "separate"  # none | separate: a thinking template's <think> text as reasoning_content
 
     def serves(self, name: str) -> bool:
         """Whether a request naming model `name` is for this server (OpenAI answers 404 otherwise)."""
         return name == self.model_id or name in self.model_aliases
 
     def validate(self) -> None:
+        if self.reasoning_format not in ("none", "separate"):
+            raise UserError(f"--reasoning-format must be none or separate, got {self.reasoning_format!r}")
         if not is_loopback(self.host) and not self.api_key:
             raise UserError(
                 f"--host {self.host} is reachable from other machines, so it needs an API key: pass "

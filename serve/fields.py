@@ -5,7 +5,8 @@ Those that map onto a feature of ours are translated before the body is
 checked (`llama_and_ollama_extras`): `n_predict` and Ollama's
 `options.num_predict` are max_tokens, `options.temperature` / `top_p` /
 `top_k` / `seed` / `stop` / `min_p` / `repeat_penalty` the sampling fields,
-`format: "json"` a JSON response_format; `cache_prompt` (our prefix cache is
+`format: "json"` a JSON response_format, `think` the template's
+`enable_thinking`, vLLM's `guided_regex` a regex response_format; `cache_prompt` (our prefix cache is
 always on) and `keep_alive` (a several-model server keeps models loaded by its
 own --keep-alive) are accepted. Any other unknown field is ignored, logged once
 per name and counted in `edge_infer_ignored_fields` (vLLM relaxed its parsing
@@ -77,6 +78,14 @@ def llama_and_ollama_extras(body: dict, fields: UnknownFields) -> dict:
     if out.get("format") == "json":
         out.pop("format")
         out.setdefault("response_format", {"type": "json_object"})
+    think = out.pop("think", None)  # Ollama's thinking switch: the template's enable_thinking
+    if isinstance(think, bool):
+        kwargs = out.get("chat_template_kwargs")
+        out["chat_template_kwargs"] = {"enable_thinking": think, **(kwargs if isinstance(kwargs, dict) else {})}
+    elif think is not None:
+        raise bad("think", f"think must be true or false, got {think!r:.40}")
+    if "guided_regex" in out:  # vLLM's: the reply matches this regular expression
+        out.setdefault("response_format", {"type": "regex", "regex": out.pop("guided_regex")})
     options = out.pop("options", None)
     if options is not None:
         if not isinstance(options, dict):

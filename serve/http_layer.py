@@ -42,6 +42,8 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from edge_infer.contract.errors import ContextLengthError, TokenizerError, UserError
+from edge_infer.runtime.reasoning import (CONTENT, REASONING, ReasoningSplitter, emits_thinking, opens_thinking,
+                                          split_reasoning)
 from edge_infer.runtime.tools import ToolCall
 from edge_infer.serve.config import ServerConfig
 from edge_infer.serve.engine import Engine, QueueFull, ShuttingDown
@@ -272,6 +274,13 @@ class Text:
 
 
 @dataclass(frozen=True)
+class Reasoning:
+    """Reasoning text (the reply's `<think>` block) to send now."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Done:
     """The reply ended: its tool calls (already parsed), finish reason, and the engine's final event."""
 
@@ -280,7 +289,7 @@ class Done:
     final: Finished
 
 
-Part = Union[Text, Done, Failed]
+Part = Union[Text, Reasoning, Done, Failed]
 
 
 @dataclass(frozen=True)
@@ -291,26 +300,32 @@ class Reply:
     calls: list[ToolCall]
     finish: str
     final: Finished
+    reasoning: str | None = None  # the `<think>` text, when it is split off
 
 
 class Submission:
-    """A request in the engine: its events, as parts to stream or one reply to collect."""
+    """A request in the engine: its events, as parts to stream or one reply to collect.
 
-    def __init__(self, handle: Handle, events: EventQueue, prepared: Prepared):
-        self.handle, self.events, self.prepared = handle, events, prepared
+    `inside`: None when the reply's `<think>` text is not split off (--reasoning-format none, a
+    template without thinking, a text completion); else whether the reply starts inside the block."""
+
+    def __init__(self, handle: Handle, events: EventQueue, prepared: Prepared, inside: bool | None = None):
+        self.handle, self.events, self.prepared, self.inside = handle, events, prepared, inside
 
     async def parts(self) -> AsyncIterator[Part]:
-        """Text as it may be sent (tool calls held back until they parse), then `Done` or `Failed`;
-        nothing more after a cancel."""
+        """Reasoning and text as they may be sent (tool calls held back until they parse), then `Done`
+        or `Failed`; nothing more after a cancel."""
         reply = ReplyStream(self.prepared.plan)
+        thinking = ReasoningSplitter(self.inside) if self.inside is not None else None
         async for event in self.events.events():
             if isinstance(event, Delta):
-                text = reply.feed(event.text)
-                if text:
-                    yield Text(text)
+                for part in _pieces(thinking.feed(event.text) if thinking else [(CONTENT, event.text)], reply):
+                    yield part
             elif isinstance(event, Finished):
                 if event.finish_reason == "cancelled":
                     return
+                for part in _pieces(thinking.finish() if thinking else [], reply):
+                    yield part
                 text, calls, finish = reply.finish(event.finish_reason)
                 if text:
                     yield Text(text)
@@ -330,8 +345,31 @@ class Submission:
             return None
         if isinstance(final, Failed):
             raise APIError(final.status, final.message, type="server_error", code=final.code)
+        reasoning = None
+        if self.inside is not None:
+            reasoning, text = split_reasoning(text, self.inside)
         content, calls, finish = split_reply(text, final.finish_reason, self.prepared.plan)
-        return Reply(content, calls, finish, final)
+        return Reply(content, calls, finish, final, reasoning)
+
+
+def _pieces(pieces: list[tuple[str, str]], reply: ReplyStream) -> list[Part]:
+    """Reasoning pieces as they are; answer text through the tool-call hold-back."""
+    out: list[Part] = []
+    for kind, text in pieces:
+        if kind == REASONING:
+            out.append(Reasoning(text))
+        elif text := reply.feed(text):
+            out.append(Text(text))
+    return out
+
+
+def reasoning_split(request: Request, served: Served, prepared: Prepared) -> bool | None:
+    """For a chat reply: None when its `<think>` text stays in the content (--reasoning-format none, or
+    a template that does not think), else whether the prompt left the reply inside the block."""
+    model = served.model
+    if server_state(request).config.reasoning_format == "none" or not emits_thinking(model.chat_template):
+        return None
+    return opens_thinking(model.tokenizer.decode(list(prepared.ids[-32:]), skip_special_tokens=False))
 
 
 CLIENT_GONE = 499  # nobody reads this answer: the client went away before the reply was whole
@@ -341,8 +379,10 @@ def client_gone() -> Response:
     return Response(status_code=CLIENT_GONE)
 
 
-def submit(served: Served, prepared: Prepared, gen: GenerationRequest, field: str) -> Submission:
-    """Queue `gen` on the served model's engine; its refusals are HTTP answers (`field`: what holds the prompt)."""
+def submit(served: Served, prepared: Prepared, gen: GenerationRequest, field: str,
+           inside: bool | None = None) -> Submission:
+    """Queue `gen` on the served model's engine; its refusals are HTTP answers (`field`: what holds the
+    prompt; `inside`: see Submission)."""
     events = EventQueue()
     engine = served.engine
     try:
@@ -354,7 +394,7 @@ def submit(served: Served, prepared: Prepared, gen: GenerationRequest, field: st
         raise APIError(429, str(e), type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"}) from None
     except ShuttingDown as e:
         raise APIError(503, str(e), type="server_error", code="server_shutting_down") from None
-    return Submission(handle, events, prepared)
+    return Submission(handle, events, prepared, inside)
 
 
 def generation(prepared: Prepared, max_tokens: int | None, sampling, stop: tuple[str, ...],

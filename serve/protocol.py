@@ -77,11 +77,12 @@ class ParsedRequest:
     tools: Any = None  # checked by runtime.tools
     tool_choice: Any = None
     parallel_tool_calls: bool = True
+    template_kwargs: Any = None  # chat_template_kwargs: more variables for the chat template
 
 
 def parse_chat(body: dict, max_stops: int, vocab_size: int, unknown: Unknown = refuse_unknown) -> ParsedRequest:
     _check_fields(body, _COMMON | {"messages", "max_completion_tokens", "response_format", "tools", "tool_choice",
-                                   "parallel_tool_calls"}, _CHAT_OFF, unknown)
+                                   "parallel_tool_calls", "chat_template_kwargs"}, _CHAT_OFF, unknown)
     messages = _messages(body.get("messages"), unknown)
     max_tokens = _max_tokens(body, "max_completion_tokens")
     if max_tokens is None:
@@ -92,7 +93,16 @@ def parse_chat(body: dict, max_stops: int, vocab_size: int, unknown: Unknown = r
         raise bad("parallel_tool_calls", f"parallel_tool_calls must be true or false, got {parallel!r}")
     tools = body.get("tools") or None
     return dataclasses.replace(parsed, tools=tools, tool_choice=body.get("tool_choice"),
-                               parallel_tool_calls=parallel)
+                               parallel_tool_calls=parallel, template_kwargs=template_kwargs(body))
+
+
+def template_kwargs(body: dict) -> dict | None:
+    """chat_template_kwargs (vLLM's and llama-server's name): more variables for the chat template."""
+    value = body.get("chat_template_kwargs")
+    if value is not None and not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+        raise bad("chat_template_kwargs", "chat_template_kwargs must be an object of template variables, e.g. "
+                  "{\"enable_thinking\": false}")
+    return value
 
 
 def parse_completion(body: dict, max_stops: int, vocab_size: int,
@@ -293,11 +303,14 @@ def usage_body(usage) -> dict:
 
 
 def completion_body(kind: str, rid: str, model: str, text: str | None, finish: str, usage,
-                    tool_calls: list | None = None) -> dict:
-    """tool_calls: runtime.tools.ToolCall objects (chat only); with them, content may be None."""
+                    tool_calls: list | None = None, reasoning: str | None = None) -> dict:
+    """tool_calls: runtime.tools.ToolCall objects (chat only); with them, content may be None.
+    reasoning: the reply's thinking, split off (chat only; llama-server's and vLLM's reasoning_content)."""
     created = int(time.time())
     if kind == "chat":
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
         if tool_calls:
             message["tool_calls"] = [c.openai() for c in tool_calls]
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
@@ -333,6 +346,11 @@ class ChunkWriter:
             delta = {"content": text} if text else {}
             return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
         return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}])
+
+    def reasoning(self, text: str) -> bytes:
+        """A delta of the reply's thinking (chat only)."""
+        return self._chunk([{"index": 0, "delta": {"reasoning_content": text}, "logprobs": None,
+                             "finish_reason": None}])
 
     def tool_calls(self, calls: list) -> list[bytes]:
         """Each call as OpenAI streams it: a chunk with its id and name, then chunks of its arguments."""

@@ -22,7 +22,7 @@ class Prepared:
 
 
 def prepare(model, prompt, *, kind: str, response_format=None, tools=None, tool_choice=None,
-            parallel_tool_calls: bool = True) -> Prepared:
+            parallel_tool_calls: bool = True, template_kwargs=None) -> Prepared:
     """Tokenize and compile; every problem is a 400 naming its field, before the engine sees the request."""
     field = "messages" if kind == "chat" else "prompt"
     try:
@@ -32,11 +32,12 @@ def prepare(model, prompt, *, kind: str, response_format=None, tools=None, tool_
     plan = None
     if tools:
         try:
-            ids, plan = tool_prompt(model, prompt, tools, tool_choice, parallel_tool_calls)
+            ids, plan = tool_prompt(model, prompt, tools, tool_choice, parallel_tool_calls, template_kwargs)
         except TokenizerError:
             raise  # the model's own file is at fault: a 5xx, answered by the app
         except UserError as e:
-            param = "tool_choice" if "tool_choice" in str(e) else "tools" if "tools" in str(e) else field
+            param = ("chat_template_kwargs" if "template_kwargs" in str(e) else "tool_choice" if "tool_choice" in str(e)
+                     else "tools" if "tools" in str(e) else field)
             raise bad(param, str(e)) from None
         if plan.constraint is not None:
             if constraint is not None:
@@ -47,11 +48,11 @@ def prepare(model, prompt, *, kind: str, response_format=None, tools=None, tool_
         if tool_choice not in (None, "none", "auto"):
             raise bad("tool_choice", "tool_choice needs tools")
         try:
-            ids = encode_prompt(model, prompt)
+            ids = encode_prompt(model, prompt, template_kwargs if kind == "chat" else None)
         except TokenizerError:
             raise
         except UserError as e:
-            raise bad(field, str(e)) from None
+            raise bad("chat_template_kwargs" if "template_kwargs" in str(e) else field, str(e)) from None
     return Prepared(ids, constraint, plan)
 
 
