@@ -84,6 +84,51 @@ def measure(folder: Path, batch: list[str], threads: int, rounds: int) -> dict:
             "load_after": os.getloadavg()[0]}
 
 
+def against_optimum(src: Path, ours_folder: Path, batch: list[str], rounds: int, work: Path) -> dict:
+    """Our fp32 encoder graph against optimum-onnx's feature-extraction graph of the same weights: the same
+    padded batches to both raw sessions (1 thread), alternating which goes first each round."""
+    import numpy as np
+    import onnx
+
+    from edge_infer.contract.io_names import ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, TOKEN_TYPE_IDS
+    from edge_infer.devices.ort import ort
+    from edge_infer.export import embed_optimum
+    from edge_infer.export.progress import Progress
+    from edge_infer.runtime.embed import _batches, load_embedding
+
+    ours = load_embedding(ours_folder, threads=1)
+    path = work / "optimum" / "model.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(embed_optimum.export_graph(src, Progress(quiet=True)), str(path), save_as_external_data=True,
+                        location="model.onnx.data")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+    theirs = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ids = ours.tokenize(batch)
+    feeds = []
+    for group in _batches(ids):  # the batches edge_infer's runtime makes
+        width = max(len(ids[i]) for i in group)
+        x, m = np.zeros((len(group), width), np.int64), np.zeros((len(group), width), np.int64)
+        for r, i in enumerate(group):
+            x[r, : len(ids[i])], m[r, : len(ids[i])] = ids[i], 1
+        feeds.append({INPUT_IDS: x, ATTENTION_MASK: m})
+    extra = {i.name for i in theirs.get_inputs()} - {INPUT_IDS, ATTENTION_MASK}
+    runs = {"edge-infer": lambda f: ours.session.run([LAST_HIDDEN_STATE], f),
+            "optimum": lambda f: theirs.run([LAST_HIDDEN_STATE], {**f, **{n: np.zeros_like(f[INPUT_IDS])
+                                                                          for n in extra if n == TOKEN_TYPE_IDS}})}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds + 1):  # round 0 warms both up
+        for name in (list(runs) if r % 2 else list(runs)[::-1]):
+            start = time.perf_counter()
+            for f in feeds:
+                runs[name](f)
+            if r:
+                times[name].append(time.perf_counter() - start)
+    return {name: {"best_per_s": len(batch) / min(t), "median_per_s": len(batch) / statistics.median(t)}
+            for name, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/ei-embed-bench"), help="source and export folders")
@@ -92,6 +137,8 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", type=Path, help="write the rows here as JSON")
+    ap.add_argument("--against-optimum", action="store_true",
+                    help="also time optimum-onnx's feature-extraction graph of the same fp32 weights (1 thread)")
     args = ap.parse_args()
 
     from edge_infer.export.export_folder import ExportOptions, export_model
@@ -115,6 +162,12 @@ def main() -> None:
             print(f"{quant:5} threads {t}: {row['best_per_s']:7.1f} embeddings/s best, {row['median_per_s']:7.1f} "
                   f"median ({len(batch)} texts, mean {row['mean_tokens']:.0f} tokens; load average "
                   f"{row['load_before']:.2f} -> {row['load_after']:.2f})", flush=True)
+    if args.against_optimum:
+        side = against_optimum(src, args.work / "export-fp32", batch, args.rounds, args.work)
+        for name, r in side.items():
+            print(f"fp32 graph of {name:10}: {r['best_per_s']:7.1f} embeddings/s best, {r['median_per_s']:7.1f} median "
+                  "(1 thread, alternating)", flush=True)
+        rows.append({"against_optimum": side, "load_after": os.getloadavg()[0]})
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
