@@ -141,6 +141,9 @@ def inspect(model, no_verify, as_json, device, threads, padding):
     click.echo(f"source      {m.source.get('description', '?')}")
     click.echo(f"arch        {g.architecture}: {g.num_layers} layers, hidden {g.hidden_size}, "
                f"{g.num_heads} heads / {g.num_kv_heads} kv heads, head_dim {g.head_dim}, vocab {g.vocab_size}")
+    if m.embedding is not None:  # an embedding model: no cache, template or padding to speak of
+        _inspect_embedding(m, no_verify)
+        return
     click.echo(f"context     max_length {g.max_length} (model context {g.context_length}); "
                f"KV cache {m.kv_dtype}, {m.kv_bytes() / 2**20:.0f} MiB per sequence")
     click.echo(f"weights     {m.quantization.describe()}")
@@ -157,3 +160,14 @@ def inspect(model, no_verify, as_json, device, threads, padding):
     click.echo(f"padding     {chosen.describe()} (device {plan.device})")
     for r in chosen.probes:
         click.echo(f"              {r.line()}")
+
+
+def _inspect_embedding(m, no_verify: bool) -> None:
+    e = m.embedding
+    shorter = "any length down to 1 (Matryoshka)" if e.matryoshka else "no shorter vectors"
+    click.echo(f"embedding   {e.kind}: {e.pooling} pooling, {'L2-normalized' if e.normalize else 'not normalized'}, "
+               f"{e.dimensions} dimensions ({shorter}), texts up to {e.max_tokens} tokens"
+               + (f", prompts {', '.join(name for name, _ in e.prompts)}" if e.prompts else ""))
+    click.echo(f"weights     {m.quantization.describe()}")
+    size = sum(f["size"] for f in m.files.values())
+    click.echo(f"files       {len(m.files)} files, {size / 2**20:.1f} MiB" + ("" if no_verify else ", all sha256 verified"))

@@ -225,3 +225,16 @@ def test_an_explicit_device_that_is_missing_is_named(exports, cpu_only_build):
     with pytest.raises(UserError, match="device 'cuda' is not available"):
         load_embedding(exports("bert")[1], device="cuda")
     assert load_embedding(exports("bert")[1], device="cpu").plan.device == "cpu"
+
+
+def test_show_describes_an_embedding_model(exports):
+    from click.testing import CliRunner
+
+    from edge_infer.cli import main
+
+    result = CliRunner().invoke(main, ["show", str(exports("bert")[1])])
+    assert result.exit_code == 0, result.output
+    assert "embedding   encoder: mean pooling, L2-normalized, 64 dimensions" in result.output
+    assert "padding" not in result.output and "KV cache" not in result.output
+    ran = CliRunner().invoke(main, ["run", str(exports("bert")[1]), "hi"])
+    assert ran.exit_code == 2 and "is an embedding model" in ran.output
