@@ -2,7 +2,9 @@
 
     {"file": "model.onnx", "data_file": "model.onnx.data", "inputs": [...], "outputs": [...],
      "dtype": "fp32", "kv_cache": "...", "ops": "...", "route": "direct", "kv_layout": "shared",
-     "attention_padding": "in-graph", "genai": "..."}                <- GraphRecord.to_manifest()
+     "attention_padding": "in-graph", "genai": "...",
+     "headers": [{"file": "model.onnx", "needs": [...]}, {"file": "model.compat.onnx", ...}]}
+                                                                     <- GraphRecord.to_manifest()
 
 Export builds one `GraphRecord` (dataclasses.replace for what a route adds) and the runtime reads
 the same fields back (`Manifest.graph`), as `QuantRecord` does for the quantization section.
@@ -24,6 +26,23 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class GraphHeader:
+    """One graph header over the model's weights (graph.headers, export/graph_headers.py) and the
+    optional GroupQueryAttention inputs it feeds, which the installed onnxruntime must know to load it
+    (devices/capabilities.py)."""
+
+    file: str
+    needs: tuple[str, ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        return {"file": self.file, "needs": list(self.needs)}
+
+    @classmethod
+    def from_manifest(cls, raw: Mapping[str, Any]) -> GraphHeader:
+        return cls(str(raw["file"]), tuple(raw.get("needs", ())))
+
+
+@dataclass(frozen=True)
 class GraphRecord:
     """The manifest's `graph` section."""
 
@@ -41,13 +60,18 @@ class GraphRecord:
     profile: str | None = None  # "npu": static standard-op graphs; "gpu": fp16 activations and KV cache
     target: str | None = None  # the devices a profile is for, for people
     static_plan: Mapping[str, Any] | None = None  # the npu profile's two graphs (runtime/static_plan.py)
+    # graph headers over the same weights, best first; the runtime loads the first the installed onnxruntime
+    # can (the full graph, then model.compat.onnx without query_seqlens); None: `file` alone
+    headers: tuple[GraphHeader, ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys not named above, kept as read
 
     def to_manifest(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(GraphRecord):
             value = getattr(self, f.name)
-            if f.name != "extra" and value is not None:
+            if f.name == "headers" and value is not None:
+                out[f.name] = [h.record() for h in value]
+            elif f.name != "extra" and value is not None:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         clash = set(out) & set(self.extra)
         assert not clash, f"graph extra keys may not overwrite {sorted(clash)}"
@@ -58,6 +82,8 @@ class GraphRecord:
         """The section as written by any edge-infer (checked first by runtime/manifest_schema.py)."""
         known = {f.name for f in fields(GraphRecord)} - {"extra"}
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known}
+        if values.get("headers") is not None:
+            values["headers"] = tuple(GraphHeader.from_manifest(h) for h in values["headers"])
         return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
 
 

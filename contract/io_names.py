@@ -31,6 +31,15 @@ PAST_PREFIX = PAST.split("{", 1)[0]  # "past_key_values."
 PRESENT_PREFIX = PRESENT.split("{", 1)[0]  # "present."
 KV_KINDS = ("key", "value")
 
+# com.microsoft.GroupQueryAttention's inputs in onnxruntime 1.32's order. Releases add inputs at the end:
+# 1.24 stops after head_sink, 1.31 after k_norm_weight, 1.32 adds query_seqlens. A graph header's
+# manifest record names the optional ones it feeds (export/graph_headers.py), and the runtime loads
+# the first header whose inputs the installed onnxruntime knows (devices/capabilities.py).
+ATTENTION_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+                    "cos_cache", "sin_cache", POSITION_IDS, "attention_bias", "head_sink", "k_scale", "v_scale",
+                    "q_norm_weight", "k_norm_weight", QUERY_SEQLENS)
+ATTENTION_CORE_INPUTS = 7  # query .. total_sequence_length: in every release that has the op
+
 
 def past(layer: int | str, kind: str) -> str:
     """`past_key_values.{layer}.{kind}`; `layer` may be a placeholder such as "%d" (genai's config)."""

@@ -17,8 +17,11 @@ BytesProgress = Callable[[int, int], None]
 
 MANIFEST = "manifest.json"
 FORMAT = "edge-infer"
-FORMAT_VERSION = 1
+# 2: graph headers chosen by the installed onnxruntime (graph.headers), every shared-cache graph takes
+# logits_to_keep and pads one-token attention itself. Folders of version 1 are refused: re-export.
+FORMAT_VERSION = 2
 GRAPH_FILE = "model.onnx"
+COMPAT_GRAPH_FILE = "model.compat.onnx"  # the same graph for onnxruntime before 1.32 (export/graph_headers.py)
 DATA_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"

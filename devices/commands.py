@@ -61,4 +61,4 @@ def _invariance(device: str, threads: int | None) -> None:
         return
     for described, result in found:
         click.echo(f"  {described}: {result.verdict}" + (f" ({result.detail})" if result.detail else ""))
-    click.echo(f"  padding for a model of all these kernels: {choose([r for _, r in found], 'auto', True).describe()}")
+    click.echo(f"  padding for a model of all these kernels: {choose([r for _, r in found], 'auto').describe()}")

@@ -6,8 +6,7 @@ Two mechanisms give every pass at least two rows where a kernel needs them:
     keep one row. Enough when every matmul gives a row the same bits alone as in a pass of M rows.
   * "rows": Model.forward_rows gives a one-id row a padding id, so the whole pass (matmuls
     included) runs two rows. Needed where a matmul differs between 1 and M rows but agrees from 2
-    rows on (a 4-bit MatMulNBits on an AVX-512 AMD EPYC, FACTS.md); the only mechanism of exports
-    made before the in-graph padding.
+    rows on (a 4-bit MatMulNBits on an AVX-512 AMD EPYC, FACTS.md).
 devices/invariance.py lists the graph's kernel configurations and devices/probe_graphs.py measures
 each; `choose` is a pure function of those verdicts: it picks the cheapest mode that makes the passes
 agree ("auto"), or checks a forced one, and says why. `invariant` is what
@@ -70,22 +69,16 @@ def _and_more(items: list[ProbeResult]) -> str:
     return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
 
 
-def choose(results: list[ProbeResult], asked: str, graph_pads: bool, where: str = "this CPU") -> Padding:
-    """The padding for a shared-cache graph with these probe results.
-
-    graph_pads: the graph pads one-token attention itself (else only "rows" is possible); where: the
-    machine the verdicts were measured on, for the reason ("this CPU").
-    """
+def choose(results: list[ProbeResult], asked: str, where: str = "this CPU") -> Padding:
+    """The padding for a shared-cache graph (it pads one-token attention itself) with these probe
+    results; where: the machine the verdicts were measured on, for the reason ("this CPU")."""
     probes = tuple(results)
     broken = [r for r in results if r.verdict in (NOT_INVARIANT, UNKNOWN)]
     # GroupQueryAttention runs two rows in both modes; only the matmuls tell the modes apart
     one_row = [r for r in results if r.verdict == FROM_TWO and r.config.op != "GroupQueryAttention"]
     assert all(r.verdict in (ROW_INVARIANT, FROM_TWO, NOT_INVARIANT, UNKNOWN) for r in results)
-    if asked == "attention" and not graph_pads:
-        raise UserError("padding='attention' cannot be met: this export does not pad its attention in the graph "
-                        "(exported before the in-graph padding); use padding='rows' or auto, or re-export")
     if broken:
-        mode = asked if asked != "auto" else ("attention" if graph_pads else "rows")
+        mode = asked if asked != "auto" else "attention"
         head = "not verified" if broken[0].verdict == UNKNOWN else "no padding makes passes agree"
         return Padding(mode, False, f"{head}: {_why(broken[0], where)}{_and_more(broken)}", asked != "auto", probes)
     if one_row:
@@ -93,9 +86,6 @@ def choose(results: list[ProbeResult], asked: str, graph_pads: bool, where: str 
         if asked == "attention":
             return Padding("attention", False, f"{why}; padding='rows' would make it invariant", True, probes)
         return Padding("rows", True, why, asked == "rows", probes)
-    if not graph_pads:
-        return Padding("rows", True, "this export has no in-graph attention padding: every pass runs 2 rows",
-                       asked == "rows", probes)
     why = (f"every matmul gives a row the same bits alone and in a pass of M rows on {where}; "
            "attention runs 2 rows in the graph")
     if asked == "rows":

@@ -206,7 +206,11 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         body = _manifest_body(spec, source, graph, quant, max_length, validation)
         if kv_record is not None:
             body["kv_cache"] = kv_record
-        if route == "direct":
+        if route == "direct":  # the full graph and one for onnxruntime before 1.32 (export/graph_headers.py)
+            from edge_infer.export.graph_headers import write_headers
+
+            graph = replace(graph, headers=write_headers(tmp, GRAPH_FILE))
+            body["graph"] = graph.to_manifest()
             from edge_infer.export.genai_interop import write_genai_files
 
             genai = ("not written: onnxruntime-genai does not read a quantized KV cache" if kv_record is not None

@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
+from edge_infer.export.graph_headers import drop_input, query_seqlens_from_shape
 from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, QUERY_SEQLENS,
                                             past, present)
 
@@ -119,32 +120,12 @@ def _write_graph_without_keep(src: Path, dst: Path) -> None:
 
     Loaded without external data: the weights stay references into the same data file."""
     graph = onnx.load(str(src), load_external_data=False)
-    if _drop_input(graph, LOGITS_TO_KEEP):
+    if drop_input(graph, LOGITS_TO_KEEP):
         graph.graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.int64), LOGITS_TO_KEEP))
     if any(i.name == QUERY_SEQLENS for i in graph.graph.input):
         # genai feeds every row the same number of new tokens: query_seqlens = sequence_length per row.
-        _drop_input(graph, QUERY_SEQLENS)
-        consts = [numpy_helper.from_array(np.array([v], dtype=np.int64), f"/genai/const_{v}") for v in (0, 1, 2)]
-        graph.graph.initializer.extend(consts)
-        nodes = [
-            helper.make_node("Shape", [INPUT_IDS], ["/genai/shape"], name="/genai/Shape"),  # (2,)
-            helper.make_node("Slice", ["/genai/shape", "/genai/const_0", "/genai/const_1"], ["/genai/batch"],
-                             name="/genai/batch/Slice"),  # (1,)
-            helper.make_node("Slice", ["/genai/shape", "/genai/const_1", "/genai/const_2"], ["/genai/seq"],
-                             name="/genai/seq/Slice"),  # (1,)
-            helper.make_node("Expand", ["/genai/seq", "/genai/batch"], [QUERY_SEQLENS],
-                             name="/genai/query_seqlens/Expand"),  # (batch,)
-        ]
-        for n in reversed(nodes):
-            graph.graph.node.insert(0, n)
+        query_seqlens_from_shape(graph, "/genai")
     for o in graph.graph.output:
         if o.name == LOGITS:  # (batch, sequence_length, vocab) for genai
             o.type.tensor_type.shape.dim[1].dim_param = "sequence_length"
     onnx.save_model(graph, str(dst))
-
-
-def _drop_input(graph: onnx.ModelProto, name: str) -> bool:
-    found = [i for i in graph.graph.input if i.name == name]
-    for i in found:
-        graph.graph.input.remove(i)
-    return bool(found)

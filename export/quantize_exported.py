@@ -8,6 +8,7 @@ records the scheme and the top-1 agreement / KL against the input.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,10 @@ def quantize_folder(src: str | Path, out: str | Path, config: QuantConfig, valid
         if validate:
             validation = _validate(tmp / manifest.graph_file, graph_path, manifest, progress)
         body = {k: v for k, v in manifest.raw.items() if k not in ("format", "format_version", "files")}
+        if len(manifest.headers) > 1:  # the other headers describe the new graph too
+            from edge_infer.export.graph_headers import write_headers
+
+            body["graph"] = replace(manifest.graph, headers=write_headers(tmp, manifest.graph_file)).to_manifest()
         summary = quantize_summary(onnx.load(str(tmp / manifest.graph_file), load_external_data=False))
         body["quantization"] = QuantRecord(scheme, config, {"summary": summary, "from": manifest.quant_scheme}).to_manifest()
         body["validation"] = validation

@@ -179,11 +179,10 @@ def decode_step(model: Model, cache: KVCache, decodings: list[Decoding | None],
     limits[r] caps row r's guesses. Returns the ids each row emits (empty for idle rows).
     """
     feeds = [d.propose(limit) if d is not None else [] for d, limit in zip(decodings, limits)]
-    lengths = np.array([d.cache.offset if d is not None else 0 for d in decodings], dtype=np.int64)  # (batch,)
     masked = [d for d in decodings if d is not None and d.needs_mask()]
     pending = _mask_pool().submit([d.matcher for d in masked]) if masked else None  # overlaps the pass
     clock = time.perf_counter()
-    rows = model.forward_rows(feeds, cache, lengths)  # per row (n_r, vocab)
+    rows = model.forward_rows(feeds, cache)  # per row (n_r, vocab); each row after its cached length
     seconds = time.perf_counter() - clock
     if pending is not None:
         for d, mask in zip(masked, pending.result()):

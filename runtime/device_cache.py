@@ -47,12 +47,7 @@ class DeviceKVCache(KVCache):
 
         self._buffers = ([buffer() for _ in range(g.num_layers)], [buffer() for _ in range(g.num_layers)])
         self._first_row = 0
-        self._reset_bookkeeping()
-
-    def _reset_bookkeeping(self) -> None:
-        self._offset = 0
-        self.tokens: list[int] = []
-        self._bindings: dict[int, ort.IOBinding] = {}
+        self._bookkeeping()
 
     @property
     def keys(self) -> list[np.ndarray]:
@@ -72,7 +67,7 @@ class DeviceKVCache(KVCache):
         view._buffers, view._dtype = self._buffers, self._dtype
         view._shape = (stop - start,) + self._shape[1:]
         view._first_row = self._first_row + start
-        view._reset_bookkeeping()
+        view._bookkeeping(self._lengths[start:stop], self._ids[start:stop])  # the rows' lengths and ids, shared
         return view
 
     def nbytes(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
-from edge_infer.runtime.cache import KVCache
+from edge_infer.runtime.cache import KVCache, reusable
 from edge_infer.runtime.chat_template import check_template_kwargs
 from edge_infer.runtime.constrain import Constraint, GrammarMatcher, constraint_from
 from edge_infer.runtime.decode import PREFILL_CHUNK, FinishReason, TextStream, decode_tokens, prefill
@@ -170,7 +170,7 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     cache = cache if cache is not None else model.new_cache()
     budget = plan_max_tokens(model, len(ids), max_tokens, cache.max_length)
     text.max_tokens = budget
-    cached = min(cache.common_prefix(ids), len(ids) - 1)
+    cached = reusable(cache.tokens, ids)  # what decode_tokens' cache.reuse keeps
     stats = SpecStats()
     matcher = constraint.matcher(model) if constraint is not None else None
     steps = decode_tokens(model, ids, cache, sampler, budget, speculative, stats, draft_cache, matcher=matcher)

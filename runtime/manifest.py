@@ -21,7 +21,7 @@ from edge_infer.contract.model_folder import (FORMAT, FORMAT_VERSION, MANIFEST, 
                                              sha256_file)
 from edge_infer.contract.model_store import resolve_model
 from edge_infer.contract.io_names import POSITION_IDS
-from edge_infer.contract.graph_record import GraphRecord, kv_cache_bytes, kv_storage
+from edge_infer.contract.graph_record import GraphHeader, GraphRecord, kv_cache_bytes, kv_storage
 from edge_infer.contract.quantization import QuantRecord
 from edge_infer.runtime.manifest_schema import check_raw
 
@@ -109,6 +109,11 @@ class Manifest:
         return self.graph.kv_layout or "shared"
 
     @property
+    def headers(self) -> tuple[GraphHeader, ...]:
+        """The graph headers over the weights, best first (graph.headers); one (graph.file) when absent."""
+        return self.graph.headers or (GraphHeader(self.graph_file),)
+
+    @property
     def quant_scheme(self) -> str:
         return self.quantization.scheme
 
@@ -155,6 +160,9 @@ def load_manifest(ref: str | Path, verify: bool = True, progress: BytesProgress 
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an edge-infer manifest")
     version = raw.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and 0 < version < FORMAT_VERSION:
+        raise ModelFileError(f"{path}: exported by an older edge-infer (format version {version}, this one reads "
+                             f"{FORMAT_VERSION}); re-export the model with `edge-infer export`")
     if version != FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: manifest format version {version!r} is not supported by this edge-infer "
@@ -200,7 +208,8 @@ def _parse(folder: Path, raw: dict) -> Manifest:
     for name in files:
         _check_relative(folder, name)
     graph = GraphRecord.from_manifest(gr)
-    for name in (graph.file, tok.file) + ((tok.chat_template_file,) if tok.chat_template_file else ()):
+    headers = tuple(h.file for h in graph.headers or ())
+    for name in (graph.file, tok.file, *headers) + ((tok.chat_template_file,) if tok.chat_template_file else ()):
         if name not in files:
             raise ValueError(f"'{name}' is referenced but not listed in files")
     return Manifest(

@@ -19,8 +19,8 @@ from typing import Any, NoReturn
 
 from edge_infer.contract.embedding import TASK_EMBED, EmbeddingRecord
 from edge_infer.contract.errors import ModelFileError
-from edge_infer.contract.io_names import (INPUT_IDS, KV_KINDS, LAST_HIDDEN_STATE, LOGITS, PAST_PREFIX, PRESENT_PREFIX,
-                                          past, present)
+from edge_infer.contract.io_names import (ATTENTION_INPUTS, INPUT_IDS, KV_KINDS, LAST_HIDDEN_STATE, LOGITS, PAST_PREFIX,
+                                          PRESENT_PREFIX, past, present)
 
 MAX_LAYERS = 1024
 MAX_HEADS = 1 << 12
@@ -119,6 +119,7 @@ def check_raw(path: Path, raw: dict) -> None:
             g.fail(f"graph.{kind}", f"has {len(have) // 2} layers of {prefix}*, but model.num_layers is {layers}")
     if INPUT_IDS not in inputs or (LOGITS not in outputs and raw.get("task") != TASK_EMBED):
         g.fail("graph", f"must have an {INPUT_IDS} input and a {LOGITS} output")
+    _check_headers(g, g.d.get("headers"))
     if g.d.get("kv_layout") == "static":  # two fixed-shape graphs: what the runtime allocates comes from here
         plan: Any = g.d.get("static_plan")
         ok = isinstance(plan, dict) and _is_int(plan.get("max_length")) and plan["max_length"] == m.d.get("max_length")
@@ -183,6 +184,18 @@ def _check_embedding(path: Path, raw: dict, g: _Section, inputs: list[str], outp
         raise SchemaError(f"{path}: {e}") from None
     if LAST_HIDDEN_STATE not in outputs or INPUT_IDS not in inputs:
         g.fail("graph", f"of an embedding model must have an {INPUT_IDS} input and a {LAST_HIDDEN_STATE} output")
+
+
+def _check_headers(g: _Section, headers: Any) -> None:
+    """graph.headers: the graph headers over the weights, best first (export/graph_headers.py)."""
+    if headers is None:
+        return
+    ok = isinstance(headers, list) and bool(headers) and all(
+        isinstance(h, dict) and isinstance(h.get("file"), str) and isinstance(h.get("needs", []), list)
+        and all(n in ATTENTION_INPUTS for n in h.get("needs", [])) for h in headers)
+    if not ok:
+        g.fail("graph.headers", f"is {_show(headers)}, expected a list of {{file, needs: [GroupQueryAttention "
+               "input names]}}")
 
 
 def _check_source_defaults(gen: _Section, defaults: Any) -> None:

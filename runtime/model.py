@@ -20,14 +20,15 @@ from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu
 from edge_infer.devices import padding as padding_modes
 from edge_infer.devices.accelerators import did_not_start
 from edge_infer.devices.invariance import kernel_configs
+from edge_infer.devices.capabilities import pick_header
 from edge_infer.devices.native_output import stdout_to_stderr
 from edge_infer.devices.probe_cache import probe_graph
 from edge_infer.devices.providers import share_threads
-from edge_infer.runtime.cache import ConcatKVCache, KVCache
+from edge_infer.runtime.cache import ConcatKVCache, KVCache, Pass
 from edge_infer.runtime.device_cache import DEVICE_KV, DeviceKVCache
 from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.contract.embedding import TASK_EMBED
-from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
+from edge_infer.contract.errors import ModelFileError, UserError
 from edge_infer.contract.model_folder import MANIFEST
 from edge_infer.runtime.manifest import Manifest, load_manifest
 from edge_infer.runtime.manifest_schema import check_graph_io, check_kv_memory
@@ -68,6 +69,9 @@ def check_external_data(graph_path: Path) -> onnx.ModelProto:
     return proto
 
 
+RAGGED_OFF = ("GroupQueryAttention has no query_seqlens here (onnxruntime >= 1.32 has it), so every row of a "
+              "batched pass writes the widest row's ids: the same ids and bits, a little more attention work "
+              "per server row, and a row within a few positions of its cache's end runs alone")
 STATIC_UNPADDED = "a static plan (--profile npu) runs separate fixed-shape prefill and decode graphs"
 
 
@@ -87,9 +91,6 @@ def choose_padding(manifest: Manifest, proto: onnx.ModelProto, plan: DevicePlan,
         return padding_modes.unpadded(STATIC_UNPADDED, asked)
     if manifest.kv_layout != "shared":
         return padding_modes.unpadded("the graph concatenates its cache, so a pass cannot carry a padding row", asked)
-    pads_in_graph = manifest.graph.attention_padding == "in-graph"
-    if LOGITS_TO_KEEP not in manifest.inputs and not pads_in_graph:
-        return padding_modes.unpadded("an export without logits_to_keep cannot take a padding id", asked)
 
     def options() -> ort.SessionOptions:  # the model session's options, for the probe's one-node sessions
         o = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
@@ -100,16 +101,24 @@ def choose_padding(manifest: Manifest, proto: onnx.ModelProto, plan: DevicePlan,
     count = pool.intra_op_num_threads if pool.use_per_session_threads else share_threads(threads)
     results = probe_graph(kernel_configs(proto), options, plan.session_providers(), count)
     where = "this CPU" if plan.device == "cpu" else f"this {plan.device} device"
-    return padding_modes.choose(results, asked, pads_in_graph, where)
+    return padding_modes.choose(results, asked, where)
 
 
 class Model:
     def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None,
                  allow_spinning: bool = True, shared_threads: bool = False, padding: str | None = None):
         self.manifest = manifest
+        self.tokenizer, self.chat_template = load_text_side(manifest.folder, manifest)
+        self._open(device, threads, allow_spinning, shared_threads, padding_modes.requested(padding))
+
+    def _open(self, device: str, threads: int | None, allow_spinning: bool, shared_threads: bool, asked: str) -> None:
+        """Pick the graph header, open its session on the device, choose the padding."""
+        manifest = self.manifest
         folder = manifest.folder
-        graph_path = folder / manifest.graph_file
-        asked = padding_modes.requested(padding)
+        # The first graph header this onnxruntime can load (devices/capabilities.py): the full graph, or
+        # one without query_seqlens for onnxruntime before 1.32 (export/graph_headers.py).
+        self.header, self.headers_skipped = pick_header(manifest.headers, str(folder / MANIFEST))
+        graph_path = folder / self.header.file
         proto = check_external_data(graph_path)
         check_kv_memory(folder / MANIFEST, manifest.kv_bytes(), f"max_length {manifest.geometry.max_length}")
         self.plan: DevicePlan = resolve(device, available_providers(), model_traits(manifest))
@@ -129,18 +138,14 @@ class Model:
         if self.providers[0] != self.plan.providers[0]:  # onnxruntime fell back to the CPU: say why
             raise did_not_start(self.plan) or UserError(
                 f"requested {self.plan.providers[0]} but onnxruntime runs {self.providers[0]}")
-        self.tokenizer, self.chat_template = load_text_side(folder, manifest)
-        self._has_keep = LOGITS_TO_KEEP in manifest.inputs
-        # query_seqlens (exports from issue 12 on): rows with different numbers of new ids in one pass.
-        self._ragged = QUERY_SEQLENS in manifest.inputs
-        # Batch invariance (devices/padding.py): the graph pads one-token attention itself (exports from
-        # issue 12's second round on, export/graph.py _one_token_padding), and where this machine's
-        # matmuls differ between 1 and M rows forward_rows gives every one-id row a padding id too
-        # (pad_ids; the only mechanism of older exports). Graphs that concatenate their cache cannot pad.
-        self.pads_in_graph = manifest.graph.attention_padding == "in-graph"
+        self._input_names = {i.name for i in self.session.get_inputs()}
+        # query_seqlens: rows of one pass write only their own ids (else every row writes the widest feed)
+        self.ragged_rows = QUERY_SEQLENS in self._input_names
+        # Batch invariance (devices/padding.py): the graph pads one-token attention itself (export/graph.py
+        # _one_token_padding), and where this machine's matmuls differ between 1 and M rows forward_rows
+        # gives every one-id row a padding id too (pad_ids). Graphs that concatenate their cache cannot pad.
         self.padding = choose_padding(manifest, proto, self.plan, asked, threads, allow_spinning, shared_threads)
         self.pad_ids = self.padding.mode == "rows"  # False turns the padding id off (benchmarks do)
-        self._input_names = {i.name for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
         width = next(o.shape[-1] for o in self.session.get_outputs() if o.name == LOGITS)
         self._vocab = width if isinstance(width, int) else manifest.geometry.vocab_size
@@ -190,57 +195,35 @@ class Model:
             return DeviceKVCache(self.manifest, batch, max_length, device=self.kv_device)
         return KVCache(self.manifest, batch, max_length)
 
+    def describe_graph(self) -> str:
+        """Which graph header runs and what the installed onnxruntime's release costs, one line."""
+        line = f"{self.header.file} on onnxruntime {ort.__version__}"
+        if self.manifest.kv_layout != "shared" or self.ragged_rows:
+            return line
+        return line + (": " + RAGGED_OFF)
+
     def forward(self, ids: np.ndarray, cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
-        """Run `ids` (batch, sequence_length) after the cached positions; returns
-        logits (batch, logits_to_keep, vocab) and advances the cache."""
-        batch, seq = ids.shape
-        assert batch == cache.batch, "ids batch must equal the cache's batch"
-        total = cache.offset + seq
-        if total > cache.max_length:
-            raise ContextLengthError(f"{total} positions do not fit the KV cache of {cache.max_length}")
-        keep = min(logits_to_keep, seq)
-        if isinstance(cache, ConcatKVCache):
-            mask = np.ones((batch, total), dtype=np.int64)  # (batch, total_sequence_length)
-            positions = np.arange(cache.offset, total, dtype=np.int64)[None, :].repeat(batch, 0)
-            logits = self._run_concat(ids, mask, positions, cache, keep)
-        elif batch == 1:
-            logits = self.forward_rows([ids[0]], cache, np.array([cache.offset]), keep)[0][None]
-        else:  # rows of equal length (a caller's own batch, not a slot view)
-            logits = np.stack(self.forward_rows(list(ids), cache, np.full(batch, cache.offset), keep))
-        cache.advance(ids[0])
-        return logits
+        """Run `ids` (batch, sequence_length) after the cached positions (rows of one length); returns
+        logits (batch, logits_to_keep, vocab) and advances the cache by every id (the caller that keeps
+        all it feeds: prefill chunks)."""
+        rows = self.forward_rows(list(ids), cache, logits_to_keep)
+        cache.advance_rows(list(ids))
+        return np.stack(rows)
 
-    def _run_concat(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: "ConcatKVCache",
-                    keep: int) -> np.ndarray:
-        """A plain run for graphs that concatenate past and new keys (the optimum route)."""
-        feed = {INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64), ATTENTION_MASK: mask}
-        if POSITION_IDS in self._input_names:
-            feed[POSITION_IDS] = positions
-        for i, (pk, pv) in enumerate(self._past):
-            feed[pk], feed[pv] = cache.keys[i], cache.values[i]
-        outputs = self.session.run(None, feed)
-        by_name = dict(zip(self._output_names, outputs))
-        cache.replace([by_name[k] for k, _ in self._present], [by_name[v] for _, v in self._present])
-        return by_name[LOGITS][:, -keep:]  # (batch, keep, vocab)
+    def decode_batch(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One decode step for every row of a batched cache, each row at its own length: tokens (batch,)
+        are written after each row's cached positions; returns logits (batch, vocab). The cache is not
+        advanced (the caller records what it keeps)."""
+        assert tokens.shape == (cache.batch,), "one token per row"
+        return np.stack([r[0] for r in self.forward_rows([[int(t)] for t in tokens], cache)])
 
-    def decode_batch(self, tokens: np.ndarray, cache: KVCache, lengths: np.ndarray) -> np.ndarray:
-        """One decode step for every row of a batched cache, each row at its own length.
-
-        tokens (batch,) are written at positions lengths (batch,); returns logits
-        (batch, vocab). The caller owns the lengths (continuous batching: rows are
-        slots that join and leave between steps).
-        """
-        assert tokens.shape == (cache.batch,) and lengths.shape == (cache.batch,), "one token and one length per row"
-        return np.stack([r[0] for r in self.forward_rows([[int(t)] for t in tokens], cache, lengths)])
-
-    def forward_rows(self, feeds: list, cache: KVCache, lengths: np.ndarray, keep: int | None = None,
+    def forward_rows(self, feeds: list, cache: KVCache, keep: int | None = None,
                      pad: bool | None = None) -> list[np.ndarray]:
-        """One pass over every row of a (batched) shared-buffer cache, each row at its own length.
+        """One pass over every row of a (batched) cache, each row after its own cached positions.
 
-        Row r feeds the ids feeds[r] (any number, 0 for an idle row) at positions lengths[r]...;
-        returns per row the logits of its last min(keep, len(feeds[r])) fed ids, (n_r, vocab)
-        (keep None: all). The cache's offset is not touched: the caller owns the lengths (a batched
-        view of slots), or forward() advances a batch-1 cache.
+        Row r feeds the ids feeds[r] (any number, 0 for an idle row); returns per row the logits of its
+        last min(keep, len(feeds[r])) fed ids, (n_r, vocab) (keep None: all). The cache builds the
+        pass (KVCache.plan) and is not advanced: the caller records what it keeps.
 
         Batch invariance: GroupQueryAttention's one-token path (on every CPU measured) and, on some
         CPUs, a matmul's one-row kernel round differently from their paths for two or more rows,
@@ -255,77 +238,49 @@ class Model:
         it: the pass recomputes that position's keys and values to the same bits (passes of two or
         more rows agree), and the id stays last, so the lm_head computes one row of logits, not two.
         """
-        batch = cache.batch
-        assert len(feeds) == batch and lengths.shape == (batch,), "one feed and one length per row"
-        if isinstance(cache, ConcatKVCache):  # the optimum route: batch 1, past + new keys as new arrays
-            ids = np.asarray([feeds[0]], dtype=np.int64)  # (1, n)
-            start, n = int(lengths[0]), ids.shape[1]
-            if start + n > cache.max_length:
-                raise ContextLengthError(f"{start + n} positions do not fit the KV cache of {cache.max_length}")
-            mask = np.ones((1, start + n), dtype=np.int64)  # (1, total_sequence_length)
-            positions = np.arange(start, start + n, dtype=np.int64)[None, :]  # (1, n)
-            return [self._run_concat(ids, mask, positions, cache, min(keep or n, n))[0]]
-        prev = self._previous_id(feeds, cache, lengths) if pad is None and self.pad_ids else None
-        if prev is not None:  # "rows" mode, one id at batch 1: re-feed the id before it instead (see below)
-            return self.forward_rows([[prev, feeds[0][0]]], cache, lengths - 1, keep=1, pad=False)
-        real = [len(f) for f in feeds]
-        if pad is None:  # a graph that pads its attention does it for one-token passes; in a wider pass
-            # a one-id row still takes a padding id (free: the pass is that wide anyway)
-            pad = self.pad_ids or (self.pads_in_graph and max(real, default=0) > 1)
-        # Ids per row in the graph: real ids, plus a padding id where a row has exactly one.
-        fed = [n + 1 if pad and n == 1 and lengths[r] + 2 <= cache.max_length else n for r, n in enumerate(real)]
-        seq = max(max(fed), 1)
-        if max(int(lengths[r]) + real[r] for r in range(batch)) > cache.max_length:
-            raise ContextLengthError(f"{max(lengths) + max(real)} positions do not fit the KV cache of "
-                                     f"{cache.max_length}")
-        if batch > 1 and not self._ragged:
-            # A graph without query_seqlens (exported before it) takes several ids per row only at
-            # batch 1: rows of one id run unpadded together (not batch-invariant), others one by one.
-            if max(real) > 1:
-                return [self.forward_rows([feeds[r]], cache.row(r), lengths[r:r + 1], keep, pad)[0]
-                        if real[r] else np.zeros((0, self.manifest.geometry.vocab_size), np.float32)
-                        for r in range(batch)]
-            fed, seq = [1] * batch, 1  # an idle row writes a dummy entry just past its length
-        ids = np.zeros((batch, seq), dtype=np.int64)  # (batch, sequence_length); right padding is id 0
-        for r, f in enumerate(feeds):
-            ids[r, :real[r]] = f
-        ends = np.array([int(lengths[r]) + fed[r] for r in range(batch)], dtype=np.int64)
-        # Right-padded mask of the positions each row holds after this pass. An idle row (0 ids fed,
-        # query_seqlens 0) writes nothing; at length 0 it still shows one position, as the op needs.
-        total = max(int(ends.max()), seq)
-        mask = (np.arange(total)[None, :] < np.maximum(ends, 1)[:, None]).astype(np.int64)  # (batch, total)
-        positions = lengths.astype(np.int64)[:, None] + np.arange(seq)[None, :]  # (batch, sequence_length)
-        # Logits for the last k positions of the pass: enough to reach the first one any row wants.
-        want = [n if keep is None else min(keep, n) for n in real]
-        first = min((real[r] - want[r] for r in range(batch) if real[r]), default=seq - 1)
-        k = seq - first
-        out = self._run(ids, mask, positions, cache, k, np.array(fed, dtype=np.int64))  # (batch, k, vocab)
-        return [out[r, real[r] - want[r] - first:real[r] - first] for r in range(batch)]
+        assert len(feeds) == cache.batch, "one feed per row"
+        if isinstance(cache, ConcatKVCache):  # the optimum route: past + new keys as new arrays
+            p = cache.plan(feeds, pad=False, uniform=True, keep=keep)
+            return p.split(self._run_concat(p, cache))
+        back = 0
+        if pad is None and self.pad_ids and cache.batch == 1 and len(feeds[0]) == 1:
+            prev = cache.previous_id()
+            if prev is not None:  # "rows" mode, one id at batch 1: re-feed the id before it instead
+                feeds, back, keep, pad = [[prev, feeds[0][0]]], 1, 1, False
+        if pad is None:  # a one-id row in a wider pass takes a padding id (free: the pass is that wide anyway)
+            pad = self.pad_ids or max(len(f) for f in feeds) > 1
+        if not self.ragged_rows and cache.batch > 1 and not cache.fits_uniform(feeds):
+            # without query_seqlens every row writes the widest feed; a row near its end lacks the room
+            return [self.forward_rows([f], cache.row(r), keep, pad)[0] if f
+                    else np.zeros((0, self._vocab), np.float32) for r, f in enumerate(feeds)]
+        p = cache.plan(feeds, pad, uniform=not self.ragged_rows, keep=keep, back=back)
+        return p.split(self._run(p, cache))
 
-    @staticmethod
-    def _previous_id(feeds: list, cache: KVCache, lengths: np.ndarray) -> int | None:
-        """The id a batch-1 cache holds just before a lone id fed at lengths[0], when it knows it."""
-        if cache.batch != 1 or len(feeds[0]) != 1:
-            return None
-        at = int(lengths[0]) - 1
-        return int(cache.tokens[at]) if 0 <= at < len(cache.tokens) and at < cache.offset else None
+    def _run_concat(self, p: Pass, cache: "ConcatKVCache") -> np.ndarray:
+        """A plain run for graphs that concatenate past and new keys (the optimum route)."""
+        feed = {INPUT_IDS: p.ids, ATTENTION_MASK: p.mask}
+        if POSITION_IDS in self._input_names:
+            feed[POSITION_IDS] = p.positions
+        for i, (pk, pv) in enumerate(self._past):
+            feed[pk], feed[pv] = cache.keys[i], cache.values[i]
+        outputs = self.session.run(None, feed)
+        by_name = dict(zip(self._output_names, outputs))
+        cache.replace([by_name[k] for k, _ in self._present], [by_name[v] for _, v in self._present])
+        return by_name[LOGITS][:, -p.keep:]  # (batch, keep, vocab)
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, cache: KVCache,
-             keep: int, query_lengths: np.ndarray) -> np.ndarray:
+    def _run(self, p: Pass, cache: KVCache) -> np.ndarray:
         binding = self._binding(cache)
-        binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input(ATTENTION_MASK, mask)
+        binding.bind_cpu_input(INPUT_IDS, p.ids)
+        binding.bind_cpu_input(ATTENTION_MASK, p.mask)
         if self.manifest.uses_position_ids:
-            binding.bind_cpu_input(POSITION_IDS, positions)  # (batch, sequence_length)
-        if self._has_keep:
-            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array([keep], dtype=np.int64))
-        if self._ragged:
-            binding.bind_cpu_input(QUERY_SEQLENS, query_lengths)  # (batch,)
+            binding.bind_cpu_input(POSITION_IDS, p.positions)  # (batch, sequence_length)
+        binding.bind_cpu_input(LOGITS_TO_KEEP, np.array([p.keep], dtype=np.int64))
+        if self.ragged_rows:
+            binding.bind_cpu_input(QUERY_SEQLENS, p.query_lengths)  # (batch,)
         # A fresh array for the logits every pass (their shape changes between passes, and a caller may
         # hold the last ones), bound as the output so onnxruntime writes into it: no copy out, and no
         # Python wrapper for each of the cache's outputs (get_outputs makes one per output).
-        rows = keep if self._has_keep else ids.shape[1]
-        logits = np.empty((ids.shape[0], rows, self._vocab), dtype=np.float32)  # (batch, logits_to_keep, vocab)
+        logits = np.empty((p.ids.shape[0], p.keep, self._vocab), dtype=np.float32)  # (batch, logits_to_keep, vocab)
         binding.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
         return logits

@@ -24,9 +24,10 @@ import numpy as np
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
 from edge_infer.devices.accelerators import did_not_start, session_for, strict_plan
 from edge_infer.runtime.cache import KVCache
-from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
+from edge_infer.contract.errors import ModelFileError, UserError
+from edge_infer.contract.graph_record import GraphHeader
 from edge_infer.runtime.manifest import Manifest
-from edge_infer.runtime.model import STATIC_UNPADDED, Model, check_external_data, load_text_side
+from edge_infer.runtime.model import STATIC_UNPADDED, Model, check_external_data
 from edge_infer.devices import padding as padding_modes
 from edge_infer.contract.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past, present
 
@@ -105,43 +106,50 @@ class StaticModel(Model):
     def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None,
                  allow_spinning: bool = True, shared_threads: bool = False, strict: bool = True,
                  padding: str | None = None):
-        self.manifest = manifest
+        self.strict = strict
+        super().__init__(manifest, device, threads, allow_spinning, shared_threads, padding)
+
+    def _open(self, device: str, threads: int | None, allow_spinning: bool, shared_threads: bool, asked: str) -> None:
+        """Open the prefill-chunk and decode graphs' sessions on the device (both strict by default)."""
+        manifest, strict = self.manifest, self.strict
         # its prefill-chunk and decode graphs are different graphs: no padding makes them agree bitwise
-        self.padding = padding_modes.unpadded(STATIC_UNPADDED, padding_modes.requested(padding))
-        self.pads_in_graph = self.pad_ids = False
+        self.padding = padding_modes.unpadded(STATIC_UNPADDED, asked)
+        self.pad_ids = self.ragged_rows = False
         self.static = StaticPlan.from_manifest(manifest)
-        folder = manifest.folder
+        self.header, self.headers_skipped = GraphHeader(self.static.decode.file), list[str]()
         traits = ModelTraits(dtype=manifest.dtype, contrib_ops=False, static_shapes=True)
         self.plan: DevicePlan = strict_plan(resolve(device, available_providers(), traits)) if strict else \
             resolve(device, available_providers(), traits)
-        sessions = []
-        for g in (self.static.prefill, self.static.decode):
-            path = folder / g.file
-            check_external_data(path)
-            options = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
-            options.log_severity_level = 3
-            try:
-                sessions.append(session_for(str(path), self.plan, options, strict, cache_dir=context_dir(folder),
-                                            graph_sha256=str(manifest.files[g.file]["sha256"])))
-            except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                not_started = did_not_start(self.plan)  # the provider, not the graph's nodes
-                if not_started is not None:
-                    raise not_started from None
-                hint = ""
-                if "fallback to CPU EP has been explicitly disabled" in first:
-                    hint = (f"; {self.plan.device} cannot run some nodes (onnxruntime's log names them) and the CPU "
-                            "fallback is off so that nothing runs on the CPU unseen")
-                    if self.plan.device == "qnn" and manifest.quant_scheme != "fp32":
-                        hint += "; QNN's HTP runs no weight-only DequantizeLinear: export with --quant fp32 for QNN"
-                raise ModelFileError(f"{path}: onnxruntime could not load it on {self.plan.device} ({first}){hint}") \
-                    from None
-        self.shared_threads = not options.use_per_session_threads
+        sessions = [self._session(g, threads, allow_spinning, shared_threads) for g in (self.static.prefill,
+                                                                                       self.static.decode)]
         self.session = sessions[1]
         self.providers = self.session.get_providers()
         self._prefill = _Pass(sessions[0], self.static.prefill, manifest)
         self._decode = _Pass(sessions[1], self.static.decode, manifest)
-        self.tokenizer, self.chat_template = load_text_side(folder, manifest)
+
+    def _session(self, g: StaticGraph, threads: int | None, allow_spinning: bool, shared_threads: bool):
+        manifest, strict = self.manifest, self.strict
+        path = manifest.folder / g.file
+        check_external_data(path)
+        options = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
+        options.log_severity_level = 3
+        self.shared_threads = not options.use_per_session_threads
+        try:
+            return session_for(str(path), self.plan, options, strict, cache_dir=context_dir(manifest.folder),
+                               graph_sha256=str(manifest.files[g.file]["sha256"]))
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            not_started = did_not_start(self.plan)  # the provider, not the graph's nodes
+            if not_started is not None:
+                raise not_started from None
+            hint = ""
+            if "fallback to CPU EP has been explicitly disabled" in first:
+                hint = (f"; {self.plan.device} cannot run some nodes (onnxruntime's log names them) and the CPU "
+                        "fallback is off so that nothing runs on the CPU unseen")
+                if self.plan.device == "qnn" and manifest.quant_scheme != "fp32":
+                    hint += "; QNN's HTP runs no weight-only DequantizeLinear: export with --quant fp32 for QNN"
+            raise ModelFileError(f"{path}: onnxruntime could not load it on {self.plan.device} ({first}){hint}") \
+                from None
 
     def new_cache(self, batch: int = 1, max_length: int | None = None) -> KVCache:
         if batch != 1:
@@ -154,49 +162,42 @@ class StaticModel(Model):
             cache.max_length = max_length  # a shorter limit on the same buffers: the context checks read it
         return cache
 
-    def forward_rows(self, feeds: list, cache: KVCache, lengths: np.ndarray, keep: int | None = None,
+    def forward_rows(self, feeds: list, cache: KVCache, keep: int | None = None,
                      pad: bool | None = None) -> list[np.ndarray]:
-        """runtime.decode's pass (batch 1 here): the logits of the fed ids, (n, vocab), with the
-        cache's offset left where it was (the caller advances it by what it keeps)."""
-        if len(feeds) != 1 or int(lengths[0]) != cache.offset:
+        """runtime.decode's pass (batch 1 here): the logits of the last min(keep, n) fed ids, (k, vocab),
+        with the cache not advanced (the caller records what it keeps). A prompt runs in prefill
+        chunks; several kept logits (speculative verification) come from one decode pass per kept id."""
+        if len(feeds) != 1 or cache.batch != 1:
             raise UserError("a model exported with --profile npu runs one sequence at a time (batch 1)")
-        start, ids = cache.offset, np.asarray([feeds[0]], dtype=np.int64)  # (1, n)
-        logits = self.forward(ids, cache, logits_to_keep=ids.shape[1] if keep is None else keep)[0]
-        cache.trim(start)  # the written entries stay; the next pass overwrites the ones not kept
-        return [logits]
-
-    def forward(self, ids: np.ndarray, cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
-        """Run `ids` (1, sequence_length) after the cached positions; returns logits
-        (1, logits_to_keep, vocab) and advances the cache. Several kept logits (speculative
-        verification) come from one decode pass per kept token."""
-        batch, seq = ids.shape
-        if batch != 1:
-            raise UserError("a model exported with --profile npu runs one sequence at a time (batch 1)")
-        if cache.offset + seq > cache.max_length:
-            raise ContextLengthError(f"{cache.offset + seq} positions do not fit the KV cache of {cache.max_length}")
-        keep = max(1, min(logits_to_keep, seq))
-        row = [int(t) for t in ids[0]]
+        row = [int(t) for t in feeds[0]]
+        seq = len(row)
+        off = cache.offset
+        cache.check_fits(np.array([off + seq]))
+        keep = max(1, min(seq if keep is None else keep, seq))
         head, tail = row[:seq - keep + 1], row[seq - keep + 1:]
-        out = [self._chunked(head, cache)]
+        out = [self._chunked(head, cache, off)]
+        off += len(head)
         for token in tail:
-            out.append(self._pass(self._decode, [token], cache))
-        return np.concatenate(out, axis=1)  # (1, keep, vocab)
+            out.append(self._pass(self._decode, [token], cache, off))
+            off += 1
+        return [np.concatenate(out, axis=1)[0]]  # (keep, vocab)
 
-    def decode_batch(self, tokens: np.ndarray, cache: KVCache, lengths: np.ndarray) -> np.ndarray:
+    def decode_batch(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         raise UserError("a model exported with --profile npu runs one sequence at a time (batch 1)")
 
-    def _chunked(self, ids: list[int], cache: KVCache) -> np.ndarray:
+    def _chunked(self, ids: list[int], cache: KVCache, off: int) -> np.ndarray:
         C = self._prefill.S
         assert ids, "a pass needs at least one id"
         logits = np.empty(0)
         for start in range(0, len(ids), C):
             piece = ids[start:start + C]
-            logits = self._pass(self._decode if len(piece) == 1 else self._prefill, piece, cache)
+            logits = self._pass(self._decode if len(piece) == 1 else self._prefill, piece, cache, off + start)
         return logits  # (1, 1, vocab)
 
-    def _pass(self, p: _Pass, piece: list[int], cache: KVCache) -> np.ndarray:
-        """One run of a graph over `piece` (n <= S tokens, left-padded); writes the new keys and values."""
-        n, S, P, off = len(piece), p.S, self.static.max_length, cache.offset
+    def _pass(self, p: _Pass, piece: list[int], cache: KVCache, off: int) -> np.ndarray:
+        """One run of a graph over `piece` (n <= S tokens, left-padded) after `off` positions; writes the
+        new keys and values into the cache (its length is the caller's to move)."""
+        n, S, P = len(piece), p.S, self.static.max_length
         ids = np.zeros((1, S), np.int64)  # (1, S), padding first
         ids[0, S - n:] = piece
         mask = np.zeros((1, P + S), np.int64)  # (1, P + S): [cache | new]
@@ -212,6 +213,4 @@ class StaticModel(Model):
         for i in range(len(p.present_k)):  # the new positions into the cache: (1, kv_heads, n, head_dim)
             cache.keys[i][:, :, off:off + n] = p.present_k[i][:, :, S - n:]
             cache.values[i][:, :, off:off + n] = p.present_v[i][:, :, S - n:]
-        cache.advance(piece)
         return p.logits.copy()
-

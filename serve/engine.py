@@ -40,6 +40,7 @@ from typing import Callable
 
 import numpy as np
 
+from edge_infer.runtime.cache import reusable
 from edge_infer.runtime.decode import Decoding, decode_step
 from edge_infer.contract.errors import UserError, is_interrupt
 from edge_infer.runtime.generate import plan_max_tokens
@@ -73,13 +74,8 @@ class Slot:
         self.last_used = 0  # LRU clock value when the slot was last given a request
 
     def matched(self, ids: np.ndarray) -> int:
-        """How many leading ids this slot's cache already holds."""
-        cached = self.row.tokens
-        n = min(len(cached), len(ids))
-        if n == 0:
-            return 0
-        diff = np.flatnonzero(np.asarray(cached[:n], dtype=np.int64) != ids[:n])
-        return int(diff[0]) if diff.size else n
+        """How many leading ids of the prompt this slot may reuse (runtime.cache.reusable, the one rule)."""
+        return reusable(self.row.tokens, ids)
 
 
 @dataclass(frozen=True)
@@ -270,7 +266,7 @@ class Engine:
                 return m, -(s.row.offset - m) if m else 0, -s.last_used
 
             slot = max(free, key=rank)
-            reuse = min(slot.matched(ids), len(seq.prompt) - 1)  # one token must run to give logits
+            reuse = slot.matched(ids)
             slot.row.trim(reuse)
             seq.cached = reuse
             seq.pending = seq.prompt[reuse:]

@@ -227,9 +227,10 @@ def manifest_cases(doc: dict) -> dict[str, str]:
     cases["truncated"] = raw[: len(raw) // 2]
     cases["not an object"] = "[1]"
     cases["duplicate key"] = raw.replace('"model": {', '"model": {"num_layers": 1, ', 1)
-    cases["5000-digit number"] = raw.replace('"format_version": 1', '"format_version": ' + "1" * 5000)
+    cases["5000-digit number"] = raw.replace('"format_version": 2', '"format_version": ' + "1" * 5000)
     cases["deep nesting"] = raw[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}"
-    cases["format version 2"] = raw.replace('"format_version": 1', '"format_version": 2')
+    cases["format version 3"] = raw.replace('"format_version": 2', '"format_version": 3')
+    cases["format version 1"] = raw.replace('"format_version": 2', '"format_version": 1')
     return cases
 
 

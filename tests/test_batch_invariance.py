@@ -70,11 +70,13 @@ def batched_row(m, ids):
     """Row 1 of a batch-3 step: one token per step, while row 0 verifies 3 ids a step of another
     sequence and row 2 is idle (the server's batched step with speculation)."""
     cache, out, other = m.new_cache(batch=3), [], 0
-    for i, t in enumerate(ids):
+    cache.row(2).advance([1] * 4)  # the idle row holds 4 positions
+    for t in ids:
         feeds = [IDS[::-1][other:other + 3] or [1], [t], []]
-        rows = m.forward_rows(feeds, cache, np.array([other, i, 4]))
+        rows = m.forward_rows(feeds, cache)
         out.append(rows[1][0])
-        other = min(other + len(feeds[0]), 100)
+        cache.advance_rows(feeds)
+        other += len(feeds[0])
     return np.stack(out)
 
 
@@ -225,7 +227,7 @@ def test_a_matmul_that_needs_two_rows_turns_on_rows_mode(tiny_exports, monkeypat
     cache = m.new_cache()
     m.forward(np.array([IDS[:5]]), cache)
     m.forward(np.array([[IDS[5]]]), cache)  # a decode step: two rows for every matmul, the previous id re-fed
-    m.decode_batch(np.array([IDS[6]]), cache, np.array([6]))  # in front, so the step's id is last (one logit row)
+    m.decode_batch(np.array([IDS[6]]), cache)  # in front, so the step's id is last (one logit row)
     assert [s.tolist() for s in seen[1:]] == [[[IDS[4], IDS[5]]], [[IDS[5], IDS[6]]]] and seen[0].shape == (1, 5)
     m.forward(np.array([[IDS[0]]]), m.new_cache())  # nothing before it: a padding id after it
     assert seen[3].shape == (1, 2) and seen[3][0, 0] == IDS[0]

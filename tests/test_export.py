@@ -120,15 +120,15 @@ def test_force_replaces_only_when_the_new_export_is_complete(tiny_checkpoints, t
 def test_manifest_contents(tiny_exports):
     m = load_manifest(tiny_exports("qwen3", "int4"))
     raw = m.raw
-    assert raw["format"] == "edge-infer" and raw["format_version"] == 1
+    assert raw["format"] == "edge-infer" and raw["format_version"] == 2
     assert raw["model"]["architecture"] == "qwen3" and raw["model"]["num_layers"] == 2
     assert raw["graph"]["inputs"][:2] == ["input_ids", "attention_mask"]
     assert "past_key_values.1.value" in raw["graph"]["inputs"] and "present.0.key" in raw["graph"]["outputs"]
     assert raw["quantization"]["bits"] == 4 and raw["quantization"]["block_size"] == 32
     assert raw["tokenizer"]["eos_token_ids"] == [2]
     assert 0.5 < raw["validation"]["top1_agreement"] <= 1.0
-    assert set(raw["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja",
-                                 "genai_config.json", "model.genai.onnx", "tokenizer_config.json"}
+    assert set(raw["files"]) == {"model.onnx", "model.compat.onnx", "model.onnx.data", "tokenizer.json",
+                                 "chat_template.jinja", "genai_config.json", "model.genai.onnx", "tokenizer_config.json"}
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in raw["files"].values())
 
 

@@ -169,7 +169,7 @@ def test_the_probe_agrees_with_a_direct_measurement_here():
 def test_a_configuration_it_cannot_build_is_unknown():
     result = probe(nbits(g_idx=1), options, CPU)
     assert result.verdict == UNKNOWN and "g_idx" in result.detail
-    assert "could not be probed" in padding.choose([result], "auto", True).reason
+    assert "could not be probed" in padding.choose([result], "auto").reason
 
 
 def test_wide_weights_are_probed_at_a_capped_width():
@@ -250,21 +250,17 @@ def verdicts(matmul: str) -> list[ProbeResult]:
 
 def test_the_cheapest_verified_mode_is_chosen():
     invariant = verdicts(ROW_INVARIANT)
-    assert padding.choose(invariant, "auto", True).mode == "attention"
-    amd = padding.choose(verdicts(FROM_TWO), "auto", True)
+    assert padding.choose(invariant, "auto").mode == "attention"
+    amd = padding.choose(verdicts(FROM_TWO), "auto")
     assert amd.mode == "rows" and amd.invariant and not amd.forced
     assert amd.reason.startswith("MatMulNBits bits=4 block=32 acc=4 K=576 N=1536 zp=uint8 differs between 1 and 2 "
                                  "rows on this CPU (1 vs 2+ rows: up to 1.5e-06)")
-    forced = padding.choose(verdicts(FROM_TWO), "attention", True)
+    forced = padding.choose(verdicts(FROM_TWO), "attention")
     assert forced.mode == "attention" and not forced.invariant and forced.forced
-    rows = padding.choose(invariant, "rows", True)
+    rows = padding.choose(invariant, "rows")
     assert rows.mode == "rows" and rows.invariant and "attention alone would do" in rows.reason
-    broken = padding.choose(verdicts(NOT_INVARIANT), "auto", True)
+    broken = padding.choose(verdicts(NOT_INVARIANT), "auto")
     assert not broken.invariant and "no padding makes passes agree" in broken.reason
-    older = padding.choose(invariant, "auto", graph_pads=False)
-    assert older.mode == "rows" and older.invariant
-    with pytest.raises(UserError, match="does not pad its attention"):
-        padding.choose(invariant, "attention", graph_pads=False)
     with pytest.raises(UserError, match="cannot be met"):
         padding.unpadded("the graph concatenates its cache", "rows")
     assert not padding.unpadded("the graph concatenates its cache", "auto").invariant

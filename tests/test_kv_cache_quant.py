@@ -107,8 +107,9 @@ def test_quantized_cache_is_batch_invariant(pair):
     np.testing.assert_array_equal(steps, ref)
     cache, rows = m.new_cache(batch=2), []
     for i, t in enumerate(IDS):  # row 1 decodes while row 0 verifies 3 ids of another sequence
-        out = m.forward_rows([IDS[::-1][:3] if i < 5 else [], [t]], cache, np.array([3 * min(i, 5), i]))
-        rows.append(out[1][0])
+        feeds = [IDS[::-1][:3] if i < 5 else [], [t]]
+        rows.append(m.forward_rows(feeds, cache)[1][0])
+        cache.advance_rows(feeds)
     np.testing.assert_array_equal(np.stack(rows), ref)
 
 

@@ -92,8 +92,8 @@ def test_streamed_export_equals_in_memory_export(sources, tmp_path, kind, quant,
         assert np.array_equal(wa[name], wb[name]), name
     # The float graph used for quantizing and validation does not stay in the folder.
     assert sorted(p.name for p in streamed.iterdir()) == sorted(
-        ["manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja",
-         "genai_config.json", "model.genai.onnx", "tokenizer_config.json"])
+        ["manifest.json", "model.onnx", "model.compat.onnx", "model.onnx.data", "tokenizer.json",
+         "chat_template.jinja", "genai_config.json", "model.genai.onnx", "tokenizer_config.json"])
     la = _logits(streamed / "model.onnx", 2, 2, 32)
     lb = _logits(tmp_path / "memory" / "model.onnx", 2, 2, 32)
     assert np.array_equal(la, lb)
