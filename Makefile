@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.edge-infer-installed
 DEMO   := demo-model
 QUESTION ?= What is the capital city of Japan?
 
-.PHONY: demo test venv clean bench test-genai npu-venv qnn-venv test-npu
+.PHONY: demo test venv clean bench test-genai npu-venv qnn-venv test-npu ort-floor-venvs test-ort-floor
 
 venv: $(STAMP)
 
@@ -43,6 +43,25 @@ $(GENAI_VENV)/.installed:
 
 test-genai: $(STAMP) $(GENAI_VENV)/.installed
 	EDGE_INFER_GENAI_PYTHON=$(GENAI_VENV)/bin/python $(BIN)/python -m pytest -q tests/test_genai_interop.py
+# Older onnxruntime releases (what onnxruntime-gpu / -directml / -openvino users have), each in a venv of
+# its own that takes every other package from .venv through a .pth line after its own site-packages, so
+# its onnxruntime wins. tests/test_ort_floor.py runs our exports there and compares with 1.32.
+ORT_FLOOR := 1.24.4 1.31.1
+ORT_FLOOR_PYTHONS = $(subst $(eval) ,$(comma),$(foreach v,$(ORT_FLOOR),.venv-ort-$(v)/bin/python))
+comma := ,
+
+.venv-ort-%/.installed: $(STAMP)
+	test -x .venv-ort-$*/bin/python || $(PYTHON) -m venv .venv-ort-$*
+	.venv-ort-$*/bin/python -m pip install -q --no-deps onnxruntime==$*
+	echo "import site; site.addsitedir('$(MAIN_SITE)')" > \
+		"$$(.venv-ort-$*/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_edge_infer_main.pth"
+	touch $@
+
+ort-floor-venvs: $(foreach v,$(ORT_FLOOR),.venv-ort-$(v)/.installed)
+
+test-ort-floor: ort-floor-venvs
+	EDGE_INFER_ORT_FLOOR=$(ORT_FLOOR_PYTHONS) $(BIN)/python -m pytest -q -rs tests/test_ort_floor.py
+
 # NPU providers, each in an environment of its own (README "NPU"). Both environments take every
 # other package from .venv through a .pth line placed after their own site-packages, so their
 # onnxruntime wins: .venv-npu holds onnxruntime-openvino (a whole onnxruntime build, it cannot sit

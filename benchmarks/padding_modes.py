@@ -42,7 +42,7 @@ def main() -> None:
             for p in ("auto", "attention", "rows")}
     variants = {"unpadded": load["attention"], "attention": load["attention"], "rows": load["rows"],
                 "rows-after": load["rows"]}
-    assert load["attention"].pads_in_graph, "MODEL must pad its attention in the graph"
+    assert load["attention"].manifest.kv_layout == "shared", "MODEL must be a default-profile export"
     print(f"CPU: {cpu_model()}, {args.threads} threads, {args.steps} interleaved steps per variant")
     print(f"auto: {load['auto'].describe_padding()}\n")
     ids = load["auto"].tokenizer.encode(read_text(None)[0])
@@ -60,7 +60,7 @@ def main() -> None:
             for name, m in variants.items():
                 start = time.perf_counter()
                 if name == "rows-after":  # pad=True: the padding id after the token, whatever is known
-                    m.forward_rows([[token]], caches[name], np.array([ctx]), keep=1, pad=True)
+                    m.forward_rows([[token]], caches[name], keep=1, pad=True)
                 else:
                     m.forward(np.array([[token]]), caches[name])
                 times[name].append(time.perf_counter() - start)

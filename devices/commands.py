@@ -37,9 +37,22 @@ def devices(device, threads):
         click.echo(f"\n--device {device} for a {dtype} model: {plan.device} ({', '.join(plan.providers)})")
         for reason in plan.reasons:
             click.echo(f"  {reason}")
+    _runtime_features()
     _invariance(device, threads)
     if problem:
         raise SystemExit(1)  # the table is printed; the install still needs fixing
+
+
+def _runtime_features() -> None:
+    """What this onnxruntime release supports of the features that need a newer one."""
+    from edge_infer.devices.capabilities import features
+    from edge_infer.devices.ort import ort
+
+    on = features()["ragged_rows"]
+    click.echo(f"\nonnxruntime {ort.__version__}: GroupQueryAttention query_seqlens "
+               + ("yes: exports load model.onnx; batched rows of different widths (server speculation) on" if on
+                  else "no (1.32 has it): exports load model.compat.onnx; batched server rows run one id each, "
+                       "without speculation; speculation and batch invariance at batch 1"))
 
 
 def _invariance(device: str, threads: int | None) -> None:

@@ -10,8 +10,9 @@ hundred KiB and stores no weight twice. The direct route writes two:
     accelerators today (onnxruntime-gpu 1.31, -directml 1.24, -openvino 1.24): no
     `query_seqlens` input; the graph computes it from the shape of `input_ids` (every row's
     `sequence_length` new ids), and GroupQueryAttention gets only the inputs those releases
-    have. A pass then writes `sequence_length` entries into every row: the runtime pads shorter
-    rows with ids past their end (runtime/cache.py), which the next pass overwrites.
+    have. Those releases run several new tokens per row only at batch 1, so this header pads
+    one-token attention only at batch 1, and the runtime runs a batched pass with one id per row
+    (Model.forward_rows: wider rows run one by one).
 
 Each header's manifest record names the GroupQueryAttention inputs it uses beyond the core ones
 (`needs`); the runtime loads the first header whose needs the installed onnxruntime meets
@@ -84,8 +85,30 @@ def write_compat_header(folder: Path, src: str, dst: str = COMPAT_GRAPH_FILE) ->
             node.input.extend(names)
     # the one-token padding still reads query_seqlens: every row's sequence_length ids
     query_seqlens_from_shape(graph, "/compat")
+    _pad_one_token_at_batch_one(graph)
     onnx.save_model(graph, str(folder / dst))
     return GraphHeader(dst, tuple(attention_needs(graph)))
+
+
+PAD_FLAG = "/model/pad_one/pad"  # export/graph.py _one_token_padding: Cast(one token AND room) -> 0 or 1
+
+
+def _pad_one_token_at_batch_one(graph: onnx.ModelProto) -> None:
+    """Before 1.32, GroupQueryAttention refuses a pass of several rows with more than one new token
+    each after a past ("batch_size must be 1 when sequence_length > 1 and past context is given"), so
+    this header pads one-token attention only at batch 1; batched one-token passes run unpadded."""
+    at = next((i for i, n in enumerate(graph.graph.node) if n.name == PAD_FLAG), None)
+    if at is None:
+        return
+    cast = graph.graph.node[at]
+    graph.graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "/compat/one"))
+    nodes = [helper.make_node("Equal", ["/compat/batch", "/compat/one"], ["/compat/batch_is_one"],
+                              name="/compat/batch_is_one"),
+             helper.make_node("And", [cast.input[0], "/compat/batch_is_one"], ["/compat/pad_one"],
+                              name="/compat/pad_one/And")]
+    cast.input[0] = "/compat/pad_one"
+    for n in reversed(nodes):
+        graph.graph.node.insert(at, n)
 
 
 def drop_input(graph: onnx.ModelProto, name: str) -> bool:

@@ -129,10 +129,12 @@ def inspect(model, no_verify, as_json, device, threads, padding):
     from edge_infer.devices import available_providers, resolve
     from edge_infer.devices.padding import requested
     from edge_infer.runtime.manifest import load_manifest
-    from edge_infer.runtime.model import check_external_data, choose_padding, model_traits
+    from edge_infer.devices.capabilities import pick_header
+    from edge_infer.runtime.model import check_external_data, choose_padding, describe_header, model_traits
 
     m = load_manifest(model, verify=not no_verify)
-    proto = check_external_data(m.folder / m.graph_file)  # the same file-safety checks as `run`
+    header, skipped = pick_header(m.headers, str(m.folder))  # what `run` loads with this onnxruntime
+    proto = check_external_data(m.folder / header.file)  # the same file-safety checks as `run`
     if as_json:
         click.echo(json.dumps(m.raw, indent=2))
         return
@@ -155,6 +157,9 @@ def inspect(model, no_verify, as_json, device, threads, padding):
                + ("" if no_verify else ", all sha256 verified"))
     if m.validation:
         click.echo(f"validation  {json.dumps(m.validation)}")
+    click.echo(f"graph       {describe_header(m, header)}")
+    for line in skipped:
+        click.echo(f"              {line}")
     plan = resolve(device, available_providers(), model_traits(m))
     chosen = choose_padding(m, proto, plan, requested(padding), threads)
     click.echo(f"padding     {chosen.describe()} (device {plan.device})")

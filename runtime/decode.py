@@ -178,6 +178,8 @@ def decode_step(model: Model, cache: KVCache, decodings: list[Decoding | None],
 
     limits[r] caps row r's guesses. Returns the ids each row emits (empty for idle rows).
     """
+    if not model.ragged_rows and sum(d is not None for d in decodings) > 1:
+        limits = [0] * len(limits)  # one id per row in a batched pass (Model.describe_graph says why)
     feeds = [d.propose(limit) if d is not None else [] for d, limit in zip(decodings, limits)]
     masked = [d for d in decodings if d is not None and d.needs_mask()]
     pending = _mask_pool().submit([d.matcher for d in masked]) if masked else None  # overlaps the pass

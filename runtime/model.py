@@ -29,6 +29,7 @@ from edge_infer.runtime.device_cache import DEVICE_KV, DeviceKVCache
 from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.contract.embedding import TASK_EMBED
 from edge_infer.contract.errors import ModelFileError, UserError
+from edge_infer.contract.graph_record import GraphHeader
 from edge_infer.contract.model_folder import MANIFEST
 from edge_infer.runtime.manifest import Manifest, load_manifest
 from edge_infer.runtime.manifest_schema import check_graph_io, check_kv_memory
@@ -69,10 +70,19 @@ def check_external_data(graph_path: Path) -> onnx.ModelProto:
     return proto
 
 
-RAGGED_OFF = ("GroupQueryAttention has no query_seqlens here (onnxruntime >= 1.32 has it), so every row of a "
-              "batched pass writes the widest row's ids: the same ids and bits, a little more attention work "
-              "per server row, and a row within a few positions of its cache's end runs alone")
+RAGGED_OFF = ("GroupQueryAttention before onnxruntime 1.32 has no query_seqlens and takes one id per row in a "
+              "pass of several rows, so batched server rows decode without speculation and without attention "
+              "padding (their logits may differ from a solo run's in the last bits); speculation and batch "
+              "invariance hold at batch 1")
 STATIC_UNPADDED = "a static plan (--profile npu) runs separate fixed-shape prefill and decode graphs"
+
+
+def describe_header(manifest: Manifest, header: GraphHeader) -> str:
+    """'model.compat.onnx on onnxruntime 1.24.4: <what a release before 1.32 costs>', one line."""
+    line = f"{header.file} on onnxruntime {ort.__version__}"
+    if manifest.kv_layout != "shared" or QUERY_SEQLENS in header.needs:
+        return line
+    return f"{line}: {RAGGED_OFF}"
 
 
 def model_traits(manifest: Manifest) -> ModelTraits:
@@ -197,10 +207,7 @@ class Model:
 
     def describe_graph(self) -> str:
         """Which graph header runs and what the installed onnxruntime's release costs, one line."""
-        line = f"{self.header.file} on onnxruntime {ort.__version__}"
-        if self.manifest.kv_layout != "shared" or self.ragged_rows:
-            return line
-        return line + (": " + RAGGED_OFF)
+        return describe_header(self.manifest, self.header)
 
     def forward(self, ids: np.ndarray, cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
         """Run `ids` (batch, sequence_length) after the cached positions (rows of one length); returns
@@ -249,10 +256,11 @@ class Model:
                 feeds, back, keep, pad = [[prev, feeds[0][0]]], 1, 1, False
         if pad is None:  # a one-id row in a wider pass takes a padding id (free: the pass is that wide anyway)
             pad = self.pad_ids or max(len(f) for f in feeds) > 1
-        if not self.ragged_rows and cache.batch > 1 and not cache.fits_uniform(feeds):
-            # without query_seqlens every row writes the widest feed; a row near its end lacks the room
-            return [self.forward_rows([f], cache.row(r), keep, pad)[0] if f
-                    else np.zeros((0, self._vocab), np.float32) for r, f in enumerate(feeds)]
+        if not self.ragged_rows and cache.batch > 1:  # a header without query_seqlens (RAGGED_OFF)
+            if max(len(f) for f in feeds) > 1 or not cache.fits_uniform(feeds):  # rows one by one
+                return [self.forward_rows([f], cache.row(r), keep, pad)[0] if f
+                        else np.zeros((0, self._vocab), np.float32) for r, f in enumerate(feeds)]
+            pad = False  # one id per row; an idle row writes a dummy entry just past its length
         p = cache.plan(feeds, pad, uniform=not self.ragged_rows, keep=keep, back=back)
         return p.split(self._run(p, cache))
 
