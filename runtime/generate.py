@@ -25,7 +25,7 @@ from edge_infer.contract.errors import ContextLengthError, UserError, check_text
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams, Sampler, make_sampler
 from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, speculative_config
-from edge_infer.runtime.tools import parse_reply, tool_prompt
+from edge_infer.runtime.tools import CallWatch, split_calls, tool_prompt
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 DEFAULT_MAX_TOKENS = 256
@@ -175,6 +175,7 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     matcher = constraint.matcher(model) if constraint is not None else None
     steps = decode_tokens(model, ids, cache, sampler, budget, speculative, stats, draft_cache, matcher=matcher)
     reply: list[str] = []  # the whole text, when tool calls are parsed from it
+    watch = CallWatch(plan) if plan is not None and CallWatch.wanted(plan) else None
     for token in steps:
         now = time.perf_counter()
         clock.first = clock.first or now
@@ -182,18 +183,20 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
         delta, reason = text.add(token)
         if plan is not None:
             reply.append(delta)
+        if reason is None and watch is not None and watch.feed(delta):
+            reason = FinishReason.STOP  # a tool call repeated an earlier one: the list ends before it
         if delta or reason is not FinishReason.STOP:  # no chunk for an eos id or an empty stop
             yield Chunk(delta, token)
         if reason is not None:
             break
     steps.close()  # a stop string or eos ended the loop early: release the generator now
-    tail, finish = text.tail()
+    tail, finish = text.tail(reason)
     if matcher is not None and matcher.finished:
         finish = FinishReason.STOP  # the grammar is complete
     calls: tuple = ()
-    if plan is not None and finish == FinishReason.STOP:
-        calls = tuple(parse_reply("".join(reply) + tail, plan)[1])
-        finish = FinishReason.TOOL_CALLS if calls else finish
+    if plan is not None:  # calls completed before a cut (finish "length") or a repeated call are kept
+        _, found, reason_text = split_calls("".join(reply) + tail, finish.value, plan)
+        calls, finish = tuple(found), FinishReason(reason_text)
     yield Chunk(tail, None, finish, _timings(clock, len(ids), text.generated, cached, stats), calls)
 
 

@@ -400,7 +400,7 @@ def submit(served: Served, prepared: Prepared, gen: GenerationRequest, field: st
 def generation(prepared: Prepared, max_tokens: int | None, sampling, stop: tuple[str, ...],
                request_id: str) -> GenerationRequest:
     return GenerationRequest(tuple(prepared.ids), max_tokens, sampling, stop, request_id,
-                             constraint=prepared.constraint)
+                             constraint=prepared.constraint, tool_plan=prepared.plan)
 
 
 # -- event streams -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, Callable, Union
 
 from edge_infer.runtime.decode import FinishReason, TextStream
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
+from edge_infer.runtime.tools import CallWatch
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     request_id: str = ""
     constraint: Any = None  # runtime.constrain.Constraint: the output grammar (response_format, tool calls)
+    tool_plan: Any = None  # runtime.tools.ToolPlan: a call repeating an earlier one ends the reply
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class ActiveRequest:
         self.slot: int | None = None  # the engine's slot (cache row) while it holds one
         self.decoding = None  # runtime.decode.Decoding over its slot's row, made when its prompt is in
         self.matcher = None  # runtime.constrain.GrammarMatcher for a constrained request (the Decoding drives it)
+        self.calls = CallWatch(request.tool_plan) if CallWatch.wanted(request.tool_plan) else None
 
     @property
     def n_prompt(self) -> int:
@@ -126,6 +129,8 @@ class ActiveRequest:
         d = self.decoding
         if reason is None and d is not None and d.grammar_done(self.n_prompt + self.text.generated):
             reason = FinishReason.STOP  # the grammar is complete: nothing but eos may follow
+        if reason is None and self.calls is not None and self.calls.feed(text):
+            reason = FinishReason.STOP  # a tool call repeated an earlier one: the list ends before it
         if reason is None:
             return text, None
         tail, reason = self.text.tail(reason)

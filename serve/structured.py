@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from edge_infer.runtime.constrain import Constraint, constraint_from
 from edge_infer.contract.errors import TokenizerError, UserError
 from edge_infer.runtime.generate import encode_prompt
-from edge_infer.runtime.tools import ToolCall, ToolPlan, parse_reply, tool_prompt
+from edge_infer.runtime.tools import ToolCall, ToolPlan, split_calls, tool_prompt
 from edge_infer.serve.protocol import bad
 
 
@@ -57,11 +57,9 @@ def prepare(model, prompt, *, kind: str, response_format=None, tools=None, tool_
 
 
 def split_reply(text: str, finish: str, plan: ToolPlan | None) -> tuple[str | None, list[ToolCall], str]:
-    """(content, tool calls, finish reason) of a whole reply."""
-    if plan is None or not plan.active or finish != "stop":
-        return text, [], finish
-    content, calls = parse_reply(text, plan)
-    return content, calls, ("tool_calls" if calls else finish)
+    """(content, tool calls, finish reason) of a whole reply (runtime.tools.split_calls: calls completed
+    before a cut or a repeated call are kept)."""
+    return split_calls(text, finish, plan)
 
 
 class ReplyStream:
