@@ -197,3 +197,34 @@ def test_reasoning_is_shown_folded(model, browser):
         assert page.evaluate(show, inline) == [False, "France's capital", "Paris.", 0]
         assert page.evaluate(show, {"role": "assistant", "content": "Paris."}) is None
         page.close()
+
+
+def test_streamed_reasoning_content_is_folded_while_and_after_it_streams(tiny_exports, browser):
+    """A tiny Qwen3 with Qwen3's real template; its reply forced by the server's guided_regex (sent from the
+    page's extra request fields) to think, then answer: the server splits it (reasoning_content deltas)."""
+    from qwen3_template import QWEN3_CHAT_TEMPLATE
+
+    from edge_infer.runtime.chat_template import ChatTemplate
+
+    qwen3 = edge_infer.load(tiny_exports("qwen3", "fp32"), device="cpu", threads=1)
+    tok = qwen3.manifest.tokenizer
+    qwen3.chat_template = ChatTemplate(QWEN3_CHAT_TEMPLATE, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+    thought, answer = "The user states a fact.", "Yes, Paris."
+    reply = f"<think>\n{thought}\n</think>\n\n{answer}"
+    slow = SlowModel(qwen3, 0.0, hold_after=12)  # held while it is still thinking
+    with serve(qwen3, slow) as s:
+        page = open_page(browser, s, {"max-tokens": "80", "extra": json.dumps({"guided_regex": re.escape(reply)})})
+        ask(page, QUESTION)
+        wait_until(lambda: slow.steps > 12)
+        page.wait_for_function("document.querySelector('details.reasoning summary')?.textContent === 'Thinking…'")
+        assert page.evaluate("document.querySelector('details.reasoning').open") is False
+        slow.release.set()
+        page.wait_for_selector("#send", state="visible")
+        stored = stored_reply(page)
+        assert stored["reasoning"] == thought and stored["content"] == answer  # arrived as separate deltas
+        assert page.text_content("details.reasoning summary") == "Reasoning"
+        assert page.evaluate("document.querySelector('details.reasoning').open") is False
+        assert page.text_content("details.reasoning .md") == thought
+        assert page.text_content(".msg.assistant > .md") == answer
+        assert page.errors == []
+        page.close()
