@@ -129,7 +129,8 @@ class CountedWeights(Mapping):
     """`weights` as the graph builder sees them, counting on `bar` each weight it takes once."""
 
     def __init__(self, weights: Mapping, bar: Bar):
-        self.weights, self.bar, self.taken = weights, bar, set()
+        self.weights, self.bar = weights, bar
+        self.taken: set[str] = set()
 
     def __getitem__(self, name):
         value = self.weights[name]
