@@ -243,7 +243,8 @@ def _serve_many(names, server_config, engine_config, settings, device, threads, 
                if settings.max_loaded else "") + (f", memory budget {settings.max_memory / 2**20:.0f} MiB"
                if settings.max_memory else ""), err=True)
     shown = f"[{server_config.host}]" if ":" in server_config.host else server_config.host
-    click.echo(f"listening at http://{shown}:{sock.getsockname()[1]}/v1"
+    base = f"http://{shown}:{sock.getsockname()[1]}"
+    click.echo(f"listening at {base}/v1, chat page at {base}/"
                + (" (API key required)" if server_config.api_key else ""), err=True)
     serve_forever(app, sock, log_level)
 
