@@ -4,17 +4,18 @@ A protocol module is a thin translator: it turns its request body into a prompt
 and a `GenerationRequest`, and this layer's parts back into its own answers.
 Everything else happens here, once:
 
-  read      the body (at most max_body_bytes, a JSON object) and the model it
-            names, resolved by the app's `ModelResolver` (one message for a
-            model this server does not serve)
+  read      the body (at most max_body_bytes, a JSON object; llama-server's
+            and Ollama's extras moved onto our fields, serve/fields.py) and
+            the model it names, resolved by the app's `ModelResolver` (one
+            message for a model this server does not serve)
   prepare   template, tokenize and compile the output grammar, in a worker
             thread (a chat template render is bounded but not free)
   submit    to the resolved model's engine; its refusals become HTTP answers
             (context too long 400, queue full 429, shutting down 503)
-  reply     the engine's events as protocol-neutral parts (`Text`, `Done`,
-            `Failed`), streamed, or collected into one `Reply`; a client that
-            goes away cancels its request at once, so the engine frees the slot
-            at its next step
+  reply     the engine's events as protocol-neutral parts (`Reasoning`, `Text`,
+            `Done`, `Failed`), streamed, or collected into one `Reply`; a
+            client that goes away cancels its request at once, so the engine
+            frees the slot at its next step (serve/events.py)
   errors    `APIError` is answered in the OpenAI shape by the app; a protocol
             with another shape mounts its router with `error_route(render)`
 
@@ -28,14 +29,12 @@ which `ReleaseHolds` lets go once the whole response is sent.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterable, Protocol, Union
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -47,6 +46,7 @@ from edge_infer.runtime.reasoning import (CONTENT, REASONING, ReasoningSplitter,
 from edge_infer.runtime.tools import ToolCall
 from edge_infer.serve.config import ServerConfig
 from edge_infer.serve.engine import Engine, QueueFull, ShuttingDown
+from edge_infer.serve.events import EventQueue, EventStream, read_reply
 from edge_infer.serve.fields import LENIENT, UnknownFields, llama_and_ollama_extras
 from edge_infer.serve.metrics import Metrics
 from edge_infer.serve.protocol import APIError, bad
@@ -248,24 +248,6 @@ async def prepare_prompt(served: Served, prompt: Any, *, kind: str, **options) -
 # -- submitting and replying ------------------------------------------------------------------
 
 
-class EventQueue:
-    """Engine events for one request, delivered on the event loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def push(self, event) -> None:  # called from the engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-    async def events(self) -> AsyncIterator:
-        while True:
-            event = await self.queue.get()
-            yield event
-            if not isinstance(event, Delta):
-                return
-
-
 @dataclass(frozen=True)
 class Text:
     """Reply text to send now."""
@@ -401,68 +383,6 @@ def generation(prepared: Prepared, max_tokens: int | None, sampling, stop: tuple
                request_id: str) -> GenerationRequest:
     return GenerationRequest(tuple(prepared.ids), max_tokens, sampling, stop, request_id,
                              constraint=prepared.constraint, tool_plan=prepared.plan)
-
-
-# -- event streams -------------------------------------------------------------------------------
-
-
-async def _watch_disconnect(receive, on_disconnect) -> None:
-    """Wait for the client to go away (the request body is already read), then call on_disconnect."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            on_disconnect()
-            return
-
-
-class EventStream(Response):
-    """A Server-Sent Events response that cancels its request when the client disconnects."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], None]):
-        self.chunks, self.on_close = chunks, on_close
-        self.status_code = 200
-        self.background = None
-        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                def gone() -> None:
-                    self.on_close()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(_watch_disconnect, receive, gone)
-                await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-                async for chunk in self.chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                tg.cancel_scope.cancel()
-        except OSError:  # the connection broke while sending
-            pass
-        finally:
-            self.on_close()
-
-
-async def read_reply(receive, events: EventQueue, handle: Handle) -> tuple[str, Finished | Failed | None]:
-    """A non-streamed request's whole text and its final event (None: the client left first, and
-    its request was cancelled so the slot frees at the next step)."""
-    parts: list[str] = []
-    final: Finished | Failed | None = None
-    async with anyio.create_task_group() as tg:
-        def gone() -> None:
-            handle.cancel()
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(_watch_disconnect, receive, gone)
-        async for event in events.events():
-            if isinstance(event, Delta):
-                parts.append(event.text)
-            else:
-                final = event
-        tg.cancel_scope.cancel()
-    return "".join(parts), final
 
 
 # -- error answers ------------------------------------------------------------------------------
