@@ -100,3 +100,17 @@ def test_strict_gives_back_the_400s(model):
         r = httpx.post(s.url + "/v1/messages", timeout=60,
                        json={"model": "tiny", "messages": HELLO, "max_tokens": 4, "frob": 1})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_scan_of_field_names_cannot_grow_the_metric_labels(caplog):
+    from edge_infer.serve.fields import MAX_NAMES, UnknownFields
+
+    counted: list[str] = []
+    fields = UnknownFields(count=counted.append)
+    with caplog.at_level(logging.WARNING, logger="edge_infer.serve"):
+        for i in range(MAX_NAMES + 10):
+            fields.found([f"f{i}"], "the request", "")
+        fields.found(["f0"], "the request", "")
+    assert counted[:MAX_NAMES] == [f"f{i}" for i in range(MAX_NAMES)]
+    assert counted[MAX_NAMES:] == ["other"] * 10 + ["f0"]
+    assert len([r for r in caplog.records if "ignoring" in r.getMessage()]) == MAX_NAMES  # once per name
