@@ -291,19 +291,13 @@ class Quality:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64. x (rows, vocab)."""
-    x = x.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    return x
-
-
 def evaluate(logits: Logits, ids: Sequence[int], window: int = 512, stride: int = 256,
              reference: Logits | None = None, progress: Callable[[int, int], None] | None = None,
              rows_per_chunk: int = 64) -> Quality:
     """Perplexity of the model over ids (strided windows), and with a reference, top-1 agreement
     and mean KL(reference || model) at every scored position."""
+    from edge_infer.runtime.sampling import kl_of_log_probs, log_softmax  # (this module imports only numpy)
+
     tokens = np.asarray(ids, dtype=np.int64)  # (n,)
     wins = strided_windows(len(tokens), window, stride)
     nll, kls, agree, ref_nll = [], [], 0, []
@@ -320,7 +314,7 @@ def evaluate(logits: Logits, ids: Sequence[int], window: int = 512, stride: int 
             nll.append(-lp[np.arange(len(t)), t])
             if ref is not None:
                 rp = log_softmax(ref[sl])
-                kls.append((np.exp(rp) * (rp - lp)).sum(axis=-1))
+                kls.append(kl_of_log_probs(rp, lp))
                 agree += int((rp.argmax(-1) == lp.argmax(-1)).sum())
                 ref_nll.append(-rp[np.arange(len(t)), t])
         if progress:

@@ -52,7 +52,8 @@ json.dump({"nll": nll, "top": top}, open(sys.argv[2], "w"))
 
 
 def edge_scores(model, ids: list[int], windows) -> tuple[list[float], list[int]]:
-    from edge_infer.bench.measure import edge_logits, log_softmax
+    from edge_infer.bench.measure import edge_logits
+    from edge_infer.runtime.sampling import log_softmax
 
     fn = edge_logits(model)
     nll: list[float] = []

@@ -269,3 +269,21 @@ def make_sampler(params: SamplingParams) -> Sampler:
     """Validate params and build the sampler for one generation."""
     params.validate()
     return Sampler(params)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64. x (rows, vocab)."""
+    x = x.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+def kl_of_log_probs(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row from log-probabilities (rows, vocab)."""
+    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+
+
+def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row from logits (rows, vocab), in float64."""
+    return kl_of_log_probs(log_softmax(p_logits), log_softmax(q_logits))

@@ -36,7 +36,7 @@ def cli(*args):
 
 
 def nll_by_hand(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """-log softmax(logits[t-1])[ids[t]] for t >= 1, with a different formula from measure.log_softmax."""
+    """-log softmax(logits[t-1])[ids[t]] for t >= 1, with a different formula from runtime.sampling.log_softmax."""
     x = logits.astype(np.float64)
     probs = np.exp(x - x.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
