@@ -8,7 +8,7 @@ Two kinds of source, one folder format (manifest `task: "embed"` plus an `embedd
     runs (the runtime feeds empty pasts).
 Pooling and normalization come from the folder's sentence-transformers files (export/pooling.py)
 and are applied by the runtime (runtime/embed.py). Weights stream to disk and are quantized the
-way text-generation exports are (export_folder._build_streamed), atomically.
+way text-generation exports are (export/direct_route.py build_streamed), atomically.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def source_is_encoder(src: str | Path) -> bool:
 
 def export_embedding(src: str | Path, out: str | Path, options: ExportOptions, progress: Progress) -> Path:
     from edge_infer.export.atomic import atomic_folder, check_target
-    from edge_infer.export.export_folder import _build_streamed, _remove_float_graph
+    from edge_infer.export.direct_route import build_streamed
+    from edge_infer.export.export_folder import FLOAT_DATA, ExportJob
     from edge_infer.export.sources import open_source
 
     if options.profile != "default" or options.kv_cache != "float":
@@ -71,11 +72,10 @@ def export_embedding(src: str | Path, out: str | Path, options: ExportOptions, p
         if build.route == "optimum":
             io, quant_info = _write_optimum(source, options, tmp, progress)
         else:
-            _, io, quant_info, _ = _build_streamed(None, build.spec, source, build.max_tokens, options, tmp,
-                                                   progress, recipe=build.recipe, build=build.graph)
-        quant_info.pop("_kept", None)
-        quant_info.pop("_folded", None)
-        _remove_float_graph(tmp)
+            job = ExportJob(source, build.spec, build.max_tokens, options, tmp, progress)
+            io, quantized, _ = build_streamed(job, build.recipe, build.graph)
+            quant_info = dict(quantized.details) if quantized is not None else {}
+            (tmp / FLOAT_DATA).unlink(missing_ok=True)  # the float graph's own tensors
         source.tokenizer.save(str(tmp / TOKENIZER_FILE))
         quant = QuantRecord(options.quant, options.quant_config(), quant_info)
         write_manifest(tmp, _manifest_body(source, build, io, options, quant, record))

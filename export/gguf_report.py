@@ -10,9 +10,9 @@ with its source ggml type(s) and its path:
 from __future__ import annotations
 
 from edge_infer.export.arch._common import Take
+from edge_infer.export.graph import initializer_name
 
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
-GRAPH_NAMES = {"embed.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
 
 
 def import_report(recipe: dict[str, Take], weights, kept: set[str], quant: str,
@@ -24,7 +24,7 @@ def import_report(recipe: dict[str, Take], weights, kept: set[str], quant: str,
     tensors, by_type = {}, {}
     for canonical, take in recipe.items():
         types = "+".join(sorted({weights.source_type(s) for s in take.sources}))
-        graph_name = GRAPH_NAMES.get(canonical, f"model.{canonical}")
+        graph_name = initializer_name(canonical)
         if graph_name in folded:
             path = "residuals folded"
         elif graph_name in kept:

@@ -139,13 +139,13 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
             rope_caches["sliding"] = (b.weight("cos_cache_local", cos), b.weight("sin_cache_local", sin))
 
     # Embeddings.  # (batch, sequence_length, hidden)
-    embed = b.weight("model.embed_tokens.weight", weights["embed.weight"])
+    embed = b.weight(initializer_name("embed.weight"), weights["embed.weight"])
     x = b.one("Gather", [embed, INPUT_IDS], "/model/embed_tokens/Gather", axis=0)
     if spec.embed_scale is not None:
         scale = np.asarray(spec.embed_scale, dtype=b.dtype)
         x = b.one("Mul", [x, b.const(scale, b.dtype)], "/model/embed_tokens/Mul")
     if spec.position == "learned":
-        wpe = b.weight("model.embed_positions.weight", weights["embed_positions.weight"])
+        wpe = b.weight(initializer_name("embed_positions.weight"), weights["embed_positions.weight"])
         pos = b.one("Gather", [wpe, POSITION_IDS], "/model/embed_positions/Gather", axis=0)
         x = b.one("Add", [x, pos], "/model/embed_positions/Add")
 
@@ -183,7 +183,7 @@ def _lm_head(b: _Builder, spec: DecoderSpec, weights, h: str, embed: str) -> Non
     if spec.tie_word_embeddings:
         head_w = b.one("Transpose", [embed], "/lm_head/Transpose", perm=[1, 0])
     else:
-        head_w = b.weight("lm_head.weight", weights["lm_head.weight"].T)
+        head_w = b.weight(initializer_name("lm_head.weight"), weights["lm_head.weight"].T)
     logits = b.one("MatMul", [h, head_w], "/lm_head/MatMul")
     if spec.final_softcap is not None:
         cap = b.const(np.asarray(spec.final_softcap, dtype=b.dtype), b.dtype)
@@ -339,6 +339,16 @@ def _mlp(b: _Builder, spec: DecoderSpec, weights, i: int, h: str) -> str:
     return _linear(b, weights, w + "down", y, p + "/down_proj", spec.mlp_bias)
 
 
+# The vocabulary-sized weights, whose initializer names are not `model.` + the canonical name.
+VOCAB_WEIGHTS = {"embed.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+
+
+def initializer_name(canonical: str) -> str:
+    """The graph initializer of a canonical weight ("layers.0.attn.qkv.weight" -> "model.layers.0.attn.qkv.weight",
+    "embed.weight" -> "model.embed_tokens.weight"): the one mapping the builders, the quantization step and
+    the GGUF import report name weights by."""
+    return VOCAB_WEIGHTS.get(canonical, f"model.{canonical}")
+
+
 def _param(key: str, kind: str = "weight") -> str:
-    """Initializer names read as the canonical weight names with a `model.` prefix."""
-    return f"model.{key}.{kind}"
+    return initializer_name(f"{key}.{kind}")

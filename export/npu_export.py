@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from edge_infer.export.arch import load_arch
-from edge_infer.export.atomic import atomic_folder, check_target
 from edge_infer.export.checkpoint import materialize
+from edge_infer.export.export_folder import Built, ExportJob, ExportOptions, Route, builder_route, resolve_max_length
 from edge_infer.export.graph import GraphIO
 from edge_infer.export.npu_graph import (
     OPSET,
@@ -32,7 +33,8 @@ from edge_infer.export.npu_graph import (
     check_supported,
 )
 from edge_infer.export.progress import Progress
-from edge_infer.export.sources import open_source, with_chat_template
+from edge_infer.export.sources import Source
+from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
 from edge_infer.contract.model_folder import DATA_FILE, INLINE_BELOW, write_manifest
 from edge_infer.contract.graph_record import GraphRecord
@@ -42,35 +44,31 @@ NPU_DEFAULT_MAX_LENGTH = 1024  # every pass reads the whole fixed cache: keep it
 PREFILL_FILE, DECODE_FILE = "prefill.onnx", "decode.onnx"
 
 
-def export_npu(src, out, options, progress: Progress | None = None) -> Path:
-    """Export `src` with the npu profile (options: export_folder.ExportOptions) to the folder `out`."""
-    from edge_infer.export import export_folder
+class NpuRoute(Route):
+    """The skeleton's route for --profile npu (export_folder.route_for)."""
 
-    progress = progress or Progress(quiet=True)
-    out = Path(out)
-    check_target(out, options.force)
-    progress.stage(f"reading {src}")
-    source = with_chat_template(open_source(src), options.chat_template, progress.note)
-    if export_folder._route(source) != "direct":
-        raise UserError(f"--profile npu needs an architecture with a direct builder; "
-                        f"'{source.config.get('model_type')}' goes through optimum-onnx")
-    arch = load_arch(source.config.get("model_type"))
-    spec = arch.spec(source.config)
-    max_length = options.max_length or min(NPU_DEFAULT_MAX_LENGTH, spec.max_position_embeddings)
-    max_length = export_folder.resolve_max_length(spec, max_length)
-    chunk = options.chunk
-    if not 2 <= chunk <= max_length:
-        raise UserError(f"--chunk must be between 2 and max_length ({max_length}), got {chunk}")
-    check_supported(spec, max_length)
-    progress.note(f"npu profile: static graphs, prefill chunk {chunk}, decode 1, KV cache {max_length} positions, "
-                  f"weights {options.quant}")
-    progress.stage("loading weights")
-    weights, _ = materialize(arch.recipe(spec, source.config), source.weights)
-    bank = WeightBank(weights, options.quant, options.block_size)
+    def plan(self, source: Source, options: ExportOptions, progress: Progress) -> tuple[DecoderSpec, int]:
+        if builder_route(source) != "direct":
+            raise UserError(f"--profile npu needs an architecture with a direct builder; "
+                            f"'{source.config.get('model_type')}' goes through optimum-onnx")
+        self.arch = load_arch(source.config.get("model_type"))
+        spec = self.arch.spec(source.config)
+        max_length = resolve_max_length(spec, options.max_length, NPU_DEFAULT_MAX_LENGTH)
+        chunk = options.chunk
+        if not 2 <= chunk <= max_length:
+            raise UserError(f"--chunk must be between 2 and max_length ({max_length}), got {chunk}")
+        check_supported(spec, max_length)
+        progress.note(f"npu profile: static graphs, prefill chunk {chunk}, decode 1, KV cache {max_length} "
+                      f"positions, weights {options.quant}")
+        return spec, max_length
 
-    with atomic_folder(out, options.force) as tmp:
-        progress.stage("building graphs")
-        prefill = build_static_decoder(spec, bank, StaticShape(max_length, chunk))
+    def build(self, job: ExportJob) -> Built:
+        spec, options, tmp, max_length = job.spec, job.options, job.folder, job.max_length
+        job.progress.stage("loading weights")
+        weights, _ = materialize(self.arch.recipe(spec, job.source.config), job.source.weights)
+        bank = WeightBank(weights, options.quant, options.block_size)
+        job.progress.stage("building graphs")
+        prefill = build_static_decoder(spec, bank, StaticShape(max_length, options.chunk))
         onnx.save_model(prefill, str(tmp / PREFILL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=INLINE_BELOW, convert_attribute=False)
         del prefill
@@ -79,34 +77,39 @@ def export_npu(src, out, options, progress: Progress | None = None) -> Path:
         share_weights(decode, tmp / PREFILL_FILE)
         onnx.save_model(decode, str(tmp / DECODE_FILE))
         del decode
-        export_folder._write_tokenizer(source, tmp)
-        quant = QuantRecord(options.quant)
-        if options.quant != "fp32":
-            int4 = options.quant == "int4"
-            settings = QuantSettings(bits=4 if int4 else 8, block_size=options.block_size, symmetric=not int4,
-                                     accuracy_level=None, embeddings="fp32 (Gather)", lm_head="int8 blocks",
-                                     exclude=None, method=None)  # DequantizeLinear blocks, not MatMulNBits
-            quant = QuantRecord(options.quant, settings, {
-                "format": "DequantizeLinear (opset 21) with block_size, " + (
-                    "uint4 with zero points, searched scales" if int4 else "int8 symmetric"),
-                "quantized_weights": bank.quantized})
-        graph = GraphRecord(
-            DECODE_FILE, io.inputs, io.outputs, dtype="fp32", data_file=DATA_FILE, route="direct", kv_layout="static",
-            profile="npu", target="npu: OpenVINO (CPU/GPU/NPU), QNN HTP; runs on the CPU provider too",
-            ops=f"standard ONNX only (opset {OPSET}): MatMul/Softmax attention, RMSNorm and rotary from "
-                "elementwise ops" + (", DequantizeLinear weight blocks" if options.quant != "fp32" else ""),
-            kv_cache=f"one fixed buffer of {max_length} positions per layer held by the runtime; each graph "
-                     "returns only the new positions' keys and values",
-            static_plan={"max_length": max_length, "prefill": {"file": PREFILL_FILE, "sequence_length": chunk},
-                         "decode": {"file": DECODE_FILE, "sequence_length": 1}})
-        body = export_folder._manifest_body(spec, source, graph, quant, max_length, {})
-        write_manifest(tmp, body)
-        if options.validate:  # through the runtime, so the manifest must exist; then written again with the figures
-            progress.stage("validating")
-            body["validation"] = validate_static(tmp, spec, weights, source, max_length, options.quant, progress)
-            write_manifest(tmp, body)
-    progress.done(f"exported to {out}")
-    return out
+        return Built(_graph_record(io, options, max_length), _quant_record(options, bank.quantized), weights)
+
+    def validate(self, job: ExportJob, built: Built) -> dict[str, Any]:
+        """Through the runtime, so the manifest must exist: written here, then again with the figures."""
+        write_manifest(job.folder, self.manifest(job, built, {}))
+        job.progress.stage("validating")
+        return validate_static(job.folder, job.spec, built.reference, job.source, job.max_length,
+                               job.options.quant, job.progress)
+
+
+def _graph_record(io: GraphIO, options: ExportOptions, max_length: int) -> GraphRecord:
+    return GraphRecord(
+        DECODE_FILE, io.inputs, io.outputs, dtype="fp32", data_file=DATA_FILE, route="direct", kv_layout="static",
+        profile="npu", target="npu: OpenVINO (CPU/GPU/NPU), QNN HTP; runs on the CPU provider too",
+        ops=f"standard ONNX only (opset {OPSET}): MatMul/Softmax attention, RMSNorm and rotary from "
+            "elementwise ops" + (", DequantizeLinear weight blocks" if options.quant != "fp32" else ""),
+        kv_cache=f"one fixed buffer of {max_length} positions per layer held by the runtime; each graph "
+                 "returns only the new positions' keys and values",
+        static_plan={"max_length": max_length, "prefill": {"file": PREFILL_FILE, "sequence_length": options.chunk},
+                     "decode": {"file": DECODE_FILE, "sequence_length": 1}})
+
+
+def _quant_record(options: ExportOptions, quantized_weights: int) -> QuantRecord:
+    if options.quant == "fp32":
+        return QuantRecord(options.quant)
+    int4 = options.quant == "int4"
+    settings = QuantSettings(bits=4 if int4 else 8, block_size=options.block_size, symmetric=not int4,
+                             accuracy_level=None, embeddings="fp32 (Gather)", lm_head="int8 blocks",
+                             exclude=None, method=None)  # DequantizeLinear blocks, not MatMulNBits
+    return QuantRecord(options.quant, settings, {
+        "format": "DequantizeLinear (opset 21) with block_size, " + (
+            "uint4 with zero points, searched scales" if int4 else "int8 symmetric"),
+        "quantized_weights": quantized_weights})
 
 
 def share_weights(model: onnx.ModelProto, saved: Path) -> None:
@@ -124,11 +127,12 @@ def validate_static(folder: Path, spec, weights: dict, source, max_length: int, 
     """The static plan on the CPU provider against the default builder's fp32 graph of the same weights."""
     from edge_infer.devices.ort import ort
     from edge_infer.export.graph import build_decoder
-    from edge_infer.export.validate import _kl, _prompt_ids, all_logits
+    from edge_infer.export.validate import all_logits, prompt_ids
     from edge_infer.runtime.manifest import load_manifest
+    from edge_infer.runtime.sampling import kl_divergence
     from edge_infer.runtime.static_plan import StaticModel
 
-    prompts = _prompt_ids(source, max_length)
+    prompts = prompt_ids(source, max_length)
     with tempfile.TemporaryDirectory(prefix=".edge-infer-ref-", dir=folder.parent) as ref_dir:
         ref_model, _ = build_decoder(spec, weights, max_length)
         path = Path(ref_dir) / "ref.onnx"
@@ -148,7 +152,7 @@ def validate_static(folder: Path, spec, weights: dict, source, max_length: int, 
         worst_last = max(worst_last, float(np.abs(a[-1] - last).max()))
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(ids)
-        kls.append(_kl(a, b))
+        kls.append(kl_divergence(a, b))
     kl = float(np.concatenate(kls).mean())
     progress.note(f"npu {quant} vs default fp32 graph: max |logit diff| {worst:.2e} (decode graph), "
                   f"{worst_last:.2e} (prefill chunks, last position); top-1 {agree}/{total}, mean KL {kl:.5f}")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from edge_infer.export.graph import initializer_name
 from edge_infer.export.rope import cos_sin_cache
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
@@ -173,7 +174,7 @@ class _Graph:
 
     def linear(self, key: str, x: str, name: str, bias: bool, bits: int | None) -> str:
         w = self.bank.weights[key + ".weight"].T  # (in, out)
-        tensors, quantized = self.bank.linear(f"model.{key}.weight", w, bits)
+        tensors, quantized = self.bank.linear(initializer_name(f"{key}.weight"), w, bits)
         self.add(tensors)
         if quantized:
             wq = self.one("DequantizeLinear", [t.name for t in tensors], name + "/DequantizeLinear",
@@ -222,7 +223,7 @@ def build_static_decoder(spec: DecoderSpec, bank: WeightBank, shape: StaticShape
     rope = tuple(g.one("Unsqueeze", [_lookup(g, t, POSITION_IDS, P, f"/model/rope/{n}", shape.lookup),
                                       g.const([1])], f"/model/rope/Unsqueeze_{n}") for n, t in (("cos", cos_t), ("sin", sin_t)))
 
-    embed = g.add(bank.plain("model.embed_tokens.weight", bank.weights["embed.weight"]))  # (vocab, hidden)
+    embed = g.add(bank.plain(initializer_name("embed.weight"), bank.weights["embed.weight"]))  # (vocab, hidden)
     x = _lookup(g, embed, INPUT_IDS, spec.vocab_size, "/model/embed_tokens", shape.lookup)  # (1, S, hidden)
     if spec.embed_scale is not None:
         x = g.one("Mul", [x, g.const(spec.embed_scale, np.float32)], "/model/embed_tokens/Mul")
@@ -244,7 +245,7 @@ def build_static_decoder(spec: DecoderSpec, bank: WeightBank, shape: StaticShape
     last = g.one("Slice", [x, g.const([S - 1]), g.const([S]), g.const([1])], "/lm_head/Slice")
     h = _norm(g, spec, "final_norm", last, "/model/norm")
     head = bank.weights["embed.weight"] if spec.tie_word_embeddings else bank.weights["lm_head.weight"]
-    tensors, quantized = bank.linear("lm_head.weight", head.T, 8 if bits else None)  # (hidden, vocab)
+    tensors, quantized = bank.linear(initializer_name("lm_head.weight"), head.T, 8 if bits else None)  # (hidden, vocab)
     g.add(tensors)
     w_head = tensors[0].name
     if quantized:

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import onnx
 
-from edge_infer.export.arch import SUPPORTED
-from edge_infer.export.progress import Progress
-from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import ModelFileError, UserError
+from edge_infer.contract.quantization import QuantRecord
+from edge_infer.export.arch import SUPPORTED
+from edge_infer.export.export_folder import (Built, ExportJob, ExportOptions, Route, graph_record, note_plan,
+                                             resolve_max_length, save_graph)
+from edge_infer.export.graph import GraphIO
+from edge_infer.export.progress import Progress
+from edge_infer.export.quantize_step import SourceBlocks, quantize_model
+from edge_infer.export.sources import Source
+from edge_infer.export.spec import DecoderSpec
 
 
 def available() -> bool:
@@ -89,3 +96,38 @@ def export_graph(folder: Path, quant: str, progress: Progress) -> onnx.ModelProt
         except (ValueError, KeyError, NotImplementedError) as e:
             raise ModelFileError(f"{folder}: optimum-onnx cannot export this model ({e})") from None
         return onnx.load(str(Path(tmp) / "model.onnx"), load_external_data=True)
+
+
+class OptimumRoute(Route):
+    """The skeleton's route for architectures without a direct builder (export_folder.route_for)."""
+
+    name = "optimum"
+
+    def plan(self, source: Source, options: ExportOptions, progress: Progress) -> tuple[DecoderSpec, int]:
+        spec = generic_spec(source.config)
+        if options.profile == "gpu":
+            raise UserError(f"--profile gpu needs the direct builder, and {spec.model_type} is exported through "
+                            "optimum: export it with the default profile")
+        if options.kv_cache != "float":
+            raise UserError(f"--kv-cache {options.kv_cache} needs the direct builder, and {spec.model_type} is "
+                            "exported through optimum (standard attention ops): export with --kv-cache float")
+        max_length = resolve_max_length(spec, options.max_length)
+        note_plan(progress, spec, self.name, max_length, options.dtype)
+        return spec, max_length
+
+    def build(self, job: ExportJob) -> Built:
+        options = job.options
+        model = export_graph(job.source.path, options.quant, job.progress)
+        weights = {t.name for t in model.graph.initializer}
+        io = GraphIO(tuple(i.name for i in model.graph.input if i.name not in weights),
+                     tuple(o.name for o in model.graph.output))
+        details: dict[str, Any] = {}
+        reference = None
+        if options.quant in ("int8", "int4"):
+            reference = model
+            q = quantize_model(model, job.spec, SourceBlocks.none(options), options, job.progress)
+            model, details = q.model, q.details
+        job.progress.stage("writing model")
+        save_graph(model, job.folder)
+        quant = QuantRecord(options.quant, options.quant_config(), details)
+        return Built(graph_record(self.name, io, options), quant, reference)

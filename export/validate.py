@@ -19,6 +19,7 @@ import onnx
 from edge_infer.devices.ort import ort
 
 from edge_infer.export.progress import Progress
+from edge_infer.runtime.sampling import kl_divergence
 from edge_infer.export.segments import StoredGraph, run_segmented
 from edge_infer.export.sources import Source
 from edge_infer.export.spec import DecoderSpec
@@ -70,7 +71,7 @@ def session_for(path: str, light: bool = False) -> ort.InferenceSession:
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def _prompt_ids(source: Source, max_length: int) -> list[list[int]]:
+def prompt_ids(source: Source, max_length: int) -> list[list[int]]:
     out = []
     for text in PROMPTS:
         ids = source.tokenizer.encode(text, add_special_tokens=False).ids
@@ -86,7 +87,7 @@ def validate_export(folder: Path, source: Source, spec: DecoderSpec,
     """`reference`: the float graph of an int8/int4 export (a proto, the path of a graph whose
     weights are external data beside it, or a StoredGraph), or None to compare an fp32/fp16 export with transformers."""
     progress.stage("validating", unit="pass")
-    prompts = _prompt_ids(source, max_length)
+    prompts = prompt_ids(source, max_length)
     if reference is None:
         return _against_source(folder / GRAPH_FILE, source, spec, prompts, progress)
     return _against_reference(folder / GRAPH_FILE, reference, spec, prompts, progress)
@@ -191,7 +192,7 @@ def _against_reference(graph: Path, reference: onnx.ModelProto | Path | StoredGr
     for a, b, ids in zip(ref, ours, prompts):
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(ids)
-        kls.append(_kl(a, b))
+        kls.append(kl_divergence(a, b))
     kl = float(np.concatenate(kls).mean())
     progress.note(f"quantized vs {float_name}: top-1 agreement {agree}/{total} ({agree / total:.1%}), mean KL {kl:.4f} "
                   f"(fp32 reference run in {n_segments} segment(s) of <= {REFERENCE_SEGMENT_BYTES >> 20} MiB "
@@ -233,15 +234,3 @@ def _float_dtype(model: onnx.ModelProto) -> type[np.floating]:
 def _parameter_count(graph: Path) -> int:
     model = onnx.load(str(graph), load_external_data=False)
     return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if len(t.dims) >= 2)
-
-
-def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(p || q) per position, from logits (positions, vocab)."""
-    lp = p_logits - _logsumexp(p_logits)
-    lq = q_logits - _logsumexp(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(-1, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))

@@ -25,6 +25,7 @@ from edge_infer.export.checkpoint import materialize
 from edge_infer.export.graph import build_decoder
 from edge_infer.export.export_folder import ExportOptions, export_model
 from edge_infer.export.progress import Progress
+from edge_infer.export.quantize_step import SourceBlocks, quantize_model
 from edge_infer.export.sources import open_source
 from edge_infer.runtime.manifest import load_manifest
 
@@ -57,7 +58,7 @@ def _in_memory_export(src: Path, folder: Path, options: ExportOptions) -> None:
     weights, blocks = materialize(arch.recipe(spec, source.config), source.weights)
     model, _ = build_decoder(spec, weights, export_folder.resolve_max_length(spec, options.max_length))
     if options.quant in ("int4", "int8"):
-        model, _ = export_folder._quantize(model, spec, blocks, options, Progress(quiet=True))
+        model = quantize_model(model, spec, SourceBlocks.from_mapping(blocks, options), options, Progress(quiet=True)).model
     folder.mkdir()
     export_folder.save_graph(model, folder)
 
