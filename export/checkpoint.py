@@ -12,7 +12,7 @@ import mmap
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -97,12 +97,12 @@ class DuplicateKey(ValueError):
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object whose keys are all distinct (json.loads would keep the last of two silently)."""
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise DuplicateKey(f"duplicate key {dup!r}")
-    return out
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise DuplicateKey(f"duplicate key {key!r}")
+        seen.add(key)
+    return dict(pairs)
 
 
 def _is_int(v: object) -> bool:
@@ -192,7 +192,7 @@ def open_hf_folder(folder: Path) -> tuple[dict, SafetensorsSource]:
     return config, SafetensorsSource([SafetensorsFile(p) for p in files])
 
 
-def materialize(recipe: dict[str, Take], source: WeightSource) -> tuple[dict[str, np.ndarray], dict]:
+def materialize(recipe: dict[str, Take], source: WeightSource) -> tuple[dict[str, Any], dict[str, Any]]:
     """Canonical float32 weights, plus quantized source blocks for weights that kept them, all in memory.
 
     The second dict maps a canonical name to its concatenated source blocks, so a
@@ -224,7 +224,7 @@ class LazyWeights(Mapping):
         # someone needs the values (the quantizer, or validation), and then one weight at a time.
         self.deferred = False
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def __getitem__(self, name: str) -> np.ndarray | Deferred:  # Deferred: see `deferred`
         t = self.recipe[name]
         shape_of = getattr(self.source, "shape", None)
         if self.deferred and t.transform is None and shape_of is not None:

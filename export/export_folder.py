@@ -222,7 +222,7 @@ def builder_route(source: Source) -> str:
     from edge_infer.export.arch import ALIASES, SUPPORTED, resolve_model_type
 
     model_type = source.config.get("model_type")
-    if ALIASES.get(model_type, model_type) in SUPPORTED or source.kind == "gguf":
+    if ALIASES.get(str(model_type), model_type) in SUPPORTED or source.kind == "gguf":
         return "direct"
     from edge_infer.export import optimum_route
 

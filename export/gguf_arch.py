@@ -199,9 +199,9 @@ def _rope_scaling(g: GGUFFile, arch: str, rope_dim: int, context: int) -> tuple[
     if has["rope_factors_long.weight"]:
         if original is None:
             raise _fail(g.path, f"LongRoPE factors without '{arch}.rope.scaling.original_context_length'")
-        scaling = {"rope_type": "longrope",
-                   "long_factor": _rope_tensor(g, "rope_factors_long.weight", rope_dim // 2),
-                   "short_factor": _rope_tensor(g, "rope_factors_short.weight", rope_dim // 2)}
+        scaling: dict[str, Any] = {"rope_type": "longrope",
+                                   "long_factor": _rope_tensor(g, "rope_factors_long.weight", rope_dim // 2),
+                                   "short_factor": _rope_tensor(g, "rope_factors_short.weight", rope_dim // 2)}
         attn = _meta(g, f"{arch}.rope.scaling.attn_factor", num, None)
         if attn is not None:
             scaling["attention_factor"] = float(attn)
@@ -334,10 +334,11 @@ def _weights(g: GGUFFile, fam: Family, c: dict) -> dict[str, Any]:
         if fam.permute_qk and hf_stem in ("self_attn.q_proj", "self_attn.k_proj"):
             n = c["num_attention_heads"] if hf_stem == "self_attn.q_proj" else c["num_key_value_heads"]
             t = t.with_row_order(unpermute_rows(t.shape[0], n))
-        if fam.norm_shift and hf_stem.endswith(("layernorm", "norm", "_norm")) and suffix == "weight":
-            t = Shifted(t, fam.norm_shift)
         prefix = "" if layer is None else f"model.layers.{layer}."
-        weights[f"{prefix}{hf_stem}.{suffix}"] = t
+        if fam.norm_shift and hf_stem.endswith(("layernorm", "norm", "_norm")) and suffix == "weight":
+            weights[f"{prefix}{hf_stem}.{suffix}"] = Shifted(t, fam.norm_shift)
+        else:
+            weights[f"{prefix}{hf_stem}.{suffix}"] = t
     if unknown:
         raise _fail(g.path, f"unexpected tensors for architecture '{g.metadata['general.architecture']}': "
                     f"{', '.join(unknown[:8])}", "this variant is not supported")
@@ -444,7 +445,8 @@ def _gpt2(g: GGUFFile) -> tuple[dict, dict[str, Any], dict]:
             "mlp.c_proj": (ffn, hidden)}
     weights: dict[str, Any] = {}
     unknown = []
-    for name, t in g.tensors.items():
+    for name, tensor in g.tensors.items():
+        t: GGUFTensor | _Transposed = tensor
         parts = name.split(".")
         stem, suffix = ".".join(parts[:-1]), parts[-1]
         if stem in _GPT2_TOP and suffix in ("weight", "bias"):
@@ -456,8 +458,9 @@ def _gpt2(g: GGUFFile) -> tuple[dict, dict[str, Any], dict]:
             unknown.append(name)
             continue
         module = ".".join(hf.split(".")[3:-1])
+        want: tuple[int, ...]
         if module in _CONV1D and suffix == "weight":
-            t = _Transposed(t)
+            t = _Transposed(tensor)
             want = conv[module]
         elif module in _CONV1D:
             want = (conv[module][1],)

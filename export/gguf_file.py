@@ -239,7 +239,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     if size < 24:
         raise _fail(path, f"only {size} bytes, too short for a GGUF header (24 bytes)")
     mm = np.memmap(path, dtype=np.uint8, mode="r")  # (size,) read-only
-    cur = _Cursor(path, memoryview(mm))
+    cur = _Cursor(path, mm.data)
 
     magic = bytes(cur.buf[0:4])
     if magic != b"GGUF":

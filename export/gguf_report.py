@@ -9,19 +9,22 @@ with its source ggml type(s) and its path:
 
 from __future__ import annotations
 
+from collections.abc import Set
+
 from edge_infer.export.arch._common import Take
 from edge_infer.export.graph import initializer_name
 
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
-def import_report(recipe: dict[str, Take], weights, kept: set[str], quant: str,
-                  float_kept: set[str] = frozenset(), folded: set[str] = frozenset()) -> dict:
+def import_report(recipe: dict[str, Take], weights, kept: Set[str], quant: str,
+                  float_kept: Set[str] = frozenset(), folded: Set[str] = frozenset()) -> dict:
     """{"by_type": {type: {path: count}}, "tensors": {canonical: "TYPE: path"}}; `kept` holds the graph
     initializer names whose source blocks were used as they are, `float_kept` the canonical names an
     option keeps float (--embeddings fp, --lm-head fp), `folded` the graph names whose block residuals
     were folded into the weight (quantize/block_offsets.py: rounded, at most max(d) / 450)."""
-    tensors, by_type = {}, {}
+    tensors: dict[str, str] = {}
+    by_type: dict[str, dict[str, int]] = {}
     for canonical, take in recipe.items():
         types = "+".join(sorted({weights.source_type(s) for s in take.sources}))
         graph_name = initializer_name(canonical)

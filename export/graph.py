@@ -24,8 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -48,7 +50,7 @@ class GraphIO:
 class _Builder:
     """Collects nodes and initializers; names every node as a path."""
 
-    def __init__(self, dtype: np.dtype, store: DataFile | None = None):
+    def __init__(self, dtype: npt.DTypeLike, store: DataFile | None = None):
         self.dtype = np.dtype(dtype)
         self.onnx_dtype = helper.np_dtype_to_tensor_dtype(self.dtype)
         self.nodes: list[onnx.NodeProto] = []
@@ -99,8 +101,8 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
     `weights` may be a lazy mapping: the graph then never holds more than one weight's array.
     """
     b = _Builder(np.float16 if dtype == "fp16" else np.float32, store)
-    kv_shape = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
-    present_shape = ["batch", spec.num_kv_heads, "present_sequence_length", spec.head_dim]
+    kv_shape: list[str | int] = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+    present_shape: list[str | int] = ["batch", spec.num_kv_heads, "present_sequence_length", spec.head_dim]
     inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "sequence_length"]),
               helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence_length"])]
     if spec.position == "learned":
@@ -238,6 +240,7 @@ def _one_token_padding(b: _Builder, seqlens: str, seqlens_k: str, total_len: str
 def _check_rotary_dim(spec: DecoderSpec) -> None:
     """GroupQueryAttention rotates the first rotary_dim values of each head (partial rotary
     when rotary_dim < head_dim), and its kernels need rotary_dim / 2 to be a multiple of 8."""
+    assert spec.rope is not None, "only rotary models are checked"
     dim = spec.rope.rotary_dim
     if dim > spec.head_dim or dim % 16:
         from edge_infer.contract.errors import ModelFileError
@@ -292,7 +295,7 @@ def _attention(b: _Builder, spec: DecoderSpec, weights, i: int, h: str, lengths:
     qkv_inputs = [b.one("Pad", [t, lengths.pads], f"{p}/pad_one/{n}") if t else t
                   for n, t in zip(("q", "k", "v"), qkv_inputs)]
     sliding = spec.layer_type(i) == "sliding"
-    attrs = dict(num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
+    attrs: dict[str, Any] = dict(num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads,
                  scale=float(spec.attn_scale if spec.attn_scale is not None else spec.head_dim ** -0.5))
     rope_in = ["", ""]
     if spec.rope is not None:

@@ -23,7 +23,8 @@ from edge_infer.export.progress import Progress
 from edge_infer.export.rope import inv_freq
 from edge_infer.export.sources import Source
 from edge_infer.export.spec import DecoderSpec
-from edge_infer.export.validate import is_fp16, prompt_feed, session_for
+from edge_infer.export.segments import cpu_session
+from edge_infer.export.validate import is_fp16, prompt_feed
 from edge_infer.quantize.kv_cache import HEADROOM, LayerRope, kv_scales, quantize_kv_graph
 
 CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt")
@@ -39,7 +40,7 @@ def calibrate_kv_cache(folder: Path, graph_file: str, source: Source, spec: Deco
     bar = progress.stage(f"calibrating the {kind} KV cache", total=2 + spec.num_layers, unit="step")
     calib, held_out = _token_ids(source, spec, max_length)
     path = folder / graph_file
-    session = session_for(str(path))
+    session = cpu_session(str(path))
     float_logits, presents = _run(session, spec, held_out, np.float16 if is_fp16(session) else np.float32)
     bar.advance()
     _, presents = _run(session, spec, calib, presents[0].dtype)
@@ -56,7 +57,7 @@ def calibrate_kv_cache(folder: Path, graph_file: str, source: Source, spec: Deco
     del model
 
     progress.stage("checking the quantized KV cache on held-out text")
-    session = session_for(str(path))
+    session = cpu_session(str(path))
     cache_dtype = np.int8 if kind == "int8" else np.uint8
     quant_logits, _ = _run(session, spec, held_out, cache_dtype, packed=kind == "int4")
     check = _compare(float_logits, quant_logits, held_out)

@@ -125,8 +125,8 @@ def share_weights(model: onnx.ModelProto, saved: Path) -> None:
 def validate_static(folder: Path, spec, weights: dict, source, max_length: int, quant: str,
                     progress: Progress) -> dict:
     """The static plan on the CPU provider against the default builder's fp32 graph of the same weights."""
-    from edge_infer.devices.ort import ort
     from edge_infer.export.graph import build_decoder
+    from edge_infer.export.segments import cpu_session
     from edge_infer.export.validate import all_logits, prompt_ids
     from edge_infer.runtime.manifest import load_manifest
     from edge_infer.runtime.sampling import kl_divergence
@@ -138,9 +138,7 @@ def validate_static(folder: Path, spec, weights: dict, source, max_length: int, 
         path = Path(ref_dir) / "ref.onnx"
         onnx.save_model(ref_model, str(path), save_as_external_data=True, location="ref.onnx.data")
         del ref_model
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        ref = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        ref = cpu_session(str(path))
         refs = [all_logits(ref, spec, ids) for ids in prompts]  # (positions, vocab) each
         del ref
     model = StaticModel(load_manifest(folder, verify=False), device="cpu")

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from edge_infer.export.graph import initializer_name
+from edge_infer.quantize.nbits import pack_bits, quantize_absmax
 from edge_infer.export.rope import cos_sin_cache
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.errors import UserError
@@ -104,37 +105,23 @@ class WeightBank:
             from edge_infer.quantize.search import quantize_search
 
             ql = quantize_search(w_in_out.T, 4, self.block_size, symmetric=False)  # q (N, K), scales (N, K / block)
+            assert ql.zero_points is not None  # asymmetric
             self._made[name] = [_int_tensor(name + ".q", ql.q.T, TensorProto.UINT4),  # (K, N)
                                 numpy_helper.from_array(np.ascontiguousarray(ql.scales.T), name + ".scale"),
                                 _int_tensor(name + ".zero_point", ql.zero_points.T, TensorProto.UINT4)]
         else:
-            q, scale = quantize_blocks(w_in_out, bits, self.block_size)  # (K, N), (K / block, N)
-            self._made[name] = [_int_tensor(name + ".q", q, TensorProto.INT8),
-                                numpy_helper.from_array(scale, name + ".scale")]
+            q, scale = quantize_absmax(w_in_out.T, bits, self.block_size)  # (N, K), (N, K / block)
+            self._made[name] = [_int_tensor(name + ".q", q.T, TensorProto.INT8),  # (K, N)
+                                numpy_helper.from_array(np.ascontiguousarray(scale.T), name + ".scale")]
         self.quantized += 1
         return self._made[name], True
-
-
-def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric round-to-nearest blocks along axis 0 of w (K, N): q int8 (K, N) in
-    [-2**(bits-1), 2**(bits-1) - 1] and scales float32 (K / block, N), w ~= q * scale."""
-    k, n = w.shape
-    blocks = w.astype(np.float32).reshape(k // block, block, n)  # (K / block, block, N)
-    top = (1 << (bits - 1)) - 1  # 7 or 127
-    scale = np.abs(blocks).max(axis=1) / top  # (K / block, N)
-    safe = np.where(scale == 0, 1.0, scale)
-    q = np.clip(np.rint(blocks / safe[:, None, :]), -top - 1, top).astype(np.int8)
-    return q.reshape(k, n), scale.astype(np.float32)
 
 
 def _int_tensor(name: str, q: np.ndarray, onnx_type: int) -> onnx.TensorProto:
     """An INT8 tensor, or a packed INT4 / UINT4 one, of the integer array q."""
     if onnx_type == TensorProto.INT8:
         return numpy_helper.from_array(np.ascontiguousarray(q, dtype=np.int8), name)
-    flat = (np.ascontiguousarray(q).reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)  # low nibbles
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)  # element 2i in the low nibble
+    packed = pack_bits(np.ascontiguousarray(q).reshape(-1).astype(np.int16) & 0x0F, 4)  # low nibbles
     t = TensorProto()
     t.name, t.data_type = name, onnx_type
     t.dims.extend(q.shape)
@@ -217,6 +204,7 @@ def build_static_decoder(spec: DecoderSpec, bank: WeightBank, shape: StaticShape
     bias = g.one("Unsqueeze", [bias, g.const([0, 1])], "/model/attn_mask/Unsqueeze")  # (1, 1, group * S, P + S)
 
     # Rotary tables gathered by position: (1, 1, S, head_dim) each.
+    assert spec.rope is not None, "check_supported refuses models without rotary positions"
     cos, sin = cos_sin_cache(spec.rope, P)  # (P, head_dim / 2)
     cos_t = g.add(bank.plain("rope.cos", np.concatenate([cos, cos], axis=-1)))  # (P, head_dim)
     sin_t = g.add(bank.plain("rope.sin", np.concatenate([sin, sin], axis=-1)))

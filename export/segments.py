@@ -30,15 +30,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from edge_infer.quantize.external import read_rows, read_tensor
+from edge_infer.quantize.external import read_rows, read_tensor, tensor_nbytes
 
 DEFAULT_MAX_BYTES = 256 << 20
 ROW_SLICE_BYTES = 64 << 20  # rows of a vocabulary-sized weight read at a time (fp32)
-
-
-def _nbytes(t: TensorProto) -> int:
-    count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
-    return count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def plan_segments(graph: onnx.GraphProto, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -48,7 +43,7 @@ def plan_segments(graph: onnx.GraphProto, max_bytes: int = DEFAULT_MAX_BYTES,
     the current one). Nodes in `alone` (keyed by their first output) get a segment of their own;
     nodes it maps to None are left out (their work is done by another node's step)."""
     alone = alone or {}
-    sizes = {t.name: _nbytes(t) for t in graph.initializer}
+    sizes = {t.name: tensor_nbytes(t) for t in graph.initializer}
     segments: list[list[onnx.NodeProto]] = [[]]
     held: set[str] = set()
     total = 0
@@ -116,7 +111,7 @@ def _row_steps(graph: onnx.GraphProto, inits: Mapping[str, TensorProto], max_byt
     and the Transposes they fold in (-> None)."""
     def big(name: str) -> bool:
         t = inits.get(name)
-        return (t is not None and len(t.dims) == 2 and _nbytes(t) > max_bytes
+        return (t is not None and len(t.dims) == 2 and tensor_nbytes(t) > max_bytes
                 and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16))
 
     readers: dict[str, int] = {}
@@ -218,7 +213,7 @@ def run_segmented(stored: StoredGraph, feeds: list[dict[str, np.ndarray]], outpu
                                 initializer=[inits[n] for n in used if n not in weights])
         sub_model = helper.make_model(sub, opset_imports=list(model.opset_import), producer_name="edge-infer")
         sub_model.ir_version = model.ir_version
-        session = _light_session(sub_model.SerializeToString())
+        session = cpu_session(sub_model.SerializeToString(), light=True)
         del sub_model, sub
         for v in values:
             v.update(zip(wanted, session.run(wanted, {**{n: v[n] for n in needed}, **weights})))
@@ -229,10 +224,14 @@ def run_segmented(stored: StoredGraph, feeds: list[dict[str, np.ndarray]], outpu
     return [[v[o] for o in outputs] for v in values], len(segments)
 
 
-def _light_session(model: bytes) -> ort.InferenceSession:
-    """A session run a few times on little input: no weight prepacking, basic graph optimizations."""
+def cpu_session(model: str | bytes, light: bool = False) -> ort.InferenceSession:
+    """A CPU-provider session of a graph (its path, or its serialized proto) for export's own checks.
+    light: a session run a few times on little input (a segment of the float reference), where packing
+    hundreds of MB of weights for faster matmuls costs more than it saves: no weight prepacking, basic
+    graph optimizations."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.add_session_config_entry("session.disable_prepacking", "1")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if light:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])

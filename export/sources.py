@@ -119,9 +119,9 @@ def _open_hf(folder: Path) -> Source:
     gen = _read_json(folder / "generation_config.json")
     eos: list[int] = []
     for v in (config.get("eos_token_id"), gen.get("eos_token_id")):
-        for e in (v if isinstance(v, list) else [v]):
-            if isinstance(e, int) and e not in eos:
-                eos.append(e)
+        for i in (v if isinstance(v, list) else [v]):
+            if isinstance(i, int) and i not in eos:
+                eos.append(i)
     eos_text = _token_text(tcfg.get("eos_token"))
     if eos_text is not None and tokenizer.token_to_id(eos_text) is not None:
         tid = tokenizer.token_to_id(eos_text)

@@ -20,7 +20,7 @@ from edge_infer.devices.ort import ort
 
 from edge_infer.export.progress import Progress
 from edge_infer.runtime.sampling import kl_divergence
-from edge_infer.export.segments import StoredGraph, run_segmented
+from edge_infer.export.segments import StoredGraph, cpu_session, run_segmented
 from edge_infer.export.sources import Source
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.model_folder import GRAPH_FILE
@@ -60,17 +60,6 @@ def prompt_feed(spec: DecoderSpec, ids: list[int], dtype=np.float32, width: int 
     return feed
 
 
-def session_for(path: str, light: bool = False) -> ort.InferenceSession:
-    """light: a session run on a few prompts once (the fp32 reference), where packing hundreds of MB
-    of weights for faster matmuls costs more than it saves."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if light:
-        so.add_session_config_entry("session.disable_prepacking", "1")
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
 def prompt_ids(source: Source, max_length: int) -> list[list[int]]:
     out = []
     for text in PROMPTS:
@@ -102,7 +91,7 @@ def _against_source(graph: Path, source: Source, spec: DecoderSpec, prompts, pro
         progress.note(f"source comparison {msg}")
         return {"source_comparison": msg}
     try:
-        session = session_for(str(graph))
+        session = cpu_session(str(graph))
     except Exception as e:  # fp16 graphs may not run on the CPU provider
         msg = f"skipped: the graph does not run on the CPU provider here ({str(e).splitlines()[0][:200]})"
         progress.note(f"source comparison {msg}")
@@ -170,7 +159,7 @@ def _against_reference(graph: Path, reference: onnx.ModelProto | Path | StoredGr
                        progress: Progress) -> dict:
     # The quantized graph first, on its own: its session is freed before the reference runs.
     bar = progress.bar("validating", len(prompts) + 1)  # each prompt on the graph, then the reference run
-    quant = session_for(str(graph))
+    quant = cpu_session(str(graph))
     ours = []
     for ids in prompts:
         ours.append(all_logits(quant, spec, ids, np.float16 if is_fp16(quant) else np.float32))

@@ -27,13 +27,16 @@ class QuantConfig(QuantSettings):
     (least-squares scale per block, blocks <= 32) or "rtn" (round to nearest).
     """
 
+    accuracy_level: int = 4  # narrowed from QuantSettings: a config to quantize with always names one
+    exclude: tuple[str, ...] = ()
+
     @classmethod
     def from_options(cls, quant: str, block_size: int = 32, symmetric: bool = False, accuracy_level: int = 4,
                      embeddings: str = "int8", lm_head: str = "int8", rounding: str = "search") -> QuantConfig:
         """What `--quant int4|int8` and the quantization options of `export` and `quantize` ask for."""
         if quant not in ("int8", "int4"):
             raise UserError(f"quantization to '{quant}' is not supported: use int8 or int4")
-        return cls(bits=CHOICES[quant], block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
+        return cls(bits=8 if quant == "int8" else 4, block_size=block_size, symmetric=symmetric, accuracy_level=accuracy_level,
                    embeddings=embeddings, lm_head=lm_head, method=rounding)
 
     def validate(self) -> QuantConfig:
@@ -55,7 +58,8 @@ class QuantConfig(QuantSettings):
             value = getattr(self, field)
             if value not in CHOICES:
                 raise UserError(f"{field}={value!r} is not valid: use one of {', '.join(CHOICES)}")
-        if isinstance(self.exclude, str) or not all(isinstance(s, str) and s for s in self.exclude):
+        if (self.exclude is None or isinstance(self.exclude, str)
+                or not all(isinstance(s, str) and s for s in self.exclude)):
             raise UserError(f"exclude={self.exclude!r} must be a tuple of non-empty node-name substrings")
         return self
 
@@ -73,4 +77,4 @@ class QuantConfig(QuantSettings):
         return "fp" if self._excluded(EMBED_GATHER) else self.embeddings
 
     def _excluded(self, node_name: str) -> bool:
-        return any(s in node_name for s in self.exclude)
+        return any(s in node_name for s in self.exclude or ())

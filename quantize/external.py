@@ -52,7 +52,7 @@ class DataFile:
         if pad:
             self._f.write(b"\0" * pad)
             self.offset += pad
-        self._f.write(memoryview(a.reshape(-1).view(np.uint8)))  # (nbytes,) no copy
+        self._f.write(a.reshape(-1).view(np.uint8).data)  # (nbytes,) no copy
         t = TensorProto()
         t.name = name
         t.data_type = helper.np_dtype_to_tensor_dtype(a.dtype)
@@ -81,7 +81,7 @@ class DataFile:
 
     def move(self, t: TensorProto, folder: Path, deferred: Mapping[str, Any] | None = None) -> TensorProto:
         """`t` (inline, external relative to `folder`, or deferred) stored in this file instead."""
-        if t.data_location != TensorProto.EXTERNAL and _nbytes(t) < INLINE_BELOW:
+        if t.data_location != TensorProto.EXTERNAL and tensor_nbytes(t) < INLINE_BELOW:
             return t
         return self.add(t.name, read_tensor(t, folder, deferred))
 
@@ -116,7 +116,7 @@ def read_tensor(t: TensorProto, folder: Path, deferred: Mapping[str, Any] | None
         raise ValueError(f"initializer {t.name}: {length} bytes of external data for shape {shape} {dtype}")
     with open(Path(folder) / location, "rb") as f:
         f.seek(int(info.get("offset", 0)))
-        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+        if f.readinto(out.reshape(-1).view(np.uint8).data) != out.nbytes:
             raise ValueError(f"initializer {t.name}: external data ends early in {location}")
     return out
 
@@ -146,7 +146,7 @@ def read_rows(t: TensorProto, folder: Path, deferred: Mapping[str, Any] | None, 
     out = np.empty((stop - start,) + shape[1:], dtype=dtype)
     with open(Path(folder) / location, "rb") as f:
         f.seek(int(info.get("offset", 0)) + start * row_bytes)
-        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+        if f.readinto(out.reshape(-1).view(np.uint8).data) != out.nbytes:
             raise ValueError(f"initializer {t.name}: external data ends early in {location}")
     return out
 
@@ -176,6 +176,7 @@ def save_streamed(model: onnx.ModelProto, graph_path: Path, data: DataFile, fold
     onnx.save_model(model, str(graph_path))
 
 
-def _nbytes(t: TensorProto) -> int:
+def tensor_nbytes(t: TensorProto) -> int:
+    """Size of a tensor from its dims and type (works for external data too)."""
     count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
     return count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize

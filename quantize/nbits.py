@@ -194,6 +194,20 @@ def dequantize(ql: QuantizedLinear) -> np.ndarray:
     return w.reshape(n, nb * bs)[:, : ql.k]
 
 
+def quantize_absmax(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Signed round-to-nearest blocks of w (N, K) with zero point 0, the mapping of DequantizeLinear's
+    int8 blocks (the npu profile): q int8 (N, K) in [-2**(bits-1), 2**(bits-1) - 1] and scales float32
+    (N, n_blocks), each its block's largest magnitude / (2**(bits-1) - 1); w ~= q * scale. K must be
+    a whole number of blocks."""
+    blocks, k = _blocks(np.asarray(w, dtype=np.float32), block_size)  # (N, n_blocks, block_size)
+    if k % block_size:
+        raise ValueError(f"K={k} is not a whole number of blocks of {block_size}")
+    top = (1 << (bits - 1)) - 1  # 7 or 127
+    scales = (np.abs(blocks).max(axis=-1) / top).astype(np.float32)  # (N, n_blocks)
+    q = np.clip(np.rint(_safe_divide(blocks, scales)), -top - 1, top).astype(np.int8)
+    return q.reshape(blocks.shape[0], k), scales
+
+
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned values along the last axis: 4 bits puts element 2i in the low nibble."""
     values = values.astype(np.uint8)

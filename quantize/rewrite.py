@@ -33,6 +33,7 @@ import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -52,6 +53,7 @@ from .nbits import (
     quantize_rtn,
 )
 from .block_offsets import folded_columns
+from .external import tensor_nbytes
 from .config import CHOICES, EMBED_GATHER, LM_HEAD_MATMUL, LM_HEAD_TRANSPOSE, QuantConfig
 from .search import quantize_search
 
@@ -59,7 +61,14 @@ log = logging.getLogger(__name__)
 
 METADATA_KEY = "edge_infer.quantize"  # JSON record of what quantize_graph did
 
-_FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+_FLOAT_TYPES: dict[int, type[np.floating]] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+
+class Prequantized(Protocol):
+    """Blocks imported from elsewhere, by float weight initializer name: a dict, or a lazy lookup
+    (export/quantize_step.py SourceBlocks) asked once per weight."""
+
+    def get(self, name: str, default: None = None, /) -> QuantizedLinear | None: ...
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ class _Job:
 def quantize_graph(
     model: onnx.ModelProto,
     config: QuantConfig,
-    prequantized: Mapping[str, QuantizedLinear] | None = None,
+    prequantized: Prequantized | None = None,
     progress: Callable[[int, int], None] | None = None,
     *,
     loader: Callable[[TensorProto], np.ndarray] | None = None,
@@ -100,7 +109,6 @@ def quantize_graph(
     so a vocabulary-sized one is never whole in float.
     """
     config.validate()
-    prequantized = prequantized or {}
     originals = {t.name: t for t in model.graph.initializer}
     out = _copy_without_initializers(model)
     graph = out.graph
@@ -114,30 +122,8 @@ def quantize_graph(
     new_nodes: dict[str, list[onnx.NodeProto]] = {}  # first output of an old node -> replacement nodes
     requantized: list[str] = []
     for done, job in enumerate(jobs, start=1):
-        tensor = inits[job.weight]
-        dtype = _FLOAT_TYPES[tensor.data_type]
-        ql = _obtain(job, tensor, config, prequantized, requantized, loader, row_loader)
-        names, tensors = nbits_initializers(ql, job.weight, dtype)
-        for t in tensors:
-            if t.name in inits:
-                raise UserError(f"cannot quantize {job.weight}: the graph already has an initializer named {t.name}")
-            if sink is not None:
-                t = sink(t)
-            inits[t.name] = t
-            graph.initializer.append(t)
-        del tensors
-        if job.matmul is not None:
-            node = job.matmul
-            node_name = node.name + "NBits" if node.name.endswith("MatMul") else node.name + "/MatMulNBits"
-            nbits_node, _ = matmul_nbits(
-                node.input[0], node.output[0], node_name, ql, config.accuracy_level,
-                prefix=job.weight, dtype=dtype, b_names=names,
-            )  # fmt: skip
-            new_nodes[node.output[0]] = [nbits_node]
-        if job.gather is not None:
-            sub_nodes, sub_inits = _embedding_nodes(job.gather, ql, names, dtype)
-            graph.initializer.extend(sub_inits if sink is None else [sink(t) for t in sub_inits])
-            new_nodes[job.gather.output[0]] = sub_nodes
+        ql = _obtain(job, inits[job.weight], config, prequantized or {}, requantized, loader, row_loader)
+        new_nodes.update(_rewrite(job, ql, graph, inits, config, sink))
         if progress is not None:
             progress(done, len(jobs))
 
@@ -158,12 +144,42 @@ def quantize_graph(
         "lm_head": config.lm_head_choice(),
         "requantized": requantized,
         "rounding": config.rounding,
-        "float_bytes_replaced": sum(_nbytes(inits[j.weight]) for j in jobs),
+        "float_bytes_replaced": sum(tensor_nbytes(inits[j.weight]) for j in jobs),
     }
     for prop in [p for p in out.metadata_props if p.key == METADATA_KEY]:
         out.metadata_props.remove(prop)
     out.metadata_props.add(key=METADATA_KEY, value=json.dumps(record, sort_keys=True))
     return out
+
+
+def _rewrite(job: _Job, ql: QuantizedLinear, graph: onnx.GraphProto, inits: dict[str, TensorProto],
+             config: QuantConfig, sink: Callable[[TensorProto], TensorProto] | None) -> dict[str, list[onnx.NodeProto]]:
+    """Add `job`'s quantized initializers to `graph` (through `sink`) and return the nodes that replace
+    its MatMul and Gather, keyed by the replaced node's first output."""
+    dtype = _FLOAT_TYPES[inits[job.weight].data_type]
+    names, tensors = nbits_initializers(ql, job.weight, dtype)
+    for t in tensors:
+        if t.name in inits:
+            raise UserError(f"cannot quantize {job.weight}: the graph already has an initializer named {t.name}")
+        if sink is not None:
+            t = sink(t)
+        inits[t.name] = t
+        graph.initializer.append(t)
+    del tensors
+    new_nodes: dict[str, list[onnx.NodeProto]] = {}
+    if job.matmul is not None:
+        node = job.matmul
+        node_name = node.name + "NBits" if node.name.endswith("MatMul") else node.name + "/MatMulNBits"
+        nbits_node, _ = matmul_nbits(
+            node.input[0], node.output[0], node_name, ql, config.accuracy_level,
+            prefix=job.weight, dtype=dtype, b_names=names,
+        )  # fmt: skip
+        new_nodes[node.output[0]] = [nbits_node]
+    if job.gather is not None:
+        sub_nodes, sub_inits = _embedding_nodes(job.gather, ql, names, dtype)
+        graph.initializer.extend(sub_inits if sink is None else [sink(t) for t in sub_inits])
+        new_nodes[job.gather.output[0]] = sub_nodes
+    return new_nodes
 
 
 def _plan(
@@ -190,6 +206,7 @@ def _plan(
     jobs: list[_Job] = []
     embed_bits = CHOICES[config.embeddings_choice()]
     if tied:
+        assert embed is not None
         if config.lm_head_choice() != config.embeddings_choice():
             raise UserError(
                 f"this model ties its lm_head to the embeddings, so both share one tensor: set lm_head to the "
@@ -230,7 +247,7 @@ def _obtain(
     job: _Job,
     tensor: TensorProto,
     config: QuantConfig,
-    prequantized: Mapping[str, QuantizedLinear],
+    prequantized: Prequantized,
     requantized: list[str],
     loader: Callable[[TensorProto], np.ndarray] | None = None,
     row_loader: Callable[[TensorProto, int, int], np.ndarray] | None = None,
@@ -302,10 +319,10 @@ def _round(w: np.ndarray, bits: int, config: QuantConfig) -> QuantizedLinear:
                               starts))
     if len(parts) == 1:
         return parts[0]
-    zps = [p.zero_points for p in parts]
+    zps = [p.zero_points for p in parts if p.zero_points is not None]
     return QuantizedLinear(bits=bits, block_size=config.block_size, q=np.concatenate([p.q for p in parts]),
                            scales=np.concatenate([p.scales for p in parts]),
-                           zero_points=None if zps[0] is None else np.concatenate(zps), k=parts[0].k)
+                           zero_points=np.concatenate(zps) if zps else None, k=parts[0].k)
 
 
 def _embedding_nodes(
@@ -321,7 +338,7 @@ def _embedding_nodes(
     nb, bs, bits, d = ql.n_blocks, ql.block_size, ql.bits, ql.k
     zp_cols = -(-nb * bits // 8)  # packed zero-point bytes per row
     onnx_float = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    consts = {
+    consts: dict[str, np.ndarray] = {
         "minus1": np.array([-1], np.int64),
         "four": np.array(4, np.uint8),
         "blocks": np.array([0, nb, bs], np.int64),  # (T, nb, bs)
@@ -340,7 +357,7 @@ def _embedding_nodes(
     def c(key: str) -> str:
         return f"{base}/const_{key}"
 
-    def add(op: str, step: str, inputs: list[str], **attrs: object) -> str:
+    def add(op: str, step: str, inputs: list[str], **attrs: Any) -> str:
         out = f"{base}/{step}/output_0"
         nodes.append(helper.make_node(op, inputs, [out], name=f"{base}/{step}", **attrs))
         return out
@@ -434,12 +451,6 @@ def _is_float_weight(t: TensorProto | None) -> bool:
     return t is not None and t.data_type in _FLOAT_TYPES and len(t.dims) == 2
 
 
-def _nbytes(t: TensorProto) -> int:
-    """Size of a tensor from its dims and type (works for external data too)."""
-    count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
-    return count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-
-
 def quantize_summary(model: onnx.ModelProto) -> dict:
     """Counts of quantized / kept linear nodes and weight bytes before/after, for the manifest."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -457,9 +468,9 @@ def quantize_summary(model: onnx.ModelProto) -> dict:
             quantized_bytes.update(name for name in inits if name.startswith(f"{base}/const_"))
     kept = [n.name for n in nodes if n.op_type == "MatMul" and (_is_float_weight(inits.get(n.input[1]))
                                                                 or n.name == LM_HEAD_MATMUL)]  # fmt: skip
-    record = next((json.loads(p.value) for p in model.metadata_props if p.key == METADATA_KEY), {})
-    after = sum(_nbytes(t) for t in inits.values())
-    added = sum(_nbytes(inits[name]) for name in quantized_bytes)
+    record: dict[str, Any] = next((json.loads(p.value) for p in model.metadata_props if p.key == METADATA_KEY), {})
+    after = sum(tensor_nbytes(t) for t in inits.values())
+    added = sum(tensor_nbytes(inits[name]) for name in quantized_bytes)
     before = after - added + int(record.get("float_bytes_replaced", 0))
     return {
         "quantized_nodes": sum(by_bits.values()),

@@ -22,7 +22,9 @@ and perplexity got worse (1.29x -> 1.29x at 64 asym, 1.33x -> 1.41x at 128 asym)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +62,7 @@ def _search(w: np.ndarray, bits: int, block_size: int, symmetric: bool, factors:
     blocks, _ = _blocks(w, block_size)  # (N, n_blocks, block_size)
     qmax = (1 << bits) - 1
     base = rtn.scales  # (N, n_blocks); the round-to-nearest candidate, kept unless beaten
+    anchors: tuple[Callable[[np.ndarray], Any], ...]  # the zero point each candidate scale is tried with
     if symmetric:
         anchors = (lambda inv: np.float32(1 << (bits - 1)),)
     else:
@@ -78,7 +81,7 @@ def _search(w: np.ndarray, bits: int, block_size: int, symmetric: bool, factors:
         inv = np.where(s == 0, np.float32(0), np.float32(1) / np.where(s == 0, np.float32(1), s))
         scaled = blocks * inv[..., None]
         for anchor in anchors:
-            z = np.clip(anchor(inv), 0, qmax).astype(np.float32)
+            z = np.asarray(np.clip(anchor(inv), 0, qmax), dtype=np.float32)
             c = np.clip(np.rint(scaled) + z[..., None], 0, qmax) - z[..., None]
             num, den = (blocks * c).sum(axis=-1), (c * c).sum(axis=-1)
             refit = np.where(den > 0, num / np.where(den > 0, den, 1), 0).astype(np.float32)

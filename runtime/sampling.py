@@ -40,7 +40,7 @@ from edge_infer.contract.errors import UserError
 # factor until it holds top_p of the mass (a peaked row needs one round).
 _TOP_P_FIRST_HEAD = 64
 _TOP_P_GROWTH = 8
-# Drawing from a long distribution walks block sums first (see _draw).
+# Drawing from a long distribution walks block sums first (see draw).
 _DRAW_BLOCK = 1024
 
 
@@ -114,7 +114,7 @@ class Sampler:
         if self.params.temperature == 0.0:
             return _argmax(x)
         ids, p = self._distribution(x)  # (m,) int64 or None for all, (m,) float64
-        i = _draw(p, self.rng.random())
+        i = draw(p, self.rng.random())
         return i if ids is None else int(ids[i])
 
     def probs(self, logits: np.ndarray, tokens: Sequence[int] | np.ndarray, n_prompt: int) -> np.ndarray:
@@ -222,7 +222,7 @@ def _top_p(ids: np.ndarray | None, p: np.ndarray, top_p: float) -> tuple[np.ndar
     return (idx if ids is None else ids[idx]), p[idx]
 
 
-def _draw(p: np.ndarray, u: float) -> int:
+def draw(p: np.ndarray, u: float) -> int:
     """Inverse-CDF draw from p: (m,) for u in [0, 1); never returns a zero-probability index.
 
     A full cumsum over a 150k vocab is the slowest step of sampling, so a long

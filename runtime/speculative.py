@@ -49,8 +49,7 @@ import numpy as np
 from edge_infer.runtime.cache import KVCache
 from edge_infer.contract.errors import UserError
 from edge_infer.runtime.model import Model
-from edge_infer.runtime.sampling import Sampler
-from edge_infer.runtime.speculative_proposers import draw
+from edge_infer.runtime.sampling import Sampler, draw
 
 MODES = ("off", "lookup", "draft", "auto")
 DEFAULT_NUM_SPECULATIVE = {"lookup": 10, "draft": 8}
@@ -181,7 +180,7 @@ def verify(rows: np.ndarray, guesses: list[int], qs: list[np.ndarray] | None, to
             residual = np.maximum(p - qs[i], 0.0)  # (vocab,)
         if not residual.sum() > 0:  # p == q up to rounding: nothing left to correct towards
             residual = p
-        return i, draw(residual, sampler.rng)
+        return i, draw(residual, sampler.rng.random())
     return len(guesses), sampler(rows[len(guesses)], ctx, n_prompt)  # the bonus token
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_infer.runtime.cache import KVCache
 from edge_infer.runtime.model import Model
-from edge_infer.runtime.sampling import Sampler
+from edge_infer.runtime.sampling import Sampler, draw
 
 log = logging.getLogger("edge_infer")
 
@@ -231,7 +231,7 @@ class DraftProposer:
                 sure = 1.0 / np.exp(z).sum()  # the draft's own probability of g
             else:
                 q = self.sampler.probs(logits, ctx, self.n_prompt)  # (vocab,)
-                g = draw(q, self.sampler.rng)
+                g = draw(q, self.sampler.rng.random())
                 qs.append(q)
                 sure = float(q[g])
             guesses.append(g)
@@ -251,15 +251,6 @@ def estimate_draft_cost(target: Model, draft: Model) -> float:
 
     ratio = weight_bytes(draft) / max(weight_bytes(target), 1)
     return max(DRAFT_COST_FLOOR, min(ratio, 1.0))
-
-
-def draw(p: np.ndarray, rng: np.random.Generator) -> int:
-    """A draw from p: (vocab,) non-negative, summing to about 1; never a zero-probability index."""
-    cdf = np.cumsum(p)
-    j = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(p) - 1)
-    while p[j] == 0 and j > 0:  # only when rounding lands past the last non-zero entry
-        j -= 1
-    return j
 
 
 class AdaptiveProposer:

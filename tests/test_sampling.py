@@ -9,7 +9,7 @@ import pytest
 
 from edge_infer.contract.errors import UserError
 from edge_infer.runtime import sampling
-from edge_infer.runtime.sampling import SamplingParams, _draw, make_sampler
+from edge_infer.runtime.sampling import SamplingParams, draw, make_sampler
 
 
 def logits_of(p) -> np.ndarray:
@@ -218,21 +218,21 @@ def test_sampled_frequencies_match_probs(params):
     assert chi2 < dof + 6 * math.sqrt(2 * dof) + 10, (chi2, counts, expected)
 
 
-def test_draw_on_a_long_distribution_with_zero_blocks():
-    """The block walk of _draw: exact positions at the edges, right frequencies overall."""
+def testdraw_on_a_long_distribution_with_zero_blocks():
+    """The block walk of draw: exact positions at the edges, right frequencies overall."""
     p = np.zeros(10_000)
     p[[0, 1023, 1024, 5000, 9999]] = [0.1, 0.2, 0.3, 0.15, 0.25]
-    assert _draw(p, 0.0) == 0
-    assert _draw(p, np.nextafter(1.0, 0.0)) == 9999
+    assert draw(p, 0.0) == 0
+    assert draw(p, np.nextafter(1.0, 0.0)) == 9999
     # cumulative mass: 0.1 | 0.3 | 0.6 | 0.75 | 1.0
-    assert [_draw(p, u) for u in (0.05, 0.15, 0.31, 0.65, 0.8)] == [0, 1023, 1024, 5000, 9999]
+    assert [draw(p, u) for u in (0.05, 0.15, 0.31, 0.65, 0.8)] == [0, 1023, 1024, 5000, 9999]
     rng = np.random.default_rng(0)
-    counts = np.bincount([_draw(p, rng.random()) for _ in range(20_000)], minlength=10_000)
+    counts = np.bincount([draw(p, rng.random()) for _ in range(20_000)], minlength=10_000)
     assert set(np.flatnonzero(counts)) == {0, 1023, 1024, 5000, 9999}
     np.testing.assert_allclose(counts[[0, 1023, 1024, 5000, 9999]] / 20_000, [0.1, 0.2, 0.3, 0.15, 0.25], atol=0.015)
     tail_zero = p.copy()
     tail_zero[9999], tail_zero[0] = 0.0, 0.35
-    assert _draw(tail_zero, np.nextafter(1.0, 0.0)) == 5000
+    assert draw(tail_zero, np.nextafter(1.0, 0.0)) == 5000
 
 
 def test_probs_uses_no_randomness():

@@ -29,7 +29,8 @@ from edge_infer.runtime.speculative import (
     speculative_step,
     verify,
 )
-from edge_infer.runtime.speculative_proposers import AcceptanceEstimator, PassCosts, PromptLookup, draw
+from edge_infer.runtime.sampling import draw
+from edge_infer.runtime.speculative_proposers import AcceptanceEstimator, PassCosts, PromptLookup
 
 RNG = np.random.default_rng(7)
 SPAN = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
@@ -275,7 +276,7 @@ def test_verify_rule_emits_the_target_distribution(with_draft):
     accepted = 0
     for _ in range(trials):
         if with_draft:
-            guesses = [draw(q[0], sampler.rng), draw(q[1], sampler.rng)]
+            guesses = [draw(q[0], sampler.rng.random()), draw(q[1], sampler.rng.random())]
             qs = q[:2]
         else:  # lookup: fixed guesses, one the target likes and one it never picks
             guesses, qs = [int(np.argmax(p[0])), int(np.argmin(p[1]))], None
