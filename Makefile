@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.edge-infer-installed
 DEMO   := demo-model
 QUESTION ?= What is the capital city of Japan?
 
-.PHONY: demo test venv clean bench test-genai npu-venv qnn-venv test-npu ort-floor-venvs test-ort-floor
+.PHONY: demo test venv clean bench test-genai npu-venv qnn-venv test-npu ort-floor-venvs test-ort-floor typecheck
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# The type gate of .ci/run: mypy over every package folder, imports between folders typed.
+typecheck: $(STAMP)
+	$(BIN)/python scripts/typecheck.py
 
 # onnxruntime-genai opens our exports: its own venv (it pins its onnxruntime), then the interop tests.
 GENAI_VENV := .venv-genai

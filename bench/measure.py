@@ -235,12 +235,12 @@ def edge_speculative(model, config, new_tokens: int) -> Callable[[Sequence[int],
     """tokens(ids, stats): the greedy ids of a speculative generation (runtime.speculative) with eos
     ignored, as edge_engine's are, from a fresh cache; stats (a SpecStats) gets the acceptance counts."""
     from edge_infer.runtime.sampling import SamplingParams, make_sampler
-    from edge_infer.runtime.speculative import speculative_step
+    from edge_infer.runtime.generate import decode_tokens
 
     def tokens(ids: Sequence[int], stats) -> Iterator[int]:
         cache = model.new_cache(max_length=min(len(ids) + new_tokens, model.max_length))
-        return speculative_step(model, list(ids), cache, make_sampler(SamplingParams()), new_tokens, config,
-                                stats, ignore_eos=True)
+        return decode_tokens(model, list(ids), cache, make_sampler(SamplingParams()), new_tokens, config,
+                             stats, ignore_eos=True)
 
     return tokens
 

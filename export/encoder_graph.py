@@ -47,6 +47,7 @@ def build_encoder(spec: EncoderSpec, weights: Mapping[str, np.ndarray],
         p, w = f"/model/layers.{i}", f"layers.{i}."
         bias = pad_bias
         if spec.is_local(i):
+            assert window_bias is not None  # is_local: a local window is set
             bias = b.one("Add", [pad_bias, window_bias], p + "/attn/window_bias")
         rope = ropes.get("local" if spec.is_local(i) and "local" in ropes else "global")
         if spec.norm_place == "post":

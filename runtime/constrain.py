@@ -136,7 +136,8 @@ def _validate(grammar: str, what: str, tokenizer) -> None:
         raise UserError(f"invalid {what}: {detail}")
 
 
-def constraint_from(response_format: Mapping | None = None, grammar: Any = None, *, model=None) -> Constraint | None:
+def constraint_from(response_format: Mapping | Constraint | None = None, grammar: Any = None, *,
+                    model=None) -> Constraint | None:
     """The Constraint a request asks for, or None.
 
     response_format: OpenAI's shape: {"type": "text"}, {"type": "json_object"} or

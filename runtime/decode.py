@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -86,7 +86,7 @@ class Decoding:
                                    draft=draft, draft_cache=draft_cache, draft_cost=speculative.draft_cost)
         self._feed: list[int] = []
         self._guesses: list[int] = []
-        self._qs = None
+        self._qs: Any = None  # the proposer's distributions for the guesses (None: greedy or forced)
         self._masks: list | None = None  # per verification row (words,), under a grammar
         self._forced = False  # this round's guesses are the grammar's forced tokens
 

@@ -1,6 +1,6 @@
 """Generation in three layers, as in mlx-lm:
 
-  generate_step    yields token ids (prefill, then one decode step per token)
+  decode_tokens    yields token ids (prefill, then one decode step or speculative round at a time)
   stream_generate  yields Chunks: text deltas, finish reason, timings
   generate         returns the whole text
 
@@ -19,17 +19,17 @@ import numpy as np
 
 from edge_infer.runtime.cache import KVCache, reusable
 from edge_infer.runtime.chat_template import check_template_kwargs
-from edge_infer.runtime.constrain import Constraint, GrammarMatcher, constraint_from
+from edge_infer.runtime.constrain import Constraint, constraint_from
 from edge_infer.runtime.decode import PREFILL_CHUNK, FinishReason, TextStream, decode_tokens, prefill
 from edge_infer.contract.errors import ContextLengthError, UserError, check_text
 from edge_infer.runtime.model import Model
-from edge_infer.runtime.sampling import SamplingParams, Sampler, make_sampler
+from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, speculative_config
-from edge_infer.runtime.tools import CallWatch, split_calls, tool_prompt
+from edge_infer.runtime.tools import CallWatch, output_constraint, split_calls, tool_prompt
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 DEFAULT_MAX_TOKENS = 256
-__all__ = ["FinishReason", "PREFILL_CHUNK", "prefill", "generate_step", "stream_generate", "generate"]
+__all__ = ["FinishReason", "PREFILL_CHUNK", "prefill", "decode_tokens", "stream_generate", "generate"]
 
 
 @dataclass(frozen=True)
@@ -113,15 +113,6 @@ def plan_max_tokens(model: Model, n_prompt: int, max_tokens: int | None, max_len
     return max_tokens
 
 
-def generate_step(model: Model, ids: list[int], cache: KVCache, sampler: Sampler,
-                  max_tokens: int, matcher: GrammarMatcher | None = None) -> Iterator[int]:
-    """Yield up to max_tokens sampled ids, one plain decode step each. Reuses whatever prefix of
-    `ids` the cache already holds. With a grammar `matcher`, each step's logits are masked before
-    the sampler (penalties included) sees them; tokens the grammar forces are fed in one pass;
-    generation ends when the grammar is complete."""
-    return decode_tokens(model, ids, cache, sampler, max_tokens, matcher=matcher)
-
-
 def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = None,
                     sampling: SamplingParams | None = None, stop: Sequence[str] = (),
                     cache: KVCache | None = None, speculative: SpeculativeConfig | str | None = "auto",
@@ -160,9 +151,7 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     plan = None
     if tools is not None:
         prompt, plan = tool_prompt(model, prompt, tools, tool_choice, parallel_tool_calls, template_kwargs)
-        if plan.constraint is not None and constraint is not None:
-            raise UserError("a constrained tool_choice cannot be combined with response_format or grammar")
-        constraint = constraint or plan.constraint
+        constraint = output_constraint(plan, constraint, "response_format or grammar")
     if isinstance(stop, str):
         stop = [stop]
     text = TextStream(model.tokenizer.backend, model.tokenizer.eos_ids, list(stop), max_tokens=1)
@@ -203,15 +192,21 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
 def _timings(clock: _Clock, n_prompt: int, n_gen: int, cached: int, spec: SpecStats) -> Timings:
     first = clock.first or time.perf_counter()
     ttft = first - clock.start
-    decode_time = (clock.last - first) if clock.last else 0.0
     return Timings(
         prompt_tokens=n_prompt, generation_tokens=n_gen, cached_tokens=cached, time_to_first_token=ttft,
         prefill_tokens_per_s=(n_prompt - cached) / ttft if ttft > 0 else 0.0,
-        decode_tokens_per_s=(n_gen - 1) / decode_time if n_gen > 1 and decode_time > 0 else 0.0,
+        decode_tokens_per_s=decode_rate(n_gen, first, clock.last),
         speculative=spec.mode, draft_tokens=spec.proposed, accepted_tokens=spec.accepted,
         target_passes=spec.target_passes, acceptance_rate=spec.acceptance_rate,
         tokens_per_target_pass=(n_gen - 1) / spec.target_passes if spec.target_passes else 0.0,
     )
+
+
+def decode_rate(generated: int, first: float, last: float | None) -> float:
+    """Decode speed: the tokens after the first over the time from the first to the last (perf_counter
+    seconds); 0 when there is nothing to measure."""
+    span = (last - first) if last else 0.0
+    return (generated - 1) / span if generated > 1 and span > 0 else 0.0
 
 
 def generate(model: Model, prompt: Prompt, **kw) -> str:

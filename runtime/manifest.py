@@ -9,6 +9,7 @@ at load, so a truncated download, an edited file or a Git-LFS pointer is named.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ class Manifest:
         return kv_cache_bytes(self.kv_dtype, g.num_layers, g.num_kv_heads, g.head_dim, max_length or g.max_length, batch)
 
 
-def load_manifest(ref: str | Path, verify: bool = True, progress: BytesProgress | None = None) -> Manifest:
+def load_manifest(ref: str | os.PathLike, verify: bool = True, progress: BytesProgress | None = None) -> Manifest:
     """Read and check `folder/manifest.json`; with `verify`, check every file's size and sha256
     (`progress(done, total)`: bytes hashed, for a bar).
 

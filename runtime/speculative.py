@@ -42,11 +42,9 @@ sampled runs keep the static estimates, so the same seed gives the same output.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
-from edge_infer.runtime.cache import KVCache
 from edge_infer.contract.errors import UserError
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import Sampler, draw
@@ -182,19 +180,3 @@ def verify(rows: np.ndarray, guesses: list[int], qs: list[np.ndarray] | None, to
             residual = p
         return i, draw(residual, sampler.rng.random())
     return len(guesses), sampler(rows[len(guesses)], ctx, n_prompt)  # the bonus token
-
-
-def speculative_step(model: Model, ids: list[int], cache: KVCache, sampler: Sampler, max_tokens: int,
-                     config: SpeculativeConfig, stats: SpecStats | None = None,
-                     draft_cache: KVCache | None = None, ignore_eos: bool = False,
-                     matcher=None) -> Iterator[int]:
-    """Like generate_step: yield up to max_tokens ids, stopping after an eos id, but verify guesses
-    in batches. `draft_cache` (mode "draft") lets a caller keep the draft's prefix across turns;
-    `ignore_eos` (benchmarks) runs on past eos ids. With a grammar `matcher` (runtime/constrain.py)
-    guesses are cut where the grammar refuses them, every verification row is masked, and the
-    matcher consumes only what is emitted. The loop itself is runtime.decode's."""
-    from edge_infer.runtime.decode import decode_tokens
-
-    stats = stats if stats is not None else SpecStats()
-    return decode_tokens(model, ids, cache, sampler, max_tokens, config, stats, draft_cache, ignore_eos,
-                         matcher=matcher)

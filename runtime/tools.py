@@ -79,6 +79,18 @@ class ToolPlan:
         return bool(self.functions) and self.choice != "none"
 
 
+def output_constraint(plan: ToolPlan | None, constraint: Constraint | None,
+                      given: str = "response_format") -> Constraint | None:
+    """The one grammar a generation runs with: the request's own (`given`: response_format, grammar) or
+    the one a constrained tool_choice (required, or a named function) brings; both at once are refused."""
+    if plan is None or plan.constraint is None:
+        return constraint
+    if constraint is not None:
+        raise UserError(f"{given} cannot be combined with tool_choice {plan.choice!r}; "
+                        "use tool_choice 'auto' or 'none'")
+    return plan.constraint
+
+
 def parse_tools(tools: Any) -> tuple[Function, ...]:
     """OpenAI `tools` ([{"type": "function", "function": {name, description?, parameters?}}]) -> Functions."""
     if tools is None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from edge_infer.runtime.decode import FinishReason, TextStream
+from edge_infer.runtime.generate import decode_rate
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.runtime.tools import CallWatch
 
@@ -141,6 +142,5 @@ class ActiveRequest:
 
     def finished(self, reason: str) -> Finished:
         first = self.first_at or time.perf_counter()
-        span = (self.last_at or first) - first
-        rate = (self.generated - 1) / span if self.generated > 1 and span > 0 else 0.0
+        rate = decode_rate(self.generated, first, self.last_at)
         return Finished(reason, self.usage(), first - self.arrived, rate, self.text.stops.matched)

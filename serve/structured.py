@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from edge_infer.runtime.constrain import Constraint, constraint_from
 from edge_infer.contract.errors import TokenizerError, UserError
 from edge_infer.runtime.generate import encode_prompt
-from edge_infer.runtime.tools import ToolCall, ToolPlan, split_calls, tool_prompt
+from edge_infer.runtime.tools import ToolCall, ToolPlan, output_constraint, split_calls, tool_prompt
 from edge_infer.serve.protocol import bad
 
 
@@ -39,11 +39,10 @@ def prepare(model, prompt, *, kind: str, response_format=None, tools=None, tool_
             param = ("chat_template_kwargs" if "template_kwargs" in str(e) else "tool_choice" if "tool_choice" in str(e)
                      else "tools" if "tools" in str(e) else field)
             raise bad(param, str(e)) from None
-        if plan.constraint is not None:
-            if constraint is not None:
-                raise bad("response_format", "response_format cannot be combined with tool_choice "
-                          f"{plan.choice!r}; use tool_choice 'auto' or 'none'")
-            constraint = plan.constraint
+        try:
+            constraint = output_constraint(plan, constraint)
+        except UserError as e:
+            raise bad("response_format", str(e)) from None
     else:
         if tool_choice not in (None, "none", "auto"):
             raise bad("tool_choice", "tool_choice needs tools")

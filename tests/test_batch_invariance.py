@@ -23,9 +23,9 @@ from edge_infer.devices import cpu_session_options
 from edge_infer.devices.invariance import FROM_TWO, ROW_INVARIANT, ProbeResult
 from edge_infer.devices.ort import ort
 from edge_infer.runtime import model as model_module
-from edge_infer.runtime.generate import generate_step
+from edge_infer.runtime.generate import decode_tokens
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
-from edge_infer.runtime.speculative import SpeculativeConfig, speculative_step
+from edge_infer.runtime.speculative import SpeculativeConfig
 
 IDS = [5, 17, 99, 3, 250, 41, 8, 77, 12, 140, 33, 6, 201, 58, 90, 14, 3, 17, 99, 3]
 GQA = "GroupQueryAttention"
@@ -160,9 +160,9 @@ def test_greedy_speculation_equals_plain_decoding(model):
         return probe_says_not_enough(model)
     prompt = IDS * 3
     greedy = make_sampler(SamplingParams())
-    plain = list(generate_step(model, prompt, model.new_cache(), greedy, 40))
+    plain = list(decode_tokens(model, prompt, model.new_cache(), greedy, 40))
     for n in (2, 5, 10):
-        spec = list(speculative_step(model, prompt, model.new_cache(), make_sampler(SamplingParams()), 40,
+        spec = list(decode_tokens(model, prompt, model.new_cache(), make_sampler(SamplingParams()), 40,
                                      SpeculativeConfig("lookup", num_speculative=n)))
         assert spec == plain, f"num_speculative {n}"
 

@@ -13,10 +13,10 @@ import edge_infer
 from edge_infer.contract.errors import ModelFileError, UserError
 from edge_infer.export.export_folder import ExportOptions, export_model
 from edge_infer.quantize.kv_cache import LayerRope, channel_bounds, kv_scales
-from edge_infer.runtime.generate import generate_step
+from edge_infer.runtime.generate import decode_tokens
 from edge_infer.contract.model_folder import sha256_file
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
-from edge_infer.runtime.speculative import SpeculativeConfig, speculative_step
+from edge_infer.runtime.speculative import SpeculativeConfig
 
 IDS = [5, 17, 99, 3, 250, 41, 8, 77, 12, 140, 33, 6, 201, 58, 90, 14, 3, 17, 99, 3, 41, 8, 77, 12]
 
@@ -117,9 +117,9 @@ def test_greedy_speculation_equals_plain_decoding(pair):
     _, m = pair
     assert m.batch_invariant, m.describe_padding()
     prompt = IDS * 3  # repeats, so lookup has guesses to verify
-    plain = list(generate_step(m, prompt, m.new_cache(), make_sampler(SamplingParams()), 30))
+    plain = list(decode_tokens(m, prompt, m.new_cache(), make_sampler(SamplingParams()), 30))
     for n in (3, 10):
-        spec = list(speculative_step(m, prompt, m.new_cache(), make_sampler(SamplingParams()), 30,
+        spec = list(decode_tokens(m, prompt, m.new_cache(), make_sampler(SamplingParams()), 30,
                                      SpeculativeConfig("lookup", num_speculative=n)))
         assert spec == plain, f"num_speculative {n}"
 

@@ -221,7 +221,7 @@ def test_bench_json_has_the_fields_and_greedy_tokens(fp32, text_file):
             assert run["prompt_tokens"] == res["prompt_tokens"] and run["new_tokens"] == 5
             assert run["prefill_tok_s"] > 0 and run["decode_tok_s"] > 0 and run["ttft_s"] > 0
         # the timed loop is plain greedy decoding: its tokens equal the runtime's own greedy generation
-        steps = edge_infer.runtime.generate.generate_step(
+        steps = edge_infer.runtime.generate.decode_tokens(
             m, ids[:res["prompt_tokens"]], m.new_cache(), lambda logits, *_: int(np.argmax(logits)), 5)
         assert res["runs"][0]["first_tokens"] == list(steps)
 

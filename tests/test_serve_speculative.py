@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import edge_infer
-from edge_infer.runtime.generate import generate_step
+from edge_infer.runtime.generate import decode_tokens
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.runtime.speculative import SpeculativeConfig
 from edge_infer.serve.config import EngineConfig
@@ -38,7 +38,7 @@ def int4_draft(tiny_exports):
 
 
 def plain(model, prompt, n):
-    return list(generate_step(model, list(prompt), model.new_cache(), make_sampler(SamplingParams()), n))
+    return list(decode_tokens(model, list(prompt), model.new_cache(), make_sampler(SamplingParams()), n))
 
 
 def run_ids(engine: Engine, prompts, budgets, params=SamplingParams()):

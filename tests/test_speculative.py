@@ -19,14 +19,13 @@ import pytest
 
 import edge_infer
 from edge_infer.contract.errors import UserError
-from edge_infer.runtime.generate import generate_step, prefill, stream_generate
+from edge_infer.runtime.generate import decode_tokens, prefill, stream_generate
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.runtime.speculative import (
     SpeculativeConfig,
     SpecStats,
     check_draft,
     speculative_config,
-    speculative_step,
     verify,
 )
 from edge_infer.runtime.sampling import draw
@@ -92,12 +91,12 @@ def bigram_target(tmp_path_factory):
 
 
 def plain_ids(model, prompt, n, params=SamplingParams()):
-    return list(generate_step(model, list(prompt), model.new_cache(), make_sampler(params), n))
+    return list(decode_tokens(model, list(prompt), model.new_cache(), make_sampler(params), n))
 
 
 def spec_ids(model, prompt, n, config, params=SamplingParams(), stats=None, cache=None):
     cache = cache if cache is not None else model.new_cache()
-    return list(speculative_step(model, list(prompt), cache, make_sampler(params), n, config, stats))
+    return list(decode_tokens(model, list(prompt), cache, make_sampler(params), n, config, stats))
 
 
 # -- greedy identity ------------------------------------------------------------------
