@@ -258,47 +258,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         raise _fail(path, f"header claims {n_tensors} tensors and {n_kv} metadata entries, "
                     f"which cannot fit in a {size}-byte file")
 
-    metadata: dict[str, Any] = {}
-    for i in range(n_kv):
-        key = cur.string(f"metadata key {i}")
-        if key in metadata:
-            raise _fail(path, f"duplicate metadata key '{key}'")
-        vtype = cur.unpack("<I", f"the value type of metadata key '{key}'")
-        metadata[key] = cur.value(vtype, f"metadata key '{key}'")
-
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
-        raise _fail(path, f"general.alignment is {alignment!r}; it must be a power of two")
-
+    metadata, alignment = _metadata(cur, n_kv)
     infos = []  # (name, numpy shape, type name, offset, nbytes)
     names: set[str] = set()
     for i in range(n_tensors):
-        name = cur.string(f"the name of tensor {i}")
-        if name in names:
-            raise _fail(path, f"duplicate tensor name '{name}'")
-        names.add(name)
-        n_dims = cur.unpack("<I", f"the dimension count of tensor '{name}'")
-        if not 1 <= n_dims <= 4:
-            raise _fail(path, f"tensor '{name}' has {n_dims} dimensions (1 to 4 are allowed)")
-        dims = [cur.unpack("<Q", f"dimension {d} of tensor '{name}'") for d in range(n_dims)]
-        if any(d == 0 or d >= 1 << 63 for d in dims):  # ggml stores int64: >= 2**63 is negative
-            raise _fail(path, f"tensor '{name}' has a zero or negative dimension: {dims}")
-        code = cur.unpack("<I", f"the type of tensor '{name}'")
-        try:
-            qtype = GGMLQuantizationType(code)
-            block, type_size = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise _fail(path, f"tensor '{name}' has unknown ggml type {code}",
-                        "convert the model again with a current llama.cpp") from None
-        if dims[0] % block:
-            raise _fail(path, f"tensor '{name}' ({qtype.name}) has {dims[0]} elements per row, "
-                        f"not a multiple of the block size {block}")
-        offset = cur.unpack("<Q", f"the data offset of tensor '{name}'")
-        if offset % alignment:
-            raise _fail(path, f"tensor '{name}' data offset {offset} is not a multiple of the "
-                        f"alignment {alignment}")
-        nbytes = prod(dims) // block * type_size
-        infos.append((name, tuple(reversed(dims)), qtype.name, offset, nbytes))
+        infos.append(_tensor_info(cur, i, alignment, names))
 
     data_start = -(-cur.pos // alignment) * alignment
     tensors: dict[str, GGUFTensor] = {}
@@ -315,6 +279,55 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     check_layout(path, [TensorExtent(i[0], i[2], i[3], i[4]) for i in infos], data_start, size, alignment)
     tensors = {info[0]: tensors[info[0]] for info in infos}  # keep the file's order
     return GGUFFile(path, version, metadata, tensors, alignment)
+
+
+def _metadata(cur: _Cursor, n_kv: int) -> tuple[dict[str, Any], int]:
+    """The header's key/value metadata and the data alignment it sets."""
+    path = cur.path
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key {i}")
+        if key in metadata:
+            raise _fail(path, f"duplicate metadata key '{key}'")
+        vtype = cur.unpack("<I", f"the value type of metadata key '{key}'")
+        metadata[key] = cur.value(vtype, f"metadata key '{key}'")
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
+        raise _fail(path, f"general.alignment is {alignment!r}; it must be a power of two")
+    return metadata, alignment
+
+
+def _tensor_info(cur: _Cursor, i: int, alignment: int, names: set[str]) -> tuple[str, tuple[int, ...], str, int, int]:
+    """Tensor i's entry in the header: (name, numpy shape, type name, data offset, nbytes); `names`
+    holds the names read so far (a repeat is refused)."""
+    path = cur.path
+    name = cur.string(f"the name of tensor {i}")
+    if name in names:
+        raise _fail(path, f"duplicate tensor name '{name}'")
+    names.add(name)
+    n_dims = cur.unpack("<I", f"the dimension count of tensor '{name}'")
+    if not 1 <= n_dims <= 4:
+        raise _fail(path, f"tensor '{name}' has {n_dims} dimensions (1 to 4 are allowed)")
+    dims = [cur.unpack("<Q", f"dimension {d} of tensor '{name}'") for d in range(n_dims)]
+    if any(d == 0 or d >= 1 << 63 for d in dims):  # ggml stores int64: >= 2**63 is negative
+        raise _fail(path, f"tensor '{name}' has a zero or negative dimension: {dims}")
+    code = cur.unpack("<I", f"the type of tensor '{name}'")
+    try:
+        qtype = GGMLQuantizationType(code)
+        block, type_size = GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise _fail(path, f"tensor '{name}' has unknown ggml type {code}",
+                    "convert the model again with a current llama.cpp") from None
+    if dims[0] % block:
+        raise _fail(path, f"tensor '{name}' ({qtype.name}) has {dims[0]} elements per row, "
+                    f"not a multiple of the block size {block}")
+    offset = cur.unpack("<Q", f"the data offset of tensor '{name}'")
+    if offset % alignment:
+        raise _fail(path, f"tensor '{name}' data offset {offset} is not a multiple of the "
+                    f"alignment {alignment}")
+    nbytes = prod(dims) // block * type_size
+    return name, tuple(reversed(dims)), qtype.name, offset, nbytes
 
 
 # ---------------------------------------------------------------- GGUF -> Hugging Face names

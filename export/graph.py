@@ -101,35 +101,8 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
     `weights` may be a lazy mapping: the graph then never holds more than one weight's array.
     """
     b = _Builder(np.float16 if dtype == "fp16" else np.float32, store)
-    kv_shape: list[str | int] = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
-    present_shape: list[str | int] = ["batch", spec.num_kv_heads, "present_sequence_length", spec.head_dim]
-    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "sequence_length"]),
-              helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence_length"])]
-    if spec.position == "learned":
-        inputs.append(helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch", "sequence_length"]))
-    if head == "lm_head":
-        inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
-    inputs.append(helper.make_tensor_value_info(QUERY_SEQLENS, TensorProto.INT64, ["batch"]))
-    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", LOGITS_TO_KEEP, spec.vocab_size])
-               if head == "lm_head" else
-               helper.make_tensor_value_info(LAST_HIDDEN_STATE, TensorProto.FLOAT,
-                                             ["batch", "sequence_length", spec.hidden_size])]
-    for i in range(spec.num_layers):
-        for kind in KV_KINDS:
-            inputs.append(helper.make_tensor_value_info(past(i, kind), b.onnx_dtype, kv_shape))
-            outputs.append(helper.make_tensor_value_info(present(i, kind), b.onnx_dtype, present_shape))
-
-    # Lengths for GroupQueryAttention, from the right-padded mask.
-    mask_sum = b.one("ReduceSum", [ATTENTION_MASK, b.const([1])], "/model/attn_mask/ReduceSum", keepdims=0)
-    seqlens = b.one("Sub", [mask_sum, b.const(1)], "/model/attn_mask/Sub")
-    seqlens_k = b.one("Cast", [seqlens], "/model/attn_mask/seqlens_k", to=TensorProto.INT32)  # (batch,)
-    mask_shape = b.one("Shape", [ATTENTION_MASK], "/model/attn_mask/Shape")
-    total = b.one("Gather", [mask_shape, b.const(1)], "/model/attn_mask/Gather", axis=0)
-    total_len = b.one("Cast", [total], "/model/attn_mask/total_len", to=TensorProto.INT32)  # ()
-    # With query_seqlens, GroupQueryAttention takes each row's past length from seqlens_k + 1 - query_seqlens
-    # and total_len only as an upper bound, so rows may add different numbers of tokens in one pass.
-    query_lens = b.one("Cast", [QUERY_SEQLENS], "/model/attn_mask/query_seqlens", to=TensorProto.INT32)  # (batch,)
-    lengths = _one_token_padding(b, seqlens, seqlens_k, total_len, query_lens)
+    inputs, outputs = _graph_io(spec, head, b.onnx_dtype)
+    lengths = _attention_lengths(b)
 
     rope_caches = {}
     if spec.rope is not None:
@@ -140,16 +113,7 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
             cos, sin = cos_sin_cache(spec.local_rope, max_length)
             rope_caches["sliding"] = (b.weight("cos_cache_local", cos), b.weight("sin_cache_local", sin))
 
-    # Embeddings.  # (batch, sequence_length, hidden)
-    embed = b.weight(initializer_name("embed.weight"), weights["embed.weight"])
-    x = b.one("Gather", [embed, INPUT_IDS], "/model/embed_tokens/Gather", axis=0)
-    if spec.embed_scale is not None:
-        scale = np.asarray(spec.embed_scale, dtype=b.dtype)
-        x = b.one("Mul", [x, b.const(scale, b.dtype)], "/model/embed_tokens/Mul")
-    if spec.position == "learned":
-        wpe = b.weight(initializer_name("embed_positions.weight"), weights["embed_positions.weight"])
-        pos = b.one("Gather", [wpe, POSITION_IDS], "/model/embed_positions/Gather", axis=0)
-        x = b.one("Add", [x, pos], "/model/embed_positions/Add")
+    embed, x = _embeddings(b, spec, weights)  # (batch, sequence_length, hidden)
 
     residual = x
     h = _norm(b, spec, weights, "layers.0.input_norm", x, "/model/layers.0/input_layernorm")
@@ -176,6 +140,56 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
     model.ir_version = 10
     io = GraphIO(tuple(i.name for i in inputs), tuple(o.name for o in outputs))
     return model, io
+
+
+def _graph_io(spec: DecoderSpec, head: str, kv_type: int) -> tuple[list, list]:
+    """The graph's inputs and outputs (contract/io_names.py), the KV cache's in `kv_type`."""
+    kv_shape: list[str | int] = ["batch", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+    present_shape: list[str | int] = ["batch", spec.num_kv_heads, "present_sequence_length", spec.head_dim]
+    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "sequence_length"]),
+              helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence_length"])]
+    if spec.position == "learned":
+        inputs.append(helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch", "sequence_length"]))
+    if head == "lm_head":
+        inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    inputs.append(helper.make_tensor_value_info(QUERY_SEQLENS, TensorProto.INT64, ["batch"]))
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", LOGITS_TO_KEEP, spec.vocab_size])
+               if head == "lm_head" else
+               helper.make_tensor_value_info(LAST_HIDDEN_STATE, TensorProto.FLOAT,
+                                             ["batch", "sequence_length", spec.hidden_size])]
+    for i in range(spec.num_layers):
+        for kind in KV_KINDS:
+            inputs.append(helper.make_tensor_value_info(past(i, kind), kv_type, kv_shape))
+            outputs.append(helper.make_tensor_value_info(present(i, kind), kv_type, present_shape))
+    return inputs, outputs
+
+
+def _attention_lengths(b: _Builder) -> _Lengths:
+    """Lengths for GroupQueryAttention, from the right-padded mask."""
+    mask_sum = b.one("ReduceSum", [ATTENTION_MASK, b.const([1])], "/model/attn_mask/ReduceSum", keepdims=0)
+    seqlens = b.one("Sub", [mask_sum, b.const(1)], "/model/attn_mask/Sub")
+    seqlens_k = b.one("Cast", [seqlens], "/model/attn_mask/seqlens_k", to=TensorProto.INT32)  # (batch,)
+    mask_shape = b.one("Shape", [ATTENTION_MASK], "/model/attn_mask/Shape")
+    total = b.one("Gather", [mask_shape, b.const(1)], "/model/attn_mask/Gather", axis=0)
+    total_len = b.one("Cast", [total], "/model/attn_mask/total_len", to=TensorProto.INT32)  # ()
+    # With query_seqlens, GroupQueryAttention takes each row's past length from seqlens_k + 1 - query_seqlens
+    # and total_len only as an upper bound, so rows may add different numbers of tokens in one pass.
+    query_lens = b.one("Cast", [QUERY_SEQLENS], "/model/attn_mask/query_seqlens", to=TensorProto.INT32)  # (batch,)
+    return _one_token_padding(b, seqlens, seqlens_k, total_len, query_lens)
+
+
+def _embeddings(b: _Builder, spec: DecoderSpec, weights) -> tuple[str, str]:
+    """(the embedding table, the embedded ids (batch, sequence_length, hidden))."""
+    embed = b.weight(initializer_name("embed.weight"), weights["embed.weight"])
+    x = b.one("Gather", [embed, INPUT_IDS], "/model/embed_tokens/Gather", axis=0)
+    if spec.embed_scale is not None:
+        scale = np.asarray(spec.embed_scale, dtype=b.dtype)
+        x = b.one("Mul", [x, b.const(scale, b.dtype)], "/model/embed_tokens/Mul")
+    if spec.position == "learned":
+        wpe = b.weight(initializer_name("embed_positions.weight"), weights["embed_positions.weight"])
+        pos = b.one("Gather", [wpe, POSITION_IDS], "/model/embed_positions/Gather", axis=0)
+        x = b.one("Add", [x, pos], "/model/embed_positions/Add")
+    return embed, x
 
 
 def _lm_head(b: _Builder, spec: DecoderSpec, weights, h: str, embed: str) -> None:

@@ -131,25 +131,8 @@ def check_raw(path: Path, raw: dict) -> None:
             g.fail("graph.static_plan", f"is {_show(plan)}, expected {{max_length: model.max_length, prefill: "
                    "{file, sequence_length}, decode: {file, sequence_length}}")
 
-    t = _Section(path, raw, "tokenizer")
-    t.text("file")
-    t.text("chat_template_file", optional=True)
-    t.text("chat_template_origin", optional=True)  # "model", "built-in NAME" or "file NAME"
-    for key in ("bos_token_id", "pad_token_id"):
-        t.optional_integer(key, 0, vocab - 1)
-    eos = t.d.get("eos_token_ids", [])
-    if not isinstance(eos, list) or not all(_is_int(i) and 0 <= i < vocab for i in eos):
-        t.fail("tokenizer.eos_token_ids", f"is {_show(eos)}, expected a list of token ids in [0, {vocab})")
-    for key in ("bos_token", "eos_token"):
-        if t.d.get(key) is not None and not isinstance(t.d[key], str):
-            t.fail(f"tokenizer.{key}", f"is {_show(t.d[key])}, expected a string or null")
-
-    files = _Section(path, raw, "files")
-    for name, entry in files.d.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
-                or not _SHA256.fullmatch(entry["sha256"]) or not _is_int(entry.get("size")) or entry["size"] < 0:
-            files.fail(f"files['{name}']", f"is {_show(entry)}, expected {{\"sha256\": 64 hex digits, "
-                       "\"size\": bytes}")
+    _check_tokenizer(path, raw, vocab)
+    _check_files(path, raw)
 
     if "kv_cache" in raw:
         kv = _Section(path, raw, "kv_cache")
@@ -172,6 +155,30 @@ def check_raw(path: Path, raw: dict) -> None:
         defaults = gen.d.get("source_defaults")
         if defaults is not None:
             _check_source_defaults(gen, defaults)
+
+
+def _check_tokenizer(path: Path, raw: dict, vocab: int) -> None:
+    t = _Section(path, raw, "tokenizer")
+    t.text("file")
+    t.text("chat_template_file", optional=True)
+    t.text("chat_template_origin", optional=True)  # "model", "built-in NAME" or "file NAME"
+    for key in ("bos_token_id", "pad_token_id"):
+        t.optional_integer(key, 0, vocab - 1)
+    eos = t.d.get("eos_token_ids", [])
+    if not isinstance(eos, list) or not all(_is_int(i) and 0 <= i < vocab for i in eos):
+        t.fail("tokenizer.eos_token_ids", f"is {_show(eos)}, expected a list of token ids in [0, {vocab})")
+    for key in ("bos_token", "eos_token"):
+        if t.d.get(key) is not None and not isinstance(t.d[key], str):
+            t.fail(f"tokenizer.{key}", f"is {_show(t.d[key])}, expected a string or null")
+
+
+def _check_files(path: Path, raw: dict) -> None:
+    files = _Section(path, raw, "files")
+    for name, entry in files.d.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
+                or not _SHA256.fullmatch(entry["sha256"]) or not _is_int(entry.get("size")) or entry["size"] < 0:
+            files.fail(f"files['{name}']", f"is {_show(entry)}, expected {{\"sha256\": 64 hex digits, "
+                       "\"size\": bytes}")
 
 
 def _check_embedding(path: Path, raw: dict, g: _Section, inputs: list[str], outputs: list[str]) -> None:

@@ -174,3 +174,20 @@ def test_invalid_layouts_rejected(kwargs):
     fields.update(kwargs)
     with pytest.raises(ValueError):
         QuantizedLinear(**fields)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_absmax_blocks_round_within_half_a_step(bits):
+    """The npu profile's signed blocks (zero point 0): every value within half a step, the largest
+    magnitude of each block on the grid's edge, all-zero blocks exact."""
+    from edge_infer.quantize.nbits import quantize_absmax
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 96)).astype(np.float32)
+    w[3, :32] = 0.0
+    q, scales = quantize_absmax(w, bits, 32)  # (16, 96), (16, 3)
+    top = 2 ** (bits - 1) - 1
+    assert q.dtype == np.int8 and q.min() >= -top - 1 and q.max() <= top and scales.dtype == np.float32
+    step = np.repeat(scales, 32, axis=1)  # (16, 96)
+    assert np.all(np.abs(q * step - w) <= step / 2 * (1 + 1e-5) + 1e-7)
+    assert np.all(np.abs(q).reshape(16, 3, 32).max(-1)[scales > 0] == top) and np.all(q[3, :32] == 0)

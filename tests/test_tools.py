@@ -160,3 +160,20 @@ def test_triggered_matcher_is_free_until_the_trigger_and_again_after_the_call(mo
     for t in body:
         m.accept(t)
     assert not m.active and not m.finished and np.isfinite(m.mask(logits)).all()
+
+
+def test_a_constrained_tool_choice_refuses_a_second_grammar(model):
+    """One rule (runtime.tools.output_constraint) for the library and the server's request check."""
+    from edge_infer.serve.protocol import APIError
+    from edge_infer.serve.structured import prepare
+
+    messages = [{"role": "user", "content": "add"}]
+    with pytest.raises(UserError, match="response_format or grammar cannot be combined with tool_choice 'required'"):
+        list(stream_generate(model, messages, tools=[ADD], tool_choice="required",
+                             response_format={"type": "json_object"}, max_tokens=4))
+    with pytest.raises(APIError, match="response_format cannot be combined with tool_choice 'required'"):
+        prepare(model, messages, kind="chat", response_format={"type": "json_object"}, tools=[ADD],
+                tool_choice="required")
+    # tool_choice "none" leaves the request's own grammar in force
+    assert prepare(model, messages, kind="chat", response_format={"type": "json_object"}, tools=[ADD],
+                   tool_choice="none").constraint is not None

@@ -8,6 +8,11 @@ from edge_infer.export.arch._common import eos_ids, need, take, tied
 from edge_infer.export.spec import DecoderSpec
 
 
+# Each layer's weights and biases: (canonical name, GPT-2's module, stored as Conv1D (in, out)).
+_LAYER = (("input_norm", "ln_1", False), ("qkv", "attn.c_attn", True), ("o", "attn.c_proj", True),
+          ("ffn_norm", "ln_2", False), ("up", "mlp.c_fc", True), ("down", "mlp.c_proj", True))
+
+
 def _t(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.T)  # Conv1D (in, out) -> linear (out, in)
 
@@ -44,16 +49,7 @@ def recipe(s: DecoderSpec, config: dict):
         r["lm_head.weight"] = take("lm_head.weight")
     for i in range(s.num_layers):
         p, c = f"transformer.h.{i}.", f"layers.{i}."
-        r[c + "input_norm.weight"] = take(p + "ln_1.weight")
-        r[c + "input_norm.bias"] = take(p + "ln_1.bias")
-        r[c + "qkv.weight"] = take(p + "attn.c_attn.weight", transform=_t)
-        r[c + "qkv.bias"] = take(p + "attn.c_attn.bias")
-        r[c + "o.weight"] = take(p + "attn.c_proj.weight", transform=_t)
-        r[c + "o.bias"] = take(p + "attn.c_proj.bias")
-        r[c + "ffn_norm.weight"] = take(p + "ln_2.weight")
-        r[c + "ffn_norm.bias"] = take(p + "ln_2.bias")
-        r[c + "up.weight"] = take(p + "mlp.c_fc.weight", transform=_t)
-        r[c + "up.bias"] = take(p + "mlp.c_fc.bias")
-        r[c + "down.weight"] = take(p + "mlp.c_proj.weight", transform=_t)
-        r[c + "down.bias"] = take(p + "mlp.c_proj.bias")
+        for ours, theirs, conv1d in _LAYER:
+            r[c + ours + ".weight"] = take(p + theirs + ".weight", transform=_t if conv1d else None)
+            r[c + ours + ".bias"] = take(p + theirs + ".bias")
     return r
