@@ -98,13 +98,14 @@ class _Build:
 
 def _build_for(source: Source, options: ExportOptions) -> _Build:
     """Our encoder builder, our decoder builder (--task embed), or optimum's feature-extraction export."""
-    from edge_infer.export.arch import ALIASES, SUPPORTED
+    from edge_infer.export.arch import SUPPORTED
     from edge_infer.export.encoders import SUPPORTED as ENCODERS
+    from edge_infer.export.export_folder import has_builder
 
     model_type = source.config.get("model_type")
     if resolve_encoder_type(model_type) is not None:
         return _encoder_build(source)
-    if ALIASES.get(model_type, model_type) in SUPPORTED or source.kind == "gguf":
+    if has_builder(source):
         return _decoder_build(source, options)
     from edge_infer.export import embed_optimum
 

@@ -217,12 +217,20 @@ def _is_encoder(src: str | Path) -> bool:
     return source_is_encoder(src)
 
 
+def has_builder(source: Source) -> bool:
+    """Whether our own graph builder (export/arch) takes `source`: its architecture has one, or it is a GGUF."""
+    from edge_infer.export.arch import ALIASES, SUPPORTED
+
+    model_type = str(source.config.get("model_type"))
+    return ALIASES.get(model_type, model_type) in SUPPORTED or source.kind == "gguf"
+
+
 def builder_route(source: Source) -> str:
     """"direct" (our fused graph builder) when the architecture has one, else "optimum"."""
-    from edge_infer.export.arch import ALIASES, SUPPORTED, resolve_model_type
+    from edge_infer.export.arch import resolve_model_type
 
     model_type = source.config.get("model_type")
-    if ALIASES.get(str(model_type), model_type) in SUPPORTED or source.kind == "gguf":
+    if has_builder(source):
         return "direct"
     from edge_infer.export import optimum_route
 

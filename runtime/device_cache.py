@@ -50,12 +50,12 @@ class DeviceKVCache(KVCache):
         self._bookkeeping()
 
     @property
-    def keys(self) -> list[np.ndarray]:
+    def keys(self) -> list[np.ndarray]:  # type: ignore[override]
         """No host arrays: the keys live on the device only."""
         return []
 
     @property
-    def values(self) -> list[np.ndarray]:
+    def values(self) -> list[np.ndarray]:  # type: ignore[override]
         return []
 
     def rows(self, start: int, stop: int) -> KVCache:

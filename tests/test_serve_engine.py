@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 import edge_infer
-from edge_infer.runtime.generate import encode_prompt, generate, generate_step
+from edge_infer.runtime.generate import decode_tokens, encode_prompt, generate
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.serve.app import build_app
 from edge_infer.serve.config import EngineConfig, ServerConfig
@@ -201,7 +201,7 @@ def test_turns_record_prefill_chunks_rows_and_what_each_row_chose(model):
         for rid, tokens in emitted:
             chosen.setdefault(rid, []).extend(tokens)
     for i, p in enumerate(prompts):
-        solo = list(generate_step(model, list(p), model.new_cache(), make_sampler(SamplingParams()), 5))
+        solo = list(decode_tokens(model, list(p), model.new_cache(), make_sampler(SamplingParams()), 5))
         assert chosen[str(i)][:len(solo)] == solo and events[i][1].usage.completion_tokens == len(solo)
 
 
