@@ -228,7 +228,7 @@ class KVCache:
         return int(self._lengths.max()) + max(max(len(f) for f in feeds), 1) <= self.max_length
 
 
-def common_prefix(cached: Sequence[int], ids: Sequence[int]) -> int:
+def common_prefix(cached: Sequence[int], ids: Sequence[int] | np.ndarray) -> int:
     """How many leading ids of `ids` `cached` holds."""
     n = min(len(cached), len(ids))
     if n == 0:
@@ -237,7 +237,7 @@ def common_prefix(cached: Sequence[int], ids: Sequence[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def reusable(cached: Sequence[int], ids: Sequence[int]) -> int:
+def reusable(cached: Sequence[int], ids: Sequence[int] | np.ndarray) -> int:
     """The prefix-reuse rule (generate, the server's slots): the longest cached prefix of `ids` that
     leaves at least one id to run, since a pass must run to give the next logits."""
     return min(common_prefix(cached, ids), len(ids) - 1)

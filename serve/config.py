@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edge_infer.contract.errors import UserError
+
+if TYPE_CHECKING:
+    from edge_infer.runtime.speculative import SpeculativeConfig
 
 LOOPBACK_NAMES = frozenset({"localhost"})
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -35,9 +39,9 @@ class EngineConfig:
     prefill_chunk: int = 256  # prompt tokens per scheduler step: bounds how long a new prompt stalls others
     default_max_tokens: int | None = None  # when a request names none; None = the rest of the context
     shutdown_grace_s: float = 5.0  # on SIGTERM, active streams get this long to finish
-    # runtime.speculative.SpeculativeConfig or None: speculate while a single request decodes
-    # (with several, the batched step already uses the machine); the output is unchanged.
-    speculative: object | None = None
+    # Speculate while a single request decodes (with several, the batched step already uses the
+    # machine); the output is unchanged.
+    speculative: SpeculativeConfig | None = None
 
     def validate(self) -> None:
         if not 1 <= self.parallel <= 256:

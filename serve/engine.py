@@ -40,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from edge_infer.runtime.cache import reusable
+from edge_infer.runtime.cache import KVCache, reusable
 from edge_infer.runtime.decode import Decoding, decode_step
 from edge_infer.contract.errors import UserError, is_interrupt
 from edge_infer.runtime.generate import plan_max_tokens
@@ -122,7 +122,7 @@ class Engine:
         for buffer in self.cache.keys + self.cache.values:
             buffer.fill(0)  # commit the KV memory now: RSS stays flat under load, and too big fails at start
         self.slots = [Slot(i, self.cache.row(i)) for i in range(config.parallel)]
-        self._views: dict[tuple[int, int], object] = {}  # (start, stop) -> KVCache over those rows
+        self._views: dict[tuple[int, int], KVCache] = {}  # (start, stop) -> KVCache over those rows
         self._waiting: collections.deque[ActiveRequest] = collections.deque()
         self._cond = threading.Condition()
         self._clock = itertools.count(1)
@@ -227,7 +227,7 @@ class Engine:
                     raise
                 log.error("model step failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, UserError))
                 for seq in turn.requests:
-                    self.slots[seq.slot].row.trim(0)  # its cached KV can no longer be trusted
+                    self._slot(seq).row.trim(0)  # its cached KV can no longer be trusted
                     self._finish(seq, Failed("internal error while generating", 500, "internal_error"))
                 continue
             self._update(turn, emitted)
@@ -286,7 +286,7 @@ class Engine:
             decode.append(prefill)  # its first token comes out of the prefill; it joins this turn's decode pass
         if not decode:
             return Turn(prefill, chunk, 0, (), ())
-        by_slot = {q.slot: q for q in decode}
+        by_slot = {self._slot(q).index: q for q in decode}
         start, stop = min(by_slot), max(by_slot) + 1
         # Every row of the pass is as wide as its widest (padding is computed in the matmuls), so
         # with several rows each verifies fewer guesses. A draft model proposes only for a request
@@ -299,11 +299,16 @@ class Engine:
                        for q in rows)
         return Turn(prefill, chunk, start, rows, limits)
 
+    def _slot(self, seq: ActiveRequest) -> Slot:
+        """The slot a scheduled request holds."""
+        assert seq.slot is not None, "the request holds no slot"
+        return self.slots[seq.slot]
+
     def _guess_limit(self, seq: ActiveRequest, cap: int, prefilled: int | None) -> int:
         """Guesses a decoding row may add: guesses + the next token must fit the row, leaving its last
         position free (the padding id of a one-id row). `prefilled`: the chunk a request joining from its
         prefill feeds first (its first token then is out)."""
-        offset, generated = self.slots[seq.slot].row.offset, seq.generated
+        offset, generated = self._slot(seq).row.offset, seq.generated
         if prefilled is not None:
             offset, generated = offset + prefilled, 1
         return min(cap, seq.max_tokens - generated - 1, self.max_length - 2 - offset)
@@ -325,7 +330,7 @@ class Engine:
 
     def _prefill_chunk(self, seq: ActiveRequest, chunk: tuple[int, ...]) -> Emitted | None:
         """Feed one chunk of the prompt; after the last one, the first token (None before it)."""
-        row = self.slots[seq.slot].row
+        row = self._slot(seq).row
         ids = np.asarray(chunk, dtype=np.int64)[None, :]  # (1, chunk)
         logits = self.model.forward(ids, row)  # (1, 1, vocab); the row records the chunk
         if len(chunk) < len(seq.pending):
@@ -341,10 +346,11 @@ class Engine:
         view = self._views.get((start, stop))
         if view is None:
             view = self._views[(start, stop)] = self.cache.rows(start, stop)
-        before = [(q.decoding.stats.proposed, q.decoding.stats.accepted) if q is not None else (0, 0) for q in rows]
-        tokens = decode_step(self.model, view, [q.decoding if q is not None else None for q in rows], list(limits))
-        return [Emitted(q, tuple(t), q.decoding.stats.proposed - p, q.decoding.stats.accepted - a)
-                for q, t, (p, a) in zip(rows, tokens, before) if q is not None]
+        decodings = [q.decoding if q is not None else None for q in rows]
+        before = [(d.stats.proposed, d.stats.accepted) if d is not None else (0, 0) for d in decodings]
+        tokens = decode_step(self.model, view, decodings, list(limits))
+        return [Emitted(q, tuple(t), d.stats.proposed - p, d.stats.accepted - a)
+                for q, d, t, (p, a) in zip(rows, decodings, tokens, before) if q is not None and d is not None]
 
     def _update(self, turn: Turn, emitted: list[Emitted]) -> None:
         """Apply the turn: the prefill's prompt advances; each row's tokens are taken in order until its
@@ -364,6 +370,7 @@ class Engine:
         """Record a chosen token: emit its text, end the sequence if it is done (returns True then)."""
         previous = seq.last_at
         text, reason = seq.accept(token)
+        assert seq.first_at is not None and seq.last_at is not None  # accept stamps both
         if previous is None:
             self.metrics.ttft.observe(seq.first_at - seq.arrived)
         else:

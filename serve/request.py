@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-from edge_infer.runtime.decode import FinishReason, TextStream
+from edge_infer.runtime.decode import Decoding, FinishReason, TextStream
 from edge_infer.runtime.generate import decode_rate
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.runtime.tools import CallWatch
@@ -107,7 +107,7 @@ class ActiveRequest:
         self.last_at: float | None = None
         self.done = False
         self.slot: int | None = None  # the engine's slot (cache row) while it holds one
-        self.decoding = None  # runtime.decode.Decoding over its slot's row, made when its prompt is in
+        self.decoding: Decoding | None = None  # over its slot's row, made when its prompt is in
         self.matcher = None  # runtime.constrain.GrammarMatcher for a constrained request (the Decoding drives it)
         self.calls = CallWatch(request.tool_plan) if CallWatch.wanted(request.tool_plan) else None
 
