@@ -199,6 +199,8 @@ class Model:
         return self.padding.describe()
 
     def new_cache(self, batch: int = 1, max_length: int | None = None) -> KVCache:
+        if batch > 1 and self.manifest.kv_layout == "shared" and not self.ragged_rows:
+            log.warning("%s", self.describe_graph())  # a batched cache (the server) on an older onnxruntime
         if self.manifest.kv_layout == "concat":
             return ConcatKVCache(self.manifest, batch, max_length)
         if self.kv_device is not None:
