@@ -25,18 +25,21 @@ Two formats, chosen by the model's chat template:
 In both, "required" and a named function constrain the arguments to the
 function's JSON schema, so they always parse and validate. "none" leaves the
 tools out of the prompt and the output unconstrained.
+
+Reading the calls back out of a reply lives in runtime/tool_replies.py (re-exported here).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from edge_infer.runtime.constrain import JSON_OPTIONS, Constraint, closed, json_schema_constraint, lark_constraint
 from edge_infer.contract.errors import UserError
+from edge_infer.runtime.tool_replies import (  # noqa: F401 (the reading half, re-exported)
+    CallWatch, ToolCall, completed_calls, new_call_id, parse_reply, split_calls, until_repeat)
 
 MAX_TOOLS = 128
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -52,16 +55,6 @@ class Function:
         """The OpenAI tool shape, which chat templates receive as `tools`."""
         return {"type": "function", "function": {"name": self.name, "description": self.description,
                                                  "parameters": self.parameters}}
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # a JSON object, as text (the OpenAI wire form)
-
-    def openai(self) -> dict:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclass(frozen=True)
@@ -86,9 +79,23 @@ def output_constraint(plan: ToolPlan | None, constraint: Constraint | None,
     if plan is None or plan.constraint is None:
         return constraint
     if constraint is not None:
-        raise UserError(f"{given} cannot be combined with tool_choice {plan.choice!r}; "
-                        "use tool_choice 'auto' or 'none'")
+        raise UserError(_two_grammars(plan, given))
     return plan.constraint
+
+
+def _two_grammars(plan: ToolPlan, given: str) -> str:
+    """What conflicts when a request's own grammar meets the one its tools bring, and what to send instead."""
+    if plan.choice == "auto":
+        return (f"{given} cannot be combined with tools under tool_choice 'auto' for this model: the reply's "
+                f"grammar already decides between a tool call and plain text. Send tool_choice 'none' to get "
+                f"{given} (the tools are then left out), or leave out {given} to let the model call a tool")
+    if plan.choice == "required":
+        sent, what = "tool_choice 'required'", "calls to the tools"
+    else:
+        sent, what = f"tool_choice naming function {plan.choice!r}", f"one call to {plan.choice!r}"
+    return (f"{given} cannot be combined with {sent}, which constrains the reply to {what}. Leave out {given} "
+            f"to get the call (its arguments already follow the function's schema), or send tool_choice 'none' "
+            f"to get {given}")
 
 
 def parse_tools(tools: Any) -> tuple[Function, ...]:
@@ -329,180 +336,6 @@ def _generic_system(plan: ToolPlan) -> str:
                '{"tool_calls": [{"name": "<tool name>", "arguments": {<arguments>}}]}\n'
                f"with {many}.{only}")
     return f"You can call these tools:\n{tools}\n{how}"
-
-
-def new_call_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
-
-
-def parse_reply(text: str, plan: ToolPlan) -> tuple[str | None, list[ToolCall]]:
-    """(content, tool calls) from a complete reply. Text that holds no call is all content; a call
-    identical to an earlier one ends the list."""
-    if not plan.active:
-        return text, []
-    raw = _generic_calls(text) if plan.format == "generic" else _native_calls(text)
-    if raw is None:
-        return text, []
-    content, calls = raw
-    out = _tool_calls(until_repeat(calls), plan)
-    if out is None:
-        return text, []  # not a call to one of the tools: leave the text as it is
-    return (content or None), out
-
-
-def _tool_calls(calls: list, plan: ToolPlan) -> list[ToolCall] | None:
-    names = {f.name for f in plan.functions}
-    out = []
-    for c in calls:
-        if not isinstance(c, dict) or c.get("name") not in names:
-            return None
-        args = c.get("arguments", c.get("parameters", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                return None
-        out.append(ToolCall(new_call_id(), c["name"], json.dumps(args, ensure_ascii=False)))
-    return out
-
-
-def _call_key(call: Any) -> str:
-    return json.dumps(call, sort_keys=True, ensure_ascii=False) if isinstance(call, dict) else repr(call)
-
-
-def until_repeat(calls: list) -> list:
-    """The calls before the first one identical to an earlier one (a model looping on one call)."""
-    seen: set[str] = set()
-    for i, call in enumerate(calls):
-        key = _call_key(call)
-        if key in seen:
-            return calls[:i]
-        seen.add(key)
-    return calls
-
-
-_GENERIC_HEAD = re.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')
-_CLOSED_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
-
-
-def completed_calls(text: str, plan: ToolPlan) -> tuple[str, list]:
-    """(text before the calls, the calls complete so far) of a reply that may be unfinished: cut by
-    max_tokens inside a list of calls, or ended at a repeated call."""
-    if plan.format == "generic":
-        head = _GENERIC_HEAD.match(text)
-        return ("", _objects(text, head.end())) if head else (text, [])
-    if "<tool_call>" in text:
-        calls = []
-        for body in _CLOSED_CALL.findall(text):
-            try:
-                calls.append(json.loads(body))
-            except ValueError:
-                break
-        return text[:text.index("<tool_call>")].strip(), calls
-    if "[TOOL_CALLS]" in text:
-        before, _, after = text.partition("[TOOL_CALLS]")
-        start = after.find("[")
-        return before.strip(), (_objects(after, start + 1) if start >= 0 else [])
-    return text, []
-
-
-def _objects(text: str, i: int) -> list:
-    """The whole JSON values of a list that starts at text[i] (after its "["), up to the first unfinished one."""
-    decoder = json.JSONDecoder()
-    out: list[Any] = []
-    while True:
-        while i < len(text) and text[i] in " \t\n\r,":
-            i += 1
-        if i >= len(text) or text[i] == "]":
-            return out
-        try:
-            value, i = decoder.raw_decode(text, i)
-        except ValueError:
-            return out
-        out.append(value)
-
-
-def split_calls(text: str, finish: str, plan: ToolPlan | None) -> tuple[str | None, list[ToolCall], str]:
-    """(content, tool calls, finish reason) of a whole reply. A reply that ended ("stop") or was cut
-    ("length") inside a list of calls still returns the calls completed in it: finish "tool_calls"
-    when it ended, "length" when cut."""
-    if plan is None or not plan.active or finish not in ("stop", "length"):
-        return text, [], finish
-    if finish == "stop":
-        content, calls = parse_reply(text, plan)
-        if calls:
-            return content, calls, "tool_calls"
-    before, raw = completed_calls(text, plan)
-    found = _tool_calls(until_repeat(raw), plan) if raw else None
-    if not found:
-        return text, [], finish
-    return (before or None), found, ("tool_calls" if finish == "stop" else "length")
-
-
-class CallWatch:
-    """Reads a reply as it streams; `feed` says when the call just completed repeats an earlier one
-    (the reply should end there: a small model loops on one call while the grammar allows more)."""
-
-    def __init__(self, plan: ToolPlan):
-        self.plan, self.text, self.seen = plan, "", 0
-
-    @staticmethod
-    def wanted(plan: ToolPlan | None) -> bool:
-        """Only a list that may hold several calls can repeat one."""
-        return plan is not None and plan.active and plan.parallel and plan.choice in ("auto", "required")
-
-    def feed(self, delta: str) -> bool:
-        self.text += delta
-        if "}" not in delta and ">" not in delta:
-            return False  # no call can have completed
-        _, calls = completed_calls(self.text, self.plan)
-        if len(calls) == self.seen:
-            return False
-        self.seen = len(calls)
-        return len(until_repeat(calls)) < len(calls)
-
-
-def _generic_calls(text: str):
-    s = text.strip()
-    if not s.startswith("{"):
-        return None
-    try:
-        obj = json.loads(s)
-    except ValueError:
-        return None
-    if isinstance(obj, dict) and isinstance(obj.get("tool_calls"), list) and obj["tool_calls"]:
-        return "", obj["tool_calls"]
-    return None
-
-
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
-
-
-def _native_calls(text: str):
-    if "<tool_call>" in text:
-        calls = []
-        for body in _HERMES.findall(text):
-            try:
-                calls.append(json.loads(body))
-            except ValueError:
-                return None
-        content = _HERMES.sub("", text).strip()
-        return content, calls
-    if "[TOOL_CALLS]" in text:
-        head, _, body = text.partition("[TOOL_CALLS]")
-        try:
-            calls = json.loads(body.strip())
-        except ValueError:
-            return None
-        return head.strip(), calls if isinstance(calls, list) else [calls]
-    s = text.strip()
-    if s.startswith("{") and ('"parameters"' in s or '"arguments"' in s):  # Llama 3's JSON form
-        try:
-            obj = json.loads(s)
-        except ValueError:
-            return None
-        return "", [obj]
-    return None
 
 
 def tool_prompt(model, prompt: Any, tools: Any, tool_choice: Any = None,

@@ -177,3 +177,21 @@ def test_a_constrained_tool_choice_refuses_a_second_grammar(model):
     # tool_choice "none" leaves the request's own grammar in force
     assert prepare(model, messages, kind="chat", response_format={"type": "json_object"}, tools=[ADD],
                    tool_choice="none").constraint is not None
+
+
+def test_the_two_grammars_refusal_names_what_was_sent_and_what_to_send(model):
+    """A request that already sent tool_choice 'auto' is not told to use 'auto': the text names the
+    conflict (the tools' grammar under auto, a required or named call) and the way out."""
+    from edge_infer.serve.protocol import APIError
+    from edge_infer.serve.structured import prepare
+
+    messages = [{"role": "user", "content": "add"}]
+    for choice, sent in [("auto", "tools under tool_choice 'auto'"), ("required", "tool_choice 'required'"),
+                         ({"type": "function", "function": {"name": "add"}}, "tool_choice naming function 'add'")]:
+        with pytest.raises(APIError) as e:
+            prepare(model, messages, kind="chat", response_format={"type": "json_object"}, tools=[ADD],
+                    tool_choice=choice)
+        text = str(e.value)
+        assert "use tool_choice 'auto'" not in text
+        assert f"response_format cannot be combined with {sent}" in text
+        assert "tool_choice 'none'" in text and "Leave out response_format" in text.replace("leave", "Leave")
