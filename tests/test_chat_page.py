@@ -74,6 +74,25 @@ def open_page(browser, server, settings: dict | None = None):
     return page
 
 
+def test_waits_are_functions_because_the_pages_csp_refuses_eval(model, browser):
+    """page.wait_for_function with a bare expression compiles it with eval in the page once it has to poll,
+    which the page's Content-Security-Policy (no 'unsafe-eval') refuses: the waits here pass functions
+    ("() => ..."), which Playwright calls without eval. Both shown on the real page, the condition true
+    only after a few polls."""
+    from playwright.sync_api import Error
+
+    with serve(model, SlowModel(model, 0.0)) as s:
+        page = browser.new_page()
+        page.goto(s.url + "/")
+        page.evaluate("() => { setTimeout(() => { document.body.dataset.later = '1'; }, 300); }")
+        with pytest.raises(Error, match="unsafe-eval"):
+            page.wait_for_function("document.body.dataset.later === '2'", timeout=MS)
+        page.evaluate("() => { setTimeout(() => { document.body.dataset.later = '2'; }, 300); }")
+        page.wait_for_function("() => document.body.dataset.later === '2'", timeout=MS)
+        assert page.evaluate("() => document.body.dataset.later") == "2"
+        page.close()
+
+
 def ask(page, text: str) -> None:
     page.fill("#input", text)
     page.press("#input", "Enter")
@@ -104,7 +123,7 @@ def test_a_conversation_streams_and_matches_the_runtime(model, browser):
     with serve(model, slow) as s:
         page = open_page(browser, s)
         ask(page, QUESTION)
-        page.wait_for_function("document.querySelector('.msg.assistant .md')?.textContent.length > 0")
+        page.wait_for_function("() => document.querySelector('.msg.assistant .md')?.textContent.length > 0")
         wait_until(lambda: slow.steps > 4)
         assert page.is_visible("#stop") and not page.is_visible("#send")  # still streaming: partial text shown
         partial = page.text_content(".msg.assistant .md")
@@ -216,7 +235,7 @@ def test_streamed_reasoning_content_is_folded_while_and_after_it_streams(tiny_ex
         page = open_page(browser, s, {"max-tokens": "80", "extra": json.dumps({"guided_regex": re.escape(reply)})})
         ask(page, QUESTION)
         wait_until(lambda: slow.steps > 12)
-        page.wait_for_function("document.querySelector('details.reasoning summary')?.textContent === 'Thinking…'")
+        page.wait_for_function("() => document.querySelector('details.reasoning summary')?.textContent === 'Thinking…'")
         assert page.evaluate("document.querySelector('details.reasoning').open") is False
         slow.release.set()
         page.wait_for_selector("#send", state="visible")
