@@ -2,9 +2,9 @@
 
 The caller creates it and passes it in; it owns its bookkeeping, as mlx-lm's cache owns its
 offset. Each row's length (how many positions hold keys and values) and, for prefix reuse,
-the ids whose keys are stored, live here and nowhere else: `advance(ids)` / `advance_rows`
-record what a pass wrote and the caller keeps, `trim(n)` forgets everything after position n
-(prefix reuse, speculative rollback). Row views (`row`, `rows`) share the parent's buffers,
+the ids whose keys are stored, live here and nowhere else: `advance_rows` records what a pass
+wrote (called by Model.forward_rows only, the one place a cache advances), `trim(n)` forgets
+everything after position n (prefix reuse, speculative rollback of rejected guesses). Row views (`row`, `rows`) share the parent's buffers,
 lengths and ids, so a slot's batch-1 view and a batched view over several slots read and
 move the same numbers. `plan(feeds, ...)` builds one pass over the rows: input ids,
 attention mask, positions and query_seqlens from the rows' lengths, after checking it
@@ -147,12 +147,8 @@ class KVCache:
         if ends.size and int(ends.max()) > self.max_length:
             raise ContextLengthError(f"{int(ends.max())} positions do not fit the KV cache of {self.max_length}")
 
-    def advance(self, ids: Sequence[int]) -> None:
-        """Record that a pass wrote keys and values for `ids` after every row's cached positions."""
-        self.advance_rows([ids] * self.batch)
-
     def advance_rows(self, kept: Sequence[Sequence[int]]) -> None:
-        """Record per row the ids whose keys a pass wrote (and the caller keeps) after its cached positions."""
+        """Record per row the ids whose keys a pass wrote after its cached positions (Model.forward_rows)."""
         counts = np.array([len(k) for k in kept], dtype=np.int64)
         self.check_fits(self._lengths + counts)
         self._lengths += counts
@@ -261,8 +257,7 @@ class ConcatKVCache(KVCache):
         self.keys, self.values = keys, values
 
     def advance_rows(self, kept: Sequence[Sequence[int]]) -> None:
-        """The pass already returned past + new arrays; keep only what is recorded (a speculative
-        round keeps the fed token and its accepted guesses)."""
+        """The pass already returned past + new arrays; keep only what is recorded."""
         super().advance_rows(kept)
         self.keys = [k[:, :, :self.offset] for k in self.keys]
         self.values = [v[:, :, :self.offset] for v in self.values]

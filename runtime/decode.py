@@ -124,14 +124,16 @@ class Decoding:
 
     def settle(self, rows: np.ndarray) -> list[int]:
         """Take the pass's logits rows (k + 1, vocab) for the fed ids: verify the guesses, keep the
-        fed token and the accepted guesses in the cache, and return the ids this round emits."""
+        fed token and the accepted guesses in the cache (the pass advanced it by every fed id; the
+        rejected guesses are trimmed off), and return the ids this round emits."""
         if self.matcher is not None:  # each row masked by the grammar state it follows
             if self._masks is not None:
                 rows = mask_rows(rows, self._masks)
             else:
                 rows = np.concatenate([self.matcher.mask(rows[0])[None], rows[1:]])
         accepted, nxt = verify(rows, self._guesses, self._qs, self.tokens, self.n_prompt, self.sampler)
-        self.cache.advance(self._feed[:1 + accepted])  # the rejected guesses' entries get overwritten
+        if accepted < len(self._guesses):  # their entries stay past the row's length, where the next pass overwrites them
+            self.cache.trim(len(self.tokens) + accepted)  # tokens so far (the fed one included) + the accepted
         emitted = self._guesses[:accepted] + [nxt]
         self._consume(emitted)
         if self.proposer is not None and not self._forced:

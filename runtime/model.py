@@ -213,16 +213,12 @@ class Model:
 
     def forward(self, ids: np.ndarray, cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
         """Run `ids` (batch, sequence_length) after the cached positions (rows of one length); returns
-        logits (batch, logits_to_keep, vocab) and advances the cache by every id (the caller that keeps
-        all it feeds: prefill chunks)."""
-        rows = self.forward_rows(list(ids), cache, logits_to_keep)
-        cache.advance_rows(list(ids))
-        return np.stack(rows)
+        logits (batch, logits_to_keep, vocab). The cache advances by every id (forward_rows)."""
+        return np.stack(self.forward_rows(list(ids), cache, logits_to_keep))
 
     def decode_batch(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """One decode step for every row of a batched cache, each row at its own length: tokens (batch,)
-        are written after each row's cached positions; returns logits (batch, vocab). The cache is not
-        advanced (the caller records what it keeps)."""
+        are written after each row's cached positions (each row advances by one); returns logits (batch, vocab)."""
         assert tokens.shape == (cache.batch,), "one token per row"
         return np.stack([r[0] for r in self.forward_rows([[int(t)] for t in tokens], cache)])
 
@@ -232,7 +228,16 @@ class Model:
 
         Row r feeds the ids feeds[r] (any number, 0 for an idle row); returns per row the logits of its
         last min(keep, len(feeds[r])) fed ids, (n_r, vocab) (keep None: all). The cache builds the
-        pass (KVCache.plan) and is not advanced: the caller records what it keeps.
+        pass (KVCache.plan), and each row advances by the ids it fed: this is the one place a cache
+        advances (prefill chunks, decode steps, server rows and draft steps alike). A caller that keeps
+        fewer (speculative verification: runtime/decode.py `Decoding.settle`) trims the rest off.
+        """
+        rows = self._pass_rows(feeds, cache, keep, pad)
+        cache.advance_rows(feeds)
+        return rows
+
+    def _pass_rows(self, feeds: list, cache: KVCache, keep: int | None, pad: bool | None) -> list[np.ndarray]:
+        """forward_rows' pass, leaving the cache's lengths as they were.
 
         Batch invariance: GroupQueryAttention's one-token path (on every CPU measured) and, on some
         CPUs, a matmul's one-row kernel round differently from their paths for two or more rows,
@@ -260,7 +265,7 @@ class Model:
             pad = self.pad_ids or max(len(f) for f in feeds) > 1
         if not self.ragged_rows and cache.batch > 1:  # a header without query_seqlens (RAGGED_OFF)
             if max(len(f) for f in feeds) > 1 or not cache.fits_uniform(feeds):  # rows one by one
-                return [self.forward_rows([f], cache.row(r), keep, pad)[0] if f
+                return [self._pass_rows([f], cache.row(r), keep, pad)[0] if f
                         else np.zeros((0, self._vocab), np.float32) for r, f in enumerate(feeds)]
             pad = False  # one id per row; an idle row writes a dummy entry just past its length
         p = cache.plan(feeds, pad, uniform=not self.ragged_rows, keep=keep, back=back)

@@ -162,11 +162,10 @@ class StaticModel(Model):
             cache.max_length = max_length  # a shorter limit on the same buffers: the context checks read it
         return cache
 
-    def forward_rows(self, feeds: list, cache: KVCache, keep: int | None = None,
-                     pad: bool | None = None) -> list[np.ndarray]:
-        """runtime.decode's pass (batch 1 here): the logits of the last min(keep, n) fed ids, (k, vocab),
-        with the cache not advanced (the caller records what it keeps). A prompt runs in prefill
-        chunks; several kept logits (speculative verification) come from one decode pass per kept id."""
+    def _pass_rows(self, feeds: list, cache: KVCache, keep: int | None, pad: bool | None) -> list[np.ndarray]:
+        """Model.forward_rows' pass (batch 1 here): the logits of the last min(keep, n) fed ids, (k, vocab);
+        forward_rows then advances the cache. A prompt runs in prefill chunks; several kept logits
+        (speculative verification) come from one decode pass per kept id."""
         if len(feeds) != 1 or cache.batch != 1:
             raise UserError("a model exported with --profile npu runs one sequence at a time (batch 1)")
         row = [int(t) for t in feeds[0]]

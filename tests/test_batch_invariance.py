@@ -70,12 +70,11 @@ def batched_row(m, ids):
     """Row 1 of a batch-3 step: one token per step, while row 0 verifies 3 ids a step of another
     sequence and row 2 is idle (the server's batched step with speculation)."""
     cache, out, other = m.new_cache(batch=3), [], 0
-    cache.row(2).advance([1] * 4)  # the idle row holds 4 positions
+    cache.row(2).advance_rows([[1] * 4])  # the idle row holds 4 positions
     for t in ids:
         feeds = [IDS[::-1][other:other + 3] or [1], [t], []]
         rows = m.forward_rows(feeds, cache)
-        out.append(rows[1][0])
-        cache.advance_rows(feeds)
+        out.append(rows[1][0])  # the pass advanced each row by its feed
         other += len(feeds[0])
     return np.stack(out)
 

@@ -77,7 +77,7 @@ def test_a_folder_of_the_previous_format_says_re_export(folder, tmp_path):
 def test_the_cache_owns_row_lengths_and_builds_the_pass(folder):
     m = edge_infer.load(folder, device="cpu", threads=1)
     cache = m.new_cache(batch=3, max_length=8)
-    cache.row(1).advance([4, 5])  # a slot's view moves the parent's row
+    cache.row(1).advance_rows([[4, 5]])  # a slot's view moves the parent's row
     view = cache.rows(1, 3)
     assert cache.lengths.tolist() == [0, 2, 0] and view.lengths.tolist() == [2, 0]
     assert view.row(0).tokens == [4, 5]
@@ -91,7 +91,8 @@ def test_the_cache_owns_row_lengths_and_builds_the_pass(folder):
     with pytest.raises(ContextLengthError, match="9 positions do not fit the KV cache of 8"):
         cache.plan([[1], [1] * 7, []], pad=False, uniform=False)
     rows = m.forward_rows([[7], [8, 9], []], cache)
-    assert [r.shape[0] for r in rows] == [1, 2, 0] and cache.lengths.tolist() == [0, 2, 0]  # not advanced
+    assert [r.shape[0] for r in rows] == [1, 2, 0] and cache.lengths.tolist() == [1, 4, 0]  # each row by its feed
+    assert cache.row(1).tokens == [4, 5, 8, 9]
     np.testing.assert_array_equal(rows[0][0], m.forward(np.array([[7]]), m.new_cache())[0, 0])
 
 
