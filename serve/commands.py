@@ -109,15 +109,18 @@ def serve(models, host, port, api_key, api_key_file, parallel, max_length, max_q
     if many:
         from edge_infer.serve.registry import RegistrySettings
 
-        if model_name or model_alias or use_ray or speculative_kw.get("draft_model") or chat_template is not None:
+        # one folder given by path (an embedding model): served by the same registry, under its folder's name
+        folders = {server_config.model_id: Path(model).resolve()} if model and Path(model).exists() else None
+        if (model_name and not folders) or model_alias or use_ray or speculative_kw.get("draft_model") or \
+                chat_template is not None:
             raise UserError("--model-name, --model-alias, --ray, --draft and --chat-template serve one model; a "
                             "server of several models serves each under its store name with its own template "
                             "(serve one MODEL to use them)")
         settings = RegistrySettings(keep_alive_s=parse_duration(keep_alive or "5m"), max_loaded=max_loaded,
                                     max_memory=None if max_memory is None else parse_size(max_memory))
         settings.validate()
-        _serve_many(list(models) or None, server_config, engine_config, settings, device, threads, log_level,
-                    speculative_kw)
+        _serve_many(None if folders else list(models) or None, server_config, engine_config, settings, device,
+                    threads, log_level, speculative_kw, folders)
         return
     if use_ray:
         if chat_template is not None:
@@ -131,8 +134,8 @@ def serve(models, host, port, api_key, api_key_file, parallel, max_length, max_q
 
 
 def _embedding_model(ref: str) -> bool:
-    """Whether `ref` names an embedding model in the store (a server of several models serves it, alone
-    or beside chat models); an embedding folder given by path is refused with how to serve it."""
+    """Whether `ref` (a store name or a folder) is an embedding model: the registry of a server of
+    several models serves it, alone or beside chat models, never an engine."""
     from edge_infer.contract.embedding import TASK_EMBED
     from edge_infer.contract.errors import UserError
     from edge_infer.contract.model_store import resolve_model
@@ -143,9 +146,6 @@ def _embedding_model(ref: str) -> bool:
         embedding = load_manifest(folder, verify=False).task == TASK_EMBED
     except UserError:
         return False  # the one-model path names the problem
-    if embedding and Path(ref).exists():
-        raise UserError(f"{ref} is an embedding model: serve it by store name (`edge-infer import {ref} --name "
-                        "NAME`, then `edge-infer serve NAME`, or beside chat models: `edge-infer serve NAME CHAT`)")
     return embedding
 
 
@@ -210,8 +210,9 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def _serve_many(names, server_config, engine_config, settings, device, threads, log_level, speculative_kw) -> None:
-    """A server of several models (the store, or `names`), each loaded on first use."""
+def _serve_many(names, server_config, engine_config, settings, device, threads, log_level, speculative_kw,
+                folders=None) -> None:
+    """A server of several models (the store, `names`, or `folders` given by path), each loaded on first use."""
     import dataclasses
     import logging
 
@@ -234,10 +235,13 @@ def _serve_many(names, server_config, engine_config, settings, device, threads, 
     engine_config = dataclasses.replace(engine_config, speculative=spec)
     sock = bind(server_config.host, server_config.port)
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
-    models = StoreModels(names, engine_config, settings, device=device, threads=threads)
+    models = StoreModels(names, engine_config, settings, device=device, threads=threads, folders=folders)
     app = make_app(models, server_config, Metrics())
     keep = settings.keep_alive_s
-    served = f"{len(names)} models" if names else f"the store ({models_root()}, {len(models.ids())} models now)"
+    if folders:
+        served = ", ".join(f"{name} ({folder})" for name, folder in folders.items())
+    else:
+        served = f"{len(names)} models" if names else f"the store ({models_root()}, {len(models.ids())} models now)"
     click.echo(f"serving {served}, each loaded on first use; keep-alive "
                f"{'forever' if keep < 0 else f'{keep:g} s'}" + (f", at most {settings.max_loaded} loaded"
                if settings.max_loaded else "") + (f", memory budget {settings.max_memory / 2**20:.0f} MiB"

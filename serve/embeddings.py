@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edge_infer.contract.errors import ContextLengthError, UserError
 from edge_infer.runtime.embed import Embeddings, EmbeddingModel, load_embedding
+from edge_infer.serve.fields import request_keep_alive
 from edge_infer.serve.http_layer import read_json, server_state
 from edge_infer.serve.protocol import APIError, bad
 
@@ -130,19 +131,24 @@ async def embeddings(request: Request):
     state = server_state(request)
     body = await read_json(request, state.config.max_body_bytes)
     req = parse_embedding_request(body)
+    keep = None if state.fields.strict else request_keep_alive(body)  # Ollama's keep_alive, as on chat routes
     name = body.get("model")
-    model_id, embedder, release = await _lease(state.models, name if isinstance(name, str) else None)
+    model_id, embedder, release = await _lease(state.models, name if isinstance(name, str) else None, keep)
     try:
         return await embed_request(embedder, model_id, req)
     finally:
         release()
 
 
-async def _lease(models: Any, name: str | None) -> tuple[str, Embedder, Callable[[], None]]:
+async def _lease(models: Any, name: str | None, keep_alive: float | None = None
+                 ) -> tuple[str, Embedder, Callable[[], None]]:
     """The embedding model a request names, held until `release()`: from a registry of several models
-    (serve/multi.py: loaded on first use), or a clear 400 from a one-model server of a chat model."""
+    (serve/multi.py: loaded on first use; `keep_alive` seconds after this request, when given), or a
+    clear 400 from a one-model server of a chat model."""
     if hasattr(models, "lease"):  # a registry: may block while the model loads
         lease = await run_in_threadpool(models.lease, name, EMBED)
+        if keep_alive is not None:
+            lease.keep_alive(keep_alive)
         return lease.name, lease.handle, lease.release
     served = models.resolve(name)  # a one-model server: a 404 for a name it does not serve
     raise APIError(400, f"model '{served.model_id}' is a text-generation model and has no embeddings: serve an "

@@ -7,8 +7,10 @@ checked (`llama_and_ollama_extras`): `n_predict` and Ollama's
 `top_k` / `seed` / `stop` / `min_p` / `repeat_penalty` the sampling fields,
 `format: "json"` a JSON response_format, `think` the template's
 `enable_thinking`, vLLM's `guided_regex` a regex response_format; `cache_prompt` (our prefix cache is
-always on) and `keep_alive` (a several-model server keeps models loaded by its
-own --keep-alive) are accepted. Any other unknown field is ignored, logged once
+always on) is accepted, and `keep_alive` (Ollama's: seconds, or a duration such as
+"5m"; 0 unloads the model after the reply, negative never; `request_keep_alive`) sets how
+long a server of several models keeps the model after this request, in place of its
+--keep-alive (a one-model server ignores it, and logs that once). Any other unknown field is ignored, logged once
 per name and counted in `edge_infer_ignored_fields` (vLLM relaxed its parsing
 the same way); `serve --strict` answers them with a 400 naming the field, as
 the OpenAI API does.
@@ -17,8 +19,10 @@ the OpenAI API does.
 from __future__ import annotations
 
 import logging
+import math
+import re
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from edge_infer.serve.protocol import bad, refuse_unknown
 
@@ -49,19 +53,63 @@ class UnknownFields:
         for name in names:
             self._ignore(name[:64], where)
 
-    def _ignore(self, name: str, where: str) -> None:
+    def ignored(self, name: str, why: str) -> None:
+        """A known field this server does not act on: logged once (saying `why`) and counted."""
+        self._ignore(name, why=why)
+
+    def _ignore(self, name: str, where: str = "", why: str = "") -> None:
         with self.lock:
             first = name not in self.seen and len(self.seen) < MAX_NAMES
             if first:
                 self.seen.add(name)
             label = name if name in self.seen else "other"
-        if first:
+        if first and why:
+            log.warning("ignoring the request field %r: %s", name, why)
+        elif first:
             log.warning("ignoring the unknown request field %r (in %s; serve --strict refuses it)", name, where)
         if self.count is not None:
             self.count(label)
 
 
 LENIENT = UnknownFields()
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: Any) -> float:
+    """Ollama's keep_alive in seconds: a number of seconds, or a duration ("5m", "1h30m", "90s",
+    "300ms"; a number in a string is seconds); 0 unloads after the reply, any negative value never
+    (returned as -1). Anything else is a 400 naming the field."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        seconds = _duration(value.strip())
+    else:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise bad("keep_alive", f"keep_alive must be seconds (300) or a duration such as '5m', '1h30m' or '90s'; "
+                  f"0 unloads the model after the reply, -1 keeps it loaded; got {value!r:.40}")
+    return -1.0 if seconds < 0 else seconds
+
+
+def _duration(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    sign, body = (-1.0, text[1:]) if text[:1] == "-" else (1.0, text.lstrip("+"))
+    parts = _DURATION.findall(body)
+    if not parts or "".join(n + u for n, u in parts) != body:
+        return math.nan
+    return sign * sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def request_keep_alive(body: dict) -> float | None:
+    """The request's keep_alive in seconds (None: it sent none)."""
+    value = body.get("keep_alive")
+    return None if value is None else keep_alive_seconds(value)
 
 
 def llama_and_ollama_extras(body: dict, fields: UnknownFields) -> dict:

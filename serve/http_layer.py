@@ -47,7 +47,7 @@ from edge_infer.runtime.tools import ToolCall
 from edge_infer.serve.config import ServerConfig
 from edge_infer.serve.engine import Engine, QueueFull, ShuttingDown
 from edge_infer.serve.events import EventQueue, EventStream, read_reply
-from edge_infer.serve.fields import LENIENT, UnknownFields, llama_and_ollama_extras
+from edge_infer.serve.fields import LENIENT, UnknownFields, llama_and_ollama_extras, request_keep_alive
 from edge_infer.serve.metrics import Metrics
 from edge_infer.serve.protocol import APIError, bad
 from edge_infer.serve.request import Delta, Failed, Finished, GenerationRequest, Handle
@@ -66,6 +66,7 @@ class Served:
     model_id: str
     engine: Engine
     release: Callable[[], None] | None = None  # a hold on the model, let go after the response
+    keep_alive: Callable[[float], None] | None = None  # how long the model stays after this request (seconds)
 
     @property
     def model(self):
@@ -184,10 +185,25 @@ async def read_request(request: Request) -> tuple[dict, Served]:
     """The body and the model it names (a 404 for a model not served here; a model that is not
     loaded yet is loaded, or waited for, in a worker thread)."""
     state = server_state(request)
-    body = llama_and_ollama_extras(await read_json(request, state.config.max_body_bytes), state.fields)
+    raw = await read_json(request, state.config.max_body_bytes)
+    body = llama_and_ollama_extras(raw, state.fields)
+    keep = None if state.fields.strict else request_keep_alive(raw)  # checked before any model loads
     name = body.get("model")
     served = await resolve_model(request, name if isinstance(name, str) else None)
+    keep_model(served, keep, state.fields)
     return body, served
+
+
+def keep_model(served: Served, seconds: float | None, fields: UnknownFields) -> None:
+    """A request's keep_alive: how long a server of several models keeps the model after this request;
+    a one-model server holds its model for its whole life and says once that it ignores it."""
+    if seconds is None:
+        return
+    if served.keep_alive is not None:
+        served.keep_alive(seconds)
+    else:
+        fields.ignored("keep_alive", "this server holds its one model for its whole life; keep_alive applies to "
+                       "`edge-infer serve` of several models")
 
 
 async def resolve_model(request: Request, name: str | None) -> Served:

@@ -6,6 +6,9 @@ use as its own engine (its own slots, KV cache and metrics), and the request hol
 response is sent. /v1/models lists the store (each entry with its `status`: loaded, loading or
 unloaded), /health and /metrics report each loaded model under its name.
 
+A model given by path (`folders`: an embedding folder served alone) is served the same way under
+the id it was given.
+
 A model's kind comes from its manifest: an embedding folder (`task: embed`) loads as an embedder
 (serve/embeddings.py), which /v1/embeddings takes with `lease(name, EMBED)` and lets go with the
 lease's `release`; anything else loads as a chat engine. `loaders` maps each kind to its loader.
@@ -36,14 +39,17 @@ class StoreModels:
     """The ModelResolver of a server of several models, loaded on demand from the model store."""
 
     def __init__(self, names: list[str] | None, engine_config: EngineConfig, settings: RegistrySettings,
-                 device: str = "auto", threads: int | None = None):
-        """names: the store names to serve (None: every model in the store, read again on each lookup)."""
-        self.fixed = None if names is None else [str(parse_name(n)) for n in names]
+                 device: str = "auto", threads: int | None = None, folders: dict[str, Path] | None = None):
+        """names: the store names to serve (None: every model in the store, read again on each lookup);
+        folders: models given by path instead, served under these ids (`edge-infer serve FOLDER` of an
+        embedding model)."""
+        self.folders = dict(folders or {})
+        self.fixed = list(self.folders) if folders else None if names is None else [str(parse_name(n)) for n in names]
         self.engine_config, self.device, self.threads = engine_config, device, threads
         self.shutdown_grace_s = engine_config.shutdown_grace_s
         self.loaders: dict[str, Loader] = {CHAT: self._load_chat, EMBED: self._load_embed}
         self.metrics: dict[str, Metrics] = {}  # per model, kept across unloads (counters keep counting)
-        self.registry = ModelRegistry(self.ids, lambda n: str(parse_name(n)), self._load, self._estimate, settings)
+        self.registry = ModelRegistry(self.ids, self._canonical, self._load, self._estimate, settings)
         self.registry.start()
 
     # -- the ModelResolver --------------------------------------------------------------------
@@ -53,7 +59,7 @@ class StoreModels:
 
     def resolve(self, name: str | None) -> Served:
         lease = self.lease(name, CHAT)
-        return Served(lease.name, lease.handle, lease.release)
+        return Served(lease.name, lease.handle, lease.release, lease.keep_alive)
 
     def lease(self, name: str | None, kind: str) -> Lease:
         """A hold on model `name` loaded as `kind` (blocking while it loads); an APIError otherwise."""
@@ -80,9 +86,16 @@ class StoreModels:
         headers = {"Retry-After": "1"} if e.retry else {"x-should-retry": "false"}
         return APIError(e.status, e.message, type="server_error", param="model", code=e.code, headers=headers)
 
+    def _canonical(self, name: str) -> str:
+        """A request's name as ids() spells it (a folder's id as given; a store name with its tag)."""
+        return name if name in self.folders else str(parse_name(name))
+
+    def _folder(self, name: str) -> Path:
+        return self.folders[name] if name in self.folders else folder_of(name)
+
     def lookup(self, name: str) -> str:
         try:
-            found = str(parse_name(name))
+            found = self._canonical(name)
         except UserError:
             found = name
         if found not in self.ids():
@@ -126,7 +139,7 @@ class StoreModels:
         cache of all its slots (the engine commits it when it starts; an embedder keeps none)."""
         from edge_infer.runtime.manifest import load_manifest
 
-        m = load_manifest(folder_of(name), verify=False)
+        m = load_manifest(self._folder(name), verify=False)
         files = sum(int(f["size"]) for f in m.files.values())
         c = self.engine_config
         return files + m.kv_bytes(batch=c.parallel, max_length=c.max_length)
@@ -134,7 +147,7 @@ class StoreModels:
     def _load(self, name: str) -> Loaded:
         from edge_infer.runtime.manifest import load_manifest
 
-        folder = folder_of(name)
+        folder = self._folder(name)
         kind = EMBED if load_manifest(folder, verify=False).task == TASK_EMBED else CHAT
         return self.loaders[kind](name, folder)
 

@@ -11,7 +11,8 @@ model. The routes never hold a model directly; they take a `Lease`:
 and a model is unloaded only while nothing holds a lease on it:
 
   keep-alive  after its last lease ends a model stays `keep_alive_s` (0: unloaded at once,
-              negative: never); a sweeper thread unloads the expired ones
+              negative: never), or what that lease asked for (`Lease.keep_alive`: a request's
+              own keep_alive); a sweeper thread unloads the expired ones
   max_loaded  loading one more than this first unloads the least recently used idle model
   max_memory  each model's cost is estimated from its manifest before it loads (its files on
               disk, the weights, plus the KV cache of all its slots); the least recently used
@@ -92,12 +93,18 @@ class Lease:
         self.name = resident.name
         assert resident.loaded is not None
         self.kind, self.handle = resident.loaded.kind, resident.loaded.handle
+        self.keep_alive_s: float | None = None  # this request's own keep-alive (None: the server's)
         self._released = False
+
+    def keep_alive(self, seconds: float) -> None:
+        """Keep the model `seconds` after this request (0: unload after it, negative: never), as a
+        request's `keep_alive` asks; the last request to finish sets when an idle model unloads."""
+        self.keep_alive_s = seconds
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.registry._release(self.resident)
+            self.registry._release(self.resident, self.keep_alive_s)
 
     def __enter__(self) -> Lease:
         return self
@@ -230,13 +237,15 @@ class ModelRegistry:
         log.info("loaded %s (%s) in %.1f s", r.name, loaded.kind, time.monotonic() - started)
         return lease
 
-    def _release(self, r: Resident) -> None:
-        """A request is done with `r`: the last one starts its keep-alive (the sweeper unloads it)."""
+    def _release(self, r: Resident, keep_alive_s: float | None = None) -> None:
+        """A request is done with `r`: the last one starts its keep-alive (the sweeper unloads it),
+        the request's own (`keep_alive_s`) or else the server's."""
+        keep = self.settings.keep_alive_s if keep_alive_s is None else keep_alive_s
         with self._cond:
             r.leases -= 1
             r.last_used = self.clock()
-            if r.leases == 0 and self.settings.keep_alive_s >= 0:
-                r.expires = r.last_used + self.settings.keep_alive_s
+            if r.leases == 0 and keep >= 0:
+                r.expires = r.last_used + keep
                 self._cond.notify_all()
 
     # -- unloading --------------------------------------------------------------------------

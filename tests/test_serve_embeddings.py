@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -96,31 +98,18 @@ def test_a_chat_model_asked_to_embed_says_what_to_do(tiny_exports):
             client.embeddings.create(model="no-such-model", input="hello")
 
 
-def test_serve_one_embedding_model_by_name(embed_folder, tmp_path, monkeypatch):
-    """`edge-infer serve NAME` of an embedding model serves /v1/embeddings (through the registry), answering
-    what edge_infer.embed answers; the folder given by path is refused with how to serve it."""
+@contextlib.contextmanager
+def serving(args: list[str]):
+    """`edge-infer serve ARGS` in a subprocess; yields its base URL, then stops it with SIGTERM (exit 0)."""
     import os
     import re
-    import shutil
     import signal
     import subprocess
     import sys
     import threading
 
-    from click.testing import CliRunner
-
-    import edge_infer
-    from edge_infer.cli import main
-    from edge_infer.contract.model_store import folder_of
-
-    monkeypatch.setenv("EDGE_INFER_HOME", str(tmp_path / "home"))
-    shutil.copytree(embed_folder, folder_of("mini-embed"))
-    refused = CliRunner().invoke(main, ["serve", str(embed_folder), "--port", "0"])
-    assert refused.exit_code == 2 and "serve it by store name" in refused.output
-
-    proc = subprocess.Popen([sys.executable, "-m", "edge_infer.cli", "serve", "mini-embed", "--port", "0",
-                             "--threads", "1"], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "edge_infer.cli", "serve", *args, "--port", "0", "--threads", "1"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []
     ready = threading.Event()
 
@@ -133,18 +122,51 @@ def test_serve_one_embedding_model_by_name(embed_folder, tmp_path, monkeypatch):
     threading.Thread(target=read, daemon=True).start()
     try:
         assert ready.wait(120), "".join(lines)
-        url = re.search(r"listening at (http://\S+)/v1", "".join(lines)).group(1)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        texts = ["a lighthouse on black rock", "bread"]
-        got = client.embeddings.create(model="mini-embed", input=texts)  # base64 on the wire (the client's default)
-        np.testing.assert_allclose(np.array([d.embedding for d in got.data]), edge_infer.embed("mini-embed", texts),
-                                   atol=1e-6)
-        assert got.usage.prompt_tokens == got.usage.total_tokens > 0
-        floats = client.embeddings.create(model="mini-embed", input=texts, encoding_format="float")
-        assert [d.embedding for d in floats.data] == [d.embedding for d in got.data]
+        yield re.search(r"listening at (http://\S+)/v1", "".join(lines)).group(1)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
+        assert proc.wait(timeout=120) == 0, "".join(lines)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def check_embeddings(url: str, model: str, reference: str, served: str) -> None:
+    """The official client's embeddings call (base64 on the wire, its default, and float) answers what
+    edge_infer.embed(reference) answers."""
+    import edge_infer
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    texts = ["a lighthouse on black rock", "bread"]
+    got = client.embeddings.create(model=model, input=texts)
+    np.testing.assert_allclose(np.array([d.embedding for d in got.data]), edge_infer.embed(reference, texts), atol=1e-6)
+    assert got.usage.prompt_tokens == got.usage.total_tokens > 0 and got.model == served
+    floats = client.embeddings.create(model=model, input=texts, encoding_format="float")
+    assert [d.embedding for d in floats.data] == [d.embedding for d in got.data]
+
+
+def test_serve_one_embedding_model_by_name(embed_folder, tmp_path, monkeypatch):
+    """`edge-infer serve NAME` of an embedding model serves /v1/embeddings (through the registry), answering
+    what edge_infer.embed answers."""
+    import shutil
+
+    from edge_infer.contract.model_store import folder_of
+
+    monkeypatch.setenv("EDGE_INFER_HOME", str(tmp_path / "home"))
+    shutil.copytree(embed_folder, folder_of("mini-embed"))
+    with serving(["mini-embed"]) as url:
+        check_embeddings(url, "mini-embed", "mini-embed", "mini-embed:latest")
+
+
+def test_serve_one_embedding_folder_by_path(embed_folder, tmp_path, monkeypatch):
+    """`edge-infer serve FOLDER` of an embedding model (was refused: "import it by name") serves it through
+    the same registry as a store name, under the folder's name; a request naming no model gets it."""
+    monkeypatch.setenv("EDGE_INFER_HOME", str(tmp_path / "empty-home"))  # nothing in the store
+    with serving([str(embed_folder)]) as url:
+        check_embeddings(url, "mini-embed", str(embed_folder), "mini-embed")
+        assert [m["id"] for m in httpx.get(url + "/v1/models", timeout=120).json()["data"]] == ["mini-embed"]
+        unnamed = httpx.post(url + "/v1/embeddings", json={"input": "bread"}, timeout=120)
+        assert unnamed.status_code == 200 and unnamed.json()["model"] == "mini-embed"
+        chat = httpx.post(url + "/v1/chat/completions", json={"model": "mini-embed", "messages": [
+            {"role": "user", "content": "hi"}]}, timeout=120)
+        assert chat.status_code == 400 and chat.json()["error"]["code"] == "wrong_model_kind"

@@ -87,6 +87,25 @@ def test_unknown_message_fields_and_anthropic_fields_are_ignored(server, model):
     assert r.json()["content"][0]["text"] == generate(model, HELLO, max_tokens=4)
 
 
+def test_keep_alive_is_read_as_ollama_does_and_a_one_model_server_says_once_it_ignores_it(model, caplog):
+    from edge_infer.serve.fields import keep_alive_seconds
+
+    assert [keep_alive_seconds(v) for v in (300, 2.5, 0, -1, -30, "5m", "1h30m", "90s", "300ms", "0", "-1", "-1m")] \
+        == [300, 2.5, 0, -1, -1, 300, 5400, 90, 0.3, 0, -1, -1]
+    with serving(model) as s, caplog.at_level(logging.WARNING, logger="edge_infer.serve"):
+        for keep in ("5m", 0):
+            r = chat(s, {"max_tokens": 4, "temperature": 0, "keep_alive": keep})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == generate(model, HELLO, max_tokens=4)
+        for keep in ("soon", True, "5 m", [1]):
+            r = chat(s, {"max_tokens": 4, "keep_alive": keep})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive", r.text
+        metrics = httpx.get(s.url + "/metrics").text
+    warned = [m.getMessage() for m in caplog.records if "keep_alive" in m.getMessage()]
+    assert len(warned) == 1 and "holds its one model" in warned[0] and "several models" in warned[0]
+    assert 'edge_infer_ignored_fields_total{field="keep_alive"} 2.0' in metrics
+
+
 def test_strict_gives_back_the_400s(model):
     with serving(model, strict=True) as s:
         r = chat(s, {"max_tokens": 4, "frobnicate": 1})

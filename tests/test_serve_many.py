@@ -147,6 +147,35 @@ def test_the_least_recently_used_model_unloads_to_load_another(server):
         assert re.search(rf'edge_infer_completion_tokens_total{{model="{re.escape(name)}"}} 8\.0', metrics)
 
 
+def test_a_requests_keep_alive_sets_how_long_its_model_stays(server):
+    """Ollama's keep_alive on a request (server: --keep-alive -1): 0 unloads the model after the reply,
+    "1h" keeps it an hour after it, none leaves the server's (never); a bad one is a 400 before any load."""
+    import openai
+
+    s, models = server
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=HANG)
+    expected = alone("tiny-llama")
+
+    def ask(**extra) -> str:
+        reply = client.chat.completions.create(model="tiny-llama:latest", messages=MESSAGES, max_tokens=8,
+                                               temperature=0, extra_body=extra or None)
+        return reply.choices[0].message.content
+
+    def unloads_in() -> float | None:
+        return httpx.get(s.url + "/health", timeout=HANG).json()["models"]["tiny-llama:latest"]["unloads_in_s"]
+
+    assert ask(keep_alive=0) == expected
+    wait_until(lambda: statuses(s.url)["tiny-llama:latest"] == "unloaded", "the unload after keep_alive 0")
+    assert models.registry.unloads[-1] == "tiny-llama:latest"
+    assert ask(keep_alive="1h") == expected
+    assert 3000 < unloads_in() <= 3600
+    assert ask() == expected and unloads_in() is None  # the server's --keep-alive -1 again
+    bad = httpx.post(s.url + "/v1/chat/completions", timeout=HANG, json={
+        "model": "tiny-qwen:fp32", "messages": MESSAGES, "max_tokens": 2, "keep_alive": "soon"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive"
+    assert statuses(s.url)["tiny-qwen:fp32"] == "unloaded"  # refused before loading it
+
+
 def test_requests_the_server_cannot_place(server, home):
     import openai
 

@@ -89,6 +89,33 @@ def test_keep_alive_zero_unloads_at_once_and_negative_never():
     assert never.sweep() == [] and never.status("b:latest") == "loaded"
 
 
+def test_a_request_sets_the_keep_alive_after_it():
+    """A request's keep_alive (Lease.keep_alive) replaces the server's for the time after that request:
+    0 unloads after it, negative never, seconds; the next request without one gets the server's again."""
+    clock = Clock()
+    fake = Fake(SIZES)
+    reg = fake.registry(clock, keep_alive_s=60)
+    with reg.acquire("a") as lease:
+        lease.keep_alive(0)
+    assert reg.sweep() == ["a:latest"]
+    with reg.acquire("b") as lease:
+        lease.keep_alive(-1)
+    clock.now += 1e6
+    assert reg.sweep() == [] and reg.snapshot()["b:latest"]["unloads_in_s"] is None
+    with reg.acquire("b") as lease:
+        lease.keep_alive(3600)
+    assert reg.snapshot()["b:latest"]["unloads_in_s"] == 3600
+    reg.acquire("b").release()  # no keep_alive of its own: the server's 60 s
+    assert reg.snapshot()["b:latest"]["unloads_in_s"] == 60
+    first, second = reg.acquire("b"), reg.acquire("b")
+    first.keep_alive(0)
+    first.release()
+    assert reg.sweep() == []  # still in use: the last request to finish decides
+    second.release()
+    clock.now += 60
+    assert reg.sweep() == ["b:latest"]
+
+
 def test_max_loaded_unloads_the_least_recently_used_idle_model():
     clock = Clock()
     fake = Fake(SIZES)
