@@ -126,9 +126,14 @@ def for_architecture(model_type: str | None, has_token) -> str | None:
 
 def override(model, spec: str) -> None:
     """Give a loaded model the chat template `spec` names (NAME|FILE) in place of its own."""
+    use_template(model, resolve(spec))
+
+
+def use_template(model, choice: TemplateChoice) -> None:
+    """Give a loaded model the chat template `choice` (already read: a Ray replica gets the text its
+    driver read, the file need not exist on the replica's machine)."""
     from edge_infer.runtime.chat_template import ChatTemplate
 
-    choice = resolve(spec)
     tok = model.manifest.tokenizer
     model.chat_template = ChatTemplate(choice.source, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
     model.chat_template_origin = choice.origin

@@ -66,6 +66,9 @@ class ClusterConfig:
     verify: bool = True
     server: dict[str, Any] | None = None  # ServerConfig fields
     engine: dict[str, Any] | None = None  # EngineConfig fields
+    # --chat-template, read on the driver ({"source", "origin"}: runtime.template_library.TemplateChoice):
+    # every replica uses it in place of the folder's own, wherever the replica runs
+    chat_template: dict[str, str] | None = None
 
     def validate(self) -> None:
         if self.replicas < 1:
@@ -193,7 +196,7 @@ def build_application(config: ClusterConfig):
         graceful_shutdown_timeout_s=grace + 2, health_check_period_s=2, health_check_timeout_s=30,
         ray_actor_options=actor_options)
     handles = [replica_cls.options(name=f"replica-{i}").bind(config.model, server, engine, config.device,
-                                                             config.threads, config.verify, i)
+                                                             config.threads, config.verify, i, config.chat_template)
                for i in range(config.replicas)]
     router_cls: Any = serve.deployment(serve.ingress()(Router), name="router", num_replicas=1,
                                   max_ongoing_requests=4096, graceful_shutdown_timeout_s=grace + 4,
@@ -204,7 +207,7 @@ def build_application(config: ClusterConfig):
 def app_builder(args: dict[str, str]):
     """For `serve run edge_infer.serve.cluster:app_builder model=PATH replicas=2 ...` and config files.
 
-    args: model (required), replicas, routing, threads, parallel, max_queue, api_key, model_id."""
+    args: model (required), replicas, routing, threads, parallel, max_queue, api_key, model_id, chat_template."""
     if "model" not in args:
         raise UserError("app_builder needs model=PATH")
     folder, model_id = model_source(args["model"])
@@ -212,7 +215,17 @@ def app_builder(args: dict[str, str]):
     engine = {"parallel": int(args.get("parallel", 4)), "max_queue": int(args.get("max_queue", 32))}
     return build_application(ClusterConfig(model=folder, replicas=int(args.get("replicas", 2)),
                                            routing=args.get("routing", "prefix"), threads=int(args.get("threads", 1)),
-                                           server=server, engine=engine))
+                                           server=server, engine=engine,
+                                           chat_template=read_chat_template(args.get("chat_template"))))
+
+
+def read_chat_template(spec: str | None) -> dict[str, str] | None:
+    """--chat-template NAME|FILE read here, on the driver, for ClusterConfig.chat_template."""
+    import dataclasses
+
+    from edge_infer.runtime.template_library import resolve
+
+    return None if spec is None else dataclasses.asdict(resolve(spec))
 
 
 def model_source(ref: str) -> tuple[str, str]:
@@ -233,13 +246,17 @@ def model_source(ref: str) -> tuple[str, str]:
 class EngineReplica:
     """One engine over the model folder, answering HTTP requests through the server's own app."""
 
-    def __init__(self, model: str, server: dict, engine: dict, device: str, threads: int, verify: bool, index: int):
+    def __init__(self, model: str, server: dict, engine: dict, device: str, threads: int, verify: bool, index: int,
+                 chat_template: dict[str, str] | None = None):
         from edge_infer.runtime.model import load
+        from edge_infer.runtime.template_library import TemplateChoice, use_template
         from edge_infer.serve.app import build_app
         from edge_infer.serve.config import EngineConfig, ServerConfig
 
         self.index = index
         m = load(model, device=device, threads=threads, verify=verify)  # hashes checked on every start
+        if chat_template is not None:
+            use_template(m, TemplateChoice(**chat_template))
         self.app = build_app(m, ServerConfig(**server), EngineConfig(**engine))
         self.engine = self.app.state.engine
         self.engine.start()

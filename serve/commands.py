@@ -123,11 +123,8 @@ def serve(models, host, port, api_key, api_key_file, parallel, max_length, max_q
                     threads, log_level, speculative_kw, folders)
         return
     if use_ray:
-        if chat_template is not None:
-            raise UserError("--chat-template is not passed to Ray replicas yet: export the folder with "
-                            "--chat-template instead")
         _serve_on_ray(model, server_config, engine_config, replicas, routing, ray_address, device, threads,
-                      speculative_kw)
+                      speculative_kw, chat_template)
         return
 
     _serve_one(model, server_config, engine_config, device, threads, log_level, chat_template, speculative_kw)
@@ -253,7 +250,8 @@ def _serve_many(names, server_config, engine_config, settings, device, threads, 
     serve_forever(app, sock, log_level)
 
 
-def _serve_on_ray(model, server_config, engine_config, replicas, routing, address, device, threads, speculative_kw):
+def _serve_on_ray(model, server_config, engine_config, replicas, routing, address, device, threads, speculative_kw,
+                  chat_template=None):
     import dataclasses
     import importlib.util
 
@@ -264,7 +262,7 @@ def _serve_on_ray(model, server_config, engine_config, replicas, routing, addres
     if speculative_kw.get("speculative") == "draft":
         raise UserError("--ray serves --speculative lookup or off; a draft model per replica is not supported yet")
     from edge_infer.runtime.speculative import speculative_config
-    from edge_infer.serve.cluster import ClusterConfig, model_source, serve_cluster
+    from edge_infer.serve.cluster import ClusterConfig, model_source, read_chat_template, serve_cluster
 
     folder, _ = model_source(model)  # a store name: its folder (each replica loads the same folder)
 
@@ -273,7 +271,7 @@ def _serve_on_ray(model, server_config, engine_config, replicas, routing, addres
                                                num_speculative=speculative_kw.get("num_speculative"))
     config = ClusterConfig(model=folder, replicas=replicas, routing=routing,
                            threads=threads or 1, device=device, server=dataclasses.asdict(server_config),
-                           engine=engine)
+                           engine=engine, chat_template=read_chat_template(chat_template))
     config.validate()
     click.echo(f"serving '{server_config.model_id}' on Ray Serve: {replicas} replicas ({routing} routing) at "
                f"http://{server_config.host}:{server_config.port}/v1", err=True)
