@@ -1,7 +1,9 @@
 """The decoding core shared by stream_generate and the server's engine.
 
   Decoding       one sequence's state: its sampler, the ids so far, its KV cache (a batch-1
-                 cache or one row of the server's), and a AdaptiveProposer when it speculates
+                 cache or one row of the server's), and a AdaptiveProposer when it speculates;
+                 `stream` is decode_tokens' loop, `finish` the grammar-complete rule that
+                 stream_generate and the server both apply
   decode_step    ONE model pass over any number of Decodings: each feeds its last sampled
                  token plus its guesses (none: a plain step); every row's guesses are verified
                  and its cache trimmed past its own first rejection
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any, Sequence
+from typing import Any, Generator, Sequence
 
 import numpy as np
 
@@ -163,6 +165,33 @@ class Decoding:
         """Whether the grammar was complete once tokens[:n_tokens] were emitted."""
         return self.grammar_done_at is not None and n_tokens >= self.grammar_done_at
 
+    def finish(self, generated: int, reason: FinishReason | None) -> FinishReason | None:
+        """The grammar-complete rule (stream_generate and the server alike): once the first `generated`
+        sampled ids complete the grammar, the sequence ends with STOP (nothing but eos may follow), also
+        where max_tokens ends it on that id; `reason` is what TextStream said for that id."""
+        if reason in (None, FinishReason.LENGTH) and self.grammar_done(self.n_prompt + generated):
+            return FinishReason.STOP
+        return reason
+
+    def stream(self, max_tokens: int, ignore_eos: bool = False) -> Generator[int, None, None]:
+        """decode_tokens' loop over this Decoding (its cache, sampler, grammar): reuse the cached prefix
+        of the prompt, prefill the rest, then yield up to max_tokens sampled ids, stopping after an eos id
+        (unless ignore_eos) or once the grammar is complete."""
+        model, cache, ids = self.model, self.cache, self.tokens[:self.n_prompt]
+        eos = frozenset() if ignore_eos else model.tokenizer.eos_ids
+        reuse = cache.reuse(ids)
+        token = self.first(prefill(model, ids[reuse:], cache))
+        yield token
+        produced = 1
+        while produced < max_tokens and token not in eos and not self.grammar_done(len(ids) + produced):
+            # A round yields up to k + 1 ids; the cache must hold the fed ones.
+            limit = min(max_tokens - produced - 1, cache.max_length - cache.offset - 1)
+            for token in decode_step(model, cache, [self], [limit])[0]:
+                yield token
+                produced += 1
+                if produced == max_tokens or token in eos or self.grammar_done(len(ids) + produced):
+                    return
+
 
 _masks: MaskPool | None = None
 
@@ -199,23 +228,12 @@ def decode_step(model: Model, cache: KVCache, decodings: list[Decoding | None],
 
 def decode_tokens(model: Model, ids: list[int], cache: KVCache, sampler: Sampler, max_tokens: int,
                   speculative: SpeculativeConfig | None = None, stats: SpecStats | None = None,
-                  draft_cache: KVCache | None = None, ignore_eos: bool = False, matcher=None):
+                  draft_cache: KVCache | None = None, ignore_eos: bool = False,
+                  matcher=None) -> Generator[int, None, None]:
     """Yield up to max_tokens sampled ids, stopping after an eos id (unless ignore_eos) or once a
-    grammar `matcher` is complete. Reuses whatever prefix of `ids` the cache already holds."""
-    eos = frozenset() if ignore_eos else model.tokenizer.eos_ids
-    reuse = cache.reuse(ids)
-    d = Decoding(model, ids, sampler, cache, speculative, draft_cache, stats, matcher)
-    token = d.first(prefill(model, ids[reuse:], cache))
-    yield token
-    produced = 1
-    while produced < max_tokens and token not in eos and not d.grammar_done(len(ids) + produced):
-        # A round yields up to k + 1 ids; the cache must hold the fed ones.
-        limit = min(max_tokens - produced - 1, cache.max_length - cache.offset - 1)
-        for token in decode_step(model, cache, [d], [limit])[0]:
-            yield token
-            produced += 1
-            if produced == max_tokens or token in eos or d.grammar_done(len(ids) + produced):
-                return
+    grammar `matcher` is complete. Reuses whatever prefix of `ids` the cache already holds.
+    (`Decoding(...).stream(...)`, for a caller that also asks the Decoding why it ended: `finish`.)"""
+    return Decoding(model, ids, sampler, cache, speculative, draft_cache, stats, matcher).stream(max_tokens, ignore_eos)
 
 
 class TextStream:

@@ -20,7 +20,7 @@ import numpy as np
 from edge_infer.runtime.cache import KVCache, reusable
 from edge_infer.runtime.chat_template import check_template_kwargs
 from edge_infer.runtime.constrain import Constraint, constraint_from
-from edge_infer.runtime.decode import PREFILL_CHUNK, FinishReason, TextStream, decode_tokens, prefill
+from edge_infer.runtime.decode import PREFILL_CHUNK, Decoding, FinishReason, TextStream, decode_tokens, prefill
 from edge_infer.contract.errors import ContextLengthError, UserError, check_text
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
@@ -161,8 +161,9 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     text.max_tokens = budget
     cached = reusable(cache.tokens, ids)  # what decode_tokens' cache.reuse keeps
     stats = SpecStats()
-    matcher = constraint.matcher(model) if constraint is not None else None
-    steps = decode_tokens(model, ids, cache, sampler, budget, speculative, stats, draft_cache, matcher=matcher)
+    decoding = Decoding(model, ids, sampler, cache, speculative, draft_cache, stats,
+                        constraint.matcher(model) if constraint is not None else None)
+    steps = decoding.stream(budget)  # decode_tokens, keeping the Decoding for the grammar-complete rule
     reply: list[str] = []  # the whole text, when tool calls are parsed from it
     watch = CallWatch(plan) if plan is not None and CallWatch.wanted(plan) else None
     for token in steps:
@@ -172,16 +173,15 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
         delta, reason = text.add(token)
         if plan is not None:
             reply.append(delta)
+        reason = decoding.finish(text.generated, reason)  # the grammar is complete: STOP
         if reason is None and watch is not None and watch.feed(delta):
             reason = FinishReason.STOP  # a tool call repeated an earlier one: the list ends before it
-        if delta or reason is not FinishReason.STOP:  # no chunk for an eos id or an empty stop
+        if delta or text.reason is not FinishReason.STOP:  # no chunk for an eos id or an empty stop
             yield Chunk(delta, token)
         if reason is not None:
             break
     steps.close()  # a stop string or eos ended the loop early: release the generator now
     tail, finish = text.tail(reason)
-    if matcher is not None and matcher.finished:
-        finish = FinishReason.STOP  # the grammar is complete
     calls: tuple = ()
     if plan is not None:  # calls completed before a cut (finish "length") or a repeated call are kept
         _, found, reason_text = split_calls("".join(reply) + tail, finish.value, plan)

@@ -127,9 +127,8 @@ class ActiveRequest:
         self.first_at = self.first_at or now
         self.last_at = now
         text, reason = self.text.add(token)
-        d = self.decoding
-        if reason is None and d is not None and d.grammar_done(self.n_prompt + self.text.generated):
-            reason = FinishReason.STOP  # the grammar is complete: nothing but eos may follow
+        if self.decoding is not None:
+            reason = self.decoding.finish(self.text.generated, reason)  # the grammar is complete: STOP
         if reason is None and self.calls is not None and self.calls.feed(text):
             reason = FinishReason.STOP  # a tool call repeated an earlier one: the list ends before it
         if reason is None:

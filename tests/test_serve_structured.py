@@ -66,6 +66,24 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
+def test_one_grammar_complete_rule_in_library_and_server(model, client):
+    """A grammar complete on the last id max_tokens allows ends with "stop", in stream_generate and in
+    the server alike (Decoding.finish); one id short it is "length" in both."""
+    def library(n: int) -> tuple[str, int]:
+        last = list(edge_infer.stream_generate(model, HELLO, max_tokens=n, response_format=FORMAT))[-1]
+        return last.finish_reason.value, last.timings.generation_tokens
+
+    def server(n: int) -> tuple[str, int]:
+        r = client.chat.completions.create(model="tiny", messages=HELLO, response_format=FORMAT, max_tokens=n)
+        return r.choices[0].finish_reason, r.usage.completion_tokens
+
+    for run in (library, server):
+        reason, n = run(80)  # the grammar completes before max_tokens
+        assert reason == "stop" and n > 1, run.__name__
+        assert run(n) == ("stop", n), run.__name__  # complete on the last id allowed
+        assert run(n - 1) == ("length", n - 1), run.__name__
+
+
 def test_parse_with_a_pydantic_model(client):
     r = client.chat.completions.parse(model="tiny", messages=HELLO, response_format=Place, max_tokens=80)
     place = r.choices[0].message.parsed
