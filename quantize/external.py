@@ -41,6 +41,7 @@ class DataFile:
         self._f = open(self.path, "wb")
         self.offset = 0
         self.deferred: dict[str, Any] = {}
+        self._written: set[tuple[str, str, str]] = set()  # (name, offset, length) of each tensor written here
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
         a = np.asarray(array)
@@ -61,8 +62,26 @@ class DataFile:
         for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(a.nbytes))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
+        self._written.add((name, str(self.offset), str(a.nbytes)))
         self.offset += a.nbytes
         return t
+
+    def holds(self, t: TensorProto, folder: Path) -> bool:
+        """Whether `t`, read from `folder`, is stored in this file or is one of its deferred tensors.
+
+        A location naming this file means this file when `folder` is this file's folder. From another
+        folder it may name that folder's own data file (model.onnx.data, when an exported folder is
+        quantized): then only a tensor this file wrote, by name, offset and length, is this file's."""
+        if t.data_location != TensorProto.EXTERNAL:
+            return False
+        info = {e.key: e.value for e in t.external_data}
+        if info.get("location") == PLACEHOLDER:
+            return t.name in self.deferred
+        if info.get("location") != self.path.name:
+            return False
+        if Path(folder).resolve() == self.path.parent.resolve():
+            return True
+        return (t.name, info.get("offset", "0"), info.get("length")) in self._written
 
     def defer(self, name: str, values) -> TensorProto:
         """An initializer whose values are made only when read: `values` is an array-like that
@@ -160,12 +179,10 @@ def save_streamed(model: onnx.ModelProto, graph_path: Path, data: DataFile, fold
     they are `data`'s own, left deferred: a graph that only feeds the quantizer). Closes `data`.
     `progress(done, total)` after each initializer."""
     folder = Path(folder) if folder is not None else Path(graph_path).parent
-    own = data.path.name
     inits = model.graph.initializer
     for i in range(len(inits)):
         t = inits[i]
-        info = {e.key: e.value for e in t.external_data} if t.data_location == TensorProto.EXTERNAL else {}
-        if info.get("location") == own or (info.get("location") == PLACEHOLDER and t.name in data.deferred):
+        if data.holds(t, folder):
             continue
         moved = data.move(t, folder, deferred)
         if moved is not t:
