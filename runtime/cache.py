@@ -147,12 +147,12 @@ class KVCache:
         if ends.size and int(ends.max()) > self.max_length:
             raise ContextLengthError(f"{int(ends.max())} positions do not fit the KV cache of {self.max_length}")
 
-    def advance_rows(self, kept: Sequence[Sequence[int]]) -> None:
+    def advance_rows(self, written: Sequence[Sequence[int]]) -> None:
         """Record per row the ids whose keys a pass wrote after its cached positions (Model.forward_rows)."""
-        counts = np.array([len(k) for k in kept], dtype=np.int64)
+        counts = np.array([len(k) for k in written], dtype=np.int64)
         self.check_fits(self._lengths + counts)
         self._lengths += counts
-        for row, ids in zip(self._ids, kept):
+        for row, ids in zip(self._ids, written):
             row.extend(int(t) for t in ids)
 
     def trim(self, n: int) -> None:
@@ -256,9 +256,9 @@ class ConcatKVCache(KVCache):
         """Take the past + new arrays a pass returned."""
         self.keys, self.values = keys, values
 
-    def advance_rows(self, kept: Sequence[Sequence[int]]) -> None:
+    def advance_rows(self, written: Sequence[Sequence[int]]) -> None:
         """The pass already returned past + new arrays; keep only what is recorded."""
-        super().advance_rows(kept)
+        super().advance_rows(written)
         self.keys = [k[:, :, :self.offset] for k in self.keys]
         self.values = [v[:, :, :self.offset] for v in self.values]
 
