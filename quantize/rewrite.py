@@ -243,6 +243,12 @@ def _plan(
     return jobs, tied
 
 
+def _reads_vocab(job: _Job) -> bool:
+    """The embedding table or the lm_head: their width is `QuantConfig.embeddings`/`lm_head`, asked for by
+    name, so an imported wider block is rounded to it rather than kept."""
+    return job.gather is not None or (job.matmul is not None and job.matmul.name == LM_HEAD_MATMUL)
+
+
 def _obtain(
     job: _Job,
     tensor: TensorProto,
@@ -261,8 +267,8 @@ def _obtain(
             raise ValueError(f"prequantized {job.weight} is (N={pre.n}, K={pre.k}), the graph needs ({n}, {k})")
         if pre.bits == job.bits and pre.block_size == config.block_size:
             return pre
-        if pre.bits > job.bits:  # e.g. a GGUF's Q6_K/Q8_0 tensors in an int4 export: kept exact, at 8 bits
-            return pre
+        if pre.bits > job.bits and not _reads_vocab(job):  # e.g. a GGUF's Q6_K/Q8_0 linears in an int4
+            return pre  # export: kept exact, at 8 bits (the embeddings/lm_head width is the user's own choice)
         log.info(
             "%s: imported as %d-bit blocks of %d, re-quantizing to %d-bit blocks of %d (a second rounding)",
             job.weight, pre.bits, pre.block_size, job.bits, config.block_size,

@@ -139,8 +139,13 @@ def test_gguf_import_modes(gguf_file, tmp_path):
         q = json.loads((f / "manifest.json").read_text())["quantization"]
         assert q["gguf_import"] == mode
         assert ("gguf_q4_1" in q) == (mode in ("exact", "mixed")) and ("gguf_q4_1_folded" in q) == (mode == "folded")
-    heads = [n for n in onnx.load(fast4 / "model.onnx").graph.node if n.name.startswith("/lm_head/MatMul")]
-    assert [a.i for n in heads for a in n.attribute if a.name == "bits"] == [4]  # not kept at Q8_0's 8 bits
+    folded4 = export_model(gguf_file, tmp_path / "folded4", ExportOptions(**opts, gguf_import="folded",
+                                                                         embeddings="int4", lm_head="int4"))
+    for f in (fast4, folded4):  # asked for by name, so the Q8_0 table is rounded to 4 bits, not kept at 8
+        heads = [n for n in onnx.load(f / "model.onnx").graph.node if n.name.startswith("/lm_head/MatMul")]
+        assert [a.i for n in heads for a in n.attribute if a.name == "bits"] == [4], f.name
+        q = json.loads((f / "manifest.json").read_text())["quantization"]
+        assert q["lm_head"] == q["embeddings"] == "int4", f.name
     fp32 = edge_infer.load(export_model(gguf_file, tmp_path / "fp32", ExportOptions(quant="fp32", max_length=64,
                                                                                    validate=False)), device="cpu")
     ids = np.array([[5, 17, 42, 99, 7, 250, 31, 8, 64, 120]])
