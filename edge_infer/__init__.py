@@ -31,6 +31,8 @@ _PUBLIC = {
     "embed": "edge_infer.runtime.embed",
     "load_embedding": "edge_infer.runtime.embed",
     "EmbeddingModel": "edge_infer.runtime.embed",
+    "ChatSession": "edge_infer.runtime.chat",
+    "ToolCall": "edge_infer.runtime.tool_replies",
     "SamplingParams": "edge_infer.runtime.sampling",
     "SpeculativeConfig": "edge_infer.runtime.speculative",
     "UserError": "edge_infer.contract.errors",
@@ -42,11 +44,13 @@ __all__ = [*_PUBLIC, "export", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time names load on first use
     from edge_infer.contract.errors import ContextLengthError, ModelFileError, UserError
+    from edge_infer.runtime.chat import ChatSession
     from edge_infer.runtime.embed import EmbeddingModel, embed, load_embedding
     from edge_infer.runtime.generate import Chunk, FinishReason, Timings, generate, stream_generate
     from edge_infer.runtime.model import Model, load
     from edge_infer.runtime.sampling import SamplingParams
     from edge_infer.runtime.speculative import SpeculativeConfig
+    from edge_infer.runtime.tool_replies import ToolCall
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,7 @@ def sampling_options(f):
         click.option("--seed", type=int, default=None, help="Makes sampling reproducible."),
         click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output."),
         click.option("--device", default="auto", show_default=True,
-                     help="auto, cpu, cuda, dml, qnn, openvino or coreml (see `edge-infer devices`)."),
+                     help="auto, cpu, cuda, dml, qnn, coreml, openvino (the best OpenVINO device present) or openvino:NPU|GPU|CPU (see `edge-infer devices`)."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: cores]."),
     ]
     for opt in reversed(opts):

@@ -39,7 +39,7 @@ from edge_infer.runtime.cli_options import (chat_template_option, speculative_fr
               help="Another name requests may give as \"model\" (repeatable); any other name is a 404.")
 @click.option("--shutdown-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds running requests get to finish on SIGTERM.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, dml, ... (see `edge-infer devices`).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, dml, qnn, coreml, openvino or openvino:NPU|GPU|CPU (see `edge-infer devices`).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: cores].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="info logs one line per request (no prompt text); debug adds access logs.")
