@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_infer.contract.errors import UserError
+from edge_infer.serve.metrics import merge_metrics
 
 log = logging.getLogger("edge_infer.cluster")
 
@@ -141,40 +142,6 @@ class Picker:
 
     def failed(self, i: int) -> None:
         self.down_until[i] = time.monotonic() + DOWN_FOR_S
-
-
-def merge_metrics(texts: list[str], label: str = "replica", values: list[str] | None = None) -> str:
-    """Prometheus text from each replica as one exposition, a `replica` label on every sample
-    (each family's HELP and TYPE once, then the samples of every replica); `label` and `values`
-    name another label (serve/multi.py: `model`, one value per model)."""
-    heads: dict[str, list[str]] = {}
-    samples: dict[str, list[str]] = {}
-    for index, text in enumerate(texts):
-        value = str(index) if values is None else values[index]
-        family = ""
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            parts = line.split()
-            if line.startswith("#"):
-                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                    family = parts[2]
-                    head = heads.setdefault(family, [])
-                    samples.setdefault(family, [])
-                    if not any(h.split()[1] == parts[1] for h in head):
-                        head.append(line)
-                continue
-            samples.setdefault(family, []).append(_with_label(line, label, value))
-            heads.setdefault(family, [])
-    return "".join("".join(f"{h}\n" for h in heads[f]) + "".join(f"{x}\n" for x in samples[f]) for f in samples)
-
-
-def _with_label(sample: str, name: str, value: str) -> str:
-    metric, _, rest = sample.partition(" ")
-    if "{" in metric:
-        head, _, labels = metric.partition("{")
-        return f'{head}{{{name}="{value}",{labels} {rest}' if labels != "}" else f'{head}{{{name}="{value}"}} {rest}'
-    return f'{metric}{{{name}="{value}"}} {rest}'
 
 
 # ---- Ray Serve deployments (ray is imported only here, inside functions) ----

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/v1/messages",
-                    "/v1/messages/count_tokens"})
+                    "/v1/messages/count_tokens", "/v1/embeddings", "/"})
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
@@ -18,6 +18,8 @@ _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 def route_label(path: str) -> str:
     if path.startswith("/v1/models/"):
         return "/v1/models"
+    if path.startswith("/ui/"):  # the chat page's files (serve/page.py)
+        return "/ui"
     return path if path in ROUTES else "other"
 
 
@@ -67,3 +69,37 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def merge_metrics(texts: list[str], label: str = "replica", values: list[str] | None = None) -> str:
+    """Prometheus text from each replica as one exposition, a `replica` label on every sample
+    (each family's HELP and TYPE once, then the samples of every replica); `label` and `values`
+    name another label (serve/multi.py: `model`, one value per model)."""
+    heads: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for index, text in enumerate(texts):
+        value = str(index) if values is None else values[index]
+        family = ""
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            parts = line.split()
+            if line.startswith("#"):
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    head = heads.setdefault(family, [])
+                    samples.setdefault(family, [])
+                    if not any(h.split()[1] == parts[1] for h in head):
+                        head.append(line)
+                continue
+            samples.setdefault(family, []).append(_with_label(line, label, value))
+            heads.setdefault(family, [])
+    return "".join("".join(f"{h}\n" for h in heads[f]) + "".join(f"{x}\n" for x in samples[f]) for f in samples)
+
+
+def _with_label(sample: str, name: str, value: str) -> str:
+    metric, _, rest = sample.partition(" ")
+    if "{" in metric:
+        head, _, labels = metric.partition("{")
+        return f'{head}{{{name}="{value}",{labels} {rest}' if labels != "}" else f'{head}{{{name}="{value}"}} {rest}'
+    return f'{metric}{{{name}="{value}"}} {rest}'

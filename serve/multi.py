@@ -119,7 +119,7 @@ class StoreModels:
         return ok, {"status": "ok" if ok else "error", "models": models, "served": len(self.ids())}
 
     def render_metrics(self, metrics: Metrics) -> bytes:
-        from edge_infer.serve.cluster import merge_metrics
+        from edge_infer.serve.metrics import merge_metrics
 
         names = sorted(self.metrics)
         texts = [metrics.render().decode()] + [self.metrics[n].render().decode() for n in names]

@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from conftest import default_gguf
-from edge_infer.serve.cluster import Picker, merge_metrics, rank_replicas, routing_key
+from edge_infer.serve.cluster import Picker, rank_replicas, routing_key
+from edge_infer.serve.metrics import merge_metrics
 
 pytestmark = pytest.mark.slow
 KEY = "cluster-key-0123456789"
