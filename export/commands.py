@@ -18,7 +18,11 @@ def quant_options(f):
         click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Weight zero point."),
         click.option("--embeddings", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True,
                      help="Token embedding precision (shared with a tied lm_head)."),
-        click.option("--lm-head", type=click.Choice(["int8", "int4", "fp"]), default="int8", show_default=True),
+        click.option("--lm-head", type=click.Choice(["auto", "int8", "int4", "fp", "rescore"]), default="auto",
+                     show_default=True,
+                     help="lm_head precision. rescore: scan a 4-bit copy of the vocabulary, then recompute the best "
+                          "1024 logits from the 8-bit table (faster decode, near-int8 quality); auto: rescore for "
+                          "vocabularies of 100k tokens or more, int8 below."),
         click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
                      help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = float activations."),
         click.option("--rounding", type=click.Choice(["search", "rtn"]), default="search", show_default=True,

@@ -42,7 +42,7 @@ class DirectRoute(Route):
         io, quantized, reference = build_streamed(job, self.arch.recipe(job.spec, job.source.config))
         details = dict(quantized.details) if quantized is not None else {}
         details.update(self.import_report(job, quantized))
-        quant = QuantRecord(job.options.quant, job.options.quant_config(), details)
+        quant = QuantRecord(job.options.quant, job.options.quant_config(job.spec), details)
         return Built(graph_record(self.name, io, job.options), quant, reference)
 
     def import_report(self, job: ExportJob, quantized: Quantized | None) -> dict[str, Any]:

@@ -59,7 +59,7 @@ class ExportOptions:
     symmetric: bool = False
     accuracy_level: int = 4
     embeddings: str = "int8"  # int8 | int4 | fp
-    lm_head: str = "int8"
+    lm_head: str = "auto"  # auto | int8 | int4 | fp | rescore (quantize/rescore.py; auto: rescore for big vocabularies)
     rounding: str = "search"  # 4-bit rounding of float weights: "search" (least-squares scales) or "rtn"
     # GGUF blocks with a minimum per block (Q4_1, Q4_K), see GGUF_IMPORTS: "folded" (the block
     # residuals as extra input columns of the weight, rounded once), "exact" (a float residual
@@ -105,15 +105,17 @@ class ExportOptions:
         """The graph's activations and KV cache: fp16 for --quant fp16 and the gpu profile, else fp32."""
         return "fp16" if self.quant == "fp16" or self.profile == "gpu" else "fp32"
 
-    def quant_config(self) -> QuantConfig | None:
+    def quant_config(self, spec: DecoderSpec | None = None) -> QuantConfig | None:
         """The quantization settings these options ask for (None for fp32/fp16): what the rewrite gets
-        and what the manifest records."""
+        and what the manifest records, `lm_head="auto"` decided for `spec`'s vocabulary (a model
+        without one, an encoder, gets int8)."""
         from edge_infer.quantize.config import QuantConfig
 
         if self.quant not in ("int8", "int4"):
             return None
-        return QuantConfig.from_options(self.quant, self.block_size, self.symmetric, self.accuracy_level,
-                                        self.embeddings, self.lm_head, self.rounding)
+        config = QuantConfig.from_options(self.quant, self.block_size, self.symmetric, self.accuracy_level,
+                                          self.embeddings, self.lm_head, self.rounding)
+        return config.for_vocab(spec.vocab_size, spec.tie_word_embeddings) if spec else config.for_vocab(0, False)
 
 
 @dataclass(frozen=True)

@@ -129,5 +129,5 @@ class OptimumRoute(Route):
             model, details = q.model, q.details
         job.progress.stage("writing model")
         save_graph(model, job.folder)
-        quant = QuantRecord(options.quant, options.quant_config(), details)
+        quant = QuantRecord(options.quant, options.quant_config(job.spec), details)
         return Built(graph_record(self.name, io, options), quant, reference)

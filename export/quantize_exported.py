@@ -18,7 +18,7 @@ from edge_infer.export.atomic import atomic_folder
 from edge_infer.export.progress import Progress
 from edge_infer.quantize.external import DataFile, read_tensor, save_streamed
 from edge_infer.quantize.config import QuantConfig
-from edge_infer.quantize.rewrite import quantize_graph, quantize_summary
+from edge_infer.quantize.rewrite import decide_lm_head, quantize_graph, quantize_summary
 from edge_infer.contract.errors import UserError
 from edge_infer.contract.model_folder import DATA_FILE, write_manifest
 from edge_infer.contract.quantization import QuantRecord
@@ -47,6 +47,7 @@ def quantize_folder(src: str | Path, out: str | Path, config: QuantConfig, valid
     # Weights stay on disk: each is read when its turn comes and its quantized form goes straight to
     # the new data file (quantize.external), so memory holds one tensor, not the model.
     model = onnx.load(str(graph_path), load_external_data=False)
+    config = decide_lm_head(model, config)  # what the manifest records: "auto" decided
     scheme = f"int{config.bits}"
     with atomic_folder(out, force) as tmp:
         progress.stage(f"quantizing to {scheme} (block {config.block_size}, "

@@ -101,7 +101,7 @@ def quantize_model(model: onnx.ModelProto, spec: DecoderSpec, blocks: SourceBloc
     `sink(tensor)` moves each new tensor to the data file (quantize_graph)."""
     from edge_infer.quantize.rewrite import quantize_graph
 
-    config = options.quant_config()
+    config = options.quant_config(spec)
     assert config is not None, "only int8/int4 exports are quantized"
     config.validate()
     blocks.embed_bits = {"int8": 8, "int4": 4}.get(config.embeddings_choice(), 0)

@@ -20,7 +20,7 @@ the nodes cost a quarter of a decode step, on a 1.5B one the matrix adds a fifth
 read per token. The folded import (the default, `fold_minimum` / `add_block_sums`) puts R into
 the weight itself as extra input columns, rounded to the weight's bits in blocks of their own,
 and feeds the MatMulNBits [x, blocksum(x)] (a MatMul with a 0/1 matrix shared by the weights of
-one K, and a Concat): two small nodes instead of four, no float matrix per weight, and the
+one K, or a ReduceSum where that matrix would be large, and a Concat): two small nodes instead of four, no float matrix per weight, and the
 residuals are the only thing rounded (twice, hi and lo parts: at most max(d) / 450).
 """
 
@@ -131,12 +131,17 @@ def folded_columns(k: int, block_size: int) -> int:
     return k + 2 * (-(-n_blocks // block_size) * block_size)
 
 
+INDICATOR_MAX_BYTES = 1 << 20  # a larger 0/1 matrix is not cache-resident: sum the blocks with ReduceSum
+
+
 def add_block_sums(model: onnx.ModelProto, folded: set[str], block_size: int) -> int:
     """Feed each MatMulNBits built from a weight in `folded` with [x, sums, sums]; returns the count.
 
     The block sums (padded with zeros to whole blocks) are one MatMul with a 0/1 matrix shared by
     every weight of the same K, so it stays in cache; weights that read the same input share one
-    branch (MatMul, Concat).
+    branch (MatMul, Concat). Where that matrix would pass INDICATOR_MAX_BYTES (K 8960: 10 MB, read
+    once per layer and token, 6% of a 1.5B decode step) the sums are a Reshape to blocks and a
+    ReduceSum instead, which read only x (_summed_blocks).
     """
     graph = model.graph
     widened: dict[str, str] = {}  # input name -> its [x, sums, sums] name
@@ -152,22 +157,39 @@ def add_block_sums(model: onnx.ModelProto, folded: set[str], block_size: int) ->
             k = next(k for k in range(block_size, wide, block_size) if folded_columns(k, block_size) == wide)
             n_blocks = k // block_size
             padded = -(-n_blocks // block_size) * block_size
-            if k not in indicators:
-                ones = np.zeros((k, padded), dtype=_float_dtype(graph, node))  # (K, P), the activations' dtype
-                ones[:, :n_blocks] = np.repeat(np.eye(n_blocks, dtype=ones.dtype), block_size, axis=0)
-                indicators[k] = f"block_sums/indicator_{k}x{padded}"
-                graph.initializer.append(numpy_helper.from_array(ones, indicators[k]))
+            dtype = _float_dtype(graph, node)
             base = node.name.rsplit("/", 1)[0] + "/block_sums"
             widened[x] = base + "/x_and_sums"
             sums = base + "/sums"  # (batch, seq, P)
-            rewritten += [
-                helper.make_node("MatMul", [x, indicators[k]], [sums], name=base + "/MatMul"),
-                helper.make_node("Concat", [x, sums, sums], [widened[x]], name=base + "/Concat",
-                                 axis=-1),  # (batch, seq, K + 2 P)
-            ]
+            if k % block_size == 0 and k * padded * dtype.itemsize > INDICATOR_MAX_BYTES:
+                branch = _summed_blocks(graph, x, sums, base, n_blocks, padded, block_size)
+            else:
+                if k not in indicators:
+                    ones = np.zeros((k, padded), dtype=dtype)  # (K, P), the activations' dtype
+                    ones[:, :n_blocks] = np.repeat(np.eye(n_blocks, dtype=ones.dtype), block_size, axis=0)
+                    indicators[k] = f"block_sums/indicator_{k}x{padded}"
+                    graph.initializer.append(numpy_helper.from_array(ones, indicators[k]))
+                branch = [helper.make_node("MatMul", [x, indicators[k]], [sums], name=base + "/MatMul")]
+            rewritten += [*branch, helper.make_node("Concat", [x, sums, sums], [widened[x]], name=base + "/Concat",
+                                                    axis=-1)]  # (batch, seq, K + 2 P)
         node.input[0] = widened[x]
         rewritten.append(node)
         added += 1
     del graph.node[:]
     graph.node.extend(rewritten)
     return added
+
+
+def _summed_blocks(graph: onnx.GraphProto, x: str, sums: str, base: str, n_blocks: int, padded: int,
+                   block_size: int) -> list[onnx.NodeProto]:
+    """x (batch, seq, K) -> its block sums (batch, seq, P): Reshape to blocks, ReduceSum, zeros up to P."""
+    consts = {"blocks": np.array([0, 0, n_blocks, block_size], np.int64), "last": np.array([-1], np.int64),
+              "pads": np.array([0, 0, 0, 0, 0, padded - n_blocks], np.int64)}
+    graph.initializer.extend(numpy_helper.from_array(v, f"{base}/const_{k}") for k, v in consts.items())
+    summed = sums if padded == n_blocks else base + "/ReduceSum/output_0"
+    nodes = [helper.make_node("Reshape", [x, base + "/const_blocks"], [base + "/Blocks/output_0"], name=base + "/Blocks"),
+             helper.make_node("ReduceSum", [base + "/Blocks/output_0", base + "/const_last"], [summed],
+                              name=base + "/ReduceSum", keepdims=0)]
+    if padded != n_blocks:
+        nodes.append(helper.make_node("Pad", [summed, base + "/const_pads"], [sums], name=base + "/Pad"))
+    return nodes

@@ -3,7 +3,7 @@ to the manifest (its fields are contract.quantization.QuantSettings, which the r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edge_infer.contract.errors import UserError
 from edge_infer.contract.quantization import QuantSettings
@@ -14,6 +14,9 @@ EMBED_GATHER = "/model/embed_tokens/Gather"
 LM_HEAD_MATMUL = "/lm_head/MatMul"
 LM_HEAD_TRANSPOSE = "/lm_head/Transpose"
 CHOICES = {"int8": 8, "int4": 4, "fp": None}
+# lm_head only: "rescore" (a 4-bit scan, its best candidates recomputed from the 8-bit table:
+# quantize/rescore.py), "auto" (rescore for large vocabularies, int8 otherwise).
+LM_HEAD_CHOICES = {**CHOICES, "rescore": 8}
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class QuantConfig(QuantSettings):
 
     @classmethod
     def from_options(cls, quant: str, block_size: int = 32, symmetric: bool = False, accuracy_level: int = 4,
-                     embeddings: str = "int8", lm_head: str = "int8", rounding: str = "search") -> QuantConfig:
+                     embeddings: str = "int8", lm_head: str = "auto", rounding: str = "search") -> QuantConfig:
         """What `--quant int4|int8` and the quantization options of `export` and `quantize` ask for."""
         if quant not in ("int8", "int4"):
             raise UserError(f"quantization to '{quant}' is not supported: use int8 or int4")
@@ -54,10 +57,10 @@ class QuantConfig(QuantSettings):
             )
         if self.method not in ("search", "rtn"):
             raise UserError(f"method={self.method!r} is not valid: use 'search' (least-squares scales) or 'rtn'")
-        for field in ("embeddings", "lm_head"):
+        for field, choices in (("embeddings", CHOICES), ("lm_head", [*LM_HEAD_CHOICES, "auto"])):
             value = getattr(self, field)
-            if value not in CHOICES:
-                raise UserError(f"{field}={value!r} is not valid: use one of {', '.join(CHOICES)}")
+            if value not in choices:
+                raise UserError(f"{field}={value!r} is not valid: use one of {', '.join(choices)}")
         if (self.exclude is None or isinstance(self.exclude, str)
                 or not all(isinstance(s, str) and s for s in self.exclude)):
             raise UserError(f"exclude={self.exclude!r} must be a tuple of non-empty node-name substrings")
@@ -72,6 +75,17 @@ class QuantConfig(QuantSettings):
 
     def lm_head_choice(self) -> str:
         return "fp" if self._excluded(LM_HEAD_MATMUL) else self.lm_head
+
+    def for_vocab(self, vocab: int, tied: bool) -> QuantConfig:
+        """This config with `lm_head="auto"` decided for a vocabulary of `vocab` tokens (quantize/rescore.py):
+        a tied lm_head shares the embeddings' table, so it follows `embeddings` unless that is int8."""
+        from .rescore import resolve
+
+        if self.lm_head != "auto":
+            return self
+        if tied and self.embeddings_choice() != "int8":
+            return replace(self, lm_head=self.embeddings_choice())
+        return replace(self, lm_head=resolve("auto", vocab))
 
     def embeddings_choice(self) -> str:
         return "fp" if self._excluded(EMBED_GATHER) else self.embeddings

@@ -11,7 +11,9 @@ Tied embeddings: one quantized tensor (uint8 B (V, n_blocks, blob), scales, zero
 serves both the lm_head MatMulNBits and the embedding's dequantizing gather, so the
 weights are stored once. Because it is one tensor, `QuantConfig.lm_head` must equal
 `QuantConfig.embeddings` for a tied model (an lm_head named in `exclude` counts as "fp");
-otherwise `quantize_graph` raises a UserError naming both fields.
+otherwise `quantize_graph` raises a UserError naming both fields. The exception is
+lm_head "rescore" over int8 embeddings (quantize/rescore.py): the lm_head scans a 4-bit copy
+and reads rows of the shared 8-bit table. "auto" picks rescore or int8 by vocabulary size.
 
 The embedding gather is built from standard ops (Gather, BitShift, Unsqueeze, Concat,
 Reshape, Cast, Sub, Mul, Slice; opset >= 13) rather than `com.microsoft.GatherBlockQuantized`.
@@ -54,7 +56,9 @@ from .nbits import (
 )
 from .block_offsets import folded_columns
 from .external import tensor_nbytes
-from .config import CHOICES, EMBED_GATHER, LM_HEAD_MATMUL, LM_HEAD_TRANSPOSE, QuantConfig
+from .config import CHOICES, EMBED_GATHER, LM_HEAD_CHOICES, LM_HEAD_MATMUL, LM_HEAD_TRANSPOSE, QuantConfig
+from . import rescore
+from .embedding_gather import embedding_nodes
 from .search import quantize_search
 
 log = logging.getLogger(__name__)
@@ -80,6 +84,7 @@ class _Job:
     matmul: onnx.NodeProto | None  # MatMul to replace (lm_head or a linear)
     gather: onnx.NodeProto | None  # embedding Gather to replace
     transposed: bool  # the initializer is (K, N): quantize its transpose
+    rescore: bool = False  # the lm_head scans a 4-bit copy and rescores from these 8 bits (quantize/rescore.py)
 
 
 def quantize_graph(
@@ -113,7 +118,7 @@ def quantize_graph(
     out = _copy_without_initializers(model)
     graph = out.graph
     opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 0)
-    jobs, tied = _plan(graph, originals, config, opset)
+    jobs, tied, config = _plan(graph, originals, config, opset)
     # Copy every initializer except the float weights about to be replaced (they can be large).
     replaced = {job.weight for job in jobs}
     graph.initializer.extend(t for name, t in originals.items() if name not in replaced)
@@ -152,12 +157,26 @@ def quantize_graph(
     return out
 
 
+def decide_lm_head(model: onnx.ModelProto, config: QuantConfig) -> QuantConfig:
+    """`config` with `lm_head="auto"` decided for `model`'s vocabulary and tying, as quantize_graph decides it
+    (for the manifest's record of a graph quantized with `config`)."""
+    opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 0)
+    return _plan(model.graph, {t.name: t for t in model.graph.initializer}, config.validate(), opset)[2]
+
+
 def _rewrite(job: _Job, ql: QuantizedLinear, graph: onnx.GraphProto, inits: dict[str, TensorProto],
              config: QuantConfig, sink: Callable[[TensorProto], TensorProto] | None) -> dict[str, list[onnx.NodeProto]]:
     """Add `job`'s quantized initializers to `graph` (through `sink`) and return the nodes that replace
     its MatMul and Gather, keyed by the replaced node's first output."""
     dtype = _FLOAT_TYPES[inits[job.weight].data_type]
     names, tensors = nbits_initializers(ql, job.weight, dtype)
+    scan: tuple[QuantizedLinear, NBitsNames] | None = None
+    if job.rescore:  # the 8-bit table stays for the rescoring; the lm_head scans a 4-bit copy of it
+        rescore.per_block_rank3(tensors, names)
+        scan_ql = rescore.scan_copy(ql, config.block_size)
+        scan_names, scan_tensors = nbits_initializers(scan_ql, f"{job.weight}.scan", dtype)
+        tensors += scan_tensors
+        scan = (scan_ql, scan_names)
     for t in tensors:
         if t.name in inits:
             raise UserError(f"cannot quantize {job.weight}: the graph already has an initializer named {t.name}")
@@ -168,24 +187,39 @@ def _rewrite(job: _Job, ql: QuantizedLinear, graph: onnx.GraphProto, inits: dict
     del tensors
     new_nodes: dict[str, list[onnx.NodeProto]] = {}
     if job.matmul is not None:
-        node = job.matmul
-        node_name = node.name + "NBits" if node.name.endswith("MatMul") else node.name + "/MatMulNBits"
-        nbits_node, _ = matmul_nbits(
-            node.input[0], node.output[0], node_name, ql, config.accuracy_level,
-            prefix=job.weight, dtype=dtype, b_names=names,
-        )  # fmt: skip
-        new_nodes[node.output[0]] = [nbits_node]
+        nodes, sub_inits = _lm_head_nodes(job.matmul, ql, names, scan, config, dtype)
+        graph.initializer.extend(sub_inits if sink is None else [sink(t) for t in sub_inits])
+        new_nodes[job.matmul.output[0]] = nodes
     if job.gather is not None:
-        sub_nodes, sub_inits = _embedding_nodes(job.gather, ql, names, dtype)
+        sub_nodes, sub_inits = embedding_nodes(job.gather, ql, names, dtype)
         graph.initializer.extend(sub_inits if sink is None else [sink(t) for t in sub_inits])
         new_nodes[job.gather.output[0]] = sub_nodes
     return new_nodes
 
 
+def _lm_head_nodes(node: onnx.NodeProto, ql: QuantizedLinear, names: NBitsNames,
+                   scan: tuple[QuantizedLinear, NBitsNames] | None, config: QuantConfig,
+                   dtype: type[np.floating]) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """What replaces a linear MatMul: one MatMulNBits, or for an lm_head 'rescore' the scan and the
+    rescoring of its best candidates (quantize/rescore.py)."""
+    if scan is None:
+        node_name = node.name + "NBits" if node.name.endswith("MatMul") else node.name + "/MatMulNBits"
+        nbits_node, _ = matmul_nbits(node.input[0], node.output[0], node_name, ql, config.accuracy_level,
+                                     dtype=dtype, prefix="", b_names=names)
+        return [nbits_node], []
+    scan_ql, scan_names = scan
+    scan_out = "/lm_head/scan/output_0"
+    scan_node, _ = matmul_nbits(node.input[0], scan_out, "/lm_head/scan/MatMulNBits", scan_ql, config.accuracy_level,
+                                dtype=dtype, prefix="", b_names=scan_names)
+    rest, inits = rescore.rescore_nodes(node.input[0], node.output[0], scan_out, ql, names)
+    return [scan_node, *rest], inits
+
+
 def _plan(
     graph: onnx.GraphProto, inits: dict[str, TensorProto], config: QuantConfig, opset: int
-) -> tuple[list[_Job], bool]:
-    """Which weights to quantize, at which bits, for which nodes; and whether embeddings are tied."""
+) -> tuple[list[_Job], bool, QuantConfig]:
+    """Which weights to quantize, at which bits, for which nodes; whether embeddings are tied; and the
+    config with `lm_head="auto"` decided."""
     by_name = {n.name: n for n in graph.node if n.name}
     gather = by_name.get(EMBED_GATHER)
     if gather is not None and not (gather.op_type == "Gather" and _is_float_weight(inits.get(gather.input[0]))):
@@ -203,18 +237,28 @@ def _plan(
         and [list(a.ints) for a in transpose.attribute if a.name == "perm"] in ([[1, 0]], [])
     )
 
+    if lm_head is not None:
+        head = inits.get(embed or "") if tied else inits.get(lm_head.input[1])
+        vocab = (head.dims[0] if tied else head.dims[-1]) if head is not None and len(head.dims) == 2 else 0
+        config = config.for_vocab(int(vocab), tied)
     jobs: list[_Job] = []
     embed_bits = CHOICES[config.embeddings_choice()]
+    rescoring = config.lm_head_choice() == "rescore"
     if tied:
         assert embed is not None
-        if config.lm_head_choice() != config.embeddings_choice():
+        if rescoring and config.embeddings_choice() != "int8":
+            raise UserError(
+                f"lm_head 'rescore' recomputes its best logits from an 8-bit table, which this model shares with its "
+                f"embeddings (tied): use embeddings int8 with it (got embeddings={config.embeddings_choice()!r})"
+            )
+        if config.lm_head_choice() != config.embeddings_choice() and not rescoring:
             raise UserError(
                 f"this model ties its lm_head to the embeddings, so both share one tensor: set lm_head to the "
                 f"same value as embeddings (got embeddings={config.embeddings_choice()!r}, "
                 f"lm_head={config.lm_head_choice()!r})"
             )
         if embed_bits is not None:
-            jobs.append(_Job(embed, embed_bits, lm_head, gather, transposed=False))
+            jobs.append(_Job(embed, embed_bits, lm_head, gather, transposed=False, rescore=rescoring))
     elif embed is not None and embed_bits is not None:
         jobs.append(_Job(embed, embed_bits, None, gather, transposed=False))
     if embed is not None and embed_bits is not None and opset < 13:
@@ -233,14 +277,15 @@ def _plan(
         weight = node.input[1]
         if not _is_float_weight(inits.get(weight)) or config._excluded(node.name):
             continue
-        bits = CHOICES[config.lm_head_choice()] if node.name == LM_HEAD_MATMUL else config.bits
+        head = node.name == LM_HEAD_MATMUL
+        bits = LM_HEAD_CHOICES[config.lm_head_choice()] if head else config.bits
         if bits is None:
             continue
         if readers[weight] > 1:
             log.info("weight %s feeds several nodes; keeping it in float", weight)
             continue
-        jobs.append(_Job(weight, bits, node, None, transposed=True))
-    return jobs, tied
+        jobs.append(_Job(weight, bits, node, None, transposed=True, rescore=head and rescoring))
+    return jobs, tied, config
 
 
 def _reads_vocab(job: _Job) -> bool:
@@ -331,81 +376,6 @@ def _round(w: np.ndarray, bits: int, config: QuantConfig) -> QuantizedLinear:
                            zero_points=np.concatenate(zps) if zps else None, k=parts[0].k)
 
 
-def _embedding_nodes(
-    gather: onnx.NodeProto, ql: QuantizedLinear, names: NBitsNames, dtype: type[np.floating]
-) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
-    """Standard-op subgraph: rows of B/scales/zero points -> float rows, output named like the Gather's.
-
-    ids (batch, sequence_length) -> flat (T,) -> B rows (T, n_blocks, blob) -> values
-    (T, n_blocks, block_size) -> (values - zp) * scale -> (T, K_padded) -> (T, D)
-    -> (batch, sequence_length, D). Needs opset 13 (Unsqueeze with an axes input).
-    """
-    base = gather.name.rsplit("/", 1)[0] if "/" in gather.name else gather.name
-    nb, bs, bits, d = ql.n_blocks, ql.block_size, ql.bits, ql.k
-    zp_cols = -(-nb * bits // 8)  # packed zero-point bytes per row
-    onnx_float = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    consts: dict[str, np.ndarray] = {
-        "minus1": np.array([-1], np.int64),
-        "four": np.array(4, np.uint8),
-        "blocks": np.array([0, nb, bs], np.int64),  # (T, nb, bs)
-        "rows": np.array([0, nb * bs], np.int64),  # (T, K_padded)
-        "per_block": np.array([0, nb, 1], np.int64),  # (T, nb, 1)
-        "zp_unpacked": np.array([0, 2 * zp_cols], np.int64),  # (T, 2 * zp_cols)
-        "zero": np.array([0], np.int64),
-        "one": np.array([1], np.int64),
-        "d": np.array([d], np.int64),
-        "nb": np.array([nb], np.int64),
-        "zp": np.array(1 << (bits - 1), dtype),  # implied symmetric zero point
-    }
-    inits = [numpy_helper.from_array(v, f"{base}/const_{k}") for k, v in consts.items()]
-    nodes: list[onnx.NodeProto] = []
-
-    def c(key: str) -> str:
-        return f"{base}/const_{key}"
-
-    def add(op: str, step: str, inputs: list[str], **attrs: Any) -> str:
-        out = f"{base}/{step}/output_0"
-        nodes.append(helper.make_node(op, inputs, [out], name=f"{base}/{step}", **attrs))
-        return out
-
-    def unpack4(packed: str, step: str) -> str:
-        """(T, ..., m) uint8 -> (T, ..., m, 2) with the low nibble first (element 2i)."""
-        shifted = add("BitShift", f"{step}/Shl", [packed, c("four")], direction="LEFT")  # drops the high nibble
-        lo = add("BitShift", f"{step}/Lo", [shifted, c("four")], direction="RIGHT")
-        hi = add("BitShift", f"{step}/Hi", [packed, c("four")], direction="RIGHT")
-        lo = add("Unsqueeze", f"{step}/LoPair", [lo, c("minus1")])
-        hi = add("Unsqueeze", f"{step}/HiPair", [hi, c("minus1")])
-        return add("Concat", f"{step}/Pairs", [lo, hi], axis=-1)
-
-    ids = gather.input[1]
-    flat = add("Reshape", "FlattenIds", [ids, c("minus1")])  # (T,)
-    rows = add("Gather", "GatherB", [names.b, flat], axis=0)  # (T, nb, blob) uint8
-    if bits == 4:
-        rows = unpack4(rows, "UnpackB")  # (T, nb, blob, 2)
-    values = add("Cast", "CastB", [add("Reshape", "Blocks", [rows, c("blocks")])], to=onnx_float)  # (T, nb, bs)
-
-    if ql.zero_points is None:
-        zp = c("zp")  # scalar 2**(bits-1)
-    else:
-        zp = add("Gather", "GatherZp", [names.zero_points, flat], axis=0)  # (T, zp_cols) or (T, nb)
-        if ql.zero_points.dtype == np.uint8:
-            if bits == 4:
-                zp = add("Reshape", "ZpUnpacked", [unpack4(zp, "UnpackZp"), c("zp_unpacked")])  # (T, 2*zp_cols)
-                zp = add("Slice", "ZpSlice", [zp, c("zero"), c("nb"), c("one")])  # (T, nb)
-            zp = add("Cast", "CastZp", [zp], to=onnx_float)
-        zp = add("Reshape", "ZpBlocks", [zp, c("per_block")])  # (T, nb, 1)
-    scales = add("Gather", "GatherScales", [names.scales, flat], axis=0)  # (T, nb)
-    scales = add("Reshape", "ScaleBlocks", [scales, c("per_block")])  # (T, nb, 1)
-
-    w = add("Mul", "Scale", [add("Sub", "SubZp", [values, zp]), scales])  # (T, nb, bs)
-    w = add("Reshape", "Rows", [w, c("rows")])  # (T, K_padded)
-    w = add("Slice", "Unpad", [w, c("zero"), c("d"), c("one")])  # (T, D)
-    shape = add("Concat", "OutShape", [add("Shape", "IdsShape", [ids]), c("d")], axis=0)  # ids.shape + (D,)
-    nodes.append(helper.make_node("Reshape", [w, shape], [gather.output[0]], name=f"{base}/DequantizedRows"))
-    used = {name for node in nodes for name in node.input}
-    return nodes, [t for t in inits if t.name in used]
-
-
 def _remove_dead(graph: onnx.GraphProto, replaced: set[str], originals: Mapping[str, TensorProto]) -> None:
     """Drop the tied Transpose once nothing reads it; restore a replaced float weight something still reads."""
     graph_outputs = {o.name for o in graph.output}
@@ -468,6 +438,8 @@ def quantize_summary(model: onnx.ModelProto) -> dict:
             bits = next(a.i for a in n.attribute if a.name == "bits")
             by_bits[str(bits)] = by_bits.get(str(bits), 0) + 1
             quantized_bytes.update(name for name in n.input[1:] if name in inits)
+        elif n.op_type == "GatherBlockQuantized":  # the 8-bit table an lm_head 'rescore' reads rows of
+            quantized_bytes.update(name for name in n.input if name in inits)
         elif n.op_type == "Gather" and n.name.endswith(("/GatherB", "/GatherScales", "/GatherZp")):
             quantized_bytes.add(n.input[0])  # the quantized embedding (shared with the lm_head when tied)
             base = n.name.rsplit("/", 1)[0]

@@ -39,9 +39,10 @@ def probe_cache(tmp_path_factory):
         yield
 
 
-@pytest.fixture(scope="module", params=["int4", "int8"])
+@pytest.fixture(scope="module", params=["int4", "int8", "int4-rescore"])
 def folder(request, tiny_exports):
-    return tiny_exports("llama", request.param)
+    quant, _, head = request.param.partition("-")  # rescore: a 4-bit lm_head scan + rescored candidates
+    return tiny_exports("llama", quant, **({"lm_head": head} if head else {}))
 
 
 @pytest.fixture(scope="module", params=["attention", "rows"])

@@ -128,3 +128,31 @@ def test_readme_table_names_these_tests():
     assert families and set(families) == set(FAMILIES)
     variants = re.findall(r"\[(hf|gguf)-(\w+)\]", section)
     assert {v for _, v in variants} == set(VARIANTS) and {r for r, _ in variants} == {"hf", "gguf"}
+
+
+def test_block_sums_by_reduce_sum_equal_the_indicator_matmul(tmp_path, monkeypatch):
+    """Large layer inputs sum their blocks with Reshape + ReduceSum instead of a MatMul with a 0/1 matrix
+    that would not stay in cache (quantize/block_offsets.py INDICATOR_MAX_BYTES): the same logits, up to
+    summation order. Here every input takes the ReduceSum branch."""
+    import onnx
+    from gguf.constants import GGMLQuantizationType as QT
+
+    from edge_infer.quantize import block_offsets
+
+    folder = make_checkpoint("qwen3", tmp_path / "hf", hidden_size=256, intermediate_size=256)
+    path = write_gguf("qwen3", load_reference(folder), tmp_path / "k.gguf", qtype=QT.Q4_K)
+    opts = dict(quant="int4", max_length=64, accuracy_level=0, validate=False)
+    matmul = export_model(path, tmp_path / "matmul", ExportOptions(**opts))
+    monkeypatch.setattr(block_offsets, "INDICATOR_MAX_BYTES", 0)
+    reduce = export_model(path, tmp_path / "reduce", ExportOptions(**opts))
+    graphs = {f: onnx.load(str(f / "model.onnx"), load_external_data=False).graph for f in (matmul, reduce)}
+    names = {f: [n.name for n in g.node if "/block_sums/" in n.name] for f, g in graphs.items()}
+    assert any(n.endswith("/block_sums/MatMul") for n in names[matmul])
+    assert any(n.endswith("/block_sums/ReduceSum") for n in names[reduce])
+    assert not any(n.endswith("/block_sums/MatMul") for n in names[reduce])
+    assert not any(i.name.startswith("block_sums/indicator") for i in graphs[reduce].initializer)
+    ids = np.array([PROMPT])
+    a, b = (edge_infer.load(f, device="cpu") for f in (matmul, reduce))
+    la = a.forward(ids, a.new_cache(), logits_to_keep=len(PROMPT))[0]
+    lb = b.forward(ids, b.new_cache(), logits_to_keep=len(PROMPT))[0]
+    np.testing.assert_allclose(lb, la, atol=1e-5 * np.abs(la).max())
