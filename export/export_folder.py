@@ -105,17 +105,19 @@ class ExportOptions:
         """The graph's activations and KV cache: fp16 for --quant fp16 and the gpu profile, else fp32."""
         return "fp16" if self.quant == "fp16" or self.profile == "gpu" else "fp32"
 
-    def quant_config(self, spec: DecoderSpec | None = None) -> QuantConfig | None:
+    def quant_config(self, spec: object = None) -> QuantConfig | None:
         """The quantization settings these options ask for (None for fp32/fp16): what the rewrite gets
-        and what the manifest records, `lm_head="auto"` decided for `spec`'s vocabulary (a model
-        without one, an encoder, gets int8)."""
+        and what the manifest records, `lm_head="auto"` decided for a DecoderSpec's vocabulary (an
+        encoder's spec, or none, gets int8)."""
         from edge_infer.quantize.config import QuantConfig
 
         if self.quant not in ("int8", "int4"):
             return None
         config = QuantConfig.from_options(self.quant, self.block_size, self.symmetric, self.accuracy_level,
                                           self.embeddings, self.lm_head, self.rounding)
-        return config.for_vocab(spec.vocab_size, spec.tie_word_embeddings) if spec else config.for_vocab(0, False)
+        if isinstance(spec, DecoderSpec):
+            return config.for_vocab(spec.vocab_size, spec.tie_word_embeddings)
+        return config.for_vocab(0, False)
 
 
 @dataclass(frozen=True)

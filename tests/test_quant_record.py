@@ -25,7 +25,10 @@ def test_a_quant_config_is_the_recorded_settings():
     assert isinstance(config, QuantSettings)
     record = QuantRecord("int4", config, {"summary": {}})
     back = QuantRecord.from_manifest(json.loads(json.dumps(record.to_manifest())), "fp32")
-    assert back.settings == QuantSettings(bits=4, block_size=16, symmetric=True, accuracy_level=0, method="rtn")
+    assert back.settings == QuantSettings(bits=4, block_size=16, symmetric=True, accuracy_level=0, method="rtn",
+                                          lm_head="auto")  # decided per model by for_vocab; recorded as given here
+    decided = QuantRecord("int4", config.for_vocab(151936, tied=True)).to_manifest()
+    assert decided["lm_head"] == "rescore"
     assert back.bits == 4 and not back.int8_activations and back.details == {"summary": {}}
 
 
