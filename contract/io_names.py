@@ -23,6 +23,9 @@ ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS_TO_KEEP = "logits_to_keep"
 QUERY_SEQLENS = "query_seqlens"
+# (1,) int64: 1 pads a one-token pass's attention to two rows (export/graph.py _one_token_padding), 0 skips
+# that when no other grouping of the pass must match it (runtime/model.py binds it every pass).
+PAD_ATTENTION = "pad_attention"
 LOGITS = "logits"
 
 PAST = "past_key_values.{layer}.{kind}"  # a template: past(layer, kind) fills it

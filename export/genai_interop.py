@@ -33,7 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from edge_infer.export.graph_headers import drop_input, query_seqlens_from_shape
-from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, QUERY_SEQLENS,
+from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, PAD_ATTENTION, LOGITS_TO_KEEP, POSITION_IDS, QUERY_SEQLENS,
                                             past, present)
 
 GENAI_CONFIG = "genai_config.json"
@@ -122,6 +122,8 @@ def _write_graph_without_keep(src: Path, dst: Path) -> None:
     graph = onnx.load(str(src), load_external_data=False)
     if drop_input(graph, LOGITS_TO_KEEP):
         graph.graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.int64), LOGITS_TO_KEEP))
+    if drop_input(graph, PAD_ATTENTION):  # a constant 1: genai's one-token steps pad their attention as before
+        graph.graph.initializer.append(numpy_helper.from_array(np.ones(1, dtype=np.int64), PAD_ATTENTION))
     if any(i.name == QUERY_SEQLENS for i in graph.graph.input):
         # genai feeds every row the same number of new tokens: query_seqlens = sequence_length per row.
         query_seqlens_from_shape(graph, "/genai")

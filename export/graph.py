@@ -34,8 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_infer.export.rope import cos_sin_cache
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.quantize.external import DataFile
-from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, KV_KINDS, LAST_HIDDEN_STATE, LOGITS, LOGITS_TO_KEEP, POSITION_IDS,
-                                            QUERY_SEQLENS, past, past_pair, present, present_pair)
+from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, KV_KINDS, LAST_HIDDEN_STATE, LOGITS, LOGITS_TO_KEEP,
+                                            PAD_ATTENTION, POSITION_IDS, QUERY_SEQLENS, past, past_pair, present, present_pair)
 
 OPSET = 21
 MS = "com.microsoft"
@@ -102,7 +102,7 @@ def build_decoder(spec: DecoderSpec, weights: Mapping[str, np.ndarray], max_leng
     """
     b = _Builder(np.float16 if dtype == "fp16" else np.float32, store)
     inputs, outputs = _graph_io(spec, head, b.onnx_dtype)
-    lengths = _attention_lengths(b)
+    lengths = _attention_lengths(b, switchable=head == "lm_head")
 
     rope_caches = {}
     if spec.rope is not None:
@@ -153,6 +153,8 @@ def _graph_io(spec: DecoderSpec, head: str, kv_type: int) -> tuple[list, list]:
     if head == "lm_head":
         inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
     inputs.append(helper.make_tensor_value_info(QUERY_SEQLENS, TensorProto.INT64, ["batch"]))
+    if head == "lm_head":
+        inputs.append(helper.make_tensor_value_info(PAD_ATTENTION, TensorProto.INT64, [1]))
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", LOGITS_TO_KEEP, spec.vocab_size])
                if head == "lm_head" else
                helper.make_tensor_value_info(LAST_HIDDEN_STATE, TensorProto.FLOAT,
@@ -164,7 +166,7 @@ def _graph_io(spec: DecoderSpec, head: str, kv_type: int) -> tuple[list, list]:
     return inputs, outputs
 
 
-def _attention_lengths(b: _Builder) -> _Lengths:
+def _attention_lengths(b: _Builder, switchable: bool) -> _Lengths:
     """Lengths for GroupQueryAttention, from the right-padded mask."""
     mask_sum = b.one("ReduceSum", [ATTENTION_MASK, b.const([1])], "/model/attn_mask/ReduceSum", keepdims=0)
     seqlens = b.one("Sub", [mask_sum, b.const(1)], "/model/attn_mask/Sub")
@@ -175,7 +177,7 @@ def _attention_lengths(b: _Builder) -> _Lengths:
     # With query_seqlens, GroupQueryAttention takes each row's past length from seqlens_k + 1 - query_seqlens
     # and total_len only as an upper bound, so rows may add different numbers of tokens in one pass.
     query_lens = b.one("Cast", [QUERY_SEQLENS], "/model/attn_mask/query_seqlens", to=TensorProto.INT32)  # (batch,)
-    return _one_token_padding(b, seqlens, seqlens_k, total_len, query_lens)
+    return _one_token_padding(b, seqlens, seqlens_k, total_len, query_lens, switchable)
 
 
 def _embeddings(b: _Builder, spec: DecoderSpec, weights) -> tuple[str, str]:
@@ -218,7 +220,8 @@ class _Lengths:
     seq: str  # (1,) int64: the pass's sequence_length, where the attention output is cut back
 
 
-def _one_token_padding(b: _Builder, seqlens: str, seqlens_k: str, total_len: str, query_lens: str) -> _Lengths:
+def _one_token_padding(b: _Builder, seqlens: str, seqlens_k: str, total_len: str, query_lens: str,
+                       switchable: bool) -> _Lengths:
     """Batch invariance inside the graph: attention of a one-token pass runs as a two-token one.
 
     GroupQueryAttention computes a one-token pass on its own decode path, which rounds differently
@@ -229,7 +232,9 @@ def _one_token_padding(b: _Builder, seqlens: str, seqlens_k: str, total_len: str
     token: its key lands one position past the row's length, where the next pass overwrites it,
     and its output is cut off. The matmuls keep their one-row kernels (a runtime padding id would
     double their rows: +14% per decode step), and a decode step, a verification, a prefill chunk
-    and a server row give bitwise-identical logits.
+    and a server row give bitwise-identical logits. `switchable` (decoders with logits): the
+    `pad_attention` input (1 or 0) turns it off for a pass whose logits no other grouping must match,
+    plain decoding of one sequence (runtime/generate.py), where the padding row cost 5-12% of a step.
     """
     seq = b.one("Gather", [b.one("Shape", [INPUT_IDS], "/model/pad_one/Shape"), b.const([1])],
                 "/model/pad_one/seq", axis=0)  # (1,)
@@ -239,8 +244,11 @@ def _one_token_padding(b: _Builder, seqlens: str, seqlens_k: str, total_len: str
     need = b.one("Add", [b.one("ReduceMax", [seqlens], "/model/pad_one/last", keepdims=1), b.const([2])],
                  "/model/pad_one/need")  # (1,) the padding row's position + 1
     room = b.one("LessOrEqual", [need, capacity], "/model/pad_one/room")
-    pad = b.one("Cast", [b.one("And", [one, room], "/model/pad_one/And")], "/model/pad_one/pad",
-                to=TensorProto.INT64)  # (1,) 1 or 0
+    both = b.one("And", [one, room], "/model/pad_one/And")
+    if switchable:
+        wanted = b.one("Cast", [PAD_ATTENTION], "/model/pad_one/wanted", to=TensorProto.BOOL)
+        both = b.one("And", [both, wanted], "/model/pad_one/AndWanted")
+    pad = b.one("Cast", [both], "/model/pad_one/pad", to=TensorProto.INT64)  # (1,) 1 or 0
     pads = b.one("Concat", [b.const([0, 0, 0, 0]), pad, b.const([0])], "/model/pad_one/pads", axis=0)
     pad32 = b.one("Cast", [pad], "/model/pad_one/pad32", to=TensorProto.INT32)
     extra = b.one("Mul", [query_lens, pad32], "/model/pad_one/extra")  # (batch,) 1 for a row with its token

@@ -24,7 +24,8 @@ from edge_infer.export.segments import StoredGraph, cpu_session, run_segmented
 from edge_infer.export.sources import Source
 from edge_infer.export.spec import DecoderSpec
 from edge_infer.contract.model_folder import GRAPH_FILE
-from edge_infer.contract.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, QUERY_SEQLENS, past_pair
+from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, PAD_ATTENTION, POSITION_IDS,
+                                          QUERY_SEQLENS, past_pair)
 
 REFERENCE_SEGMENT_BYTES = 256 << 20
 # fp32/fp16 exports are compared with transformers (which loads the whole model in fp32) up to this size.
@@ -52,6 +53,7 @@ def prompt_feed(spec: DecoderSpec, ids: list[int], dtype=np.float32, width: int 
     n = len(ids)
     feed = {INPUT_IDS: np.asarray([ids], dtype=np.int64), ATTENTION_MASK: np.ones((1, n), np.int64),
             LOGITS_TO_KEEP: np.array([n], dtype=np.int64), QUERY_SEQLENS: np.array([n], dtype=np.int64),
+            PAD_ATTENTION: np.ones(1, dtype=np.int64),
             POSITION_IDS: np.arange(n, dtype=np.int64)[None, :]}
     empty = np.zeros((1, spec.num_kv_heads, 0, width or spec.head_dim), dtype=dtype)  # (1, kv_heads, 0, width)
     for i in range(spec.num_layers):

@@ -34,8 +34,8 @@ from edge_infer.contract.model_folder import MANIFEST
 from edge_infer.runtime.manifest import Manifest, load_manifest
 from edge_infer.runtime.manifest_schema import check_graph_io, check_kv_memory
 from edge_infer.runtime.tokenizer import Tokenizer
-from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, QUERY_SEQLENS,
-                                            past_pair, present_pair)
+from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, PAD_ATTENTION, POSITION_IDS,
+                                          QUERY_SEQLENS, past_pair, present_pair)
 
 log = logging.getLogger("edge_infer")
 
@@ -156,6 +156,8 @@ class Model:
         # gives every one-id row a padding id too (pad_ids). Graphs that concatenate their cache cannot pad.
         self.padding = choose_padding(manifest, proto, self.plan, asked, threads, allow_spinning, shared_threads)
         self.pad_ids = self.padding.mode == "rows"  # False turns the padding id off (benchmarks do)
+        # The graph's attention padding can be switched off per pass (export/graph.py _one_token_padding).
+        self.pad_switch = PAD_ATTENTION in self._input_names
         self._output_names = [o.name for o in self.session.get_outputs()]
         width = next(o.shape[-1] for o in self.session.get_outputs() if o.name == LOGITS)
         self._vocab = width if isinstance(width, int) else manifest.geometry.vocab_size
@@ -257,6 +259,8 @@ class Model:
             p = cache.plan(feeds, pad=False, uniform=True, keep=keep)
             return p.split(self._run_concat(p, cache))
         back = 0
+        if not cache.invariant_steps and cache.batch == 1 and len(feeds[0]) == 1:
+            pad = False  # a lone plain decode step: no other grouping is compared with it (_run skips the attention's)
         if pad is None and self.pad_ids and cache.batch == 1 and len(feeds[0]) == 1:
             prev = cache.previous_id()
             if prev is not None:  # "rows" mode, one id at batch 1: re-feed the id before it instead
@@ -292,6 +296,8 @@ class Model:
         binding.bind_cpu_input(LOGITS_TO_KEEP, np.array([p.keep], dtype=np.int64))
         if self.ragged_rows:
             binding.bind_cpu_input(QUERY_SEQLENS, p.query_lengths)  # (batch,)
+        if self.pad_switch:
+            binding.bind_cpu_input(PAD_ATTENTION, np.array([int(cache.invariant_steps)], dtype=np.int64))
         # A fresh array for the logits every pass (their shape changes between passes, and a caller may
         # hold the last ones), bound as the output so onnxruntime writes into it: no copy out, and no
         # Python wrapper for each of the cache's outputs (get_outputs makes one per output).

@@ -129,7 +129,7 @@ def test_without_padding_a_one_token_step_follows_the_probe(folder):
     def run(ids, past_k, past_v):  # -> (logits (n, vocab), layer-0 attention (n, width), present keys, values)
         n, start = len(ids), past_k[0].shape[2]
         feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, start + n), np.int64),
-                "logits_to_keep": np.array([n]), "query_seqlens": np.array([n])}
+                "logits_to_keep": np.array([n]), "query_seqlens": np.array([n]), "pad_attention": np.array([1])}
         for i in range(g.num_layers):
             feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past_k[i], past_v[i]
         out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
@@ -249,3 +249,31 @@ def test_the_padding_can_be_forced_by_environment(tiny_exports, monkeypatch):
     monkeypatch.setenv("EDGE_INFER_PADDING", "sideways")
     with pytest.raises(edge_infer.UserError, match="EDGE_INFER_PADDING='sideways'"):
         edge_infer.load(tiny_exports("llama", "int8"), device="cpu", threads=2)
+
+
+def test_plain_decoding_of_one_sequence_skips_the_padding(tiny_exports):
+    """A lone plain decode (speculation off) is compared with no other grouping of its passes, so its
+    one-token steps run unpadded (the graph's pad_attention input at 0, no padding id): the same bits
+    as a step with no room left to pad. Speculation, the server and a padding asked for by name keep it."""
+    from edge_infer.runtime.generate import stream_generate
+
+    folder = tiny_exports("llama", "int4")
+    m = edge_infer.load(folder, device="cpu", threads=2)
+    ids = IDS[:8]
+
+    def step(max_length: int, invariant: bool) -> np.ndarray:
+        cache = m.new_cache(max_length=max_length)
+        m.forward(np.array([ids]), cache)
+        cache.invariant_steps = invariant
+        return m.forward(np.array([[5]]), cache)[0, -1]
+
+    np.testing.assert_array_equal(step(len(ids) + 8, invariant=False), step(len(ids) + 1, invariant=True))
+    if m.batch_invariant:  # padded: the bits of the same position in one wider pass
+        wide = m.forward(np.array([ids + [5]]), m.new_cache(max_length=len(ids) + 8), logits_to_keep=1)[0, -1]
+        np.testing.assert_array_equal(step(len(ids) + 8, invariant=True), wide)
+
+    for speculative, forced, want in (("off", False, False), ("auto", False, True), ("off", True, True)):
+        model = edge_infer.load(folder, device="cpu", threads=2, padding="attention") if forced else m
+        cache = model.new_cache()
+        list(stream_generate(model, "Hello", max_tokens=3, speculative=speculative, cache=cache))
+        assert cache.invariant_steps is want, (speculative, forced)

@@ -38,10 +38,11 @@ def _feeds(manifest: dict, ids: list[int]) -> dict:
 def test_genai_graph_gives_every_position_and_equals_ours(tiny_exports, quant):
     path = tiny_exports("llama", quant)
     manifest = json.loads((path / "manifest.json").read_text())
-    extra = {"logits_to_keep": np.asarray([len(PROMPT)], np.int64), "query_seqlens": np.asarray([len(PROMPT)], np.int64)}
+    extra = {"logits_to_keep": np.asarray([len(PROMPT)], np.int64), "query_seqlens": np.asarray([len(PROMPT)], np.int64),
+             "pad_attention": np.ones(1, np.int64)}
     ours = _session(path / "model.onnx").run(["logits"], {**_feeds(manifest, PROMPT), **extra})[0]
     genai = _session(path / GENAI_GRAPH)
-    assert not {"logits_to_keep", "query_seqlens"} & {i.name for i in genai.get_inputs()}  # genai feeds what it knows
+    assert not {"logits_to_keep", "query_seqlens", "pad_attention"} & {i.name for i in genai.get_inputs()}  # genai feeds what it knows
     theirs = genai.run(["logits"], _feeds(manifest, PROMPT))[0]
     assert theirs.shape == (1, len(PROMPT), manifest["model"]["vocab_size"])  # (batch, sequence_length, vocab)
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)

@@ -67,7 +67,7 @@ def _logits(graph: Path, n_layers: int, kv_heads: int, head_dim: int) -> np.ndar
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     ids = np.array([[1, 17, 300, 42, 7, 1999, 5, 64]], dtype=np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "logits_to_keep": np.array([8], np.int64),
-            "query_seqlens": np.array([8], np.int64)}
+            "query_seqlens": np.array([8], np.int64), "pad_attention": np.ones(1, np.int64)}
     for i in range(n_layers):
         for kind in ("key", "value"):
             feed[f"past_key_values.{i}.{kind}"] = np.zeros((1, kv_heads, 0, head_dim), np.float32)
