@@ -221,7 +221,6 @@ def edge_engine(model, new_tokens: int) -> tuple[Prefill, Step]:
     def prefill(ids: Sequence[int]) -> int:
         # A fresh cache sized for this request (prompt + new tokens), like the peers' generators.
         cache = model.new_cache(max_length=min(len(ids) + new_tokens, model.max_length))
-        cache.invariant_steps = model.padding.forced  # plain decoding, as stream_generate runs it with speculation off
         state["cache"] = cache
         return int(np.argmax(run_prefill(model, list(ids), cache)))  # logits (vocab,)
 

@@ -7,6 +7,9 @@ Two mechanisms give every pass at least two rows where a kernel needs them:
   * "rows": Model.forward_rows gives a one-id row a padding id, so the whole pass (matmuls
     included) runs two rows. Needed where a matmul differs between 1 and M rows but agrees from 2
     rows on (a 4-bit MatMulNBits on an AVX-512 AMD EPYC, FACTS.md).
+  * "off", only when asked for: neither (the graph's `pad_attention` input at 0). Plain decoding is
+    5-14% faster (RESULTS.md), and nothing is batch-invariant: greedy speculation may then differ from
+    plain decoding at a near-tie (1 of 8 grounded tasks at 0.5B did).
 devices/invariance.py lists the graph's kernel configurations and devices/probe_graphs.py measures
 each; `choose` is a pure function of those verdicts: it picks the cheapest mode that makes the passes
 agree ("auto"), or checks a forced one, and says why. `invariant` is what
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from edge_infer.contract.errors import UserError
 from edge_infer.devices.invariance import FROM_TWO, NOT_INVARIANT, ROW_INVARIANT, UNKNOWN, ProbeResult
 
-MODES = ("auto", "attention", "rows")
+MODES = ("auto", "attention", "rows", "off")
 ENV = "EDGE_INFER_PADDING"  # the padding for tools that cannot pass load(padding=...)
 
 
@@ -30,7 +33,7 @@ ENV = "EDGE_INFER_PADDING"  # the padding for tools that cannot pass load(paddin
 class Padding:
     """The padding a model runs with, whether the probe verified it batch-invariant, and why."""
 
-    mode: str  # "attention" | "rows" | "none" (a graph that cannot pad: concatenated or static cache)
+    mode: str  # "attention" | "rows" | "off" (asked for) | "none" (a graph that cannot pad: concatenated or static cache)
     invariant: bool  # a position's logits are the same bits however its pass was grouped (probed here)
     reason: str  # one line for people
     forced: bool = False  # chosen by padding= / EDGE_INFER_PADDING rather than by the probe
@@ -49,9 +52,18 @@ def requested(padding: str | None) -> str:
     return value
 
 
+OFF_REASON = ("turned off by request: one-token passes run GroupQueryAttention's one-row path (and one-row "
+              "matmuls), faster, but speculation, prefill chunks and server rows may round differently from them")
+
+
+def turned_off() -> Padding:
+    """padding="off": no padding anywhere, so nothing is claimed invariant (no probe is run)."""
+    return Padding("off", False, OFF_REASON, forced=True)
+
+
 def unpadded(reason: str, asked: str) -> Padding:
     """A graph that cannot pad at all: it keeps its behaviour, and a forced mode is refused."""
-    if asked != "auto":
+    if asked not in ("auto", "off"):
         raise UserError(f"padding={asked!r} cannot be met: {reason}; leave padding at auto")
     return Padding("none", False, reason)
 

@@ -50,11 +50,6 @@ class Pass:
 
 
 class KVCache:
-    # Whether a one-token pass over this cache must give the bits a wider pass would (batch invariance:
-    # Model._pass_rows pads it). True for every cache but a lone plain decode's, which nothing else is
-    # compared with (runtime/generate.py stream_generate turns it off when speculation is off).
-    invariant_steps = True
-
     def __init__(self, manifest: Manifest, batch: int = 1, max_length: int | None = None):
         g = manifest.geometry
         self.max_length = int(max_length or g.max_length)

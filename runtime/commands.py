@@ -119,7 +119,7 @@ def chat(model, system, stats, max_tokens, stop, device, threads, chat_template,
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest.")
 @click.option("--device", default="auto", show_default=True, help="The device whose padding to show.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: cores].")
-@click.option("--padding", type=click.Choice(["auto", "attention", "rows"]), default=None,
+@click.option("--padding", type=click.Choice(["auto", "attention", "rows", "off"]), default=None,
               help="Check a forced padding mode [default: auto, or $EDGE_INFER_PADDING].")
 def inspect(model, no_verify, as_json, device, threads, padding):
     """Summarize a model folder's manifest, verify every file's hash, and say which padding keeps its

@@ -134,9 +134,8 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     `speculative`: "auto" (the default: prompt lookup while its guesses pay, plain steps when
     they keep failing), "lookup", "off" or None (plain decoding), or a SpeculativeConfig (needed
     for a draft model). The output is plain decoding's: identical ids when greedy (on int4 and
-    int8 exports too: see Model.forward_rows), the same distribution when sampling. Identical to
-    plain decoding's passes made invariant (`load(padding="attention"|"rows")`): with speculation
-    off and padding "auto", one-token steps skip that padding, which nothing compares them with.
+    int8 exports too: see Model.forward_rows), the same distribution when sampling. (Not with
+    `load(padding="off")`, which gives up that invariance for faster one-token steps.)
     `draft_cache` keeps the draft model's prefix across calls, as `cache` does for the model.
     """
     clock = _Clock()
@@ -159,9 +158,6 @@ def stream_generate(model: Model, prompt: Prompt, *, max_tokens: int | None = No
     text = TextStream(model.tokenizer.backend, model.tokenizer.eos_ids, list(stop), max_tokens=1)
     ids = encode_prompt(model, prompt, template_kwargs)
     cache = cache if cache is not None else model.new_cache()
-    # Plain decoding of one sequence is compared with no other grouping of its passes, so its one-token
-    # steps skip the batch-invariance padding (Model._pass_rows), unless padding was asked for by name.
-    cache.invariant_steps = speculative is not None or model.padding.forced
     budget = plan_max_tokens(model, len(ids), max_tokens, cache.max_length)
     text.max_tokens = budget
     cached = reusable(cache.tokens, ids)  # what decode_tokens' cache.reuse keeps

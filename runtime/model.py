@@ -97,6 +97,8 @@ def choose_padding(manifest: Manifest, proto: onnx.ModelProto, plan: DevicePlan,
                    shared_threads: bool = False) -> padding_modes.Padding:
     """The padding `manifest`'s graph `proto` runs with on `plan`'s device, from a probe of its kernels
     with the session options the model gets (devices/padding.py; cached per machine)."""
+    if asked == "off" and manifest.kv_layout == "shared":
+        return padding_modes.turned_off()
     if manifest.kv_layout == "static":
         return padding_modes.unpadded(STATIC_UNPADDED, asked)
     if manifest.kv_layout != "shared":
@@ -156,7 +158,7 @@ class Model:
         # gives every one-id row a padding id too (pad_ids). Graphs that concatenate their cache cannot pad.
         self.padding = choose_padding(manifest, proto, self.plan, asked, threads, allow_spinning, shared_threads)
         self.pad_ids = self.padding.mode == "rows"  # False turns the padding id off (benchmarks do)
-        # The graph's attention padding can be switched off per pass (export/graph.py _one_token_padding).
+        # The graph's attention padding can be switched off (export/graph.py _one_token_padding): padding="off".
         self.pad_switch = PAD_ATTENTION in self._input_names
         self._output_names = [o.name for o in self.session.get_outputs()]
         width = next(o.shape[-1] for o in self.session.get_outputs() if o.name == LOGITS)
@@ -259,8 +261,8 @@ class Model:
             p = cache.plan(feeds, pad=False, uniform=True, keep=keep)
             return p.split(self._run_concat(p, cache))
         back = 0
-        if not cache.invariant_steps and cache.batch == 1 and len(feeds[0]) == 1:
-            pad = False  # a lone plain decode step: no other grouping is compared with it (_run skips the attention's)
+        if self.padding.mode == "off":
+            pad = False  # load(padding="off"): no padding id, and _run turns the graph's attention padding off
         if pad is None and self.pad_ids and cache.batch == 1 and len(feeds[0]) == 1:
             prev = cache.previous_id()
             if prev is not None:  # "rows" mode, one id at batch 1: re-feed the id before it instead
@@ -297,7 +299,7 @@ class Model:
         if self.ragged_rows:
             binding.bind_cpu_input(QUERY_SEQLENS, p.query_lengths)  # (batch,)
         if self.pad_switch:
-            binding.bind_cpu_input(PAD_ATTENTION, np.array([int(cache.invariant_steps)], dtype=np.int64))
+            binding.bind_cpu_input(PAD_ATTENTION, np.array([int(self.padding.mode != "off")], dtype=np.int64))
         # A fresh array for the logits every pass (their shape changes between passes, and a caller may
         # hold the last ones), bound as the output so onnxruntime writes into it: no copy out, and no
         # Python wrapper for each of the cache's outputs (get_outputs makes one per output).
@@ -315,7 +317,8 @@ def load(path: str | os.PathLike, device: str = "auto", threads: int | None = No
 
     padding: "auto" (default; $EDGE_INFER_PADDING when None) picks the cheapest padding that makes
     every pass grouping give the same bits on this machine, measured by a probe of the graph's
-    kernels (devices/padding.py, cached per machine); "attention" or "rows" forces one (tests, A/Bs).
+    kernels (devices/padding.py, cached per machine); "attention" or "rows" forces one (tests, A/Bs);
+    "off" pads nothing: faster one-token steps, no invariance (speculation may differ from plain at a tie).
     `Model.batch_invariant` and `Model.describe_padding()` say what was verified and why.
 
     allow_spinning=False stops onnxruntime's worker threads spinning after each run: a little

@@ -251,29 +251,22 @@ def test_the_padding_can_be_forced_by_environment(tiny_exports, monkeypatch):
         edge_infer.load(tiny_exports("llama", "int8"), device="cpu", threads=2)
 
 
-def test_plain_decoding_of_one_sequence_skips_the_padding(tiny_exports):
-    """A lone plain decode (speculation off) is compared with no other grouping of its passes, so its
-    one-token steps run unpadded (the graph's pad_attention input at 0, no padding id): the same bits
-    as a step with no room left to pad. Speculation, the server and a padding asked for by name keep it."""
-    from edge_infer.runtime.generate import stream_generate
-
+def test_padding_off_runs_one_token_steps_unpadded(tiny_exports):
+    """load(padding="off"): the graph's pad_attention input at 0 and no padding id, so a one-token step
+    gives the bits of a step with no room left to pad; nothing is claimed invariant. The default pads."""
     folder = tiny_exports("llama", "int4")
-    m = edge_infer.load(folder, device="cpu", threads=2)
+    off = edge_infer.load(folder, device="cpu", threads=2, padding="off")
+    auto = edge_infer.load(folder, device="cpu", threads=2)
+    assert off.padding.mode == "off" and not off.batch_invariant and "turned off" in off.describe_padding()
     ids = IDS[:8]
 
-    def step(max_length: int, invariant: bool) -> np.ndarray:
+    def step(m, max_length: int) -> np.ndarray:
         cache = m.new_cache(max_length=max_length)
         m.forward(np.array([ids]), cache)
-        cache.invariant_steps = invariant
         return m.forward(np.array([[5]]), cache)[0, -1]
 
-    np.testing.assert_array_equal(step(len(ids) + 8, invariant=False), step(len(ids) + 1, invariant=True))
-    if m.batch_invariant:  # padded: the bits of the same position in one wider pass
-        wide = m.forward(np.array([ids + [5]]), m.new_cache(max_length=len(ids) + 8), logits_to_keep=1)[0, -1]
-        np.testing.assert_array_equal(step(len(ids) + 8, invariant=True), wide)
-
-    for speculative, forced, want in (("off", False, False), ("auto", False, True), ("off", True, True)):
-        model = edge_infer.load(folder, device="cpu", threads=2, padding="attention") if forced else m
-        cache = model.new_cache()
-        list(stream_generate(model, "Hello", max_tokens=3, speculative=speculative, cache=cache))
-        assert cache.invariant_steps is want, (speculative, forced)
+    roomless = step(auto, len(ids) + 1)  # the cache's last position: nothing to pad with
+    np.testing.assert_array_equal(step(off, len(ids) + 8), roomless)
+    if auto.batch_invariant:  # padded: the bits of the same position in one wider pass
+        wide = auto.forward(np.array([ids + [5]]), auto.new_cache(max_length=len(ids) + 8), logits_to_keep=1)[0, -1]
+        np.testing.assert_array_equal(step(auto, len(ids) + 8), wide)
