@@ -14,8 +14,10 @@ rows, in float, and writes them over the scan's:
 
 So every token the sampler can plausibly pick has its 8-bit logit (greedy picks the same token as
 the 8-bit head whenever the 8-bit winner is among the scan's C best), and only the far tail keeps
-the 4-bit estimate. Measured on Qwen2.5-Coder-0.5B Q4_K_M (benchmarks/RESULTS.md): decode x1.07-1.10,
-perplexity x1.0007 of the 8-bit head's, KL to the file's fp32 weights 0.0013 (8-bit head 0.0007).
+the 4-bit estimate. Measured (benchmarks/RESULTS.md, Intel Xeon): decode x1.01-1.05 at Qwen2.5-Coder-0.5B
+Q4_K_M and x1.03-1.04 on a 1.5B geometry (the rescoring's TopK, gather and products cost 1-2.5 ms of the
+saved bytes' 3-7), perplexity x1.0007 of the 8-bit head's at 0.5B, KL to the file's fp32 weights 0.0013
+(8-bit head 0.0007).
 At SmolLM2-135M (vocabulary 49152, hidden 576) the head is a small part of a step and the rescoring
 ate the gain, so `auto` picks it from RESCORE_MIN_VOCAB tokens up.
 
