@@ -79,13 +79,13 @@ class QuantConfig(QuantSettings):
     def for_vocab(self, vocab: int, tied: bool) -> QuantConfig:
         """This config with `lm_head="auto"` decided for a vocabulary of `vocab` tokens (quantize/rescore.py):
         a tied lm_head shares the embeddings' table, so it follows `embeddings` unless that is int8."""
-        from .rescore import resolve
+        from .rescore import auto_choice
 
         if self.lm_head != "auto":
             return self
         if tied and self.embeddings_choice() != "int8":
             return replace(self, lm_head=self.embeddings_choice())
-        return replace(self, lm_head=resolve("auto", vocab))
+        return replace(self, lm_head=auto_choice(vocab))
 
     def embeddings_choice(self) -> str:
         return "fp" if self._excluded(EMBED_GATHER) else self.embeddings

@@ -2,7 +2,7 @@
 
 A decode step reads the whole lm_head: for Qwen2.5 (151936 x 896) an 8-bit table is 153 MB of a
 0.5B model's 555 MB per token. `--lm-head rescore` keeps that 8-bit table (the embedding lookup
-reads it too when tied) and adds a 4-bit copy of it that the lm_head MatMulNBits scans instead
+reads it too when tied) and adds a 4-bit copy of it (rounded to nearest, quantize/rewrite.py) that the lm_head MatMulNBits scans instead
 (87 MB), then recomputes the logits of the scan's best `candidates(vocab)` tokens from the 8-bit
 rows, in float, and writes them over the scan's:
 
@@ -32,11 +32,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .nbits import MS_DOMAIN, NBitsNames, QuantizedLinear, dequantize, quantize_rtn
+from .nbits import MS_DOMAIN, NBitsNames, QuantizedLinear
 
 RESCORE_MIN_VOCAB = 100_000  # `--lm-head auto`: rescore from this vocabulary size up, int8 below
 MAX_CANDIDATES = 1024  # logits recomputed per row; perplexity x1.0007 at 1024, x1.0019 at 512 (0.5B)
-SCAN_ROWS = 16384  # table rows dequantized at a time while the scan copy is rounded
 
 
 def candidates(vocab: int) -> int:
@@ -45,28 +44,9 @@ def candidates(vocab: int) -> int:
     return max(1, min(MAX_CANDIDATES, vocab // 8))
 
 
-def resolve(choice: str, vocab: int) -> str:
-    """`auto` -> "rescore" for vocabularies of RESCORE_MIN_VOCAB tokens or more, else "int8"."""
-    if choice != "auto":
-        return choice
+def auto_choice(vocab: int) -> str:
+    """What `--lm-head auto` means for a vocabulary of `vocab` tokens: "rescore" from RESCORE_MIN_VOCAB up."""
     return "rescore" if vocab >= RESCORE_MIN_VOCAB else "int8"
-
-
-def scan_copy(table: QuantizedLinear, block_size: int) -> QuantizedLinear:
-    """The 4-bit copy the lm_head scans: the table's dequantized rows rounded to nearest (asymmetric),
-    SCAN_ROWS rows at a time so a vocabulary-sized table is never whole in float."""
-    parts = []
-    for start in range(0, table.n, SCAN_ROWS):
-        stop = min(table.n, start + SCAN_ROWS)
-        rows = QuantizedLinear(bits=table.bits, block_size=table.block_size, q=table.q[start:stop],
-                               scales=table.scales[start:stop],
-                               zero_points=None if table.zero_points is None else table.zero_points[start:stop],
-                               k=table.k)
-        parts.append(quantize_rtn(dequantize(rows), 4, block_size, symmetric=False))
-    zps = [p.zero_points for p in parts if p.zero_points is not None]
-    return QuantizedLinear(bits=4, block_size=block_size, q=np.concatenate([p.q for p in parts]),
-                           scales=np.concatenate([p.scales for p in parts]),
-                           zero_points=np.concatenate(zps) if zps else None, k=table.k)
 
 
 def per_block_rank3(tensors: list[TensorProto], names: NBitsNames) -> None:

@@ -34,7 +34,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -173,7 +173,9 @@ def _rewrite(job: _Job, ql: QuantizedLinear, graph: onnx.GraphProto, inits: dict
     scan: tuple[QuantizedLinear, NBitsNames] | None = None
     if job.rescore:  # the 8-bit table stays for the rescoring; the lm_head scans a 4-bit copy of it
         rescore.per_block_rank3(tensors, names)
-        scan_ql = rescore.scan_copy(ql, config.block_size)
+        # The copy the lm_head scans: the table's rows rounded to nearest at 4 bits, a slice at a time.
+        scan_ql = _round_in_slices(lambda start, stop: ql.take_rows(np.arange(start, stop)).dequantize(), ql.n, 4,
+                                   replace(config, method="rtn", symmetric=False))
         scan_names, scan_tensors = nbits_initializers(scan_ql, f"{job.weight}.scan", dtype)
         tensors += scan_tensors
         scan = (scan_ql, scan_names)

@@ -160,6 +160,7 @@ class Model:
         self.pad_ids = self.padding.mode == "rows"  # False turns the padding id off (benchmarks do)
         # The graph's attention padding can be switched off (export/graph.py _one_token_padding): padding="off".
         self.pad_switch = PAD_ATTENTION in self._input_names
+        self._pad_flag = np.array([int(self.padding.mode != "off")], dtype=np.int64)
         self._output_names = [o.name for o in self.session.get_outputs()]
         width = next(o.shape[-1] for o in self.session.get_outputs() if o.name == LOGITS)
         self._vocab = width if isinstance(width, int) else manifest.geometry.vocab_size
@@ -299,7 +300,7 @@ class Model:
         if self.ragged_rows:
             binding.bind_cpu_input(QUERY_SEQLENS, p.query_lengths)  # (batch,)
         if self.pad_switch:
-            binding.bind_cpu_input(PAD_ATTENTION, np.array([int(self.padding.mode != "off")], dtype=np.int64))
+            binding.bind_cpu_input(PAD_ATTENTION, self._pad_flag)
         # A fresh array for the logits every pass (their shape changes between passes, and a caller may
         # hold the last ones), bound as the output so onnxruntime writes into it: no copy out, and no
         # Python wrapper for each of the cache's outputs (get_outputs makes one per output).

@@ -84,13 +84,7 @@ def completed_calls(text: str, plan: ToolPlan) -> tuple[str, list]:
         head = _GENERIC_HEAD.match(text)
         return ("", _objects(text, head.end())) if head else (text, [])
     if "<tool_call>" in text:
-        calls = []
-        for body in _CLOSED_CALL.findall(text):
-            try:
-                calls.append(json.loads(body))
-            except ValueError:
-                break
-        return text[:text.index("<tool_call>")].strip(), calls
+        return text[:text.index("<tool_call>")].strip(), _json_bodies(_CLOSED_CALL, text)[0]
     if "[TOOL_CALLS]" in text:
         before, _, after = text.partition("[TOOL_CALLS]")
         start = after.find("[")
@@ -170,16 +164,21 @@ def _generic_calls(text: str):
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
+def _json_bodies(pattern: re.Pattern, text: str) -> tuple[list, bool]:
+    """The JSON bodies `pattern` finds in `text`, up to the first that does not parse; and whether all did."""
+    calls = []
+    for body in pattern.findall(text):
+        try:
+            calls.append(json.loads(body))
+        except ValueError:
+            return calls, False
+    return calls, True
+
+
 def _native_calls(text: str):
     if "<tool_call>" in text:
-        calls = []
-        for body in _HERMES.findall(text):
-            try:
-                calls.append(json.loads(body))
-            except ValueError:
-                return None
-        content = _HERMES.sub("", text).strip()
-        return content, calls
+        calls, whole = _json_bodies(_HERMES, text)
+        return (_HERMES.sub("", text).strip(), calls) if whole else None
     if "[TOOL_CALLS]" in text:
         head, _, body = text.partition("[TOOL_CALLS]")
         try:

@@ -265,8 +265,8 @@ def test_padding_off_runs_one_token_steps_unpadded(tiny_exports):
         m.forward(np.array([ids]), cache)
         return m.forward(np.array([[5]]), cache)[0, -1]
 
-    roomless = step(auto, len(ids) + 1)  # the cache's last position: nothing to pad with
-    np.testing.assert_array_equal(step(off, len(ids) + 8), roomless)
+    # With room the graph would pad (flag 1); at the cache's last position it cannot: flag 0 must give those bits.
+    np.testing.assert_array_equal(step(off, len(ids) + 8), step(off, len(ids) + 1))
     if auto.batch_invariant:  # padded: the bits of the same position in one wider pass
         wide = auto.forward(np.array([ids + [5]]), auto.new_cache(max_length=len(ids) + 8), logits_to_keep=1)[0, -1]
         np.testing.assert_array_equal(step(auto, len(ids) + 8), wide)
