@@ -84,9 +84,11 @@ class GgufRoute(DirectRoute):
         o = job.options
         float_kept = {n for n, choice in (("embed.weight", o.embeddings), ("lm_head.weight", o.lm_head))
                       if choice == "fp"}
-        kept, folded = (quantized.kept, quantized.folded) if quantized is not None else (frozenset(), frozenset())
-        report = import_report(self.arch.recipe(job.spec, job.source.config), job.source.weights, set(kept),
-                               o.quant, float_kept, set(folded))
+        none: frozenset[str] = frozenset()
+        kept, folded, widened = ((quantized.kept, quantized.folded, quantized.widened) if quantized is not None
+                                 else (none, none, none))
+        report = import_report(self.arch.recipe(job.spec, job.source.config), job.source.weights, kept,
+                               o.quant, float_kept, folded, widened)
         for line in summary_lines(report):
             job.progress.note(f"GGUF {line}")
         return {"gguf_tensors": report}

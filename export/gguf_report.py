@@ -3,6 +3,8 @@
 For the manifest (`quantization.gguf_tensors`) and the export output: every canonical weight
 with its source ggml type(s) and its path:
     exact              the file's blocks went into MatMulNBits / the quantized gather as they are
+    residuals folded   Q4_1 / Q4_K blocks as they are, their minimums folded into extra columns
+    8-bit blocks widened  8-bit blocks (Q6_K, Q5_0) rounded again in 8-bit blocks of 64 (--gguf-import folded)
     dequantized once   decoded to float once; the graph keeps float (fp32 / fp16 exports, norms,
                        weights kept float by option) or quantizes it once to the export's scheme
 """
@@ -18,11 +20,13 @@ FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
 def import_report(recipe: dict[str, Take], weights, kept: Set[str], quant: str,
-                  float_kept: Set[str] = frozenset(), folded: Set[str] = frozenset()) -> dict:
+                  float_kept: Set[str] = frozenset(), folded: Set[str] = frozenset(),
+                  widened: Set[str] = frozenset()) -> dict:
     """{"by_type": {type: {path: count}}, "tensors": {canonical: "TYPE: path"}}; `kept` holds the graph
     initializer names whose source blocks were used as they are, `float_kept` the canonical names an
     option keeps float (--embeddings fp, --lm-head fp), `folded` the graph names whose block residuals
-    were folded into the weight (quantize/block_offsets.py: rounded, at most max(d) / 450)."""
+    were folded into the weight (quantize/block_offsets.py: rounded, at most max(d) / 450), `widened` those
+    whose 8-bit blocks were rounded again in wider 8-bit blocks (export/quantize_step.py)."""
     tensors: dict[str, str] = {}
     by_type: dict[str, dict[str, int]] = {}
     for canonical, take in recipe.items():
@@ -30,6 +34,8 @@ def import_report(recipe: dict[str, Take], weights, kept: Set[str], quant: str,
         graph_name = initializer_name(canonical)
         if graph_name in folded:
             path = "residuals folded"
+        elif graph_name in widened:
+            path = "8-bit blocks widened"
         elif graph_name in kept:
             path = "exact"
         elif (quant in ("fp32", "fp16") or not canonical.endswith(".weight") or "norm" in canonical

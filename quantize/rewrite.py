@@ -34,7 +34,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -173,9 +173,9 @@ def _rewrite(job: _Job, ql: QuantizedLinear, graph: onnx.GraphProto, inits: dict
     scan: tuple[QuantizedLinear, NBitsNames] | None = None
     if job.rescore:  # the 8-bit table stays for the rescoring; the lm_head scans a 4-bit copy of it
         rescore.per_block_rank3(tensors, names)
-        # The copy the lm_head scans: the table's rows rounded to nearest at 4 bits, a slice at a time.
-        scan_ql = _round_in_slices(lambda start, stop: ql.take_rows(np.arange(start, stop)).dequantize(), ql.n, 4,
-                                   replace(config, method="rtn", symmetric=False))
+        # The copy the lm_head scans: the table's rows rounded to nearest at 4 bits. (Its blocks stay the export's:
+        # 4-bit blocks of 64 or more scan faster but are not row-invariant on the Intel Xeon, devices/invariance.py.)
+        scan_ql = round_again(ql, 4, config.block_size)
         scan_names, scan_tensors = nbits_initializers(scan_ql, f"{job.weight}.scan", dtype)
         tensors += scan_tensors
         scan = (scan_ql, scan_names)
@@ -359,6 +359,13 @@ def _round_in_slices(rows: Callable[[int, int], np.ndarray], n: int, bits: int, 
     assert first is not None and arrays[0] is not None and arrays[1] is not None
     return QuantizedLinear(bits=first.bits, block_size=first.block_size, q=arrays[0], scales=arrays[1],
                            zero_points=arrays[2], k=first.k)
+
+
+def round_again(ql: QuantizedLinear, bits: int, block_size: int) -> QuantizedLinear:
+    """`ql`'s float values rounded again, to nearest and asymmetric, at `bits` in blocks of `block_size`,
+    a slice of rows at a time (the lm_head's scan copy; a GGUF's 8-bit blocks of 16 widened)."""
+    config = QuantConfig(bits=bits, block_size=block_size, symmetric=False, method="rtn")
+    return _round_in_slices(lambda start, stop: ql.take_rows(np.arange(start, stop)).dequantize(), ql.n, bits, config)
 
 
 def _round(w: np.ndarray, bits: int, config: QuantConfig) -> QuantizedLinear:

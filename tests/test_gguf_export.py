@@ -4,6 +4,7 @@ import json
 
 import gguf
 import numpy as np
+import onnx
 import pytest
 from gguf.constants import GGMLQuantizationType as QT
 
@@ -215,3 +216,38 @@ def test_fused_weights_of_mixed_source_types_are_recorded(tmp_path):
     int4 = export_model(path, tmp_path / "int4", ExportOptions(quant="int4", max_length=64, validate=False))
     q = json.loads((int4 / "manifest.json").read_text())["quantization"]
     assert q["mixed_source_types"] == ["layers.0.qkv.weight", "layers.1.qkv.weight"]
+
+
+def test_default_import_widens_8bit_blocks_within_half_a_step(tmp_path):
+    """`--gguf-import folded` (the default) rounds 8-bit blocks narrower than WIDE_8BIT_BLOCK (Q6_K's blocks
+    of 16, Q5_0's of 32) again in 8-bit blocks of 64, which onnxruntime reads faster: every weight within half
+    a step of its new block of the file's own value, the graph at block 64, the report and manifest saying so;
+    `exact` keeps the file's blocks."""
+    from edge_infer.export.gguf_file import read_gguf
+    from edge_infer.export.graph import initializer_name
+    from edge_infer.export.quantize_step import WIDE_8BIT_BLOCK, source_blocks
+    from edge_infer.quantize.nbits import dequantize
+
+    path = write_llama_gguf(tmp_path / "k.gguf", {"attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q4_K,
+                                                  "attn_output": QT.Q4_K, "ffn_gate": QT.Q5_0, "ffn_up": QT.Q5_0,
+                                                  "ffn_down": QT.Q6_K, "token_embd": QT.Q8_0}, hidden=256, ffn=256)
+    ql = read_gguf(path).tensors["blk.0.ffn_down.weight"].blocks()
+    name = initializer_name("layers.0.down.weight")
+    pre, _, _, widened = source_blocks({"layers.0.down.weight": ql}, 4, 8, 32)
+    wide = pre[name]
+    assert widened == {name} and (wide.bits, wide.block_size, ql.block_size) == (8, WIDE_8BIT_BLOCK, 16)
+    err = np.abs(dequantize(wide) - dequantize(ql))
+    half_step = np.repeat(np.abs(wide.scales), WIDE_8BIT_BLOCK, axis=1)[:, :ql.k] / 2
+    assert (err <= half_step * (1 + 1e-4)).all() and err.max() > 0  # (float rounding of the step)
+    exact, _, _, none = source_blocks({"layers.0.down.weight": ql}, 4, 8, 32, gguf_import="exact")
+    assert not none and exact[name].block_size == 16
+
+    out = export_model(path, tmp_path / "int4", ExportOptions(quant="int4", max_length=64, validate=False))
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["gguf_tensors"]["tensors"]["layers.0.down.weight"] == "Q6_K: 8-bit blocks widened"
+    assert q["gguf_tensors"]["tensors"]["layers.0.gate_up.weight"] == "Q5_0: 8-bit blocks widened"
+    assert q["gguf_8bit_widened"].startswith(f"{2 * LAYERS} weights")  # down and gate_up of each layer
+    graph = onnx.load(out / "model.onnx", load_external_data=False)
+    blocks = {n.name: {a.name: a.i for a in n.attribute} for n in graph.graph.node if n.op_type == "MatMulNBits"}
+    down = next(a for n, a in blocks.items() if "layers.0/mlp/down_proj" in n)
+    assert (down["bits"], down["block_size"]) == (8, WIDE_8BIT_BLOCK)
