@@ -228,9 +228,12 @@ def cpu_session(model: str | bytes, light: bool = False) -> ort.InferenceSession
     """A CPU-provider session of a graph (its path, or its serialized proto) for export's own checks.
     light: a session run a few times on little input (a segment of the float reference), where packing
     hundreds of MB of weights for faster matmuls costs more than it saves: no weight prepacking, basic
-    graph optimizations."""
+    graph optimizations. No CPU memory arena: export's checks run each graph on a few prompts of varying
+    length, every position's logits, and the arena kept what the largest pass grew it to (by powers of two):
+    600 MB of the 3.08 GB peak of a 1.5B export with validation (2.49 GB without it, the same speed)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = False
     if light:
         so.add_session_config_entry("session.disable_prepacking", "1")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
