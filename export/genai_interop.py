@@ -33,8 +33,8 @@ import onnx
 from onnx import numpy_helper
 
 from edge_infer.export.graph_headers import drop_input, query_seqlens_from_shape
-from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, PAD_ATTENTION, LOGITS_TO_KEEP, POSITION_IDS, QUERY_SEQLENS,
-                                            past, present)
+from edge_infer.contract.io_names import (ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, PAD_ATTENTION, POSITION_IDS,
+                                          QUERY_SEQLENS, past, present)
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_GRAPH = "model.genai.onnx"

@@ -96,8 +96,8 @@ class SourceBlocks:
         self.minimums.update(minimums)
         self.folded.update(folded)
         self.widened.update(widened)
-        self.used += len(pre)
-        if name in pre:
+        self.used += len(pre) - len(widened)
+        if name in pre and name not in widened:
             self.kept.add(name)
         return pre.get(name, default)
 
@@ -128,8 +128,7 @@ def quantize_model(model: onnx.ModelProto, spec: DecoderSpec, blocks: SourceBloc
 
         add_block_sums(q, blocks.folded, options.block_size)
     info = _details(q, blocks, options, progress)
-    return Quantized(q, info, frozenset(blocks.kept - blocks.widened), frozenset(blocks.folded),
-                     frozenset(blocks.widened))
+    return Quantized(q, info, frozenset(blocks.kept), frozenset(blocks.folded), frozenset(blocks.widened))
 
 
 def _details(q: onnx.ModelProto, blocks: SourceBlocks, options: ExportOptions, progress: Progress) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 A decode step reads the whole lm_head: for Qwen2.5 (151936 x 896) an 8-bit table is 153 MB of a
 0.5B model's 555 MB per token. `--lm-head rescore` keeps that 8-bit table (the embedding lookup
-reads it too when tied) and adds a 4-bit copy of it (rounded to nearest, quantize/rewrite.py) that the lm_head MatMulNBits scans instead
-(87 MB), then recomputes the logits of the scan's best `candidates(vocab)` tokens from the 8-bit
-rows, in float, and writes them over the scan's:
+reads it too when tied) and adds a 4-bit copy of it (rounded to nearest, quantize/rewrite.py) that the
+lm_head MatMulNBits scans instead (87 MB), then recomputes the logits of the scan's best
+`candidates(vocab)` tokens from the 8-bit rows, in float, and writes them over the scan's:
 
     scan    = MatMulNBits(h, table4)                              (..., V)
     top     = TopK(scan, C).indices                               (..., C)

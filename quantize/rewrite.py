@@ -363,7 +363,7 @@ def _round_in_slices(rows: Callable[[int, int], np.ndarray], n: int, bits: int, 
 
 def round_again(ql: QuantizedLinear, bits: int, block_size: int) -> QuantizedLinear:
     """`ql`'s float values rounded again, to nearest and asymmetric, at `bits` in blocks of `block_size`,
-    a slice of rows at a time (the lm_head's scan copy; a GGUF's 8-bit blocks of 16 widened)."""
+    a slice of rows at a time (the lm_head's scan copy; a GGUF's narrow 8-bit blocks widened)."""
     config = QuantConfig(bits=bits, block_size=block_size, symmetric=False, method="rtn")
     return _round_in_slices(lambda start, stop: ql.take_rows(np.arange(start, stop)).dequantize(), ql.n, bits, config)
 

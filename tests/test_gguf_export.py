@@ -247,6 +247,8 @@ def test_default_import_widens_8bit_blocks_within_half_a_step(tmp_path):
     assert q["gguf_tensors"]["tensors"]["layers.0.down.weight"] == "Q6_K: 8-bit blocks widened"
     assert q["gguf_tensors"]["tensors"]["layers.0.gate_up.weight"] == "Q5_0: 8-bit blocks widened"
     assert q["gguf_8bit_widened"].startswith(f"{2 * LAYERS} weights")  # down and gate_up of each layer
+    # Kept as they are: qkv and o (Q4_K, residuals folded) and the Q8_0 embedding; not the widened ones.
+    assert q["source_blocks"].startswith(f"{2 * LAYERS + 1} weights kept"), q["source_blocks"]
     graph = onnx.load(out / "model.onnx", load_external_data=False)
     blocks = {n.name: {a.name: a.i for a in n.attribute} for n in graph.graph.node if n.op_type == "MatMulNBits"}
     down = next(a for n, a in blocks.items() if "layers.0/mlp/down_proj" in n)
