@@ -35,7 +35,7 @@ from edge_infer.runtime.detokenize import StreamDetokenizer
 from edge_infer.runtime.model import Model
 from edge_infer.runtime.sampling import Sampler
 from edge_infer.runtime.speculative import SpeculativeConfig, SpecStats, check_draft, verify
-from edge_infer.runtime.speculative_proposers import AdaptiveProposer
+from edge_infer.runtime.speculative_proposers import VERIFY_COST, AdaptiveProposer, pass_width
 from edge_infer.runtime.stops import StopMatcher
 
 PREFILL_CHUNK = 512
@@ -118,6 +118,22 @@ class Decoding:
         if self.matcher is not None and self._guesses:
             self._guesses, self._qs, self._masks = constrain_guesses(self.matcher, self._guesses, self._qs)
         self._feed = [self.token] + self._guesses
+        return self._feed
+
+    def guess_odds(self) -> float:
+        """The chance that each of this round's guesses is accepted, as estimated when they were chosen
+        (the grammar's forced tokens are certain)."""
+        if self._forced:
+            return 1.0
+        return self.proposer.odds() if self.proposer is not None and self._guesses else 0.0
+
+    def keep_guesses(self, n: int) -> list[int]:
+        """Verify only the first n of this round's guesses (a batched pass chose its width); returns the feed."""
+        if len(self._guesses) > n:
+            self._guesses = self._guesses[:n]
+            self._qs = self._qs[:n] if self._qs is not None else None
+            self._masks = self._masks[:n + 1] if self._masks is not None else None
+            self._feed = self._feed[:n + 1]
         return self._feed
 
     def needs_mask(self) -> bool:
@@ -212,6 +228,8 @@ def decode_step(model: Model, cache: KVCache, decodings: list[Decoding | None],
     if not model.ragged_rows and sum(d is not None for d in decodings) > 1:
         limits = [0] * len(limits)  # one id per row in a batched pass (Model.describe_graph says why)
     feeds = [d.propose(limit) if d is not None else [] for d, limit in zip(decodings, limits)]
+    if sum(d is not None for d in decodings) > 1 and max(map(len, feeds)) > 1:
+        feeds = _batch_guesses(model, decodings, feeds)
     masked = [d for d in decodings if d is not None and d.needs_mask()]
     pending = _mask_pool().submit([d.matcher for d in masked]) if masked else None  # overlaps the pass
     clock = time.perf_counter()
@@ -224,6 +242,16 @@ def decode_step(model: Model, cache: KVCache, decodings: list[Decoding | None],
     if len(active) == 1 and active[0].proposer is not None:  # a pass's time says what its width costs
         active[0].proposer.costs.target_pass(len(feeds[decodings.index(active[0])]), seconds)
     return [d.settle(r) if d is not None else [] for d, r in zip(decodings, rows)]
+
+
+def _batch_guesses(model: Model, decodings: list[Decoding | None], feeds: list[list[int]]) -> list[list[int]]:
+    """Cut every row's guesses to the one width worth its cost for the whole pass
+    (speculative_proposers.pass_width); a row's own proposer weighed only its own ids."""
+    odds = [(len(f) - 1, d.guess_odds()) for d, f in zip(decodings, feeds) if d is not None]
+    costs = [d.proposer.costs.per_token for d in decodings if d is not None and d.proposer is not None]
+    per_token = costs[0] if costs else VERIFY_COST["quantized" if model.manifest.quantization.bits else "float"]
+    width = pass_width(odds, len(feeds), per_token, padded=model.pad_ids)
+    return [d.keep_guesses(width - 1) if d is not None else f for d, f in zip(decodings, feeds)]
 
 
 def decode_tokens(model: Model, ids: list[int], cache: KVCache, sampler: Sampler, max_tokens: int,

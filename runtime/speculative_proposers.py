@@ -160,6 +160,29 @@ class PassCosts:
         return self._relative(self.drafts, self.prior_draft, self.learn_draft)
 
 
+def pass_width(odds: Sequence[tuple[int, float]], rows: int, per_token: float, padded: bool) -> int:
+    """The width of a batched pass (ids per row) that promises the most tokens per unit of its cost.
+
+    A pass is as wide as its widest row for every row (runtime/cache.py `KVCache.plan`), so one row's
+    guesses widen all `rows` rows: a pass of width w costs about 1 + per_token * (rows * w - 1)
+    one-token passes, where a lone row's own choice (AcceptanceEstimator.choose) counted only its
+    own ids. odds: per row, (guesses it proposes, the chance each is accepted); a row with guesses
+    expects 1 + a + ... + a^(w-1) tokens from width w. padded: one-id rows feed a padding id anyway
+    (the "rows" padding mode), so width 2 costs what width 1 does. Widening must promise MIN_GAIN
+    over width 1, as a lone row's guesses must over a plain step."""
+    def ratio(w: int) -> float:
+        tokens = sum(sum(a ** j for j in range(min(n, w - 1) + 1)) for n, a in odds)
+        return tokens / (1.0 + per_token * (rows * max(w, 2 if padded else 1) - 1))
+
+    base = ratio(1)
+    best_w, best = 1, base
+    for w in range(2, max((n for n, _ in odds), default=0) + 2):
+        r = ratio(w)
+        if r > best and r >= MIN_GAIN * base:
+            best_w, best = w, r
+    return best_w
+
+
 # -- proposers -----------------------------------------------------------------------
 
 
@@ -315,6 +338,12 @@ class AdaptiveProposer:
             return found[:k_lookup], None
         self.unused = found
         return [], None
+
+    def odds(self) -> float:
+        """The estimated chance that each of this round's guesses is accepted (0.0 for a plain step)."""
+        if self.source == "draft":
+            return self.draft_acceptance.rate(0)
+        return self.lookup_acceptance.rate(self.key) if self.source == "lookup" else 0.0
 
     def record(self, guesses: list[int], accepted: int, emitted: list[int]) -> None:
         """Update the estimates after a round that produced `emitted` (accepted guesses + one token)."""

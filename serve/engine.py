@@ -289,8 +289,9 @@ class Engine:
         by_slot = {self._slot(q).index: q for q in decode}
         start, stop = min(by_slot), max(by_slot) + 1
         # Every row of the pass is as wide as its widest (padding is computed in the matmuls), so
-        # with several rows each verifies fewer guesses. A draft model proposes only for a request
-        # decoding alone: its one cache would be re-synced to each row in turn.
+        # with several rows each verifies fewer guesses, and decode_step keeps them only where they
+        # pay for every row's extra ids (speculative_proposers.pass_width). A draft model proposes
+        # only for a request decoding alone: its one cache would be re-synced to each row in turn.
         cap = 0
         if self.speculative is not None and (self.speculative.draft is None or len(decode) == 1):
             cap = max(BATCH_IDS // (stop - start) - 1, 1)

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 import edge_infer
+from edge_infer.runtime import decode as decode_module
+from edge_infer.runtime.decode import Decoding, decode_step, prefill
 from edge_infer.runtime.generate import decode_tokens
 from edge_infer.runtime.sampling import SamplingParams, make_sampler
 from edge_infer.runtime.speculative import SpeculativeConfig
+from edge_infer.runtime.speculative_proposers import pass_width
 from edge_infer.serve.config import EngineConfig
 from edge_infer.serve.engine import Engine
 from edge_infer.serve.request import Delta, GenerationRequest
@@ -131,3 +134,46 @@ def test_speculation_respects_the_slot_length(target):
         engine.stop()
     assert event.usage.completion_tokens == 28 and event.finish_reason == "length"
     assert engine.slots[0].row.offset <= 39
+
+
+def test_pass_width_weighs_what_a_wider_pass_costs_every_row():
+    """A batched pass is as wide as its widest row: guesses must pay for every row's extra ids."""
+    assert pass_width([(3, 0.5)], rows=1, per_token=0.2, padded=False) == 2  # a lone row: its own ids only
+    assert pass_width([(1, 0.9)] + [(0, 0.0)] * 7, rows=8, per_token=0.2, padded=False) == 1  # one row widens 8
+    assert pass_width([(1, 0.6)] * 8, rows=8, per_token=0.2, padded=False) == 1  # middling odds on every row
+    assert pass_width([(1, 0.95)] * 8, rows=8, per_token=0.2, padded=False) == 2  # every row guessing well
+    assert pass_width([(1, 0.5)] + [(0, 0.0)] * 7, rows=8, per_token=0.2, padded=True) == 2  # "rows": 2 wide anyway
+
+
+@pytest.mark.parametrize("odds", [0.6, 0.95])
+def test_a_batched_pass_cuts_the_guesses_that_do_not_pay_and_stays_exact(int4_draft, odds, monkeypatch):
+    """Eight rows copying their prompt: each row's own estimate verifies guesses, the pass keeps them only
+    where they pay for all eight rows' extra ids; the ids are plain decoding's either way."""
+    model, prompt, steps = int4_draft, PROMPTS[1], 8
+    cache = model.new_cache(batch=8, max_length=64)
+    decodings = []
+    for r in range(8):
+        d = Decoding(model, prompt, make_sampler(SamplingParams()), cache.row(r), SpeculativeConfig(mode="lookup"))
+        d.first(prefill(model, list(prompt), cache.row(r)))
+        d.proposer.lookup_acceptance.prior = (100 * odds, 100 * (1 - odds))  # the estimate, held fixed
+        decodings.append(d)
+    proposed, kept = [], []  # per pass that had guesses: the widest row before and after the cut
+    cut = decode_module._batch_guesses
+
+    def spy(model, decodings, feeds):
+        proposed.append(max(map(len, feeds)))
+        feeds = cut(model, decodings, feeds)
+        kept.append(max(map(len, feeds)))
+        return feeds
+
+    monkeypatch.setattr(decode_module, "_batch_guesses", spy)
+    out = [[d.token] for d in decodings]
+    for _ in range(steps):
+        for ids, emitted in zip(out, decode_step(model, cache, decodings, [3] * 8)):
+            ids += emitted
+    assert proposed and min(proposed) > 1  # the rows' own choice: guesses
+    if odds == 0.95:
+        assert kept == proposed  # worth eight rows' wider pass
+    else:  # not worth it, unless one-id rows are two wide anyway ("rows" padding)
+        assert kept == [2 if model.pad_ids else 1] * len(proposed)
+    assert all(ids == plain(model, prompt, len(out[0])) for ids in out)
