@@ -225,10 +225,11 @@ def decode_step(model: Model, cache: KVCache, decodings: list[Decoding | None],
 
     limits[r] caps row r's guesses. Returns the ids each row emits (empty for idle rows).
     """
-    if not model.ragged_rows and sum(d is not None for d in decodings) > 1:
+    active = [d for d in decodings if d is not None]
+    if not model.ragged_rows and len(active) > 1:
         limits = [0] * len(limits)  # one id per row in a batched pass (Model.describe_graph says why)
     feeds = [d.propose(limit) if d is not None else [] for d, limit in zip(decodings, limits)]
-    if sum(d is not None for d in decodings) > 1 and max(map(len, feeds)) > 1:
+    if len(active) > 1 and max(map(len, feeds)) > 1:
         feeds = _batch_guesses(model, decodings, feeds)
     masked = [d for d in decodings if d is not None and d.needs_mask()]
     pending = _mask_pool().submit([d.matcher for d in masked]) if masked else None  # overlaps the pass
@@ -238,7 +239,6 @@ def decode_step(model: Model, cache: KVCache, decodings: list[Decoding | None],
     if pending is not None:
         for d, mask in zip(masked, pending.result()):
             d._masks = [mask]
-    active = [d for d in decodings if d is not None]
     if len(active) == 1 and active[0].proposer is not None:  # a pass's time says what its width costs
         active[0].proposer.costs.target_pass(len(feeds[decodings.index(active[0])]), seconds)
     return [d.settle(r) if d is not None else [] for d, r in zip(decodings, rows)]
