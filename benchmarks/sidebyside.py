@@ -26,7 +26,8 @@ Another model than the peers' default one (the 1B-class model of benchmarks/big_
 the bytes of weights one decode step reads (from the model files: every weight tensor but the
 rows an embedding lookup skips) x decode tok/s / bandwidth. --grounded adds the grounded task
 set of benchmarks/speculative: edge-infer plain, edge-infer `--speculative auto` and llama.cpp
-plain decode on the same chat-template ids (one process per engine per round, all tasks in it).
+plain decode on the same chat-template ids (one process per engine per round, all tasks in it);
+--task-set code runs the code-editing set instead (benchmarks/speculative/tasks.json "code").
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def run_worker(python: str, engine: str, model: str, ids_file: Path, args, extra
     return got
 
 
-def prompts(model: str, lengths: list[int], new_tokens: int = 128, grounded: bool = False) -> tuple:
+def prompts(model: str, lengths: list[int], new_tokens: int = 128, grounded: bool = False,
+            task_set: str = "grounded") -> tuple:
     """(prompt ids per length, text description, grounded task ids or None, edge-infer's KV cache MiB
     per length: what it preallocates for prompt + new tokens)."""
     import edge_infer
@@ -104,7 +106,7 @@ def prompts(model: str, lengths: list[int], new_tokens: int = 128, grounded: boo
         cache = m.new_cache(max_length=min(n + new_tokens, m.max_length))
         kv[n] = sum(a.nbytes for a in [*cache.keys, *cache.values]) / 2**20
         del cache
-    tasks = grounded_ids(m) if grounded else None
+    tasks = grounded_ids(m, task_set) if grounded else None
     return {n: measure.prompt_ids(ids, n) for n in lengths}, f"{desc}, {len(ids)} tokens", tasks, kv
 
 
@@ -180,14 +182,14 @@ GROUNDED = ("edge", "edge-spec", "llamacpp")
 GLABEL = {"edge": "edge-infer plain", "edge-spec": "edge-infer --speculative auto", "llamacpp": "llama.cpp plain"}
 
 
-def grounded_ids(model) -> dict[str, list[int]]:
-    """The grounded tasks of benchmarks/speculative as chat-template ids (edge-infer's tokenizer)."""
+def grounded_ids(model, task_set: str = "grounded") -> dict[str, list[int]]:
+    """The tasks of one set of benchmarks/speculative/tasks.json as chat-template ids (edge-infer's tokenizer)."""
     sys.path.insert(0, str(REPO / "benchmarks" / "speculative"))
     from run import load_tasks
 
     from edge_infer.runtime.generate import encode_prompt
 
-    return {name: encode_prompt(model, messages) for name, messages in load_tasks("grounded")}
+    return {name: encode_prompt(model, messages) for name, messages in load_tasks(task_set)}
 
 
 def measure_grounded(args, peers: dict, tasks: dict[str, list[int]]) -> dict:
@@ -343,7 +345,7 @@ def grounded_totals(meta: dict) -> dict:
 def grounded_section(args, meta: dict) -> list[str]:
     g, t = meta["grounded"], grounded_totals(meta)
     tasks = [r["task"] for r in g["edge"][0]["runs"]]
-    lines = ["", "## Speculation on the grounded set (benchmarks/speculative, chat template, "
+    lines = ["", f"## Speculation on the {args.task_set} set (benchmarks/speculative, chat template, "
              f"{args.new_tokens} new tokens, greedy, eos ignored)", "",
              "One process per engine per round runs all tasks (one warmup on the first); engines alternate in "
              "rotating order. Decode tok/s over all tasks = their decode tokens / their decode time.", "",
@@ -402,6 +404,9 @@ def main() -> None:
                     help="Measure memory bandwidth each round; report each engine's fraction of it.")
     ap.add_argument("--grounded", action="store_true",
                     help="Also: edge-infer plain and --speculative auto vs llama.cpp plain on the grounded set.")
+    ap.add_argument("--task-set", choices=["grounded", "code"], default="grounded",
+                    help="Which tasks --grounded runs: the grounded set, or the code set (four standard-library "
+                         "functions, an instruction to add type hints: issue 19's code-editing check).")
     ap.add_argument("--grounded-tasks", default=None,
                     help="Comma-separated names of grounded tasks to run (default: all of them).")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="Markdown that --write writes.")
@@ -417,7 +422,7 @@ def main() -> None:
         sys.exit(f"{peers_file} is missing: run `python3 benchmarks/peers.py setup --dir {args.peers}` first")
     peers = json.loads(peers_file.read_text())
     lengths = [int(x) for x in args.prompt_tokens.split(",")]
-    prompt_ids, text, grounded, kv_mib = prompts(args.model, lengths, args.new_tokens, args.grounded)
+    prompt_ids, text, grounded, kv_mib = prompts(args.model, lengths, args.new_tokens, args.grounded, args.task_set)
     if grounded and args.grounded_tasks:
         keep = args.grounded_tasks.split(",")
         if set(keep) - set(grounded):

@@ -131,3 +131,19 @@ def test_every_import_in_the_script_resolves(script):
     problems = [f"line {line}: {why}" for line, module, names in imports(script)
                 if (why := unresolved(script, module, names)) is not None]
     assert problems == []
+
+
+def test_the_code_set_edits_real_standard_library_functions(monkeypatch):
+    """benchmarks/speculative/tasks.json "code" (issue 19's code-editing check): each task's prompt is its
+    instruction and the source of a standard-library function, read from this interpreter."""
+    spec = importlib.util.spec_from_file_location("speculative_run", BENCH / "speculative" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, run)  # its dataclasses look their module up there
+    spec.loader.exec_module(run)
+    tasks = run.load_tasks("code")
+    assert len(tasks) == 4
+    for name, messages in tasks:
+        instruction, source = messages[0]["content"].split("\n\n", 1)
+        assert instruction.startswith("Add type hints"), name
+        assert source.startswith(f"def {name.removeprefix('hints-')}("), name
+        compile(source, name, "exec")  # the whole function

@@ -15,6 +15,8 @@ decoding's, and where they first differ. Writes RESULTS.md beside this file.
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 import os
 import platform
@@ -50,6 +52,9 @@ def load_tasks(kind: str) -> list[tuple[str, list[dict]]]:
         content = t["instruction"]
         if "text" in t:
             content += "\n\n" + (HERE / "texts" / t["text"]).read_text(encoding="utf-8")
+        if "source" in t:  # module:function of the standard library, from this interpreter's own source
+            module, name = t["source"].split(":")
+            content += "\n\n" + inspect.getsource(getattr(importlib.import_module(module), name))
         out.append((t["name"], [{"role": "user", "content": content}]))
     return out
 
