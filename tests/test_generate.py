@@ -137,3 +137,29 @@ def test_cache_trim_then_refill_equals_fresh_run(model):
     again = model.forward(np.array([[40, 41, 42, 43]]), cache, logits_to_keep=4)[0]
     fresh = model.forward(np.array([[5, 6, 7, 8, 40, 41, 42, 43]]), model.new_cache(), logits_to_keep=4)[0]
     np.testing.assert_allclose(again, fresh, atol=1e-4)
+
+
+def test_the_step_after_a_prefill_hands_the_arena_back(model, monkeypatch):
+    """A pass wider than WIDE_PASS_IDS (a prefill chunk) grows onnxruntime's CPU arena; the next narrower
+    pass, and only that one, runs with the option that shrinks it, and the ids do not change."""
+    from edge_infer.runtime import model as runtime_model
+
+    real, shrinks = model.session, []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def run_with_iobinding(self, binding, run_options=None):
+            key = "memory.enable_memory_arena_shrinkage"
+            shrinks.append(run_options.get_run_config_entry(key) if run_options is not None else None)
+            return real.run_with_iobinding(binding, run_options)
+
+    prompt = (model.tokenizer.encode("the quick brown fox jumps over the lazy dog ") * 40)[:runtime_model.WIDE_PASS_IDS + 6]
+    monkeypatch.setattr(model, "session", Spy())
+    _, _, ids = run(model, prompt, max_tokens=5, speculative="off")
+    assert shrinks == [None, "cpu:0", None, None, None]  # the prefill chunk, then 4 decode steps
+    monkeypatch.setattr(runtime_model, "WIDE_PASS_IDS", 10**9)  # never shrink
+    shrinks.clear()
+    assert run(model, prompt, max_tokens=5, speculative="off")[2] == ids
+    assert shrinks == [None] * 5
