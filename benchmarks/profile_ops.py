@@ -40,7 +40,7 @@ def main() -> None:
     import edge_infer
     import edge_infer.runtime.model as runtime_model
     from edge_infer.bench import measure
-    from edge_infer.runtime.generate import prefill
+    from edge_infer.runtime.generate import PREFILL_CHUNK, prefill
 
     plain = runtime_model.cpu_session_options
 
@@ -60,7 +60,7 @@ def main() -> None:
     start = time.perf_counter()
     token = int(np.argmax(prefill(m, ids, cache)))
     prefill_wall = time.perf_counter() - start
-    runs_before_decode = -(-len(ids) // 512)  # prefill chunks (runtime.generate.PREFILL_CHUNK)
+    runs_before_decode = -(-len(ids) // PREFILL_CHUNK)  # prefill chunks
     start = time.perf_counter()
     for _ in range(args.steps):
         token = int(np.argmax(m.forward(np.array([[token]], dtype=np.int64), cache)[0, -1]))
