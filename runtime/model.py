@@ -42,7 +42,8 @@ log = logging.getLogger("edge_infer")
 # A pass feeding more ids than this (a prefill chunk) grows onnxruntime's CPU arena by its activations
 # (tens of MB at 0.5B, which the arena keeps); the next narrower pass hands those chunks back to the
 # system (run option memory.enable_memory_arena_shrinkage), so a decode does not hold its prefill's
-# activations for good. Measured at 0.5B, prompt 1024: peak RSS 901 -> 849 MiB (benchmarks/RESULTS.md).
+# activations for good. With prefill chunks of 128 (runtime/decode.py), peak RSS at a 1024-token prompt
+# went 1943 -> 1838 MiB at 1.5B and 908 -> 859 at 0.5B (benchmarks/RESULTS.md).
 WIDE_PASS_IDS = 64
 
 
