@@ -53,12 +53,14 @@ def destination(out: str | None, name: str | None):
 @click.option("--quant", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="int4", show_default=True)
 @click.option("--max-length", type=int, default=None, help="KV-cache length [default: min(4096, model context)].")
 @quant_options
-@click.option("--gguf-import", type=click.Choice(["folded", "exact", "mixed", "requantize"]), default="folded",
+@click.option("--gguf-import", type=click.Choice(["folded", "exact", "mixed", "requantize", "lean"]), default="folded",
               show_default=True,
               help="GGUF Q4_1/Q4_K blocks: folded (the block residuals as extra columns of the weight, rounded "
                    "twice; Q6_K/Q5_0 8-bit blocks rounded again in blocks of 64), exact (the file's blocks as they "
                    "are, a float residual term per weight: slower), mixed (exact in the MLP, rounded again in "
-                   "attention), requantize (all rounded again, wider blocks too); see benchmarks/QUALITY.md.")
+                   "attention), requantize (all rounded again, wider blocks too), lean (folded, and Q6_K's "
+                   "6-bit blocks rounded to 4 bits: fewer bytes per token, further from the file); see "
+                   "benchmarks/QUALITY.md.")
 @click.option("--profile", type=click.Choice(["default", "npu", "gpu"]), default="default", show_default=True,
               help="npu: standard ONNX ops and static shapes (prefill-chunk + decode graphs) for OpenVINO, QNN "
                    "and any provider; --quant fp32, int8 or int4 (DequantizeLinear blocks); --max-length "

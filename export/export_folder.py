@@ -47,8 +47,9 @@ VERSION = "0.1.0"
 # How GGUF blocks with a minimum per block (Q4_1, Q4_K) are imported; measured on the default
 # model (perplexity vs fp32 / decode speed vs exact, benchmarks/QUALITY.md and RESULTS.md):
 # exact 1.004 / 1x, mixed 1.036 / 1.05-1.17x, requantize 1.144 / 1.3-1.4x; folded (the default):
-# the residuals folded into the weight (quantize/block_offsets.py fold_minimum).
-GGUF_IMPORTS = ("folded", "exact", "mixed", "requantize")
+# the residuals folded into the weight (quantize/block_offsets.py fold_minimum); lean: folded, with the
+# 6-bit blocks (Q6_K) rounded to the export's 4 bits (fewer bytes per token, further from the file).
+GGUF_IMPORTS = ("folded", "exact", "mixed", "requantize", "lean")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class ExportOptions:
     # GGUF blocks with a minimum per block (Q4_1, Q4_K), see GGUF_IMPORTS: "folded" (the block
     # residuals as extra input columns of the weight, rounded once), "exact" (a float residual
     # branch per weight, slower decode), "mixed" (exact in the MLP, rounded again in attention) or
-    # "requantize" (all rounded again with searched scales: fastest, lossy).
+    # "requantize" (all rounded again with searched scales: fastest, lossy), or "lean" (folded, and
+    # Q6_K's 6-bit blocks rounded to the export's bits from the file's values instead of kept at 8 bits).
     gguf_import: str = "folded"
     validate: bool = True
     force: bool = False

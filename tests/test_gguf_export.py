@@ -253,3 +253,39 @@ def test_default_import_widens_8bit_blocks_within_half_a_step(tmp_path):
     blocks = {n.name: {a.name: a.i for a in n.attribute} for n in graph.graph.node if n.op_type == "MatMulNBits"}
     down = next(a for n, a in blocks.items() if "layers.0/mlp/down_proj" in n)
     assert (down["bits"], down["block_size"]) == (8, WIDE_8BIT_BLOCK)
+
+
+def test_lean_import_rounds_only_the_6bit_blocks_to_the_exports_bits(tmp_path):
+    """`--gguf-import lean`: as folded (Q4_K folded, Q5_0 widened to 8-bit blocks of 64, Q8_0 exact), but the Q6_K
+    weight is left out of the source blocks, so it is rounded to 4 bits from the file's values; the report
+    and manifest say which."""
+    from edge_infer.export.gguf_file import read_gguf
+    from edge_infer.export.graph import initializer_name
+    from edge_infer.export.quantize_step import WIDE_8BIT_BLOCK, source_blocks
+
+    path = write_llama_gguf(tmp_path / "k.gguf", {"attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q4_K,
+                                                  "attn_output": QT.Q4_K, "ffn_gate": QT.Q5_0, "ffn_up": QT.Q5_0,
+                                                  "ffn_down": QT.Q6_K, "token_embd": QT.Q8_0}, hidden=256, ffn=256)
+    tensors = read_gguf(path).tensors
+    down = {"layers.0.down.weight": tensors["blk.0.ffn_down.weight"].blocks()}
+    assert not source_blocks(down, 4, 8, 32, gguf_import="lean")[0]  # left out: rounded from float
+    assert source_blocks(down, 4, 8, 32)[0]  # folded keeps it (widened)
+    o = {"layers.0.o.weight": tensors["blk.0.attn_output.weight"].blocks()}
+    pre, _, folded, _ = source_blocks(o, 4, 8, 32, gguf_import="lean")
+    assert folded == {initializer_name("layers.0.o.weight")} and pre  # Q4_K folded as by default
+
+    out = export_model(path, tmp_path / "lean", ExportOptions(quant="int4", max_length=64, validate=False,
+                                                              gguf_import="lean"))
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["gguf_import"] == "lean"
+    kinds = q["gguf_tensors"]["tensors"]
+    assert kinds["layers.0.down.weight"] == "Q6_K: dequantized once, quantized once"
+    assert kinds["layers.0.gate_up.weight"] == "Q5_0: 8-bit blocks widened"
+    assert kinds["layers.0.o.weight"] == "Q4_K: residuals folded"
+    graph = onnx.load(out / "model.onnx", load_external_data=False)
+    blocks = {n.name: {a.name: a.i for a in n.attribute} for n in graph.graph.node if n.op_type == "MatMulNBits"}
+    for layer in range(LAYERS):
+        node = next(a for n, a in blocks.items() if f"layers.{layer}/mlp/down_proj" in n)
+        assert (node["bits"], node["block_size"]) == (4, 32)
+    gate_up = next(a for n, a in blocks.items() if "layers.0/mlp/gate_up_proj" in n)
+    assert (gate_up["bits"], gate_up["block_size"]) == (8, WIDE_8BIT_BLOCK)
