@@ -190,6 +190,7 @@ def source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,
     minimums: dict = {}
     folded: set[str] = set()
     widened: set[str] = set()
+    folding = gguf_import in ("folded", "lean")  # Q4_K residuals folded, narrower 8-bit blocks widened
     for canonical, b in blocks.items():
         if b is None:
             continue
@@ -199,7 +200,6 @@ def source_blocks(blocks: dict, bits: int, embed_bits: int, block_size: int,
         if gguf_import == "lean" and ql.bits == 8 > target and ql.block_size == LEAN_BLOCK \
                 and 32 <= int(ql.q.max(initial=0)) < 64:  # Q6_K: rounded to the export's bits instead
             continue
-        folding = gguf_import in ("folded", "lean")
         if not (exact_split or (target and ql.bits > target and gguf_import != "requantize")):
             continue
         split = split_minimum(ql)
