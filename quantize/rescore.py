@@ -36,12 +36,26 @@ from .nbits import MS_DOMAIN, NBitsNames, QuantizedLinear
 
 RESCORE_MIN_VOCAB = 100_000  # `--lm-head auto`: rescore from this vocabulary size up, int8 below
 MAX_CANDIDATES = 1024  # logits recomputed per row; perplexity x1.0007 at 1024, x1.0019 at 512 (0.5B)
+# The scan is stored as row slices of at most this many bytes of 4-bit blocks, one MatMulNBits each,
+# concatenated. onnxruntime keeps a weight's pages of the data file mapped while it packs that weight
+# into its own buffer, so one 117 MB scan (1.5B) put its bytes on top of everything packed before it:
+# peak RSS at load 1719 MiB against 1615 in four slices (Intel Xeon, onnxruntime 1.32; the logits are
+# the same bits, each output column being summed by the same kernel over the same K).
+SCAN_PART_BYTES = 32 << 20
 
 
 def candidates(vocab: int) -> int:
     """How many of a row's best scan logits are recomputed: MAX_CANDIDATES, or an eighth of a small
     vocabulary (a test model's), so that some logits always stay the scan's."""
     return max(1, min(MAX_CANDIDATES, vocab // 8))
+
+
+def scan_parts(rows: int, row_bytes: int) -> list[tuple[int, int]]:
+    """The [start, stop) row ranges the scan of `rows` rows of `row_bytes` packed bytes is stored in:
+    as few as keep each within SCAN_PART_BYTES, of equal size give or take a row."""
+    parts = -(-rows // max(1, SCAN_PART_BYTES // row_bytes))
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def auto_choice(vocab: int) -> str:

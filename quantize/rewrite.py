@@ -170,15 +170,22 @@ def _rewrite(job: _Job, ql: QuantizedLinear, graph: onnx.GraphProto, inits: dict
     its MatMul and Gather, keyed by the replaced node's first output."""
     dtype = _FLOAT_TYPES[inits[job.weight].data_type]
     names, tensors = nbits_initializers(ql, job.weight, dtype)
-    scan: tuple[QuantizedLinear, NBitsNames] | None = None
+    scan: list[tuple[QuantizedLinear, NBitsNames]] | None = None
     if job.rescore:  # the 8-bit table stays for the rescoring; the lm_head scans a 4-bit copy of it
         rescore.per_block_rank3(tensors, names)
         # The copy the lm_head scans: the table's rows rounded to nearest at 4 bits. (Its blocks stay the export's:
         # 4-bit blocks of 64 or more scan faster but are not row-invariant on the Intel Xeon, devices/invariance.py.)
+        # Stored in row slices (rescore.scan_parts: what onnxruntime holds at once while it packs them).
         scan_ql = round_again(ql, 4, config.block_size)
-        scan_names, scan_tensors = nbits_initializers(scan_ql, f"{job.weight}.scan", dtype)
-        tensors += scan_tensors
-        scan = (scan_ql, scan_names)
+        parts = rescore.scan_parts(scan_ql.n, scan_ql.k_padded * 4 // 8)
+        scan = []
+        for i, (start, stop) in enumerate(parts):
+            part = scan_ql if len(parts) == 1 else scan_ql.take_rows(np.arange(start, stop))
+            part_names, part_tensors = nbits_initializers(part, f"{job.weight}.scan" + (f"{i}" if len(parts) > 1 else ""),
+                                                          dtype)
+            tensors += part_tensors
+            scan.append((part, part_names))
+        del scan_ql
     for t in tensors:
         if t.name in inits:
             raise UserError(f"cannot quantize {job.weight}: the graph already has an initializer named {t.name}")
@@ -200,21 +207,24 @@ def _rewrite(job: _Job, ql: QuantizedLinear, graph: onnx.GraphProto, inits: dict
 
 
 def _lm_head_nodes(node: onnx.NodeProto, ql: QuantizedLinear, names: NBitsNames,
-                   scan: tuple[QuantizedLinear, NBitsNames] | None, config: QuantConfig,
+                   scan: list[tuple[QuantizedLinear, NBitsNames]] | None, config: QuantConfig,
                    dtype: type[np.floating]) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
-    """What replaces a linear MatMul: one MatMulNBits, or for an lm_head 'rescore' the scan and the
-    rescoring of its best candidates (quantize/rescore.py)."""
+    """What replaces a linear MatMul: one MatMulNBits, or for an lm_head 'rescore' the scan (one
+    MatMulNBits per row slice, concatenated) and the rescoring of its best candidates (quantize/rescore.py)."""
     if scan is None:
         node_name = node.name + "NBits" if node.name.endswith("MatMul") else node.name + "/MatMulNBits"
         nbits_node, _ = matmul_nbits(node.input[0], node.output[0], node_name, ql, config.accuracy_level,
                                      dtype=dtype, prefix="", b_names=names)
         return [nbits_node], []
-    scan_ql, scan_names = scan
     scan_out = "/lm_head/scan/output_0"
-    scan_node, _ = matmul_nbits(node.input[0], scan_out, "/lm_head/scan/MatMulNBits", scan_ql, config.accuracy_level,
-                                dtype=dtype, prefix="", b_names=scan_names)
+    paths = ["/lm_head/scan"] if len(scan) == 1 else [f"/lm_head/scan/part{i}" for i in range(len(scan))]
+    outs = [scan_out] if len(scan) == 1 else [f"{p}/output_0" for p in paths]
+    nodes = [matmul_nbits(node.input[0], out, f"{p}/MatMulNBits", part, config.accuracy_level, dtype=dtype,
+                          prefix="", b_names=part_names)[0] for p, out, (part, part_names) in zip(paths, outs, scan)]
+    if len(scan) > 1:
+        nodes.append(helper.make_node("Concat", outs, [scan_out], name="/lm_head/scan/Concat", axis=-1))  # (..., V)
     rest, inits = rescore.rescore_nodes(node.input[0], node.output[0], scan_out, ql, names)
-    return [scan_node, *rest], inits
+    return [*nodes, *rest], inits
 
 
 def _plan(

@@ -46,7 +46,8 @@ class EmbeddingModel:
         from edge_infer.devices import ModelTraits, available_providers, resolve
         from edge_infer.devices.ort import ort
         from edge_infer.devices.providers import cpu_session_options
-        from edge_infer.runtime.model import check_external_data
+        from edge_infer.runtime import mapped_weights
+        from edge_infer.runtime.model import check_external_data, external_files
 
         assert manifest.embedding is not None, "an embedding folder (manifest task embed)"
         self.manifest, self.folder, self.raw = manifest, manifest.folder, manifest.raw
@@ -60,7 +61,7 @@ class EmbeddingModel:
         self.tokenizer = Tokenizer(self.folder / spec.file, spec)
         self.pad_id = spec.pad_token_id if spec.pad_token_id is not None else 0
         graph = self.folder / manifest.graph_file
-        check_external_data(graph)  # no tensor read from outside the folder
+        proto = check_external_data(graph)  # no tensor read from outside the folder
         bits = manifest.quantization.bits
         traits = ModelTraits(dtype=manifest.dtype, contrib_ops=self.record.kind == "decoder" or bool(bits),
                              quant_bits=bits)
@@ -70,6 +71,7 @@ class EmbeddingModel:
         if self.session.get_providers()[0] != self.plan.providers[0]:
             raise UserError(f"requested {self.plan.providers[0]} but onnxruntime runs {self.session.get_providers()[0]}")
         self.inputs = {i.name for i in self.session.get_inputs()}
+        mapped_weights.release(external_files(graph, proto))  # pages only the packing read (runtime/mapped_weights.py)
 
     @property
     def dimensions(self) -> int:

@@ -26,6 +26,7 @@ from edge_infer.devices.probe_cache import probe_graph
 from edge_infer.devices.providers import share_threads
 from edge_infer.runtime.cache import ConcatKVCache, KVCache, Pass
 from edge_infer.runtime.device_cache import DEVICE_KV, DeviceKVCache
+from edge_infer.runtime import mapped_weights
 from edge_infer.runtime.chat_template import ChatTemplate
 from edge_infer.contract.embedding import TASK_EMBED
 from edge_infer.contract.errors import ModelFileError, UserError
@@ -75,6 +76,12 @@ def check_external_data(graph_path: Path) -> onnx.ModelProto:
         if target.exists() and target.stat().st_nlink > 1:
             raise ModelFileError(f"{graph_path}: external data '{location}' is a hard link; copy the file instead")
     return proto
+
+
+def external_files(graph_path: Path, proto: onnx.ModelProto) -> set[Path]:
+    """The external data files `proto`'s initializers live in (the folder's model.onnx.data)."""
+    return {graph_path.parent / e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
 
 
 RAGGED_OFF = ("GroupQueryAttention before onnxruntime 1.32 has no query_seqlens and takes one id per row in a "
@@ -181,6 +188,9 @@ class Model:
             self._shrink_arena = ort.RunOptions()
             self._shrink_arena.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._arena_grown = False  # the last pass was wider than WIDE_PASS_IDS
+        # The weights file's pages the session read while packing its kernels stay mapped and resident,
+        # though no pass reads most of them again: hand them back (runtime/mapped_weights.py).
+        self.released_bytes = mapped_weights.release(external_files(graph_path, proto))
 
     @property
     def batch_invariant(self) -> bool:

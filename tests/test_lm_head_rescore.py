@@ -65,6 +65,42 @@ def test_auto_rescores_large_vocabularies_only():
     assert rescore.candidates(151936) == rescore.MAX_CANDIDATES and rescore.candidates(360) == 45
 
 
+def test_the_scan_stored_in_row_slices_gives_the_same_logits(tiny_exports, tmp_path, monkeypatch):
+    fp32 = tiny_exports("llama", "fp32")
+
+    def rescored(out):
+        result = CliRunner().invoke(main, ["quantize", str(fp32), "-o", str(out), "--lm-head", "rescore", "-q"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+
+    def scans(graph):
+        return [n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/scan")]
+
+    whole_graph = rescored(tmp_path / "whole")
+    (whole,) = scans(whole_graph)
+    inits = {t.name: t for t in whole_graph.initializer}
+    vocab, n_blocks, blob = inits[whole.input[1]].dims
+    monkeypatch.setattr(rescore, "SCAN_PART_BYTES", -(-vocab * n_blocks * blob // 3))  # three slices
+    graph = rescored(tmp_path / "sliced")
+    parts = scans(graph)
+    assert len(parts) == 3
+    assert sum(next(a.i for a in n.attribute if a.name == "N") for n in parts) == vocab
+    assert any(n.op_type == "Concat" and n.output[0] == whole.output[0] for n in graph.node)
+    np.testing.assert_array_equal(all_logits(tmp_path / "whole"), all_logits(tmp_path / "sliced"))
+
+
+def test_scan_parts_cover_the_rows_within_the_limit(monkeypatch):
+    monkeypatch.setattr(rescore, "SCAN_PART_BYTES", 1000)
+    for rows, row_bytes in ((151936, 768), (360, 16), (7, 1000), (1, 10)):
+        parts = rescore.scan_parts(rows, row_bytes)
+        assert parts[0][0] == 0 and parts[-1][1] == rows
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert all((stop - start) * row_bytes <= max(1000, row_bytes) for start, stop in parts)
+    monkeypatch.undo()
+    assert len(rescore.scan_parts(151936, 768)) == 4  # the 1.5B scan: 117 MB in slices of 32 MiB
+
+
 def test_a_tied_rescore_needs_int8_embeddings(tiny_exports):
     fp32 = tiny_exports("gemma2", "fp32")
     model = onnx.load(str(fp32 / "model.onnx"))
