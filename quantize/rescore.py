@@ -39,9 +39,11 @@ MAX_CANDIDATES = 1024  # logits recomputed per row; perplexity x1.0007 at 1024, 
 # The scan is stored as row slices of at most this many bytes of 4-bit blocks, one MatMulNBits each,
 # concatenated. onnxruntime keeps a weight's pages of the data file mapped while it packs that weight
 # into its own buffer, so one 117 MB scan (1.5B) put its bytes on top of everything packed before it:
-# peak RSS at load 1719 MiB against 1615 in four slices (Intel Xeon, onnxruntime 1.32; the logits are
-# the same bits, each output column being summed by the same kernel over the same K).
+# peak RSS at load 1719 MiB against 1615 in four slices (Intel Xeon, onnxruntime 1.32). Slices start at
+# multiples of SCAN_ROW_ALIGN rows, so a column keeps its place among the kernel's column tiles (16 wide
+# at most) and its thread's share, and is summed by the same code over the same K: the logits are the same bits.
 SCAN_PART_BYTES = 32 << 20
+SCAN_ROW_ALIGN = 64
 
 
 def candidates(vocab: int) -> int:
@@ -51,10 +53,11 @@ def candidates(vocab: int) -> int:
 
 
 def scan_parts(rows: int, row_bytes: int) -> list[tuple[int, int]]:
-    """The [start, stop) row ranges the scan of `rows` rows of `row_bytes` packed bytes is stored in:
-    as few as keep each within SCAN_PART_BYTES, of equal size give or take a row."""
-    parts = -(-rows // max(1, SCAN_PART_BYTES // row_bytes))
-    bounds = [rows * i // parts for i in range(parts + 1)]
+    """The [start, stop) row ranges the scan of `rows` rows of `row_bytes` packed bytes is stored in: slices
+    of the most rows that fit SCAN_PART_BYTES, a multiple of SCAN_ROW_ALIGN (at least that many), the last
+    taking the rest."""
+    per_part = max(SCAN_ROW_ALIGN, SCAN_PART_BYTES // row_bytes // SCAN_ROW_ALIGN * SCAN_ROW_ALIGN)
+    bounds = [*range(0, rows, per_part), rows]
     return list(zip(bounds[:-1], bounds[1:]))
 
 

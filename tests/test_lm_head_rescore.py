@@ -81,22 +81,24 @@ def test_the_scan_stored_in_row_slices_gives_the_same_logits(tiny_exports, tmp_p
     (whole,) = scans(whole_graph)
     inits = {t.name: t for t in whole_graph.initializer}
     vocab, n_blocks, blob = inits[whole.input[1]].dims
-    monkeypatch.setattr(rescore, "SCAN_PART_BYTES", -(-vocab * n_blocks * blob // 3))  # three slices
+    assert vocab == 360
+    monkeypatch.setattr(rescore, "SCAN_PART_BYTES", 128 * n_blocks * blob)  # slices of 128, 128 and 104 rows
     graph = rescored(tmp_path / "sliced")
     parts = scans(graph)
-    assert len(parts) == 3
-    assert sum(next(a.i for a in n.attribute if a.name == "N") for n in parts) == vocab
+    assert [next(a.i for a in n.attribute if a.name == "N") for n in parts] == [128, 128, 104]
     assert any(n.op_type == "Concat" and n.output[0] == whole.output[0] for n in graph.node)
     np.testing.assert_array_equal(all_logits(tmp_path / "whole"), all_logits(tmp_path / "sliced"))
 
 
-def test_scan_parts_cover_the_rows_within_the_limit(monkeypatch):
-    monkeypatch.setattr(rescore, "SCAN_PART_BYTES", 1000)
-    for rows, row_bytes in ((151936, 768), (360, 16), (7, 1000), (1, 10)):
+def test_scan_parts_cover_the_rows_within_the_limit_at_aligned_starts(monkeypatch):
+    align = rescore.SCAN_ROW_ALIGN
+    monkeypatch.setattr(rescore, "SCAN_PART_BYTES", 10_000)
+    for rows, row_bytes in ((151936, 768), (360, 16), (7, 1000), (1, 10), (128, 78)):
         parts = rescore.scan_parts(rows, row_bytes)
         assert parts[0][0] == 0 and parts[-1][1] == rows
-        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
-        assert all((stop - start) * row_bytes <= max(1000, row_bytes) for start, stop in parts)
+        assert all(a[1] == b[0] and b[0] % align == 0 for a, b in zip(parts, parts[1:]))
+        assert all((stop - start) * row_bytes <= max(10_000, align * row_bytes) for start, stop in parts)
+        assert all((stop - start + align) * row_bytes > 10_000 for start, stop in parts[:-1])  # as few as fit
     monkeypatch.undo()
     assert len(rescore.scan_parts(151936, 768)) == 4  # the 1.5B scan: 117 MB in slices of 32 MiB
 
