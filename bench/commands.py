@@ -41,7 +41,7 @@ def _model_info(model, path: str) -> dict:
     return {"path": path, "architecture": m.geometry.architecture, "weights": m.quantization.describe(accuracy=True),
             "kv_cache": m.kv_dtype,
             "source": m.source.get("description"), "device": model.describe_device(),
-            "padding": model.describe_padding()}
+            "padding": model.describe_padding(), "spinning": model.describe_spinning()}
 
 
 def _machine_line(machine: dict) -> str:

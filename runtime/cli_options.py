@@ -67,6 +67,8 @@ def load_model(path: str, device: str, threads: int | None, quiet: bool = False,
         if skipped:
             click.echo(f"  skipped {', '.join(skipped)} (why: `edge-infer devices`)", err=True)
         click.echo(f"  padding {model.describe_padding()}", err=True)
+        click.echo(f"  threads {model.session.get_session_options().intra_op_num_threads or 'shared'}, "
+                   f"spinning {model.describe_spinning()}", err=True)
     return model
 
 

@@ -17,13 +17,14 @@ import onnx
 from edge_infer.devices.ort import ort
 
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
+from edge_infer.devices import contention
 from edge_infer.devices import padding as padding_modes
 from edge_infer.devices.accelerators import did_not_start
 from edge_infer.devices.invariance import kernel_configs
 from edge_infer.devices.capabilities import pick_header
 from edge_infer.devices.native_output import stdout_to_stderr
 from edge_infer.devices.probe_cache import probe_graph
-from edge_infer.devices.providers import share_threads
+from edge_infer.devices.providers import physical_cores, share_threads
 from edge_infer.runtime.cache import ConcatKVCache, KVCache, Pass
 from edge_infer.runtime.device_cache import DEVICE_KV, DeviceKVCache
 from edge_infer.runtime import mapped_weights
@@ -132,10 +133,14 @@ def choose_padding(manifest: Manifest, proto: onnx.ModelProto, plan: DevicePlan,
 
 class Model:
     def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None,
-                 allow_spinning: bool = True, shared_threads: bool = False, padding: str | None = None):
+                 allow_spinning: bool | None = True, shared_threads: bool = False, padding: str | None = None,
+                 load_started: contention.CpuSample | None = None):
         self.manifest = manifest
         self.tokenizer, self.chat_template = load_text_side(manifest.folder, manifest)
-        self._open(device, threads, allow_spinning, shared_threads, padding_modes.requested(padding))
+        # Whether onnxruntime's threads spin (devices/contention.py): None measures other processes' use of
+        # the cores since load_started (the whole load: manifest, hashes, tokenizer) and spins where it is free.
+        self.spinning = contention.decide(allow_spinning, threads or physical_cores(), load_started)
+        self._open(device, threads, self.spinning.on, shared_threads, padding_modes.requested(padding))
 
     def _open(self, device: str, threads: int | None, allow_spinning: bool, shared_threads: bool, asked: str) -> None:
         """Pick the graph header, open its session on the device, choose the padding."""
@@ -220,6 +225,10 @@ class Model:
 
     def describe_device(self) -> str:
         return f"{self.plan.device} ({', '.join(self.providers)})"
+
+    def describe_spinning(self) -> str:
+        """'off: other processes used 1.0 of 2 CPUs while the model loaded; ...'."""
+        return self.spinning.describe()
 
     def describe_padding(self) -> str:
         """'rows (forced), batch-invariant: MatMulNBits bits=4 ... differs between 1 and 2 rows on this CPU'."""
@@ -335,7 +344,7 @@ class Model:
 
 
 def load(path: str | os.PathLike, device: str = "auto", threads: int | None = None, verify: bool = True,
-         allow_spinning: bool = True, shared_threads: bool = False, padding: str | None = None,
+         allow_spinning: bool | None = None, shared_threads: bool = False, padding: str | None = None,
          chat_template: str | None = None, progress: Callable[[str, int, int], None] | None = None) -> Model:
     """Load an exported model folder (or a model store name, `edge-infer list`): verify its manifest and
     hashes, then open a session.
@@ -346,8 +355,12 @@ def load(path: str | os.PathLike, device: str = "auto", threads: int | None = No
     "off" pads nothing: faster one-token steps, no invariance (speculation may differ from plain at a tie).
     `Model.batch_invariant` and `Model.describe_padding()` say what was verified and why.
 
-    allow_spinning=False stops onnxruntime's worker threads spinning after each run: a little
-    slower alone, but a second session on the same cores no longer fights it.
+    allow_spinning: whether onnxruntime's threads spin between the kernels of a run. None (default;
+    $EDGE_INFER_SPIN=auto|on|off when set) measures, while the model loads, how much of the cores other
+    processes use, and spins only where they leave the threads' cores free (devices/contention.py):
+    spinning is 1.2-1.4x faster on an idle machine and 1.5x slower beside one busy core.
+    False also keeps a second session on the same cores from fighting this one. `Model.spinning` and
+    `Model.describe_spinning()` say what was chosen and why.
     shared_threads=True runs the model on the process-wide thread pool
     (devices.providers.share_threads, sized by the first model that asks): load a target
     and its draft model this way and they take turns on the same threads. That is for the
@@ -364,6 +377,7 @@ def load(path: str | os.PathLike, device: str = "auto", threads: int | None = No
     def report(stage: str) -> Callable[[int, int], None] | None:
         return None if progress is None else lambda done, total: progress(stage, done, total)
 
+    started = contention.sample()  # other processes' CPU use is measured over the load (devices/contention.py)
     manifest = load_manifest(Path(path), verify=verify, progress=report("verifying") if verify else None)
     if manifest.task == TASK_EMBED:
         raise UserError(f"{manifest.folder}: is an embedding model (exported with --task embed or from an encoder); "
@@ -377,10 +391,10 @@ def load(path: str | os.PathLike, device: str = "auto", threads: int | None = No
         from edge_infer.runtime.static_plan import StaticModel
 
         model = StaticModel(manifest, device=device, threads=threads, allow_spinning=allow_spinning,
-                            shared_threads=shared_threads, padding=padding)
+                            shared_threads=shared_threads, padding=padding, load_started=started)
     else:
-        model = Model(manifest, device=device, threads=threads,
-                      allow_spinning=allow_spinning, shared_threads=shared_threads, padding=padding)
+        model = Model(manifest, device=device, threads=threads, allow_spinning=allow_spinning,
+                      shared_threads=shared_threads, padding=padding, load_started=started)
     if chat_template is not None:
         from edge_infer.runtime.template_library import override
 

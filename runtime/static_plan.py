@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from edge_infer.devices import DevicePlan, ModelTraits, available_providers, cpu_session_options, resolve
 from edge_infer.devices.accelerators import did_not_start, session_for, strict_plan
+from edge_infer.devices.contention import CpuSample
 from edge_infer.runtime.cache import KVCache
 from edge_infer.contract.errors import ModelFileError, UserError
 from edge_infer.contract.graph_record import GraphHeader
@@ -104,10 +105,10 @@ class StaticModel(Model):
     """A Model whose manifest describes a static plan (prefill-chunk graph + decode graph)."""
 
     def __init__(self, manifest: Manifest, device: str = "auto", threads: int | None = None,
-                 allow_spinning: bool = True, shared_threads: bool = False, strict: bool = True,
-                 padding: str | None = None):
+                 allow_spinning: bool | None = True, shared_threads: bool = False, strict: bool = True,
+                 padding: str | None = None, load_started: CpuSample | None = None):
         self.strict = strict
-        super().__init__(manifest, device, threads, allow_spinning, shared_threads, padding)
+        super().__init__(manifest, device, threads, allow_spinning, shared_threads, padding, load_started)
 
     def _open(self, device: str, threads: int | None, allow_spinning: bool, shared_threads: bool, asked: str) -> None:
         """Open the prefill-chunk and decode graphs' sessions on the device (both strict by default)."""

@@ -169,6 +169,7 @@ def _serve_one(model, server_config, engine_config, device, threads, log_level, 
     click.echo(f"[{m.manifest.geometry.architecture} {m.manifest.quant_scheme} on {m.describe_device()}; "
                f"{engine_config.parallel} slots x {engine.max_length} positions, KV cache {kv:.0f} MiB"
                + (f"; speculative {speculative.mode}" if speculative is not None else "") + "]", err=True)
+    click.echo(f"  threads spinning {m.describe_spinning()}", err=True)
     shown = f"[{host}]" if ":" in host else host
     base = f"http://{shown}:{sock.getsockname()[1]}"
     click.echo(f"serving '{server_config.model_id}' at {base}/v1, chat page at {base}/"

@@ -1,0 +1,110 @@
+"""Whether onnxruntime's threads spin, from other processes' use of the cores (devices/contention.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edge_infer.contract.errors import UserError
+from edge_infer.devices import contention
+from edge_infer.devices.contention import CpuSample, busy_seconds, choose, others_cores, requested
+
+STAT = """cpu  900 0 300 5000 10 0 5 7 0 0
+cpu0 100 10 50 2000 5 0 2 3 0 0
+cpu1 400 0 100 1000 5 0 3 4 0 0
+cpu2 300 0 150 2000 0 0 0 0 0 0
+intr 12345
+"""
+
+
+def test_busy_seconds_reads_the_allowed_cpus_lines():
+    # cpu0: user 100 + nice 10 + system 50 + irq 0 + softirq 2 + steal 3 = 165 ticks; cpu1: 400+100+3+4 = 507
+    assert busy_seconds(STAT, [0, 1], 100.0) == pytest.approx(6.72)
+    assert busy_seconds(STAT, [2], 100.0) == pytest.approx(4.5)
+    assert busy_seconds(STAT, [0, 5], 100.0) is None  # a CPU we may run on that /proc/stat does not list
+
+
+def test_others_cores_takes_our_own_time_out():
+    start = CpuSample(wall=10.0, busy=100.0, own=3.0, cpus=2)
+    end = CpuSample(wall=12.0, busy=103.0, own=4.0, cpus=2)  # 3 s busy in 2 s: 1 s of it ours
+    assert others_cores(start, end) == pytest.approx(1.0)
+    assert others_cores(start, CpuSample(12.0, 101.0, 6.0, 2)) == 0.0  # never below 0
+
+
+def test_choose_stops_spinning_only_where_others_take_the_threads_cores():
+    assert choose("auto", 2, 0.1, 2).on
+    assert not choose("auto", 2, 1.0, 2).on
+    assert "1.0 of 2 CPUs" in choose("auto", 2, 1.0, 2).reason
+    assert choose("auto", 1, 1.0, 2).on  # one thread, and a core left for it
+    assert not choose("auto", 1, 1.6, 2).on
+    assert choose("auto", 8, 0.4, 8).on
+    measured_nothing = choose("auto", 2, None, 0)
+    assert measured_nothing.on and "could not be read" in measured_nothing.reason
+    forced = choose("off", 2, 0.0, 2, "EDGE_INFER_SPIN=off")
+    assert not forced.on and forced.forced and "EDGE_INFER_SPIN=off" in forced.describe()
+
+
+def test_requested(monkeypatch):
+    monkeypatch.delenv(contention.ENV, raising=False)
+    assert requested(None) == ("auto", "EDGE_INFER_SPIN=auto")
+    assert requested(False) == ("off", "allow_spinning=False")
+    monkeypatch.setenv(contention.ENV, "on")
+    assert requested(None)[0] == "on"
+    assert requested(False)[0] == "off"  # the argument wins over the environment
+    monkeypatch.setenv(contention.ENV, "sometimes")
+    with pytest.raises(UserError, match="EDGE_INFER_SPIN='sometimes'.*auto, on, off"):
+        requested(None)
+
+
+def _busy_process():
+    return subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
+
+
+@pytest.mark.skipif(contention.sample() is None, reason="needs /proc/stat (Linux)")
+def test_a_busy_process_is_seen_and_our_own_work_is_not():
+    busy = _busy_process()
+    try:
+        time.sleep(0.3)  # the interpreter has started and spins
+        start = contention.sample()
+        time.sleep(0.3)
+        seen = others_cores(start, contention.sample())
+    finally:
+        busy.kill()
+        busy.wait()
+    assert seen >= 0.5, seen  # about one core (less only on a machine that starves it)
+    start = contention.sample()
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:  # this process busy: our own time is taken out
+        pass
+    assert others_cores(start, contention.sample()) < seen
+
+
+def _spin_entry(model) -> str:
+    return model.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_load_spins_unless_asked_or_crowded(tiny_exports, monkeypatch):
+    from edge_infer.runtime.model import load
+
+    folder = tiny_exports("llama", "int4")
+    monkeypatch.setenv(contention.ENV, "off")
+    m = load(folder, device="cpu")
+    assert _spin_entry(m) == "0" and m.spinning.forced and "EDGE_INFER_SPIN=off" in m.describe_spinning()
+    m = load(folder, device="cpu", allow_spinning=True)
+    assert _spin_entry(m) == "1" and m.spinning.forced
+    monkeypatch.delenv(contention.ENV)
+    if contention.sample() is None:
+        return
+    cpus = len(contention.allowed_cpus())
+    busy = _busy_process()
+    try:
+        time.sleep(0.3)
+        m = load(folder, device="cpu", threads=cpus)  # a thread per CPU, one CPU taken: no spinning
+    finally:
+        busy.kill()
+        busy.wait()
+    assert _spin_entry(m) == "0" and not m.spinning.forced, m.describe_spinning()
+    assert m.spinning.others is not None and m.spinning.others >= 0.5
