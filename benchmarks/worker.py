@@ -56,7 +56,7 @@ def edge(model: str, threads: int, new_tokens: int, measure):
 
     m = edge_infer.load(model, device="cpu", threads=threads)
     prefill, step = measure.edge_engine(m, new_tokens)
-    return prefill, step, f"edge-infer {edge_infer.__version__} ({m.manifest.quant_scheme})"
+    return prefill, step, f"edge-infer {edge_infer.__version__} ({m.manifest.quant_scheme}; spinning {m.describe_spinning()})"
 
 
 def edge_spec(model: str, threads: int, new_tokens: int, measure, mode: str):
