@@ -16,7 +16,9 @@ before the session opens. Other processes' use of the CPUs this process may run 
 time in /proc/stat minus this process's own CPU time over that window. Where more than
 SPARE_CORES of the CPUs our threads need are taken, the threads do not spin. What runs later is not
 seen: `EDGE_INFER_SPIN=on|off` (or `load(allow_spinning=...)`) fixes the choice. Linux only;
-elsewhere, or when /proc cannot be read, the threads spin, as before.
+elsewhere, or when /proc cannot be read, the threads spin, as before. A model on the process-wide
+thread pool (a target and its draft model) keeps the pool's spinning: onnxruntime fixes it when the
+pool is made.
 """
 
 from __future__ import annotations

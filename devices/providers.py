@@ -289,6 +289,11 @@ def share_threads(threads: int | None = None) -> int:
     return _shared_pool_threads
 
 
+def shared_pool_size() -> int | None:
+    """The size of the process-wide thread pool once `share_threads` made it, else None."""
+    return _shared_pool_threads
+
+
 def _check_threads(threads) -> None:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UserError(

@@ -24,7 +24,7 @@ from edge_infer.devices.invariance import kernel_configs
 from edge_infer.devices.capabilities import pick_header
 from edge_infer.devices.native_output import stdout_to_stderr
 from edge_infer.devices.probe_cache import probe_graph
-from edge_infer.devices.providers import physical_cores, share_threads
+from edge_infer.devices.providers import physical_cores, share_threads, shared_pool_size
 from edge_infer.runtime.cache import ConcatKVCache, KVCache, Pass
 from edge_infer.runtime.device_cache import DEVICE_KV, DeviceKVCache
 from edge_infer.runtime import mapped_weights
@@ -139,7 +139,10 @@ class Model:
         self.tokenizer, self.chat_template = load_text_side(manifest.folder, manifest)
         # Whether onnxruntime's threads spin (devices/contention.py): None measures other processes' use of
         # the cores since load_started (the whole load: manifest, hashes, tokenizer) and spins where it is free.
-        self.spinning = contention.decide(allow_spinning, threads or physical_cores(), load_started)
+        if shared_threads or shared_pool_size() is not None:  # onnxruntime fixed the pool's spinning when it made it
+            self.spinning = contention.Spinning(True, "the process-wide thread pool spins (onnxruntime's default)")
+        else:
+            self.spinning = contention.decide(allow_spinning, threads or physical_cores(), load_started)
         self._open(device, threads, self.spinning.on, shared_threads, padding_modes.requested(padding))
 
     def _open(self, device: str, threads: int | None, allow_spinning: bool, shared_threads: bool, asked: str) -> None:

@@ -178,6 +178,7 @@ later = edge_infer.load(sys.argv[1], device="cpu", threads=3)  # joins the pool:
 sessions = [m.session.get_session_options() for m in (target, draft, later)]
 assert [o.use_per_session_threads for o in sessions] == [False] * 3, sessions
 assert providers._shared_pool_threads == 1
+assert all(m.spinning.on and "thread pool" in m.describe_spinning() for m in (target, draft, later))
 print(edge_infer.generate(later, [5, 6, 7], max_tokens=4) == edge_infer.generate(target, [5, 6, 7], max_tokens=4))
 """
 
