@@ -189,3 +189,24 @@ def test_server_rows_with_an_int8_cache_equal_solo_runs(tiny_exports):
             assert [text for text, _ in run_engine(engine, requests)] == want
     finally:
         engine.stop()
+
+
+def test_held_out_check_starts_like_the_calibration_and_a_prompt():
+    """The check's text starts with the same chat turn (or BOS) as the calibrated one: a first key no
+    prompt has (a declared BOS the tokenizer never adds) once made the check read x0.857 at 0.5B."""
+    from types import SimpleNamespace
+
+    from edge_infer.export.kv_calibrate import CHECK_TOKENS, _token_ids
+
+    class Words:  # one id per character: enough text for the calibration part and the check
+        def encode(self, text, add_special_tokens=False):
+            return SimpleNamespace(ids=[3 + ord(c) % 90 for c in text])
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    for chat_template, bos in ((template, 1), (None, 1), (None, None)):
+        source = SimpleNamespace(chat_template=chat_template, bos_token="<s>", eos_token="</s>", tokenizer=Words())
+        calib, held = _token_ids(source, SimpleNamespace(bos_token_id=bos, vocab_size=100), 4096)
+        head = Words().encode("<system>You are a helpful assistant.<user>Summarise these notes.").ids \
+            if chat_template else ([bos] if bos is not None else [])
+        assert calib[:len(head)] == head and held[:len(head)] == head
+        assert len(held) == CHECK_TOKENS and held[len(head):] != calib[len(head):len(held)]
