@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_infer.contract.errors import UserError
+from edge_infer.devices.providers import allowed_cpus
 
 ENV = "EDGE_INFER_SPIN"  # auto | on | off, for tools that cannot pass load(allow_spinning=...)
 CHOICES = ("auto", "on", "off")
@@ -63,13 +64,6 @@ class Spinning:
         return f"{'on' if self.on else 'off'}{' (forced)' if self.forced else ''}: {self.reason}"
 
 
-def allowed_cpus() -> list[int]:
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return list(range(os.cpu_count() or 1))
-
-
 def busy_seconds(stat_text: str, cpus: list[int], ticks_per_second: float) -> float | None:
     """Seconds the CPUs `cpus` spent busy, from /proc/stat's per-CPU lines; None when one is missing."""
     busy = 0
@@ -91,7 +85,7 @@ def busy_seconds(stat_text: str, cpus: list[int], ticks_per_second: float) -> fl
 
 def sample() -> CpuSample | None:
     """The allowed CPUs' busy time and our own CPU time now; None where /proc/stat cannot be read."""
-    cpus = allowed_cpus()
+    cpus = allowed_cpus() or list(range(os.cpu_count() or 1))
     try:
         busy = busy_seconds(PROC_STAT.read_text(), cpus, float(os.sysconf("SC_CLK_TCK")))
     except (OSError, ValueError, IndexError):

@@ -250,11 +250,18 @@ def available_providers() -> list[str]:
     return have + [p for p in register_plugins() if p not in have]
 
 
+def allowed_cpus() -> list[int] | None:
+    """The logical CPUs this process may run on; None where the platform does not say."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (SMT siblings counted once); os.cpu_count() when unknown."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
+    cpus = allowed_cpus()
+    if cpus is None:
         return os.cpu_count() or 1
     cores = set()
     for cpu in cpus:

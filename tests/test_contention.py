@@ -99,7 +99,7 @@ def test_load_spins_unless_asked_or_crowded(tiny_exports, monkeypatch):
     monkeypatch.delenv(contention.ENV)
     if contention.sample() is None:
         return
-    cpus = len(contention.allowed_cpus())
+    cpus = len(contention.allowed_cpus() or [0])
     monkeypatch.setattr(contention, "MIN_WINDOW_S", 0.3)  # 60 ticks over 2 CPUs: a busy core reads 1.0 +- 0.05
     busy = _busy_process()
     try:
