@@ -274,6 +274,10 @@ def _serve_on_ray(model, server_config, engine_config, replicas, routing, addres
                            threads=threads or 1, device=device, server=dataclasses.asdict(server_config),
                            engine=engine, chat_template=read_chat_template(chat_template))
     config.validate()
+    if server_config.port:  # a port in use fails here, not minutes later inside Ray's HTTP proxy
+        from edge_infer.serve.runner import bind
+
+        bind(server_config.host, server_config.port).close()
     click.echo(f"serving '{server_config.model_id}' on Ray Serve: {replicas} replicas ({routing} routing) at "
                f"http://{server_config.host}:{server_config.port}/v1", err=True)
     serve_cluster(config, server_config.host, server_config.port, address)

@@ -7,6 +7,7 @@ replica during 8 streams ends every stream cleanly and the deployment recovers.
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -78,9 +79,19 @@ def test_metrics_of_replicas_merge_with_a_replica_label():
 # ---- a real local Ray cluster ----
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range and above Ray's worker ports (10002-19999): a port from
+    bind(0) is drawn from the range every process's bind(0) draws from, and one of the Ray processes that start
+    before the HTTP proxy binds could take it."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = min(int(ephemeral.read_text().split()[0]), 32768) if ephemeral.exists() else 32768
+    for port in random.Random(os.getpid()).sample(range(20000, low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.fail("no free port between 20000 and the ephemeral range")
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +156,19 @@ def _wait_for_replicas(url: str, n: int, timeout: float, proc=None, log=None) ->
             return
         time.sleep(1)
     pytest.fail(f"{n} replicas were not up within {timeout} s: {_health(url)}")
+
+
+def test_a_port_in_use_fails_before_ray_starts(model_dir):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "edge_infer.cli", "serve", str(model_dir), "--ray", "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 60  # Ray (tens of seconds to start) was never started
 
 
 @pytest.fixture(scope="module")
