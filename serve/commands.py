@@ -274,7 +274,7 @@ def _serve_on_ray(model, server_config, engine_config, replicas, routing, addres
                            threads=threads or 1, device=device, server=dataclasses.asdict(server_config),
                            engine=engine, chat_template=read_chat_template(chat_template))
     config.validate()
-    if server_config.port:  # a port in use fails here, not minutes later inside Ray's HTTP proxy
+    if server_config.port:  # a port in use fails here, not after Ray has started (in its HTTP proxy)
         from edge_infer.serve.runner import bind
 
         bind(server_config.host, server_config.port).close()

@@ -84,7 +84,8 @@ def _free_port() -> int:
     before the HTTP proxy binds could take it."""
     ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
     low = min(int(ephemeral.read_text().split()[0]), 32768) if ephemeral.exists() else 32768
-    for port in random.Random(os.getpid()).sample(range(20000, low), 200):
+    ports = range(20000, max(low, 20001))
+    for port in random.Random(os.getpid()).sample(ports, min(200, len(ports))):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -163,12 +164,11 @@ def test_a_port_in_use_fails_before_ray_starts(model_dir):
         held.bind(("127.0.0.1", 0))
         held.listen(1)
         port = held.getsockname()[1]
-        t0 = time.monotonic()
         r = subprocess.run([sys.executable, "-m", "edge_infer.cli", "serve", str(model_dir), "--ray", "--port", str(port)],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
-    assert time.monotonic() - t0 < 60  # Ray (tens of seconds to start) was never started
+    assert "on Ray Serve" not in r.stderr  # refused before Ray was started (that line comes just before it)
 
 
 @pytest.fixture(scope="module")
