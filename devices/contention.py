@@ -15,7 +15,9 @@ A session's spinning is fixed when it opens, so `load` measures the cores while 
 before the session opens. Other processes' use of the CPUs this process may run on is their busy
 time in /proc/stat minus this process's own CPU time over that window. Where more than
 SPARE_CORES of the CPUs our threads need are taken, the threads do not spin. What runs later is not
-seen: `EDGE_INFER_SPIN=on|off` (or `load(allow_spinning=...)`) fixes the choice. Linux only;
+seen by `load`; a server re-decides while it is idle (`Watch`, serve/engine.py) and reopens its
+session when the machine has changed. `EDGE_INFER_SPIN=on|off` (or `load(allow_spinning=...)`)
+fixes the choice. Linux only;
 elsewhere, or when /proc cannot be read, the threads spin, as before. A model on the process-wide
 thread pool (a target and its draft model) keeps the pool's spinning: onnxruntime fixes it when the
 pool is made.
@@ -112,14 +114,15 @@ def requested(allow_spinning: bool | None) -> tuple[str, str]:
     return value, f"{ENV}={value}"
 
 
-def choose(asked: str, threads: int, others: float | None, cpus: int, source: str = "") -> Spinning:
-    """The spinning for `threads` threads on `cpus` CPUs of which other processes used `others` cores;
-    asked "on" / "off" (by `source`) is taken as it is."""
+def choose(asked: str, threads: int, others: float | None, cpus: int, source: str = "",
+           when: str = "while the model loaded") -> Spinning:
+    """The spinning for `threads` threads on `cpus` CPUs of which other processes used `others` cores
+    (`when`: over which window); asked "on" / "off" (by `source`) is taken as it is."""
     if asked != "auto":
         return Spinning(asked == "on", f"asked for by {source}" if source else "asked for", forced=True)
     if others is None:
         return Spinning(True, "other processes' CPU use could not be read here (no /proc/stat)")
-    used = f"other processes used {others:.1f} of {cpus} CPUs while the model loaded"
+    used = f"other processes used {others:.1f} of {cpus} CPUs {when}"
     if others > cpus - min(threads, cpus) + SPARE_CORES:
         return Spinning(False, f"{used}; threads spinning beside them lose 30-40% (EDGE_INFER_SPIN=on to spin)",
                         others=others)
@@ -141,3 +144,56 @@ def decide(allow_spinning: bool | None, threads: int, start: CpuSample | None) -
     if end is None:
         return choose(asked, threads, None, 0)
     return choose(asked, threads, others_cores(start, end), end.cpus)
+
+
+WATCH_WINDOW_S = 2.0  # a server's idle windows: long enough to read a busy core to within 0.05
+WATCH_CONFIRM = 3  # consecutive windows that must disagree with the session's spinning before it changes
+
+
+class Watch:
+    """Re-decides a long-running model's spinning from windows in which it ran nothing.
+
+    While the model runs, its own spinning threads take CPU time from the other processes, which then
+    read lower than they would alone (a busy core beside two spinning threads reads about 0.67), so
+    only windows the model spent idle count: `idle()` opens one (or keeps the open one), `busy()`
+    drops it. A change is proposed when WATCH_CONFIRM consecutive windows of WATCH_WINDOW_S disagree
+    with the current choice; the caller reopens the session then (Model.respin) and calls `now_on`.
+    """
+
+    def __init__(self, threads: int, on: bool, window_s: float = WATCH_WINDOW_S, confirm: int = WATCH_CONFIRM,
+                 sampler=None):
+        self.threads, self.on, self.window_s, self.confirm = threads, on, window_s, confirm
+        self._sample = sampler or sample
+        self._start: CpuSample | None = None
+        self._against = 0  # consecutive windows that disagreed
+
+    def busy(self) -> None:
+        self._start = None
+
+    def idle(self) -> float | None:
+        """Open a window if none is open; seconds until the open one ends (None: /proc/stat unreadable)."""
+        if self._start is None:
+            self._start = self._sample()
+            if self._start is None:
+                return None
+        return max(0.0, self.window_s - (time.monotonic() - self._start.wall))
+
+    def poll(self) -> Spinning | None:
+        """At the end of an idle window: the new choice once enough windows disagreed, else None."""
+        if self._start is None or time.monotonic() - self._start.wall < self.window_s:
+            return None
+        end = self._sample()
+        if end is None:
+            self._start = None
+            return None
+        choice = choose("auto", self.threads, others_cores(self._start, end), end.cpus,
+                        when=f"in the last of {self.confirm} idle windows of {self.window_s:g} s that agreed")
+        self._start = end
+        self._against = self._against + 1 if choice.on != self.on else 0
+        if self._against < self.confirm:
+            return None
+        self._against = 0
+        return choice
+
+    def now_on(self, on: bool) -> None:
+        self.on, self._against = on, 0

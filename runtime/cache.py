@@ -128,6 +128,10 @@ class KVCache:
             raise IndexError(f"rows {start}..{stop - 1} of a cache with batch {self.batch}")
         return type(self)._over(self, start, stop)
 
+    def forget_bindings(self) -> None:
+        """Drop every IOBinding of this cache (each holds its session, and the session its weights)."""
+        self._bindings.clear()
+
     def binding(self, session: ort.InferenceSession, make: Callable[[], ort.IOBinding]) -> ort.IOBinding:
         """This cache's IOBinding for `session`, made by `make` (which binds the buffers) the first time."""
         b = self._bindings.get(id(session))

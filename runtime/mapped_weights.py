@@ -54,6 +54,21 @@ def release(files: Iterable[str | os.PathLike]) -> int:
     return released
 
 
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the system (glibc's malloc_trim); False where there is none.
+
+    A session closed inside a running process frees its packed weights into the heap, where glibc keeps
+    them resident; the next session's packing does not reuse most of them (measured: +230 MiB at 0.5B
+    for a session reopened in a serving process, Model.respin), so they are handed back first.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except AttributeError:  # a C library without malloc_trim (musl)
+        return False
+
+
 class Mapping:
     """One private file mapping of /proc/self/smaps: its address range, file, and page counts."""
 

@@ -7,8 +7,10 @@ graph writes new keys in place and nothing is copied per step.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -156,16 +158,11 @@ class Model:
         proto = check_external_data(graph_path)
         check_kv_memory(folder / MANIFEST, manifest.kv_bytes(), f"max_length {manifest.geometry.max_length}")
         self.plan: DevicePlan = resolve(device, available_providers(), model_traits(manifest))
+        self._graph_path, self._threads = graph_path, threads
+        self._bound: weakref.WeakSet[KVCache] = weakref.WeakSet()  # caches holding a binding to self.session
         options = cpu_session_options(threads, allow_spinning=allow_spinning, shared=shared_threads)
         self.shared_threads = not options.use_per_session_threads  # also True once the process has the pool
-        options.log_severity_level = 3
-        try:
-            with stdout_to_stderr():  # provider libraries' chatter stays off stdout (devices/native_output.py)
-                self.session = ort.InferenceSession(str(graph_path), options,
-                                                    providers=self.plan.session_providers())
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise did_not_start(self.plan) or ModelFileError(
-                f"{graph_path}: onnxruntime could not load it on {self.plan.device} ({e})") from None
+        self.session = self._open_session(options)
         check_graph_io(graph_path, manifest.geometry, self.session.get_inputs(), self.session.get_outputs(),
                        manifest.kv_dtype)
         self.providers = self.session.get_providers()
@@ -198,7 +195,44 @@ class Model:
         self._arena_grown = False  # the last pass was wider than WIDE_PASS_IDS
         # The weights file's pages the session read while packing its kernels stay mapped and resident,
         # though no pass reads most of them again: hand them back (runtime/mapped_weights.py).
-        self.released_bytes = mapped_weights.release(external_files(graph_path, proto))
+        self._external = external_files(graph_path, proto)
+        self.released_bytes = mapped_weights.release(self._external)
+
+    def _open_session(self, options: ort.SessionOptions) -> ort.InferenceSession:
+        graph_path = self._graph_path
+        options.log_severity_level = 3
+        try:
+            with stdout_to_stderr():  # provider libraries' chatter stays off stdout (devices/native_output.py)
+                return ort.InferenceSession(str(graph_path), options, providers=self.plan.session_providers())
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise did_not_start(self.plan) or ModelFileError(
+                f"{graph_path}: onnxruntime could not load it on {self.plan.device} ({e})") from None
+
+    @property
+    def respinnable(self) -> bool:
+        """Whether respin can change this model's spinning: its own CPU thread pool, not a forced choice."""
+        return not self.shared_threads and not self.spinning.forced and self.providers[0] == "CPUExecutionProvider"
+
+    def respin(self, spinning: contention.Spinning) -> None:
+        """Reopen the session with `spinning` (onnxruntime fixes a pool's spinning when the session opens).
+
+        The same graph, options and padding; only the threads' spinning differs, so every pass gives the
+        same bits as before. The old session's bindings are dropped first, so its packed weights are freed
+        before the new session packs its own (no second copy in memory); the reopening costs what the
+        session's part of a load costs (0.3-5 s from 135M to 1.5B), and no pass may run meanwhile.
+        """
+        if not self.respinnable:
+            raise UserError("this model's spinning is fixed (asked for, a shared thread pool, or not the CPU)")
+        for cache in list(self._bound):
+            cache.forget_bindings()
+        self._bound.clear()
+        self.session = None  # its weights go before the new session packs its own
+        gc.collect()  # (a binding in a reference cycle would keep them)
+        mapped_weights.trim_heap()  # freed, they stay resident, and the new session would not reuse them all
+        options = cpu_session_options(self._threads, allow_spinning=spinning.on, shared=False)
+        self.session = self._open_session(options)
+        self.spinning = spinning
+        self.released_bytes = mapped_weights.release(self._external)
 
     @property
     def batch_invariant(self) -> bool:
@@ -209,6 +243,7 @@ class Model:
     def _binding(self, cache: KVCache) -> ort.IOBinding:
         """The cache's IOBinding for this session, its KV buffers bound once as past and present."""
         def make() -> ort.IOBinding:
+            self._bound.add(cache)
             binding = self.session.io_binding()
             binding.bind_output(LOGITS)  # bound first, so it comes back first
             if isinstance(cache, DeviceKVCache):  # buffers in the device's memory, bound by address

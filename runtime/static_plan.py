@@ -110,6 +110,10 @@ class StaticModel(Model):
         self.strict = strict
         super().__init__(manifest, device, threads, allow_spinning, shared_threads, padding, load_started)
 
+    @property
+    def respinnable(self) -> bool:
+        return False  # two sessions (prefill chunk, decode) on an accelerator's static plan: nothing to respin
+
     def _open(self, device: str, threads: int | None, allow_spinning: bool, shared_threads: bool, asked: str) -> None:
         """Open the prefill-chunk and decode graphs' sessions on the device (both strict by default)."""
         manifest, strict = self.manifest, self.strict

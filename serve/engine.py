@@ -26,6 +26,12 @@ while the others get one. Slots keep their KV after a request ends: that is the
 prefix cache. A free slot's row inside the range feeds nothing (on graphs
 exported before query_seqlens, a dummy token just past its cached positions,
 where nothing reads it).
+
+While no request runs, the loop watches what other processes do on its cores
+(devices/contention.py Watch) and, when the machine has changed for long
+enough, reopens the model's session with its threads spinning or not
+(Model.respin): the choice `load` made fits the machine at start-up, and a
+server outlives it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from typing import Callable
 
 import numpy as np
 
+from edge_infer.devices import contention
+from edge_infer.devices.providers import physical_cores
 from edge_infer.runtime.cache import KVCache, reusable
 from edge_infer.runtime.decode import Decoding, decode_step
 from edge_infer.contract.errors import UserError, is_interrupt
@@ -109,7 +117,8 @@ TurnObserver = Callable[[Turn, list[Emitted]], None]
 
 
 class Engine:
-    def __init__(self, model, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None):
+    def __init__(self, model, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None,
+                 watch: contention.Watch | None = None):
         config.validate()
         if model.manifest.kv_layout != "shared":
             raise UserError("serving needs a model from the direct graph builder (kv_layout shared); this one was "
@@ -137,6 +146,13 @@ class Engine:
             draft = self.speculative.draft
             check_draft(model, draft)
             self.draft_cache = draft.new_cache(max_length=min(draft.max_length, self.max_length))
+        # The spinning follows the idle machine where the model's own thread pool allows it (a draft model
+        # shares the process-wide pool, whose spinning onnxruntime fixed when it made it).
+        self._watch = None
+        if getattr(model, "respinnable", False) and self.draft_cache is None:
+            threads = model.session.get_session_options().intra_op_num_threads or physical_cores()
+            self._watch = watch or contention.Watch(threads, model.spinning.on)
+        self.metrics.spinning.set(int(getattr(model, "spinning", contention.Spinning(True, "")).on))
 
     # -- the HTTP side -----------------------------------------------------------
 
@@ -211,15 +227,23 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
+            turn: Turn | None = None
+            spinning: contention.Spinning | None = None
             with self._cond:
                 self._reap()
                 if self._stop and not self._busy():
                     return
                 self._admit()
                 if not self._busy():
-                    self._cond.wait(timeout=0.5 if self._drain_deadline is not None else None)
-                    continue
-                turn = self._schedule()
+                    spinning = self._idle_wait()
+                else:
+                    if self._watch is not None:
+                        self._watch.busy()
+                    turn = self._schedule()
+            if spinning is not None:  # outside the lock: requests queue while the session reopens
+                self._respin(spinning)
+            if turn is None:
+                continue
             try:
                 emitted = self._execute(turn)
             except BaseException as e:  # a failed run (even a library panic, a BaseException) must not take the
@@ -233,6 +257,36 @@ class Engine:
             self._update(turn, emitted)
             for observer in self._observers:
                 observer(turn, emitted)
+
+    def _idle_wait(self) -> contention.Spinning | None:
+        """Wait (under the lock) for a request; the spinning the idle machine now calls for, if it changed."""
+        timeout = 0.5 if self._drain_deadline is not None else None
+        left = self._watch.idle() if self._watch is not None else None
+        if left is not None:
+            timeout = left if timeout is None else min(timeout, left)
+        self._cond.wait(timeout=timeout)
+        if self._watch is None or self._waiting or self._stop or self._drain_deadline is not None:
+            return None
+        return self._watch.poll()
+
+    def _respin(self, spinning: contention.Spinning) -> None:
+        """Reopen the model's session with its threads spinning or not (Model.respin); on failure, with the
+        spinning it had, and the watch stops."""
+        assert self._watch is not None
+        before, t0 = self.model.spinning, time.monotonic()
+        try:
+            self.model.respin(spinning)
+        except Exception as e:  # noqa: BLE001 - the server keeps serving with what it had
+            log.error("reopening the session with spinning %s failed (%s); keeping it %s",
+                      "on" if spinning.on else "off", e, "on" if before.on else "off")
+            self._watch = None
+            self.model.respin(before)
+            return
+        self._watch.now_on(spinning.on)
+        self.metrics.spinning.set(int(spinning.on))
+        self.metrics.session_reopens.inc()
+        log.info("threads spinning %s (session reopened in %.1f s): %s", "on" if spinning.on else "off",
+                 time.monotonic() - t0, spinning.reason)
 
     def _busy(self) -> bool:
         return any(s.seq is not None for s in self.slots)

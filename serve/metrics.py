@@ -53,6 +53,10 @@ class Metrics:
                                    "(accepted, rejected)", ["outcome"], registry=r)
         self.kv_used = Gauge(p + "kv_cache_used_ratio", "KV positions in use over capacity: by running requests "
                              "(active), or holding any prefix (cached)", ["kind"], registry=r)
+        self.spinning = Gauge(p + "threads_spinning", "1 while onnxruntime's threads spin between kernels, 0 while "
+                              "they sleep between them", registry=r)
+        self.session_reopens = Counter(p + "session_reopens", "Sessions reopened to change the threads' spinning "
+                                       "while idle", registry=r)
 
     def finished(self, seq, event) -> None:
         """Count an ended generation (called by the engine)."""

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 
 from edge_infer.contract.errors import UserError
 from edge_infer.devices import contention
-from edge_infer.devices.contention import CpuSample, busy_seconds, choose, others_cores, requested
+from edge_infer.devices.contention import CpuSample, Spinning, Watch, busy_seconds, choose, others_cores, requested
 
 STAT = """cpu  900 0 300 5000 10 0 5 7 0 0
 cpu0 100 10 50 2000 5 0 2 3 0 0
@@ -110,3 +112,68 @@ def test_load_spins_unless_asked_or_crowded(tiny_exports, monkeypatch):
         busy.wait()
     assert _spin_entry(m) == "0" and not m.spinning.forced, m.describe_spinning()
     assert m.spinning.others is not None and m.spinning.others >= 0.5
+
+
+class FakeCpus:
+    """A sampler over two CPUs where other processes keep `others` cores busy; one second per sample."""
+
+    def __init__(self, others: float = 0.0):
+        self.others, self.wall, self.busy = others, 0.0, 0.0
+
+    def __call__(self) -> CpuSample:
+        self.wall += 1.0
+        self.busy += self.others
+        return CpuSample(self.wall, self.busy, 0.0, 2)
+
+
+def test_watch_changes_the_spinning_after_enough_idle_windows_disagree():
+    cpus = FakeCpus(others=1.0)
+    watch = Watch(2, True, window_s=0.0, confirm=3, sampler=cpus)
+    assert watch.poll() is None  # no window open yet
+    watch.idle()
+    assert [watch.poll() for _ in range(2)] == [None, None]
+    change = watch.poll()
+    assert change is not None and not change.on and "1.0 of 2 CPUs" in change.reason
+    watch.now_on(False)
+    assert [watch.poll() for _ in range(4)] == [None] * 4  # a busy machine agrees with not spinning
+    cpus.others = 0.0
+    assert [watch.poll() for _ in range(2)] == [None, None]
+    cpus.others = 1.0  # one window that agrees again: the count starts over
+    assert watch.poll() is None
+    cpus.others = 0.0
+    assert [watch.poll() for _ in range(2)] == [None, None]
+    watch.busy()  # a window the model ran in does not count: it reads the others low
+    assert watch.poll() is None
+    watch.idle()
+    change = watch.poll()
+    assert change is not None and change.on
+
+
+def test_respin_reopens_the_session_with_the_same_bits_and_frees_the_old_one(tiny_exports, monkeypatch):
+    import numpy as np
+
+    from edge_infer.runtime.model import load
+
+    monkeypatch.delenv(contention.ENV, raising=False)
+    folder = tiny_exports("llama", "int4")
+    m = load(folder, device="cpu", threads=2)
+    assert m.respinnable
+    ids = np.array([[5, 9, 2, 7, 3]], dtype=np.int64)
+    cache = m.new_cache()
+    before = m.forward(ids, cache).copy()
+    step = m.forward(np.array([[4]], dtype=np.int64), cache).copy()
+    old = weakref.ref(m.session._sess)  # onnxruntime's own session, which an IOBinding holds (and its weights)
+    was = _spin_entry(m)
+    m.respin(Spinning(was == "0", "a test"))
+    assert _spin_entry(m) == ("1" if was == "0" else "0") and m.spinning.reason == "a test"
+    gc.collect()
+    assert old() is None  # the cache's binding to the old session went with it: its weights are freed
+    fresh = m.new_cache()
+    assert np.array_equal(m.forward(ids, fresh), before)
+    assert np.array_equal(m.forward(np.array([[4]], dtype=np.int64), fresh), step)
+    cache.trim(ids.shape[1])  # the cache bound to the old session runs on the new one
+    assert np.array_equal(m.forward(np.array([[4]], dtype=np.int64), cache), step)
+    forced = load(folder, device="cpu", allow_spinning=True)
+    assert not forced.respinnable
+    with pytest.raises(UserError, match="fixed"):
+        forced.respin(Spinning(False, "a test"))

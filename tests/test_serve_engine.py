@@ -370,3 +370,48 @@ def test_shutdown_ends_a_running_stream_with_an_error_event_after_the_grace(mode
         assert not s.thread.is_alive()
     finally:
         s.stop()
+
+
+class MachineReading:
+    """/proc/stat as a test sets it: other processes keep `others` cores of 2 busy, on the real clock."""
+
+    def __init__(self, others: float):
+        self.others, self.last, self.busy = others, time.monotonic(), 0.0
+
+    def __call__(self):
+        from edge_infer.devices.contention import CpuSample
+
+        now = time.monotonic()
+        self.busy += self.others * (now - self.last)
+        self.last = now
+        return CpuSample(now, self.busy, 0.0, 2)
+
+
+def test_an_idle_engine_reopens_its_session_when_the_machine_changes(path, monkeypatch):
+    """load's spinning choice fits the machine at start-up; an idle server follows the machine after it
+    (devices/contention.py Watch, Model.respin), and answers the same before and after."""
+    from edge_infer.devices import contention
+
+    monkeypatch.delenv(contention.ENV, raising=False)
+    model = edge_infer.load(path, device="cpu", threads=2)  # its own: the engine reopens this model's session
+    assert model.respinnable
+    first = model.spinning.on
+    machine = MachineReading(others=2.0 if first else 0.0)  # the other choice's machine
+    watch = contention.Watch(2, first, window_s=0.05, confirm=2, sampler=machine)
+    prompt, budget = PROMPTS[1], 12
+    want = generate(model, prompt, max_tokens=budget)
+    request = GenerationRequest(tuple(encode_prompt(model, prompt)), budget, SamplingParams())
+    engine = Engine(model, EngineConfig(parallel=2), watch=watch)
+    engine.start()
+    try:
+        wait_until(lambda: model.spinning.on != first)
+        option = model.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        assert option == ("0" if first else "1") and "idle windows" in model.spinning.reason
+        assert [text for text, _ in run_engine(engine, [request, request])] == [want, want]
+        machine.others = 2.0 - machine.others  # the machine goes back
+        wait_until(lambda: model.spinning.on == first)
+        assert [text for text, _ in run_engine(engine, [request])] == [want]
+        assert engine.metrics.session_reopens._value.get() == 2
+        assert engine.metrics.spinning._value.get() == int(first)
+    finally:
+        engine.stop()
