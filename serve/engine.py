@@ -280,7 +280,10 @@ class Engine:
             log.error("reopening the session with spinning %s failed (%s); keeping it %s",
                       "on" if spinning.on else "off", e, "on" if before.on else "off")
             self._watch = None
-            self.model.respin(before)
+            try:
+                self.model.respin(before)
+            except Exception as again:  # noqa: BLE001 - each request then fails with a 500, none hangs
+                log.critical("the model's session could not be reopened (%s): requests will fail", again)
             return
         self._watch.now_on(spinning.on)
         self.metrics.spinning.set(int(spinning.on))

@@ -415,3 +415,35 @@ def test_an_idle_engine_reopens_its_session_when_the_machine_changes(path, monke
         assert engine.metrics.spinning._value.get() == int(first)
     finally:
         engine.stop()
+
+
+def test_a_session_that_fails_to_reopen_comes_back_as_it_was(path, monkeypatch, caplog):
+    from edge_infer.devices import contention
+
+    monkeypatch.delenv(contention.ENV, raising=False)
+    model = edge_infer.load(path, device="cpu", threads=2)
+    first = model.spinning.on
+    opened = model._open_session
+    calls = []
+
+    def open_once_failing(options):
+        calls.append(options)
+        if len(calls) == 1:
+            raise RuntimeError("no memory for a second session")
+        return opened(options)
+
+    monkeypatch.setattr(model, "_open_session", open_once_failing)
+    watch = contention.Watch(2, first, window_s=0.05, confirm=2, sampler=MachineReading(2.0 if first else 0.0))
+    prompt, budget = PROMPTS[0], 8
+    want = generate(model, prompt, max_tokens=budget)
+    engine = Engine(model, EngineConfig(parallel=1), watch=watch)
+    engine.start()
+    try:
+        wait_until(lambda: len(calls) == 2)
+        wait_until(lambda: engine._watch is None)  # it stops watching
+        request = GenerationRequest(tuple(encode_prompt(model, prompt)), budget, SamplingParams())
+        assert [text for text, _ in run_engine(engine, [request])] == [want]
+        assert model.spinning.on == first and engine.metrics.session_reopens._value.get() == 0
+        assert "no memory for a second session" in caplog.text
+    finally:
+        engine.stop()
