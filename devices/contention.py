@@ -186,8 +186,9 @@ class Watch:
         if end is None:
             self._start = None
             return None
+        idle = f"over the last {end.wall - self._start.wall:.0f} s idle"
         choice = choose("auto", self.threads, others_cores(self._start, end), end.cpus,
-                        when=f"in the last of {self.confirm} idle windows of {self.window_s:g} s that agreed")
+                        when=idle + (f" (the last of {self.confirm} windows that agreed)" if self.confirm > 1 else ""))
         self._start = end
         self._against = self._against + 1 if choice.on != self.on else 0
         if self._against < self.confirm:

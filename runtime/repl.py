@@ -6,6 +6,10 @@ recall, Ctrl-R searches, and the history is kept across sessions in
 $XDG_STATE_HOME/edge-infer/chat_history (~/.local/state/...). Where readline is missing (Windows)
 input is plain lines. A message of several lines goes between two lines of `\"\"\"`, or each line
 but the last ends with a backslash. Commands start with `/` (`/help` lists them).
+
+A chat runs for as long as its user types, and the machine changes meanwhile: before a reply, the
+pause since the last one (2 s at least) says whether the threads should spin (devices/contention.py),
+and the model's session is reopened when that changed (Model.respin), with a line that says so.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 import click
 
 from edge_infer.contract.errors import UserError, check_text
+from edge_infer.devices import contention
+from edge_infer.devices.providers import physical_cores
 
 HELP = """commands:
   /help                      this list
@@ -68,9 +75,18 @@ def _line_editing() -> Callable[[], None] | None:
 
 
 class Repl:
-    def __init__(self, session, stats: Callable | None = None, hide_thinking: bool = False):
+    def __init__(self, session, stats: Callable | None = None, hide_thinking: bool = False,
+                 watch: contention.Watch | None = None):
         self.hide_thinking = hide_thinking
         self.session, self.stats = session, stats
+        # Between replies the machine may change: the idle time before a message decides whether the
+        # threads spin for its reply (devices/contention.py; one window, the whole pause, of 2 s at least).
+        model = session.model
+        self.watch = None
+        if getattr(model, "respinnable", False):
+            threads = model.session.get_session_options().intra_op_num_threads or physical_cores()
+            self.watch = watch or contention.Watch(threads, model.spinning.on, confirm=1)
+            self.watch.idle()
         self.commands = {"/help": self.help, "/system": self.system, "/set": self.set, "/clear": self.clear,
                          "/reset": self.clear, "/save": self.save, "/load": self.load}
 
@@ -134,7 +150,29 @@ class Repl:
         except UserError as e:  # one bad line does not end the chat
             click.echo(f"error: {e}", err=True)
 
+    def follow_the_machine(self) -> None:
+        """Before a reply: reopen the model's session with the spinning the pause before it calls for."""
+        if self.watch is None:
+            return
+        change = self.watch.poll()
+        self.watch.busy()
+        if change is None:
+            return
+        t0 = time.monotonic()
+        self.session.model.respin(change)
+        self.watch.now_on(change.on)
+        click.echo(f"[threads now spinning {'on' if change.on else 'off'} ({change.reason}); session reopened "
+                   f"in {time.monotonic() - t0:.1f} s]", err=True)
+
     def reply(self, text: str) -> None:
+        self.follow_the_machine()
+        try:
+            self._reply(text)
+        finally:
+            if self.watch is not None:
+                self.watch.idle()
+
+    def _reply(self, text: str) -> None:
         from edge_infer.runtime.cli_options import ReplyPrinter
 
         last, parts = None, []

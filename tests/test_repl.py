@@ -89,3 +89,29 @@ def test_commands(term, folder, tmp_path):
     assert "unknown command /frobnicate" in say(term, f"/frobnicate{ENTER}")
     term.send("\x04")  # Ctrl-D
     assert term.wait() == 0
+
+
+def test_a_reply_after_a_pause_follows_the_machine(folder, monkeypatch, capsys):
+    """The pause before a message decides the reply's spinning (devices/contention.py Watch, one window),
+    and the reply is the same text either way."""
+    from edge_infer.devices import contention
+    from edge_infer.runtime.chat import ChatSession
+    from edge_infer.runtime.repl import Repl
+
+    monkeypatch.delenv(contention.ENV, raising=False)
+    model = edge_infer.load(folder, device="cpu", threads=2)
+    first = model.spinning.on
+    readings = iter([(0.0, 0.0), (1.0, 2.0 if first else 0.0)] + [(t, 0.0) for t in range(2, 9)])
+
+    def machine():  # a pause of 1 s in which other processes used all or none of 2 CPUs, then quiet
+        wall, busy = next(readings)
+        return contention.CpuSample(wall, busy, 0.0, 2)
+
+    repl = Repl(ChatSession(model, max_tokens=5), watch=contention.Watch(2, first, window_s=0.0, confirm=1,
+                                                                          sampler=machine))
+    repl.watch.idle()
+    repl.reply("hello")
+    err = capsys.readouterr().err
+    assert model.spinning.on != first and f"threads now spinning {'off' if first else 'on'}" in err
+    assert repl.session.history[-1]["content"] == generate(model, [{"role": "user", "content": "hello"}],
+                                                           max_tokens=5)

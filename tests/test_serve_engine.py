@@ -406,7 +406,7 @@ def test_an_idle_engine_reopens_its_session_when_the_machine_changes(path, monke
     try:
         wait_until(lambda: model.spinning.on != first)
         option = model.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
-        assert option == ("0" if first else "1") and "idle windows" in model.spinning.reason
+        assert option == ("0" if first else "1") and "s idle (the last of 2 windows" in model.spinning.reason
         assert [text for text, _ in run_engine(engine, [request, request])] == [want, want]
         machine.others = 2.0 - machine.others  # the machine goes back
         wait_until(lambda: model.spinning.on == first)
