@@ -154,7 +154,7 @@ class Watch:
     """Re-decides a long-running model's spinning from windows in which it ran nothing.
 
     While the model runs, its own spinning threads take CPU time from the other processes, which then
-    read lower than they would alone (a busy core beside two spinning threads reads about 0.67), so
+    read lower than they would alone (a busy core read 1.01 beside the idle 135M model, 0.65 while it decoded), so
     only windows the model spent idle count: `idle()` opens one (or keeps the open one), `busy()`
     drops it. A change is proposed when WATCH_CONFIRM consecutive windows of WATCH_WINDOW_S disagree
     with the current choice; the caller reopens the session then (Model.respin) and calls `now_on`.
