@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -141,10 +142,11 @@ class Model:
         self.tokenizer, self.chat_template = load_text_side(manifest.folder, manifest)
         # Whether onnxruntime's threads spin (devices/contention.py): None measures other processes' use of
         # the cores since load_started (the whole load: manifest, hashes, tokenizer) and spins where it is free.
+        self._spin_threads = threads or physical_cores()
         if shared_threads or shared_pool_size() is not None:  # onnxruntime fixed the pool's spinning when it made it
             self.spinning = contention.Spinning(True, "the process-wide thread pool spins (onnxruntime's default)")
         else:
-            self.spinning = contention.decide(allow_spinning, threads or physical_cores(), load_started)
+            self.spinning = contention.decide(allow_spinning, self._spin_threads, load_started)
         self._open(device, threads, self.spinning.on, shared_threads, padding_modes.requested(padding))
 
     def _open(self, device: str, threads: int | None, allow_spinning: bool, shared_threads: bool, asked: str) -> None:
@@ -213,8 +215,14 @@ class Model:
         """Whether respin can change this model's spinning: its own CPU thread pool, not a forced choice."""
         return not self.shared_threads and not self.spinning.forced and self.providers[0] == "CPUExecutionProvider"
 
-    def respin(self, spinning: contention.Spinning) -> None:
-        """Reopen the session with `spinning` (onnxruntime fixes a pool's spinning when the session opens).
+    def spinning_watch(self, confirm: int = contention.WATCH_CONFIRM) -> contention.Watch | None:
+        """A Watch that re-decides this model's spinning from idle windows (None where it is fixed)."""
+        return contention.Watch(self._spin_threads, self.spinning.on, confirm=confirm) if self.respinnable else None
+
+    def respin(self, spinning: contention.Spinning) -> float:
+        """Reopen the session with `spinning` (onnxruntime fixes a pool's spinning when the session opens);
+        returns the seconds it took. Where the new session fails to open, the old one's is opened again
+        and the error raised (and where that fails too, its error: the model then has no session).
 
         The same graph, options and padding; only the threads' spinning differs, so every pass gives the
         same bits as before. The old session's bindings are dropped first, so its packed weights are freed
@@ -225,16 +233,22 @@ class Model:
         """
         if not self.respinnable:
             raise UserError("this model's spinning is fixed (asked for, a shared thread pool, or not the CPU)")
+        t0 = time.monotonic()
         for cache in list(self._bound):
             cache.forget_bindings()
         self._bound.clear()
         self.session = None  # its weights go before the new session packs its own
         gc.collect()  # (a binding in a reference cycle would keep them)
         mapped_weights.trim_heap()  # freed, they stay resident, and the new session would not reuse them all
-        options = cpu_session_options(self._threads, allow_spinning=spinning.on, shared=False)
-        self.session = self._open_session(options)
-        self.spinning = spinning
-        self.released_bytes = mapped_weights.release(self._external)
+        try:
+            self.session = self._open_session(cpu_session_options(self._threads, allow_spinning=spinning.on))
+            self.spinning = spinning
+        except Exception:
+            self.session = self._open_session(cpu_session_options(self._threads, allow_spinning=self.spinning.on))
+            raise
+        finally:
+            self.released_bytes = mapped_weights.release(self._external)
+        return time.monotonic() - t0
 
     @property
     def batch_invariant(self) -> bool:

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +25,6 @@ import click
 
 from edge_infer.contract.errors import UserError, check_text
 from edge_infer.devices import contention
-from edge_infer.devices.providers import physical_cores
 
 HELP = """commands:
   /help                      this list
@@ -81,11 +79,8 @@ class Repl:
         self.session, self.stats = session, stats
         # Between replies the machine may change: the idle time before a message decides whether the
         # threads spin for its reply (devices/contention.py; one window, the whole pause, of 2 s at least).
-        model = session.model
-        self.watch = None
-        if getattr(model, "respinnable", False):
-            threads = model.session.get_session_options().intra_op_num_threads or physical_cores()
-            self.watch = watch or contention.Watch(threads, model.spinning.on, confirm=1)
+        self.watch = (watch or session.model.spinning_watch(confirm=1)) if session.model.respinnable else None
+        if self.watch is not None:
             self.watch.idle()
         self.commands = {"/help": self.help, "/system": self.system, "/set": self.set, "/clear": self.clear,
                          "/reset": self.clear, "/save": self.save, "/load": self.load}
@@ -158,11 +153,16 @@ class Repl:
         self.watch.busy()
         if change is None:
             return
-        t0 = time.monotonic()
-        self.session.model.respin(change)
+        state = "on" if change.on else "off"
+        try:
+            seconds = self.session.model.respin(change)
+        except Exception as e:  # noqa: BLE001 - the chat goes on with the spinning it had
+            click.echo(f"[could not reopen the session with threads spinning {state} ({e}); they stay as they "
+                       "were]", err=True)
+            self.watch = None
+            return
         self.watch.now_on(change.on)
-        click.echo(f"[threads now spinning {'on' if change.on else 'off'} ({change.reason}); session reopened "
-                   f"in {time.monotonic() - t0:.1f} s]", err=True)
+        click.echo(f"[threads now spinning {state} ({change.reason}); session reopened in {seconds:.1f} s]", err=True)
 
     def reply(self, text: str) -> None:
         self.follow_the_machine()

@@ -47,7 +47,6 @@ from typing import Callable
 import numpy as np
 
 from edge_infer.devices import contention
-from edge_infer.devices.providers import physical_cores
 from edge_infer.runtime.cache import KVCache, reusable
 from edge_infer.runtime.decode import Decoding, decode_step
 from edge_infer.contract.errors import UserError, is_interrupt
@@ -148,10 +147,7 @@ class Engine:
             self.draft_cache = draft.new_cache(max_length=min(draft.max_length, self.max_length))
         # The spinning follows the idle machine where the model's own thread pool allows it (a draft model
         # shares the process-wide pool, whose spinning onnxruntime fixed when it made it).
-        self._watch = None
-        if getattr(model, "respinnable", False) and self.draft_cache is None:
-            threads = model.session.get_session_options().intra_op_num_threads or physical_cores()
-            self._watch = watch or contention.Watch(threads, model.spinning.on)
+        self._watch = (watch or model.spinning_watch()) if model.respinnable and self.draft_cache is None else None
         self.metrics.spinning.set(int(getattr(model, "spinning", contention.Spinning(True, "")).on))
 
     # -- the HTTP side -----------------------------------------------------------
@@ -270,26 +266,21 @@ class Engine:
         return self._watch.poll()
 
     def _respin(self, spinning: contention.Spinning) -> None:
-        """Reopen the model's session with its threads spinning or not (Model.respin); on failure, with the
-        spinning it had, and the watch stops."""
+        """Reopen the model's session with its threads spinning or not (Model.respin); where that fails the
+        session is as it was (or, failing that too, each request gets a 500), and the watch stops."""
         assert self._watch is not None
-        before, t0 = self.model.spinning, time.monotonic()
         try:
-            self.model.respin(spinning)
+            seconds = self.model.respin(spinning)
         except Exception as e:  # noqa: BLE001 - the server keeps serving with what it had
-            log.error("reopening the session with spinning %s failed (%s); keeping it %s",
-                      "on" if spinning.on else "off", e, "on" if before.on else "off")
+            log.error("reopening the session with threads spinning %s failed (%s); the spinning stays as it was",
+                      "on" if spinning.on else "off", e)
             self._watch = None
-            try:
-                self.model.respin(before)
-            except Exception as again:  # noqa: BLE001 - each request then fails with a 500, none hangs
-                log.critical("the model's session could not be reopened (%s): requests will fail", again)
             return
         self._watch.now_on(spinning.on)
         self.metrics.spinning.set(int(spinning.on))
         self.metrics.session_reopens.inc()
         log.info("threads spinning %s (session reopened in %.1f s): %s", "on" if spinning.on else "off",
-                 time.monotonic() - t0, spinning.reason)
+                 seconds, spinning.reason)
 
     def _busy(self) -> bool:
         return any(s.seq is not None for s in self.slots)

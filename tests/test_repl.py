@@ -115,3 +115,30 @@ def test_a_reply_after_a_pause_follows_the_machine(folder, monkeypatch, capsys):
     assert model.spinning.on != first and f"threads now spinning {'off' if first else 'on'}" in err
     assert repl.session.history[-1]["content"] == generate(model, [{"role": "user", "content": "hello"}],
                                                            max_tokens=5)
+
+
+def test_a_session_that_fails_to_reopen_leaves_the_chat_as_it_was(folder, monkeypatch, capsys):
+    from edge_infer.devices import contention
+    from edge_infer.runtime.chat import ChatSession
+    from edge_infer.runtime.repl import Repl
+
+    monkeypatch.delenv(contention.ENV, raising=False)
+    model = edge_infer.load(folder, device="cpu", threads=2)
+    first, opened, calls = model.spinning.on, model._open_session, []
+
+    def open_once_failing(options):
+        calls.append(options)
+        if len(calls) == 1:
+            raise RuntimeError("no memory for a second session")
+        return opened(options)
+
+    monkeypatch.setattr(model, "_open_session", open_once_failing)
+    readings = iter([(0.0, 0.0), (1.0, 2.0 if first else 0.0)])
+    watch = contention.Watch(2, first, window_s=0.0, confirm=1,
+                             sampler=lambda: contention.CpuSample(*next(readings), 0.0, 2))
+    repl = Repl(ChatSession(model, max_tokens=5), watch=watch)
+    repl.reply("hello")
+    assert "could not reopen the session" in capsys.readouterr().err and repl.watch is None
+    assert len(calls) == 2 and model.spinning.on == first
+    assert repl.session.history[-1]["content"] == generate(model, [{"role": "user", "content": "hello"}],
+                                                           max_tokens=5)
